@@ -1,0 +1,286 @@
+"""What a state dict is: architecture, components, merge blocks, CLIP position_ids.
+
+Detection looks at key names and *structure* (which blocks exist, whether ``proj_in`` is a conv or a linear,
+how many input channels the first conv has), not at absolute widths, so it works the same on full-size
+checkpoints and on the small-width fixtures the tests build with the real modules.
+
+Merge block rule (documented, the one bbc-mc MBW, sd-meh and supermerger share; sd-mecha differs by sending
+``time_embed`` to BASE):
+
+* keys outside the UNet (``model.diffusion_model.``) -> ``BASE`` (text encoders, VAE, anything else);
+* ``time_embed`` (and SDXL ``label_emb``) -> ``IN00``;
+* the final ``out.`` layers -> the last OUT block (``OUT11``; SDXL ``OUT08``);
+* ``input_blocks.N`` -> ``INnn``, ``middle_block`` -> ``M00``, ``output_blocks.N`` -> ``OUTnn``;
+* any other UNet key -> ``BASE``.
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
+
+import torch
+
+ARCHITECTURES = ("SD1", "SD2", "SDXL", "SDXL-refiner", "VAE", "LoRA", "ControlNet", "unknown")
+COMPONENTS = ("unet", "vae", "text_encoder", "text_encoder_2", "ema", "junk")
+
+UNET_PREFIX = "model.diffusion_model."
+VAE_PREFIX = "first_stage_model."
+EMA_PREFIX = "model_ema."
+
+#: CLIP position_ids keys per layout (int64 [1, 77] holding 0..76)
+POSITION_ID_KEYS = (
+    "cond_stage_model.transformer.text_model.embeddings.position_ids",
+    "cond_stage_model.transformer.embeddings.position_ids",  # old (NAI) layout
+    "conditioner.embedders.0.transformer.text_model.embeddings.position_ids",
+)
+
+_LORA_RE = re.compile(
+    r"(lora_up|lora_down|lora_mid|lora_A|lora_B|lora\.up|lora\.down|hada_w[12]_[ab]|hada_t[12]|lokr_w[12](_[ab])?|"
+    r"lokr_t2|\.diff(_b)?$|\.on_input$|oft_blocks|oft_diag|\.w_norm$|\.b_norm$|dora_scale|lora_linear_layer)")
+_CONTROLNET_RE = re.compile(r"(^control_model\.|(^|\.)input_hint_block\.|(^|\.)zero_convs\.|controlnet_cond_embedding\.|"
+                            r"controlnet_down_blocks\.|^adapter\.|body\.\d+\.resnets|lora_controlnet)")
+_VAE_BARE_RE = re.compile(r"^(encoder|decoder|quant_conv|post_quant_conv)\.")
+
+
+def _shape(v: Any) -> Tuple[int, ...]:
+    if hasattr(v, "shape"):
+        return tuple(v.shape)
+    return tuple(v)
+
+
+@dataclass
+class ArchInfo:
+    """The result of :func:`detect`."""
+
+    architecture: str
+    variant: Optional[str] = None  # "inpainting", "instruct-pix2pix", "depth"
+    #: component name -> key prefix, for the components this architecture has
+    prefixes: Dict[str, str] = field(default_factory=dict)
+    #: free-form facts found on the way (e.g. "UNet only")
+    notes: List[str] = field(default_factory=list)
+
+    @property
+    def is_checkpoint(self) -> bool:
+        return self.architecture in ("SD1", "SD2", "SDXL", "SDXL-refiner")
+
+    @property
+    def family(self) -> str:
+        """``SD1``/``SD2``/``SDXL`` for checkpoints (the refiner counts as SDXL), else the architecture."""
+        return "SDXL" if self.architecture == "SDXL-refiner" else self.architecture
+
+    def to_dict(self) -> Dict[str, Any]:
+        return {"architecture": self.architecture, "variant": self.variant, "prefixes": dict(self.prefixes),
+                "notes": list(self.notes)}
+
+
+_PREFIXES = {
+    "SD1": {"unet": UNET_PREFIX, "vae": VAE_PREFIX, "text_encoder": "cond_stage_model."},
+    "SD2": {"unet": UNET_PREFIX, "vae": VAE_PREFIX, "text_encoder": "cond_stage_model."},
+    "SDXL": {"unet": UNET_PREFIX, "vae": VAE_PREFIX, "text_encoder": "conditioner.embedders.0.",
+             "text_encoder_2": "conditioner.embedders.1."},
+    "SDXL-refiner": {"unet": UNET_PREFIX, "vae": VAE_PREFIX, "text_encoder_2": "conditioner.embedders.0."},
+}
+
+
+def _max_index(keys: Iterable[str], block: str) -> int:
+    pat = re.compile(re.escape(block) + r"\.(\d+)\.")
+    best = -1
+    for k in keys:
+        m = pat.search(k)
+        if m:
+            best = max(best, int(m.group(1)))
+    return best
+
+
+def _unet_family(shapes: Mapping[str, Any], unet_keys: List[str]) -> Optional[str]:
+    """Tell the UNet's family from its structure."""
+    if not unet_keys:
+        return None
+    if any(".label_emb." in k for k in unet_keys):
+        return "SDXL-refiner" if _max_index(unet_keys, "input_blocks") >= 10 else "SDXL"
+    for k in unet_keys:
+        if k.endswith(".proj_in.weight"):
+            return "SD2" if len(_shape(shapes[k])) == 2 else "SD1"
+    return "SD1"
+
+
+def detect(shapes: Mapping[str, Any]) -> ArchInfo:
+    """Classify a state dict given its keys and shapes (tensors, ``TensorInfo`` or shape tuples)."""
+    keys = list(shapes)
+    if not keys:
+        return ArchInfo("unknown", notes=["no tensors"])
+    unet_keys = [k for k in keys if k.startswith(UNET_PREFIX)]
+    n_lora = sum(1 for k in keys if _LORA_RE.search(k))
+    if n_lora and n_lora * 4 >= len(keys) and not any(k.endswith("input_blocks.0.0.weight") for k in unet_keys):
+        return ArchInfo("LoRA")
+    if any(_CONTROLNET_RE.search(k) for k in keys) and not any(k.startswith("first_stage_model.") for k in keys):
+        return ArchInfo("ControlNet")
+
+    has = lambda p: any(k.startswith(p) for k in keys)  # noqa: E731
+    arch: Optional[str] = None
+    notes: List[str] = []
+    if has("conditioner.embedders.1.model."):
+        arch = "SDXL"
+    elif has("conditioner.embedders.0.model."):
+        arch = "SDXL-refiner"
+    elif has("cond_stage_model.model."):
+        arch = "SD2"
+    elif has("cond_stage_model.transformer."):
+        arch = "SD1"
+    fam = _unet_family(shapes, unet_keys)
+    if arch is None and fam is not None:
+        arch = fam
+        notes.append("no text encoder in the file; architecture told from the UNet alone")
+    if arch is None:
+        vae_keys = [k for k in keys if _VAE_BARE_RE.match(k[len(VAE_PREFIX):] if k.startswith(VAE_PREFIX) else k)]
+        if any("decoder.conv_out" in k for k in vae_keys) or any("encoder.conv_in" in k for k in vae_keys):
+            prefix = VAE_PREFIX if any(k.startswith(VAE_PREFIX) for k in vae_keys) else ""
+            return ArchInfo("VAE", prefixes={"vae": prefix})
+        return ArchInfo("unknown")
+    if fam is not None and fam != arch:
+        notes.append(f"the UNet looks like {fam} but the text encoder like {arch}")
+    variant = None
+    first = shapes.get(UNET_PREFIX + "input_blocks.0.0.weight")
+    if first is not None:
+        cin = _shape(first)[1]
+        variant = {9: "inpainting", 8: "instruct-pix2pix", 5: "depth"}.get(cin)
+    return ArchInfo(arch, variant, dict(_PREFIXES[arch]), notes)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# components
+
+#: keys that legitimately appear under a component prefix although a module's state_dict may not list them
+OPTIONAL_COMPONENT_KEYS = re.compile(
+    r"(embeddings\.position_ids$|\.logit_scale$|\.text_projection(\.weight)?$|\.attn_mask$)")
+
+
+def _layout_names(architecture: str) -> Optional[frozenset]:
+    try:
+        from .layouts import load_layout  # written from the real modules; see samples.gen_layouts
+    except ImportError:
+        return None
+    try:
+        return frozenset(load_layout(architecture))
+    except (FileNotFoundError, KeyError, ValueError):
+        return None
+
+
+def component_of(key: str, info: ArchInfo, layout: Optional[frozenset] = None) -> str:
+    """The component a key belongs to: unet, vae, text_encoder, text_encoder_2, ema or junk.
+
+    LoRA files: unet / text_encoder / text_encoder_2 by the kohya or diffusers prefix.  ControlNet: ``controlnet``.
+    """
+    if info.architecture == "LoRA":
+        k = key.lower()
+        if k.startswith(("lora_te2_", "text_encoder_2.", "te2.")):
+            return "text_encoder_2"
+        if k.startswith(("lora_te", "text_encoder.", "te.", "te1.")):
+            return "text_encoder"
+        return "unet"
+    if info.architecture == "ControlNet":
+        return "controlnet"
+    if key.startswith(EMA_PREFIX):
+        return "ema"
+    if info.architecture == "VAE":
+        rest = key[len(VAE_PREFIX):] if key.startswith(VAE_PREFIX) else key
+        return "vae" if _VAE_BARE_RE.match(rest) and not key.startswith("loss") else "junk"
+    for comp, prefix in info.prefixes.items():
+        if prefix and key.startswith(prefix):
+            if layout is not None and key not in layout and not OPTIONAL_COMPONENT_KEYS.search(key):
+                return "junk"
+            return comp
+    return "junk"
+
+
+def split_components(keys: Iterable[str], info: ArchInfo, use_layout: bool = True) -> Dict[str, List[str]]:
+    """Group keys by component (see :func:`component_of`); every key lands in exactly one group."""
+    layout = _layout_names(info.architecture) if use_layout and info.is_checkpoint else None
+    if layout is not None and info.variant:
+        layout = None  # variant UNets share names; the layout check is only about names, keep it simple
+    out: Dict[str, List[str]] = {}
+    for k in keys:
+        out.setdefault(component_of(k, info, layout), []).append(k)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# merge blocks
+
+_BLOCK_COUNTS = {"SD1": 12, "SD2": 12, "SDXL": 9, "SDXL-refiner": 12}
+_IN_RE = re.compile(r"(?:^|\.)input_blocks\.(\d+)\.")
+_MID_RE = re.compile(r"(?:^|\.)middle_block\.")
+_OUT_RE = re.compile(r"(?:^|\.)output_blocks\.(\d+)\.")
+
+
+def block_names(architecture: str) -> List[str]:
+    """``BASE`` then the UNet blocks: SD1/SD2 BASE, IN00..IN11, M00, OUT00..OUT11 (26); SDXL 20."""
+    n = _BLOCK_COUNTS.get(architecture)
+    if n is None:
+        raise ValueError(f"no merge blocks for architecture {architecture!r}")
+    return ["BASE"] + [f"IN{i:02d}" for i in range(n)] + ["M00"] + [f"OUT{i:02d}" for i in range(n)]
+
+
+def block_of_key(key: str, architecture: str) -> str:
+    """The merge block of a checkpoint key (see the module docstring for the rule)."""
+    n = _BLOCK_COUNTS.get(architecture)
+    if n is None:
+        raise ValueError(f"no merge blocks for architecture {architecture!r}")
+    i = key.find("diffusion_model.")
+    if i < 0 or key.startswith(EMA_PREFIX):
+        return "BASE"
+    rest = key[i + len("diffusion_model."):]
+    if rest.startswith(("time_embed.", "label_emb.")):
+        return "IN00"
+    if rest.startswith("out."):
+        return f"OUT{n - 1:02d}"
+    m = _IN_RE.match("." + rest)
+    if m:
+        return f"IN{int(m.group(1)):02d}"
+    if _MID_RE.match("." + rest):
+        return "M00"
+    m = _OUT_RE.match("." + rest)
+    if m:
+        return f"OUT{int(m.group(1)):02d}"
+    return "BASE"
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# CLIP position_ids
+
+def position_ids_key(keys: Iterable[str]) -> Optional[str]:
+    ks = set(keys)
+    for k in POSITION_ID_KEYS:
+        if k in ks:
+            return k
+    return None
+
+
+def position_ids_state(tensor: Optional[torch.Tensor]) -> Dict[str, Any]:
+    """``{"state": "ok"|"broken"|"missing", "dtype": ..., "wrong": [indices]}``.
+
+    Broken means a float tensor (a naive merge interpolated it) or values that are not exactly 0..N-1; the
+    ``wrong`` list gives the indices whose value, read as the WebUI reads it (cast to int64), is wrong.
+    """
+    if tensor is None:
+        return {"state": "missing", "dtype": None, "wrong": []}
+    flat = tensor.reshape(-1)
+    expected = torch.arange(flat.numel())
+    as_int = flat.to(torch.int64) if flat.dtype.is_floating_point else flat.to(torch.int64)
+    wrong = (as_int != expected).nonzero().reshape(-1).tolist()
+    exact = bool(torch.equal(flat.double(), expected.double()))
+    broken = flat.dtype.is_floating_point or not exact or bool(wrong)
+    return {"state": "broken" if broken else "ok", "dtype": str(tensor.dtype).replace("torch.", ""),
+            "wrong": wrong}
+
+
+def fixed_position_ids(n: int = 77) -> torch.Tensor:
+    return torch.arange(n, dtype=torch.int64).reshape(1, n)
+
+
+__all__ = [
+    "ARCHITECTURES", "COMPONENTS", "ArchInfo", "detect", "component_of", "split_components", "block_names",
+    "block_of_key", "position_ids_key", "position_ids_state", "fixed_position_ids", "POSITION_ID_KEYS",
+    "UNET_PREFIX", "VAE_PREFIX", "EMA_PREFIX",
+]

@@ -1,0 +1,60 @@
+"""The command line: ``python -m lib_sdtoolkit COMMAND ...``.
+
+Each feature registers its sub-commands from its own module (``register(subparsers)``); this file only
+collects them and turns ``SdToolkitError`` into one line on stderr and exit code 2.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+from typing import List, Optional, Sequence
+
+from . import __version__
+from .errors import SdToolkitError
+
+COMMAND_MODULES = (
+    "lib_sdtoolkit.inspect",
+    "lib_sdtoolkit.merge.cli",
+    "lib_sdtoolkit.maintenance_cli",
+    "lib_sdtoolkit.lora.cli",
+    "lib_sdtoolkit.tiled_vae.cli",
+    "lib_sdtoolkit.controlnet.cli",
+    "lib_sdtoolkit.server.cli",
+)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m lib_sdtoolkit",
+                                     description="SD Toolkit: inspect, merge, prune, hash, LoRA, tiled VAE, ControlNet")
+    parser.add_argument("--version", action="version", version=f"sd-toolkit {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name in COMMAND_MODULES:
+        try:
+            mod = importlib.import_module(name)
+        except ModuleNotFoundError as e:
+            if e.name and (name == e.name or name.startswith(e.name + ".")):
+                continue  # that feature is not there (yet)
+            raise
+        mod.register(sub)
+    return parser
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(list(argv) if argv is not None else None)
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 2
+    try:
+        return int(args.func(args) or 0)
+    except SdToolkitError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,65 @@
+"""One exception family for every error a user can cause.
+
+Faces turn these into a message in the UI, exit code 2 on the CLI and a 4xx JSON body on the API.
+Messages always name the file (and the key where there is one) and the problem.
+"""
+from __future__ import annotations
+
+import os
+from typing import Optional, Union
+
+PathLike = Union[str, "os.PathLike[str]"]
+
+
+class SdToolkitError(Exception):
+    """Base class. ``http_status`` is what the API answers with."""
+
+    http_status = 400
+
+    def __init__(self, message: str, path: Optional[PathLike] = None, key: Optional[str] = None):
+        self.message = message
+        self.path = os.fspath(path) if path is not None else None
+        self.key = key
+        parts = []
+        if self.path is not None:
+            parts.append(f"{self.path}")
+        if key is not None:
+            parts.append(f"key '{key}'")
+        prefix = ": ".join(parts)
+        super().__init__(f"{prefix}: {message}" if prefix else message)
+
+
+class ModelFileError(SdToolkitError):
+    """A file that is missing, unreadable, truncated or not a model."""
+
+
+class FileNotFound(ModelFileError):
+    http_status = 404
+
+
+class UnsafeFileError(ModelFileError):
+    """A pickle that would run code (refused by ``torch.load(weights_only=True)``)."""
+
+
+class ArchitectureError(SdToolkitError):
+    """Models that do not fit together (SD1 with SDXL) or an architecture we cannot handle."""
+
+    http_status = 422
+
+
+class InvalidInputError(SdToolkitError):
+    """A bad argument: wrong number of block values, unknown preset, ratio out of range..."""
+
+    http_status = 422
+
+
+class OutputExistsError(SdToolkitError):
+    """The output exists (no overwrite asked) or is one of the inputs."""
+
+    http_status = 409
+
+
+class AccessDeniedError(SdToolkitError):
+    """A path outside the configured model folders (API)."""
+
+    http_status = 403

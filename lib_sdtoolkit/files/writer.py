@@ -1,0 +1,271 @@
+"""Atomic, streaming writers.
+
+Every output goes to a temporary file beside the target (``NAME.<random>.tmp``), is fsynced, and only then
+renamed into place; on any error the temporary file is removed, so no partial output ever appears and an
+existing file is never touched unless ``overwrite`` was asked for. Inputs are never overwritten.
+
+``StreamingSafetensorsWriter`` knows every tensor's name, dtype and shape up front (the callers do: a merge
+or a prune knows its output layout from the inputs' headers), writes the header first and then each tensor
+at its offset as it comes, so it holds no tensor beyond the one being written. Writes may come in any order
+and from several threads (``os.pwrite`` at fixed offsets).
+"""
+from __future__ import annotations
+
+import contextlib
+import errno
+import json
+import os
+import threading
+import uuid
+from pathlib import Path
+from typing import Any, Dict, Iterable, Iterator, Mapping, Optional, Sequence, Tuple, Union
+
+import torch
+
+from ..errors import InvalidInputError, ModelFileError, OutputExistsError, SdToolkitError
+from .reader import TORCH_TO_ST, TensorInfo, dtype_size
+
+PathLike = Union[str, "os.PathLike[str]"]
+SpecLike = Union[TensorInfo, Tuple[str, torch.dtype, Sequence[int]]]
+
+
+def _same_file(a: Path, b: Path) -> bool:
+    try:
+        if a.exists() and b.exists():
+            return os.path.samefile(a, b)
+    except OSError:
+        pass
+    return a.resolve() == b.resolve()
+
+
+def check_output_path(out: PathLike, inputs: Iterable[Optional[PathLike]] = (), overwrite: bool = False) -> Path:
+    """Refuse an output that is one of the inputs, or that exists when ``overwrite`` is False."""
+    o = Path(out)
+    for i in inputs:
+        if i is not None and _same_file(o, Path(i)):
+            raise OutputExistsError("the output is one of the inputs; inputs are never overwritten", o)
+    if o.exists() and not overwrite:
+        raise OutputExistsError("the output exists (pass overwrite to replace it)", o)
+    if o.exists() and o.is_dir():
+        raise OutputExistsError("the output is a directory", o)
+    if not o.parent.exists():
+        raise ModelFileError("the output's folder does not exist", o.parent)
+    return o
+
+
+def _fsync_dir(d: Path) -> None:
+    with contextlib.suppress(OSError):
+        fd = os.open(str(d), os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def _os_error(e: OSError, path: Path) -> SdToolkitError:
+    if e.errno == errno.ENOSPC:
+        return ModelFileError("disk full while writing; the partial output was removed", path)
+    return ModelFileError(f"cannot write: {e.strerror or e}", path)
+
+
+@contextlib.contextmanager
+def atomic_path(target: PathLike, overwrite: bool = False) -> Iterator[Path]:
+    """Yield a temporary path beside ``target``; on success fsync it and rename it into place."""
+    t = Path(target)
+    if t.exists() and not overwrite:
+        raise OutputExistsError("the output exists (pass overwrite to replace it)", t)
+    tmp = t.with_name(f"{t.name}.{uuid.uuid4().hex[:8]}.tmp")
+    try:
+        yield tmp
+        with open(tmp, "rb+") as fh:
+            os.fsync(fh.fileno())
+        if t.exists() and not overwrite:
+            raise OutputExistsError("the output appeared while writing; not replaced", t)
+        os.replace(tmp, t)
+        _fsync_dir(t.parent)
+    except OSError as e:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        raise _os_error(e, t) from None
+    except BaseException:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        raise
+
+
+def _as_spec(s: SpecLike) -> Tuple[str, torch.dtype, Tuple[int, ...]]:
+    if isinstance(s, TensorInfo):
+        return s.name, s.dtype, tuple(s.shape)
+    name, dtype, shape = s
+    return str(name), dtype, tuple(int(x) for x in shape)
+
+
+def tensor_bytes_view(t: torch.Tensor):
+    """A buffer over the tensor's bytes (little-endian, C order) without a copy where possible."""
+    t = t.detach()
+    if t.device.type != "cpu":
+        t = t.cpu()
+    t = t.contiguous()
+    if t.numel() == 0:
+        return b""
+    return t.reshape(-1).view(torch.uint8).numpy()
+
+
+def build_header(specs: Sequence[Tuple[str, torch.dtype, Tuple[int, ...]]],
+                 metadata: Optional[Mapping[str, str]]) -> Tuple[bytes, Dict[str, Tuple[int, int]]]:
+    header: Dict[str, Any] = {}
+    if metadata:
+        bad = [k for k, v in metadata.items() if not isinstance(v, str) or not isinstance(k, str)]
+        if bad:
+            raise InvalidInputError(f"safetensors metadata must be strings; not: {', '.join(map(str, bad[:5]))}")
+        header["__metadata__"] = dict(metadata)
+    offsets: Dict[str, Tuple[int, int]] = {}
+    pos = 0
+    for name, dtype, shape in specs:
+        if name in offsets:
+            raise InvalidInputError("duplicate tensor name in output", key=name)
+        if dtype not in TORCH_TO_ST:
+            raise InvalidInputError(f"dtype {dtype} cannot be stored in safetensors", key=name)
+        n = dtype_size(dtype)
+        for s in shape:
+            n *= s
+        offsets[name] = (pos, pos + n)
+        header[name] = {"dtype": TORCH_TO_ST[dtype], "shape": list(shape), "data_offsets": [pos, pos + n]}
+        pos += n
+    raw = json.dumps(header, separators=(",", ":")).encode("utf-8")
+    raw += b" " * ((8 - len(raw) % 8) % 8)
+    return raw, offsets
+
+
+class StreamingSafetensorsWriter:
+    """Write a safetensors file tensor by tensor with a fixed, known-in-advance layout.
+
+    >>> with StreamingSafetensorsWriter(out, [("a", torch.float16, (2, 2))], {"k": "v"}) as w:
+    ...     w.write("a", torch.zeros(2, 2, dtype=torch.float16))
+    """
+
+    def __init__(self, path: PathLike, specs: Iterable[SpecLike], metadata: Optional[Mapping[str, str]] = None,
+                 overwrite: bool = False):
+        self.path = Path(path)
+        self.overwrite = overwrite
+        self._specs = [_as_spec(s) for s in specs]
+        self._by_name = {n: (d, s) for n, d, s in self._specs}
+        self._header, self._offsets = build_header(self._specs, metadata)
+        self._data_start = 8 + len(self._header)
+        self._written: set = set()
+        self._lock = threading.Lock()
+        self._ctx = None
+        self._fd: Optional[int] = None
+        self.tmp_path: Optional[Path] = None
+
+    @property
+    def total_size(self) -> int:
+        end = max((e for _, e in self._offsets.values()), default=0)
+        return self._data_start + end
+
+    def __enter__(self) -> "StreamingSafetensorsWriter":
+        self._ctx = atomic_path(self.path, self.overwrite)
+        self.tmp_path = self._ctx.__enter__()
+        try:
+            self._fd = os.open(str(self.tmp_path), os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+            os.pwrite(self._fd, len(self._header).to_bytes(8, "little") + self._header, 0)
+        except OSError as e:
+            self._abort(e)
+        return self
+
+    def _abort(self, e: BaseException) -> None:
+        self._close_fd()
+        ctx, self._ctx = self._ctx, None
+        if ctx is not None:
+            ctx.__exit__(type(e), e, e.__traceback__)
+        if isinstance(e, OSError):
+            raise _os_error(e, self.path) from None
+        raise e
+
+    def _close_fd(self) -> None:
+        if self._fd is not None:
+            with contextlib.suppress(OSError):
+                os.close(self._fd)
+            self._fd = None
+
+    def write(self, name: str, tensor: torch.Tensor) -> None:
+        if self._fd is None:
+            raise RuntimeError("writer is not open (use it as a context manager)")
+        spec = self._by_name.get(name)
+        if spec is None:
+            raise InvalidInputError("tensor is not in the planned output layout", self.path, name)
+        dtype, shape = spec
+        if tensor.dtype != dtype or tuple(tensor.shape) != shape:
+            raise InvalidInputError(
+                f"tensor is {tensor.dtype} {tuple(tensor.shape)} but the plan says {dtype} {shape}", self.path, name)
+        with self._lock:
+            if name in self._written:
+                raise InvalidInputError("tensor written twice", self.path, name)
+            self._written.add(name)
+        start, end = self._offsets[name]
+        buf = tensor_bytes_view(tensor)
+        pos = self._data_start + start
+        mv = memoryview(buf).cast("B") if not isinstance(buf, bytes) else memoryview(buf)
+        while len(mv):
+            n = os.pwrite(self._fd, mv, pos)
+            pos += n
+            mv = mv[n:]
+
+    @property
+    def missing(self) -> list:
+        return [n for n, _, _ in self._specs if n not in self._written]
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        ctx, self._ctx = self._ctx, None
+        try:
+            if exc is None and self.missing:
+                exc = InvalidInputError(
+                    f"{len(self.missing)} planned tensors were never written (first: {self.missing[0]})", self.path)
+                exc_type = type(exc)
+            if exc is None and self._fd is not None:
+                os.ftruncate(self._fd, self.total_size)
+        except OSError as e:
+            exc, exc_type = e, type(e)
+        self._close_fd()
+        if ctx is None:
+            return
+        if exc is None:
+            ctx.__exit__(None, None, None)
+        else:
+            try:
+                ctx.__exit__(exc_type, exc, exc.__traceback__)
+            finally:
+                pass
+            if isinstance(exc, OSError):
+                raise _os_error(exc, self.path) from None
+            if tb is None:  # our own error (missing tensors): raise it
+                raise exc
+
+
+def save_safetensors(path: PathLike, state_dict: Mapping[str, torch.Tensor],
+                     metadata: Optional[Mapping[str, str]] = None, overwrite: bool = False) -> Path:
+    """Write a whole state dict (streamed tensor by tensor through the atomic writer)."""
+    specs = [(k, t.dtype, tuple(t.shape)) for k, t in state_dict.items()]
+    with StreamingSafetensorsWriter(path, specs, metadata, overwrite=overwrite) as w:
+        for k, t in state_dict.items():
+            w.write(k, t)
+    return Path(path)
+
+
+def save_ckpt(path: PathLike, state_dict: Mapping[str, torch.Tensor], extra: Optional[Mapping[str, Any]] = None,
+              overwrite: bool = False) -> Path:
+    """Write a ``.ckpt`` (``{"state_dict": ..., **extra}``, torch.save zip format) atomically. In memory."""
+    obj: Dict[str, Any] = {"state_dict": {k: v.contiguous() for k, v in state_dict.items()}}
+    if extra:
+        obj.update(extra)
+    with atomic_path(path, overwrite) as tmp:
+        torch.save(obj, str(tmp))
+    return Path(path)
+
+
+def save_state_dict(path: PathLike, state_dict: Mapping[str, torch.Tensor],
+                    metadata: Optional[Mapping[str, str]] = None, overwrite: bool = False) -> Path:
+    """Pick the writer by suffix: ``.safetensors`` or a pickle (``.ckpt/.pt/.pth/.bin``)."""
+    if Path(path).suffix.lower() == ".safetensors":
+        return save_safetensors(path, state_dict, metadata, overwrite)
+    return save_ckpt(path, state_dict, None, overwrite)

@@ -1,0 +1,140 @@
+"""Say what a model file holds: architecture, components, sizes, dtypes, EMA, junk, position_ids.
+
+Only the header is read (plus the 77-element position_ids tensor), so inspecting a multi-GB file is fast and
+uses little memory.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+from typing import Any, Dict, List, Optional
+
+import torch
+
+from .arch import ArchInfo, detect, position_ids_key, position_ids_state, split_components
+from .files import open_model
+
+#: the component order used in reports
+COMPONENT_ORDER = ("unet", "vae", "text_encoder", "text_encoder_2", "controlnet", "ema", "junk")
+
+
+def _fp16_bytes(dtype: torch.dtype, nbytes: int) -> int:
+    """What a tensor would take after converting floats to fp16 (integers keep their dtype)."""
+    if dtype in (torch.float32,):
+        return nbytes // 2
+    if dtype == torch.float64:
+        return nbytes // 4
+    return nbytes
+
+
+def inspect_file(path) -> Dict[str, Any]:
+    """The report as a JSON-able dict (``architecture``, ``format``, ``components``, ``ema``, ``junk``,
+    ``position_ids``, ``total_bytes`` and more)."""
+    with open_model(path) as r:
+        infos = r.infos()
+        info: ArchInfo = detect(infos)
+        groups = split_components(infos, info)
+        pkey = position_ids_key(infos)
+        pstate = position_ids_state(r.get(pkey) if pkey else None)
+        metadata = dict(r.metadata)
+        fmt, file_size = r.format, r.file_size
+    comps: Dict[str, Dict[str, int]] = {}
+    for name in sorted(groups, key=lambda c: COMPONENT_ORDER.index(c) if c in COMPONENT_ORDER else 99):
+        ks = groups[name]
+        comps[name] = {"keys": len(ks), "bytes": sum(infos[k].nbytes for k in ks)}
+    dtypes: Dict[str, Dict[str, int]] = {}
+    for i in infos.values():
+        d = dtypes.setdefault(str(i.dtype).replace("torch.", ""), {"keys": 0, "bytes": 0})
+        d["keys"] += 1
+        d["bytes"] += i.nbytes
+    kept = [k for c, ks in groups.items() if c not in ("ema", "junk") for k in ks]
+    kept_bytes = sum(infos[k].nbytes for k in kept)
+    pruned_fp16 = sum(_fp16_bytes(infos[k].dtype, infos[k].nbytes) for k in kept)
+    ema = {"keys": comps.get("ema", {}).get("keys", 0), "bytes": comps.get("ema", {}).get("bytes", 0)}
+    junk = groups.get("junk", [])
+    report: Dict[str, Any] = {
+        "path": str(path),
+        "format": fmt,
+        "file_size": file_size,
+        "architecture": info.architecture,
+        "variant": info.variant,
+        "notes": info.notes,
+        "total_keys": len(infos),
+        "total_bytes": sum(i.nbytes for i in infos.values()),
+        "components": {c: v for c, v in comps.items() if c not in ("ema", "junk")},
+        "ema": ema,
+        "junk": junk,
+        "junk_bytes": sum(infos[k].nbytes for k in junk),
+        "dtypes": dtypes,
+        "fp16_savings_bytes": kept_bytes - pruned_fp16,
+        "position_ids": pstate["state"] if pkey or info.architecture in ("SD1", "SDXL") else "missing",
+        "position_ids_detail": {"key": pkey, **pstate},
+        "pruned_bytes": kept_bytes,
+        "pruned_fp16_bytes": pruned_fp16,
+        "metadata_keys": sorted(metadata),
+    }
+    return report
+
+
+def human_bytes(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if abs(n) < 1024 or unit == "TB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
+        n /= 1024
+    return f"{n:.2f} TB"
+
+
+def format_report(rep: Dict[str, Any]) -> str:
+    """The report for people."""
+    lines: List[str] = []
+    arch = rep["architecture"] + (f" ({rep['variant']})" if rep.get("variant") else "")
+    lines.append(f"{rep['path']}")
+    lines.append(f"  architecture: {arch}    format: {rep['format']}    file: {human_bytes(rep['file_size'])}, "
+                 f"{rep['total_keys']} tensors, {human_bytes(rep['total_bytes'])}")
+    for n in rep.get("notes", []):
+        lines.append(f"  note: {n}")
+    lines.append("  components:")
+    for name, c in rep["components"].items():
+        lines.append(f"    {name:<15} {c['keys']:>6} keys  {human_bytes(c['bytes']):>10}")
+    lines.append(f"    {'ema':<15} {rep['ema']['keys']:>6} keys  {human_bytes(rep['ema']['bytes']):>10}")
+    lines.append(f"    {'junk':<15} {len(rep['junk']):>6} keys  {human_bytes(rep['junk_bytes']):>10}")
+    lines.append("  dtypes: " + ", ".join(f"{d} {v['keys']} keys / {human_bytes(v['bytes'])}"
+                                           for d, v in rep["dtypes"].items()))
+    if rep["junk"]:
+        shown = rep["junk"][:8]
+        more = len(rep["junk"]) - len(shown)
+        lines.append("  junk keys: " + ", ".join(shown) + (f", ... (+{more})" if more > 0 else ""))
+    pd = rep["position_ids_detail"]
+    pid = rep["position_ids"]
+    if pid == "broken":
+        wrong = pd.get("wrong", [])
+        pid += f" ({pd.get('dtype')}; wrong indices: {wrong[:10]}{'...' if len(wrong) > 10 else ''})"
+    lines.append(f"  CLIP position_ids: {pid}")
+    if rep["fp16_savings_bytes"]:
+        lines.append(f"  fp32 weights: converting to fp16 would save {human_bytes(rep['fp16_savings_bytes'])}")
+    if rep["architecture"] not in ("LoRA", "ControlNet", "unknown"):
+        if rep["ema"]["keys"] or rep["junk"] or rep["fp16_savings_bytes"]:
+            lines.append(f"  pruning would leave {human_bytes(rep['pruned_bytes'])} "
+                         f"({human_bytes(rep['pruned_fp16_bytes'])} as fp16)")
+        else:
+            lines.append("  pruning would change nothing")
+    return "\n".join(lines)
+
+
+# ------------------------------------------------------------------------------------------------ CLI
+
+def _cmd(args: argparse.Namespace) -> int:
+    reports = [inspect_file(p) for p in args.files]
+    if args.json:
+        print(json.dumps(reports[0] if len(reports) == 1 else reports, indent=2))
+    else:
+        print("\n\n".join(format_report(r) for r in reports))
+    return 0
+
+
+def register(subparsers: Any) -> None:
+    p = subparsers.add_parser("inspect", help="say what a model file holds (architecture, components, EMA, junk)")
+    p.add_argument("files", nargs="+", metavar="FILE")
+    p.add_argument("--json", action="store_true", help="print one JSON object (a list for several files)")
+    p.set_defaults(func=_cmd)
