@@ -1,0 +1,273 @@
+"""Model-file I/O: lazy reading, bad input, atomic streaming writes (checked against the safetensors library)."""
+from __future__ import annotations
+
+import errno
+import io
+import json
+import os
+import pickle
+import struct
+import sys
+import threading
+import types
+import zipfile
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from lib_sdtoolkit import cli
+from lib_sdtoolkit.errors import (FileNotFound, InvalidInputError, ModelFileError, OutputExistsError, SdToolkitError,
+                                  UnsafeFileError)
+from lib_sdtoolkit.files import (StreamingSafetensorsWriter, check_output_path, load_state_dict, open_model, save_ckpt,
+                                 save_safetensors, save_state_dict)
+
+
+def _sd():
+    g = torch.Generator().manual_seed(0)
+    return {
+        "w32": torch.randn(5, 3, generator=g),
+        "w16": torch.randn(4, 4, generator=g).half(),
+        "wbf": torch.randn(7, generator=g).to(torch.bfloat16),
+        "pos": torch.arange(77, dtype=torch.int64).reshape(1, 77),
+        "flag": torch.tensor([True, False]),
+        "scalar": torch.tensor(3.5),
+        "empty": torch.zeros(0, 3),
+    }
+
+
+def _equal(a, b):
+    return a.dtype == b.dtype and a.shape == b.shape and torch.equal(a, b)
+
+
+def test_safetensors_roundtrip_against_library(tmp_path):
+    sd = _sd()
+    out = save_safetensors(tmp_path / "m.safetensors", sd, {"note": "hi"})
+    ref = load_file(str(out))  # the independent reader
+    assert set(ref) == set(sd) and all(_equal(ref[k], sd[k]) for k in sd)
+    with open_model(out) as r:
+        assert r.format == "safetensors" and r.metadata == {"note": "hi"}
+        assert [r.info(k).shape for k in sd] == [tuple(v.shape) for v in sd.values()]
+        assert r.info("w16").dtype == torch.float16 and r.info("w16").nbytes == 32
+        assert all(_equal(r.get(k), sd[k]) for k in sd)
+
+
+def test_reads_files_written_by_the_library(tmp_path):
+    sd = _sd()
+    del sd["empty"]
+    save_file(sd, str(tmp_path / "lib.safetensors"), metadata={"a": "b"})
+    with open_model(tmp_path / "lib.safetensors") as r:
+        assert r.metadata == {"a": "b"}
+        assert all(_equal(r.get(k), sd[k]) for k in sd)
+        offsets = [r.info(k).offset for k in r.keys()]
+        assert offsets == sorted(offsets), "keys come in file order"
+
+
+def test_ckpt_state_dict_nesting_and_metadata(tmp_path):
+    sd = _sd()
+    torch.save({"state_dict": sd, "epoch": 6, "global_step": 470000, "note": "x"}, tmp_path / "m.ckpt")
+    with open_model(tmp_path / "m.ckpt") as r:
+        assert r.format == "ckpt"
+        assert set(r.keys()) == set(sd)
+        assert r.metadata["epoch"] == "6" and r.metadata["global_step"] == "470000"
+        assert all(_equal(r.get(k), sd[k]) for k in sd)
+    # a bare dict (.pt VAE files) and the legacy non-zip format
+    torch.save(sd, tmp_path / "bare.pt", _use_new_zipfile_serialization=False)
+    got = load_state_dict(tmp_path / "bare.pt")
+    assert all(_equal(got[k], sd[k]) for k in sd)
+
+
+def test_lightning_callback_in_real_sd_checkpoints_is_tolerated(tmp_path):
+    # Real SD1.x ckpts pickle a pytorch_lightning ModelCheckpoint callback; build such a pickle with a
+    # stand-in module of that name, then remove it so loading cannot import anything.
+    mod = types.ModuleType("pytorch_lightning.callbacks.model_checkpoint")
+
+    class ModelCheckpoint:  # noqa: D401 - a plain data object like the real one
+        def __init__(self):
+            self.monitor = "val/loss"
+
+    ModelCheckpoint.__module__ = mod.__name__
+    ModelCheckpoint.__qualname__ = "ModelCheckpoint"
+    mod.ModelCheckpoint = ModelCheckpoint
+    names = ["pytorch_lightning", "pytorch_lightning.callbacks", "pytorch_lightning.callbacks.model_checkpoint"]
+    for n in names:
+        sys.modules[n] = mod
+    try:
+        torch.save({"state_dict": {"a": torch.ones(2)}, "callbacks": {"cb": ModelCheckpoint()}}, tmp_path / "pl.ckpt")
+    finally:
+        for n in names:
+            del sys.modules[n]
+    with open_model(tmp_path / "pl.ckpt") as r:
+        assert r.keys() == ["a"]
+        assert "callbacks" in r.metadata
+
+
+class _Evil:
+    def __reduce__(self):
+        return (os.system, ("echo pwned > /dev/null",))
+
+
+def test_pickle_that_would_run_code_is_refused(tmp_path):
+    p = tmp_path / "evil.ckpt"
+    torch.save({"state_dict": {"a": torch.ones(1)}, "x": _Evil()}, p)
+    with pytest.raises(UnsafeFileError) as e:
+        open_model(p)
+    assert str(p) in str(e.value) and "run code" in str(e.value)
+    # legacy pickle too
+    p2 = tmp_path / "evil.pt"
+    with open(p2, "wb") as fh:
+        pickle.dump({"a": _Evil()}, fh, protocol=2)
+    with pytest.raises(ModelFileError):
+        open_model(p2)
+
+
+@pytest.mark.parametrize("case", ["missing", "directory", "text", "empty", "truncated_header", "truncated_data",
+                                  "lying_offsets", "lying_shape", "bad_json", "overlap", "bad_dtype", "no_tensors",
+                                  "truncated_zip"])
+def test_bad_input_names_the_file_and_the_problem(tmp_path, case, capsys):
+    p = tmp_path / f"{case}.safetensors"
+    good = tmp_path / "good.safetensors"
+    save_file({"a": torch.ones(4, 4), "b": torch.ones(2)}, str(good))
+    raw = good.read_bytes()
+    n = struct.unpack("<Q", raw[:8])[0]
+    header = json.loads(raw[8:8 + n])
+
+    def with_header(h):
+        hb = json.dumps(h).encode()
+        return struct.pack("<Q", len(hb)) + hb + raw[8 + n:]
+
+    expect = "safetensors"
+    if case == "missing":
+        expect = "no such file"
+    elif case == "directory":
+        p.mkdir()
+        expect = "directory"
+    elif case == "text":
+        p.write_text("hello, I am not a model at all\n" * 10)
+        expect = "not a"
+    elif case == "empty":
+        p.write_bytes(b"")
+        expect = "empty"
+    elif case == "truncated_header":
+        p.write_bytes(raw[:8 + n // 2])
+        expect = "truncated"
+    elif case == "truncated_data":
+        p.write_bytes(raw[:-10])
+        expect = "truncated"
+    elif case == "lying_offsets":
+        header["a"]["data_offsets"] = [0, 10_000]
+        p.write_bytes(with_header(header))
+        expect = "lies"
+    elif case == "lying_shape":
+        header["a"]["shape"] = [8, 8]
+        p.write_bytes(with_header(header))
+        expect = "lies"
+    elif case == "bad_json":
+        p.write_bytes(struct.pack("<Q", 10) + b"{not json}" + b"\0" * 20)
+        expect = "not JSON"
+    elif case == "overlap":
+        header["b"]["data_offsets"] = [0, 8]
+        p.write_bytes(with_header(header))
+        expect = "overlap"
+    elif case == "bad_dtype":
+        header["a"]["dtype"] = "Q7"
+        p.write_bytes(with_header(header))
+        expect = "unknown dtype"
+    elif case == "no_tensors":
+        save_file({}, str(p))
+        expect = "no tensors"
+    elif case == "truncated_zip":
+        p = tmp_path / "t.ckpt"
+        buf = io.BytesIO()
+        torch.save({"state_dict": {"a": torch.ones(1000)}}, buf)
+        p.write_bytes(buf.getvalue()[:-200])
+        expect = ""
+    with pytest.raises(SdToolkitError) as e:
+        open_model(p)
+    msg = str(e.value)
+    assert str(p) in msg and expect.lower() in msg.lower()
+    if case == "missing":
+        assert isinstance(e.value, FileNotFound)
+    # the CLI says the same in one line and exits 2
+    assert cli.main(["inspect", str(p)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and str(p) in err[0]
+
+
+def test_streaming_writer_any_order_and_threads(tmp_path):
+    sd = {f"t{i}": torch.randn(64, i + 1) for i in range(40)}
+    specs = [(k, v.dtype, v.shape) for k, v in sd.items()]
+    out = tmp_path / "s.safetensors"
+    with StreamingSafetensorsWriter(out, specs, {"k": "v"}) as w:
+        assert not out.exists(), "nothing appears before the rename"
+        keys = list(sd)[::-1]
+        threads = [threading.Thread(target=lambda ks=keys[i::4]: [w.write(k, sd[k]) for k in ks]) for i in range(4)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    ref = load_file(str(out))
+    assert all(_equal(ref[k], sd[k]) for k in sd)
+    assert [p.name for p in tmp_path.iterdir()] == ["s.safetensors"]
+
+
+def test_writer_refuses_and_cleans_up(tmp_path):
+    out = tmp_path / "o.safetensors"
+    specs = [("a", torch.float16, (2,)), ("b", torch.float32, (3,))]
+    # wrong dtype / shape / unknown name
+    with pytest.raises(InvalidInputError):
+        with StreamingSafetensorsWriter(out, specs) as w:
+            w.write("a", torch.zeros(2))
+    with pytest.raises(InvalidInputError):
+        with StreamingSafetensorsWriter(out, specs) as w:
+            w.write("zzz", torch.zeros(2))
+    # a tensor never written
+    with pytest.raises(InvalidInputError, match="never written"):
+        with StreamingSafetensorsWriter(out, specs) as w:
+            w.write("a", torch.zeros(2, dtype=torch.float16))
+    # an exception in the caller's loop
+    with pytest.raises(KeyError):
+        with StreamingSafetensorsWriter(out, specs) as w:
+            w.write("a", torch.zeros(2, dtype=torch.float16))
+            raise KeyError("boom")
+    assert list(tmp_path.iterdir()) == [], "no partial output, no temp file left"
+    # metadata must be strings
+    with pytest.raises(InvalidInputError, match="strings"):
+        StreamingSafetensorsWriter(out, specs, {"n": 3})
+
+
+def test_disk_full_leaves_nothing(tmp_path, monkeypatch):
+    out = tmp_path / "full.safetensors"
+    real = os.pwrite
+    calls = {"n": 0}
+
+    def pwrite(fd, data, pos):
+        calls["n"] += 1
+        if calls["n"] > 2:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(fd, data, pos)
+
+    monkeypatch.setattr(os, "pwrite", pwrite)
+    with pytest.raises(ModelFileError, match="disk full"):
+        save_safetensors(out, {f"k{i}": torch.ones(10) for i in range(5)})
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_outputs_never_overwrite(tmp_path):
+    a = tmp_path / "a.safetensors"
+    save_safetensors(a, {"x": torch.ones(1)})
+    before = a.read_bytes()
+    with pytest.raises(OutputExistsError):
+        save_safetensors(a, {"x": torch.zeros(1)})
+    with pytest.raises(OutputExistsError, match="one of the inputs"):
+        check_output_path(a, [a], overwrite=True)
+    with pytest.raises(OutputExistsError, match="one of the inputs"):
+        check_output_path(tmp_path / "." / "a.safetensors", [a], overwrite=True)
+    assert a.read_bytes() == before
+    save_safetensors(a, {"x": torch.zeros(1)}, overwrite=True)
+    assert torch.equal(load_file(str(a))["x"], torch.zeros(1))
+    # the ckpt writer
+    c = save_state_dict(tmp_path / "c.ckpt", {"x": torch.ones(2)})
+    assert torch.equal(torch.load(c, weights_only=True)["state_dict"]["x"], torch.ones(2))
+    with pytest.raises(OutputExistsError):
+        save_ckpt(c, {"x": torch.ones(2)})
