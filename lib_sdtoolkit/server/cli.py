@@ -1,0 +1,82 @@
+"""``python -m lib_sdtoolkit serve``: the standalone web app (UI + HTTP API) over a models folder."""
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Any, Optional, TextIO
+
+from ..errors import InvalidInputError
+from ..host import StandaloneHost
+
+DEFAULT_HOST = "127.0.0.1"
+DEFAULT_PORT = 7870
+LOOPBACK = ("127.0.0.1", "localhost", "::1")
+
+
+def register(subparsers: Any) -> None:
+    p = subparsers.add_parser("serve", help="start the web app (UI + HTTP API) on a models folder",
+                              description="Start the SD Toolkit web app. Binds 127.0.0.1 unless --host says otherwise.")
+    where = p.add_mutually_exclusive_group()
+    where.add_argument("--models-dir", metavar="DIR",
+                       help="models folder laid out like the WebUI's (Stable-diffusion/, VAE/, Lora/, ControlNet/); "
+                            "default: $SDTOOLKIT_MODELS_DIR or ./models")
+    where.add_argument("--webui-dir", metavar="DIR", help="use an existing WebUI's models/ folders")
+    p.add_argument("--host", default=DEFAULT_HOST, help=f"address to bind (default {DEFAULT_HOST})")
+    p.add_argument("--port", type=int, default=DEFAULT_PORT, help=f"port (default {DEFAULT_PORT})")
+    p.add_argument("--sample", action="store_true",
+                   help="if no models are found, create the generated sample library without asking")
+    p.add_argument("--no-ui", action="store_true", help="serve only the HTTP API")
+    p.set_defaults(func=serve)
+
+
+def make_host(args: argparse.Namespace) -> StandaloneHost:
+    if not (0 < int(args.port) < 65536):
+        raise InvalidInputError(f"--port {args.port} is not a valid port number")
+    return StandaloneHost(models_dir=args.models_dir, webui_dir=args.webui_dir, create=args.webui_dir is None)
+
+
+def ensure_models(host: StandaloneHost, sample: bool, stdin: Optional[TextIO] = None,
+                  stdout: Optional[TextIO] = None) -> bool:
+    """If the models folder is empty: create the sample library (``sample`` or the user says yes on a terminal).
+
+    Returns True when a sample library was written."""
+    stdin = stdin or sys.stdin
+    stdout = stdout or sys.stdout
+    if not host.is_empty() or host.models_root is None:
+        return False
+    if not sample:
+        if not (hasattr(stdin, "isatty") and stdin.isatty()):
+            print(f"No models in {host.models_root}; the app offers to create a sample library "
+                  f"(or start with --sample).", file=stdout)
+            return False
+        stdout.write(f"No models in {host.models_root}. Create a small generated sample library there? [Y/n] ")
+        stdout.flush()
+        answer = stdin.readline().strip().lower()
+        if answer not in ("", "y", "yes"):
+            return False
+    from ..samples import factory  # heavy; only when needed
+
+    print(f"Writing the sample library to {host.models_root} ...", file=stdout)
+    factory.write_sample_library(host.models_root)
+    host.refresh(None)
+    return True
+
+
+def serve(args: argparse.Namespace) -> int:
+    host = make_host(args)
+    ensure_models(host, args.sample)
+    from .app import create_app
+
+    app = create_app(host, ui=not args.no_ui)
+    if args.host not in LOOPBACK:
+        print(f"warning: binding {args.host}: anyone who can reach this address can read your model folders' "
+              f"listings and files' metadata", file=sys.stderr)
+    import uvicorn
+
+    shown = f"[{args.host}]" if ":" in args.host else args.host
+    print(f"SD Toolkit on http://{shown}:{args.port}/  (models: {host.models_root})", file=sys.stderr)
+    uvicorn.run(app, host=args.host, port=int(args.port), log_level="warning")
+    return 0
+
+
+__all__ = ["register", "serve", "make_host", "ensure_models", "DEFAULT_HOST", "DEFAULT_PORT"]

@@ -1,0 +1,96 @@
+"""Gradio builders for the toolkit's tabs, shared by the standalone app and the WebUI adapter.
+
+Each tab is a module ``lib_sdtoolkit/ui/<name>_tab.py`` with ``TITLE: str``, ``ELEM_ID: str`` and
+``build(host) -> None`` (called inside a ``gr.Tab``; builds components and wires events). ``build_tabs(host)``
+imports whichever exist, in ``TAB_ORDER``. Works on gradio 3.41 (A1111) and 4.x (Forge): only ``gr.update(...)``.
+"""
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import logging
+from pathlib import Path
+from types import ModuleType
+from typing import Any, List, Optional
+
+import gradio as gr
+
+from ..host import Host
+
+log = logging.getLogger(__name__)
+
+TAB_ORDER = ("inspect", "merge", "prune", "hashes", "lora", "tiled_vae", "controlnet")
+APP_TITLE = "SD Toolkit"
+EXTENSION_ROOT = Path(__file__).resolve().parents[2]
+STYLE_CSS = EXTENSION_ROOT / "style.css"
+
+
+def discover_tabs(strict: bool = False) -> List[ModuleType]:
+    """Import the ``<name>_tab`` modules that exist, in ``TAB_ORDER``. A tab that fails to import is logged and
+    replaced by nothing (raised when ``strict``)."""
+    found = []
+    for name in TAB_ORDER:
+        modname = f"{__name__}.{name}_tab"
+        if importlib.util.find_spec(modname) is None:
+            continue
+        try:
+            found.append(importlib.import_module(modname))
+        except Exception:
+            if strict:
+                raise
+            log.exception("sdtoolkit: could not import %s; its tab is not shown", modname)
+    return found
+
+
+def build_tabs(host: Host, strict: bool = False) -> List[str]:
+    """Build every available tab inside the current Blocks context. Returns the titles built.
+
+    A tab whose ``build`` raises shows the error instead of taking the whole UI down (unless ``strict``)."""
+    titles = []
+    for mod in discover_tabs(strict=strict):
+        with gr.Tab(mod.TITLE, elem_id=f"sdtoolkit_tab_{mod.ELEM_ID}"):
+            try:
+                mod.build(host)
+            except Exception as exc:
+                if strict:
+                    raise
+                log.exception("sdtoolkit: building tab %s failed", mod.TITLE)
+                gr.Markdown(f"**{mod.TITLE} is unavailable:** `{type(exc).__name__}: {exc}`",
+                            elem_classes=["sdtoolkit-error"])
+        titles.append(mod.TITLE)
+    return titles
+
+
+def read_css() -> str:
+    try:
+        return STYLE_CSS.read_text(encoding="utf-8")
+    except OSError:
+        return ""
+
+
+def build_webui_blocks(host: Host) -> gr.Blocks:
+    """The Blocks the WebUI renders as its "SD Toolkit" tab (the WebUI adds style.css itself)."""
+    with gr.Blocks(analytics_enabled=False) as blocks:
+        with gr.Tabs(elem_id="sdtoolkit_tabs"):
+            build_tabs(host)
+    return blocks
+
+
+def build_app(host: Host, title: str = APP_TITLE) -> gr.Blocks:
+    """The standalone app's Blocks: a header and every tab."""
+    with gr.Blocks(title=title, css=read_css(), analytics_enabled=False) as demo:
+        gr.Markdown(f"# {title}", elem_classes=["sdtoolkit-header"])
+        with gr.Tabs(elem_id="sdtoolkit_tabs"):
+            build_tabs(host)
+    return demo
+
+
+def mount(app: Any, host: Host, path: str = "/", demo: Optional[gr.Blocks] = None) -> Any:
+    """Mount the gradio app on a FastAPI ``app`` (``gr.mount_gradio_app``); returns the app."""
+    if demo is None:
+        demo = build_app(host)
+    demo.queue()
+    return gr.mount_gradio_app(app, demo, path=path)
+
+
+__all__ = ["TAB_ORDER", "discover_tabs", "build_tabs", "build_app", "build_webui_blocks", "mount"]

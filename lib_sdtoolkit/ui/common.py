@@ -1,0 +1,62 @@
+"""Small helpers shared by the tab builders: model pickers, sizes, error display."""
+from __future__ import annotations
+
+import html
+import re
+from pathlib import Path
+from typing import Iterable, List, Optional, Sequence, Tuple
+
+from ..errors import InvalidInputError, SdToolkitError
+from ..host import MODEL_KINDS, Host
+
+_CHOICE = re.compile(r"^\[(\w+)\] (.+)$")
+
+
+def model_choices(host: Host, kinds: Sequence[str] = MODEL_KINDS) -> List[str]:
+    """Dropdown entries ``[kind] relative/name.safetensors`` for every model of ``kinds``."""
+    out = []
+    for kind in kinds:
+        for p in host.list_models(kind):
+            out.append(f"[{kind}] {host.display_name(p, kind)}")
+    return out
+
+
+def parse_choice(choice: str) -> Tuple[Optional[str], str]:
+    """``"[vae] x.safetensors"`` -> ``("vae", "x.safetensors")``; anything else -> ``(None, choice)``."""
+    m = _CHOICE.match(choice.strip())
+    if m and m.group(1) in MODEL_KINDS:
+        return m.group(1), m.group(2)
+    return None, choice.strip()
+
+
+def resolve_input(host: Host, choice: Optional[str], path: Optional[str] = None) -> Path:
+    """The file picked in the UI: the path box wins over the dropdown; both go through ``host.resolve``."""
+    if path and path.strip():
+        return host.resolve(path.strip())
+    if choice:
+        kind, name = parse_choice(choice)
+        return host.resolve(name, kind)
+    raise InvalidInputError("pick a model or type its path first")
+
+
+def human_bytes(n: Optional[int]) -> str:
+    if n is None:
+        return ""
+    size = float(n)
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if abs(size) < 1024 or unit == "GiB":
+            return f"{int(size)} B" if unit == "B" else f"{size:.2f} {unit}"
+        size /= 1024
+    return f"{size:.2f} GiB"
+
+
+def error_html(exc: BaseException) -> str:
+    kind = "Error" if isinstance(exc, SdToolkitError) else type(exc).__name__
+    return f'<div class="sdtoolkit-error"><b>{html.escape(kind)}:</b> {html.escape(str(exc))}</div>'
+
+
+def keep_value(choices: Iterable[str], current: Optional[str]) -> Optional[str]:
+    choices = list(choices)
+    if current in choices:
+        return current
+    return choices[0] if choices else None

@@ -1,0 +1,117 @@
+"""Inspect tab: pick a model, see its architecture, components and the full report."""
+from __future__ import annotations
+
+import html
+import logging
+from typing import Any, List, Tuple
+
+import gradio as gr
+
+from ..errors import SdToolkitError
+from ..host import Host
+from .common import error_html, human_bytes, keep_value, model_choices, resolve_input
+
+log = logging.getLogger(__name__)
+
+TITLE = "Inspect"
+ELEM_ID = "inspect"
+TABLE_HEADERS = ["component", "keys", "size"]
+
+
+def architecture_html(report: dict, name: str) -> str:
+    arch = html.escape(str(report.get("architecture", "unknown")))
+    variant = report.get("variant")
+    extra = f' <span class="sdtoolkit-arch-variant">{html.escape(str(variant))}</span>' if variant else ""
+    fmt = html.escape(str(report.get("format", "")))
+    total = human_bytes(report.get("total_bytes"))
+    return (f'<div class="sdtoolkit-arch"><span class="sdtoolkit-arch-name" id="sdtoolkit_arch_name">{arch}</span>'
+            f'{extra}<div class="sdtoolkit-arch-file">{html.escape(name)} · {fmt} · {total}</div></div>')
+
+
+def components_rows(report: dict) -> List[List[Any]]:
+    rows: List[List[Any]] = []
+    for comp, info in (report.get("components") or {}).items():
+        rows.append([comp, int(info.get("keys", 0)), human_bytes(info.get("bytes"))])
+    ema = report.get("ema") or {}
+    if ema.get("keys"):
+        rows.append(["ema", int(ema["keys"]), human_bytes(ema.get("bytes"))])
+    junk = report.get("junk") or []
+    if junk:
+        rows.append(["junk", len(junk), ""])
+    return rows or [["(none)", 0, ""]]
+
+
+def run_inspect(host: Host, choice: str, path: str) -> Tuple[str, Any, str, Any]:
+    """Click handler: (architecture html, components rows, report text, report json)."""
+    from ..inspect import format_report, inspect_file  # heavy (torch); imported when first used
+
+    try:
+        target = resolve_input(host, choice, path)
+        report = inspect_file(target)
+        return (architecture_html(report, host.display_name(target)), components_rows(report),
+                format_report(report), report)
+    except SdToolkitError as exc:
+        return error_html(exc), [["(error)", 0, ""]], str(exc), None
+    except Exception as exc:  # a bug, not bad input: still show it instead of a silent spinner
+        log.exception("sdtoolkit: inspect failed")
+        return error_html(exc), [["(error)", 0, ""]], f"{type(exc).__name__}: {exc}", None
+
+
+def build(host: Host) -> None:
+    choices = model_choices(host)
+    can_sample = host.models_root is not None
+    with gr.Group(visible=not choices and can_sample, elem_id="sdtoolkit_inspect_empty") as empty_box:
+        gr.Markdown(
+            "No models found in "
+            + ", ".join(f"`{d}`" for d in host.all_model_dirs())
+            + ". Create a small generated sample library (tiny SD1/SD2/SDXL checkpoints, a VAE, a LoRA and a "
+              "ControlNet with the real key layouts) to try the toolkit at once.",
+            elem_classes=["sdtoolkit-hint"])
+        sample_btn = gr.Button("Create sample library", elem_id="sdtoolkit_inspect_sample")
+    with gr.Row(elem_classes=["sdtoolkit-picker"]):
+        model = gr.Dropdown(label="Model", choices=choices, value=choices[0] if choices else None,
+                            elem_id="sdtoolkit_inspect_model")
+        refresh_btn = gr.Button("\U0001f504 Refresh", elem_id="sdtoolkit_inspect_refresh",
+                                elem_classes=["sdtoolkit-tool"])
+    path = gr.Textbox(label="...or a name / path under the model folders (takes precedence)", lines=1,
+                      elem_id="sdtoolkit_inspect_path")
+    run_btn = gr.Button("Inspect", variant="primary", elem_id="sdtoolkit_inspect_run")
+    status = gr.HTML(elem_id="sdtoolkit_inspect_status")
+    arch = gr.HTML(elem_id="sdtoolkit_inspect_arch")
+    table = gr.Dataframe(headers=TABLE_HEADERS, datatype=["str", "number", "str"], interactive=False,
+                         elem_id="sdtoolkit_inspect_components", label="Components")
+    with gr.Accordion("Full report", open=True):
+        report_text = gr.Textbox(lines=18, max_lines=60, show_label=False, interactive=False,
+                                 elem_id="sdtoolkit_inspect_report", elem_classes=["sdtoolkit-mono"])
+    with gr.Accordion("JSON", open=False):
+        report_json = gr.JSON(elem_id="sdtoolkit_inspect_json")
+
+    def do_refresh(current: str):
+        host.refresh(None)
+        new = model_choices(host)
+        return (gr.update(choices=new, value=keep_value(new, current)),
+                gr.update(visible=not new and can_sample))
+
+    def do_sample(current: str):
+        try:
+            from ..samples import factory  # heavy (torch, ldm); only when asked
+
+            written = factory.write_sample_library(host.models_root)
+            host.refresh(None)
+            msg = f'<div class="sdtoolkit-ok">Sample library written to {html.escape(str(host.models_root))}'
+            if written:
+                msg += f" ({len(list(written))} files)"
+            msg += "</div>"
+        except SdToolkitError as exc:
+            msg = error_html(exc)
+        except Exception as exc:
+            log.exception("sdtoolkit: writing the sample library failed")
+            msg = error_html(exc)
+        new = model_choices(host)
+        return (gr.update(choices=new, value=keep_value(new, current)),
+                gr.update(visible=not new and can_sample), msg)
+
+    refresh_btn.click(do_refresh, inputs=[model], outputs=[model, empty_box])
+    sample_btn.click(do_sample, inputs=[model], outputs=[model, empty_box, status])
+    run_btn.click(lambda c, p: run_inspect(host, c, p), inputs=[model, path],
+                  outputs=[arch, table, report_text, report_json])
