@@ -76,9 +76,15 @@ def build_webui_blocks(host: Host) -> gr.Blocks:
     return blocks
 
 
+def local_theme() -> Any:
+    """The default theme with system fonts: the stock one fetches Google fonts, and nothing downloads at run time."""
+    return gr.themes.Default(font=["ui-sans-serif", "system-ui", "sans-serif"],
+                             font_mono=["ui-monospace", "Consolas", "monospace"])
+
+
 def build_app(host: Host, title: str = APP_TITLE) -> gr.Blocks:
     """The standalone app's Blocks: a header and every tab."""
-    with gr.Blocks(title=title, css=read_css(), analytics_enabled=False) as demo:
+    with gr.Blocks(title=title, css=read_css(), theme=local_theme(), analytics_enabled=False) as demo:
         gr.Markdown(f"# {title}", elem_classes=["sdtoolkit-header"])
         with gr.Tabs(elem_id="sdtoolkit_tabs"):
             build_tabs(host)

@@ -70,9 +70,9 @@ def build(host: Host) -> None:
         sample_btn = gr.Button("Create sample library", elem_id="sdtoolkit_inspect_sample")
     with gr.Row(elem_classes=["sdtoolkit-picker"]):
         model = gr.Dropdown(label="Model", choices=choices, value=choices[0] if choices else None,
-                            elem_id="sdtoolkit_inspect_model")
-        refresh_btn = gr.Button("\U0001f504 Refresh", elem_id="sdtoolkit_inspect_refresh",
-                                elem_classes=["sdtoolkit-tool"])
+                            elem_id="sdtoolkit_inspect_model", scale=5)
+        refresh_btn = gr.Button("Refresh", elem_id="sdtoolkit_inspect_refresh", elem_classes=["sdtoolkit-tool"],
+                                scale=1, min_width=90)
     path = gr.Textbox(label="...or a name / path under the model folders (takes precedence)", lines=1,
                       elem_id="sdtoolkit_inspect_path")
     run_btn = gr.Button("Inspect", variant="primary", elem_id="sdtoolkit_inspect_run")

@@ -1,0 +1,101 @@
+"""Drives the WebUI double through the WebUI's start-up order for one extension folder.
+
+    from webui_harness import WebUIDouble          # after use_double() / with tests/webui_double on sys.path
+    w = WebUIDouble(extension_dir, data_dir)
+    w.run_installer()                 # install.py as a subprocess, PYTHONPATH=<double>  (reference section 1.1)
+    args = w.preload(["--sdtoolkit-device", "cpu"])   # preload(parser) + strict parse_args (section 1.2)
+    w.load_scripts()                  # exec scripts/*.py like modules/scripts.py (section 1.4)
+    demo, tabs = w.create_ui()        # before_ui, ui_settings, ui_tabs -> gr.TabItem per tab (section 1.6)
+    app = w.start_app(demo)           # FastAPI + app_started_callback(demo, app); start_app(None) = --nowebui
+"""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from typing import Any, List, Optional, Sequence, Tuple
+
+DOUBLE_DIR = os.path.dirname(os.path.abspath(__file__))
+
+
+def use_double() -> None:
+    """Put the double first on sys.path so ``import modules`` / ``import launch`` resolve to it."""
+    if sys.path[:1] != [DOUBLE_DIR]:
+        if DOUBLE_DIR in sys.path:
+            sys.path.remove(DOUBLE_DIR)
+        sys.path.insert(0, DOUBLE_DIR)
+    mod = sys.modules.get("modules")
+    if mod is not None and not os.path.abspath(getattr(mod, "__file__", "") or "").startswith(DOUBLE_DIR):
+        raise RuntimeError(f"another 'modules' package is already imported: {mod!r}")
+
+
+class WebUIDouble:
+    def __init__(self, extension_dir: str, data_dir: str) -> None:
+        use_double()
+        from modules import errors, paths_internal
+
+        self.extension_dir = os.path.abspath(extension_dir)
+        self.data_dir = os.path.abspath(data_dir)
+        os.makedirs(os.path.join(self.data_dir, "models"), exist_ok=True)
+        paths_internal.set_data_dir(self.data_dir)
+        errors.reported.clear()
+        self.parser = None
+
+    # 1.1 launch.py: run_extensions_installers
+    def run_installer(self, env: Optional[dict] = None) -> "subprocess.CompletedProcess[str]":
+        path_installer = os.path.join(self.extension_dir, "install.py")
+        full_env = os.environ.copy()
+        full_env.update(env or {})
+        full_env["PYTHONPATH"] = f"{DOUBLE_DIR}{os.pathsep}{full_env.get('PYTHONPATH', '')}"
+        return subprocess.run([sys.executable, path_installer], cwd=self.extension_dir, env=full_env,
+                              capture_output=True, text=True, timeout=120)
+
+    # 1.2 shared_cmd_options: preload_extensions, then a strict parse_args
+    def preload(self, argv: Sequence[str] = ()) -> Any:
+        from modules import cmd_args, script_loading, shared
+
+        parser = cmd_args.make_parser()
+        script_loading.preload_extensions(os.path.dirname(self.extension_dir), parser,
+                                          extension_list=[os.path.basename(self.extension_dir)])
+        args = parser.parse_args(list(argv))  # unknown flag -> SystemExit(2), as in the WebUI
+        shared.parser = parser
+        shared.cmd_opts = args
+        self.parser = parser
+        return args
+
+    # 1.4 scripts.load_scripts
+    def load_scripts(self) -> List[Any]:
+        from modules import scripts
+
+        scripts.extension_dirs[:] = [self.extension_dir]
+        return scripts.load_scripts()
+
+    # 1.6 webui(): before_ui -> create_ui (settings, tabs)
+    def create_ui(self) -> Tuple[Any, list]:
+        import gradio as gr
+        from modules import script_callbacks
+
+        script_callbacks.before_ui_callback()
+        script_callbacks.ui_settings_callback()
+        interfaces = script_callbacks.ui_tabs_callback()
+        with gr.Blocks(analytics_enabled=False, title="Stable Diffusion") as demo:
+            with gr.Tabs(elem_id="tabs"):
+                for interface, label, ifid in interfaces:
+                    with gr.TabItem(label, id=ifid, elem_id="tab_" + ifid):
+                        interface.render()
+        return demo, interfaces
+
+    # 1.6 app_started_callback(demo, app); demo is None under --nowebui
+    def start_app(self, demo: Any = None) -> Any:
+        from fastapi import FastAPI
+        from modules import script_callbacks
+
+        app = FastAPI()
+        script_callbacks.app_started_callback(demo, app)
+        return app
+
+    @property
+    def reported_errors(self) -> List[str]:
+        from modules import errors
+
+        return list(errors.reported)
