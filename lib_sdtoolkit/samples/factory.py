@@ -46,10 +46,17 @@ _CLIP_H = {"full": dict(hidden_size=1024, intermediate_size=4096, num_attention_
 _CLIP_G = {"full": dict(hidden_size=1280, intermediate_size=5120, num_attention_heads=20, projection_dim=1280),
            "tiny": dict(hidden_size=64, intermediate_size=128, num_attention_heads=4, projection_dim=64)}
 _UNET_CH = {"full": 320, "tiny": 32}
-_SDXL_CH = {"full": (320, 640, 1280), "tiny": (32, 64, 128)}
-_REFINER_CH = {"full": (384, 768, 1536, 1536), "tiny": (32, 64, 128, 128)}
+_SDXL_CH = {"full": (320, 640, 1280), "tiny": (16, 32, 48)}
+_REFINER_CH = {"full": (384, 768, 1536, 1536), "tiny": (16, 32, 48, 48)}
+# SDXL UNets exist only as diffusers modules here (no ldm class), so tiny ones may use 16 GroupNorm groups
+_SDXL_GROUPS = {"full": 32, "tiny": 16}
+_SDXL_HEAD_DIM = {"full": 64, "tiny": 8}
 _TIME_EMB = {"full": 256, "tiny": 8}
 _VAE_CH = {"full": 128, "tiny": 32}
+# channel multipliers: tiny keeps a channel change wherever the real model has one (so the same shortcut convs
+# exist) but grows slower; every width stays a multiple of 32 (ldm's GroupNorm has 32 groups)
+_MULT = {"full": (1, 2, 4, 4), "tiny": (1, 2, 3, 3)}
+_VOCAB = {"full": 49408, "tiny": 1024}
 
 
 @dataclass(frozen=True)
@@ -92,9 +99,10 @@ def _check(arch: str, width: str, variant: Optional[str]) -> None:
         raise ValueError(f"variant {variant!r} is not available for {arch} (SD1 has: {', '.join(VARIANTS)})")
 
 
-def _clip_config(base: Mapping[str, Any], act: str, layers: int) -> Dict[str, Any]:
-    return dict(base, num_hidden_layers=layers, max_position_embeddings=77, vocab_size=49408, hidden_act=act,
-                bos_token_id=49406, eos_token_id=49407, pad_token_id=1)
+def _clip_config(base: Mapping[str, Any], act: str, layers: int, width: str) -> Dict[str, Any]:
+    vocab = _VOCAB[width]  # the real tokenizer's BOS/EOS are the last two ids
+    return dict(base, num_hidden_layers=layers, max_position_embeddings=77, vocab_size=vocab, hidden_act=act,
+                bos_token_id=vocab - 2, eos_token_id=vocab - 1, pad_token_id=1)
 
 
 def get_config(arch: str, width: str = "tiny", variant: Optional[str] = None) -> ArchConfig:
@@ -104,10 +112,10 @@ def get_config(arch: str, width: str = "tiny", variant: Optional[str] = None) ->
     in_ch = VARIANTS[variant] if variant else 4
     vch = _VAE_CH[width]
     vae = {"ddconfig": dict(double_z=True, z_channels=4, resolution=256, in_channels=3, out_ch=3, ch=vch,
-                            ch_mult=[1, 2, 4, 4], num_res_blocks=2, attn_resolutions=[], dropout=0.0),
+                            ch_mult=list(_MULT[width]), num_res_blocks=2, attn_resolutions=[], dropout=0.0),
            "embed_dim": 4}
     dvae = dict(in_channels=3, out_channels=3, latent_channels=4, layers_per_block=2, norm_num_groups=32,
-                block_out_channels=(vch, vch * 2, vch * 4, vch * 4),
+                block_out_channels=tuple(vch * m for m in _MULT[width]),
                 down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4)
     ldm = dunet = None
     tes: Tuple[TextEncoderSpec, ...] = ()
@@ -118,27 +126,28 @@ def get_config(arch: str, width: str = "tiny", variant: Optional[str] = None) ->
             heads: Dict[str, Any] = dict(num_heads=8)
             dheads: Any = 8
             tes = (TextEncoderSpec("text_encoder", "cond_stage_model.transformer.", "hf",
-                                   _clip_config(_CLIP_L[width], "quick_gelu", 12), False),)
+                                   _clip_config(_CLIP_L[width], "quick_gelu", 12, width), False),)
         else:
             ctx = _CLIP_H[width]["hidden_size"]
             hc = 64 if width == "full" else 8
             heads = dict(num_head_channels=hc, use_linear_in_transformer=True)
-            dheads = tuple(ch * m // hc for m in (1, 2, 4, 4))
+            dheads = tuple(ch * m // hc for m in _MULT[width])
             tes = (TextEncoderSpec("text_encoder", "cond_stage_model.model.", "openclip",
-                                   _clip_config(_CLIP_H[width], "gelu", 24), True),)
+                                   _clip_config(_CLIP_H[width], "gelu", 24, width), True),)
         ldm = dict(image_size=32, in_channels=in_ch, out_channels=4, model_channels=ch, attention_resolutions=[4, 2, 1],
-                   num_res_blocks=2, channel_mult=[1, 2, 4, 4], use_spatial_transformer=True, transformer_depth=1,
+                   num_res_blocks=2, channel_mult=list(_MULT[width]), use_spatial_transformer=True, transformer_depth=1,
                    context_dim=ctx, use_checkpoint=False, legacy=False, **heads)
         dunet = dict(sample_size=64, in_channels=in_ch, out_channels=4, layers_per_block=2,
-                     block_out_channels=tuple(ch * m for m in (1, 2, 4, 4)),
+                     block_out_channels=tuple(ch * m for m in _MULT[width]),
                      down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
                      up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
                      cross_attention_dim=ctx, attention_head_dim=dheads, use_linear_projection=arch == "SD2")
     elif arch == "SDXL":
         chs = _SDXL_CH[width]
         l_cfg, g_cfg = _CLIP_L[width], _CLIP_G[width]
-        hd = 64 if width == "full" else 16
+        hd = _SDXL_HEAD_DIM[width]
         dunet = dict(sample_size=128, in_channels=4, out_channels=4, layers_per_block=2, block_out_channels=chs,
+                     norm_num_groups=_SDXL_GROUPS[width],
                      down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
                      up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
                      attention_head_dim=tuple(c // hd for c in chs), transformer_layers_per_block=(1, 2, 10),
@@ -146,14 +155,15 @@ def get_config(arch: str, width: str = "tiny", variant: Optional[str] = None) ->
                      addition_embed_type="text_time", addition_time_embed_dim=_TIME_EMB[width],
                      projection_class_embeddings_input_dim=g_cfg["projection_dim"] + 6 * _TIME_EMB[width])
         tes = (TextEncoderSpec("text_encoder", "conditioner.embedders.0.transformer.", "hf",
-                               _clip_config(l_cfg, "quick_gelu", 12), False),
+                               _clip_config(l_cfg, "quick_gelu", 12, width), False),
                TextEncoderSpec("text_encoder_2", "conditioner.embedders.1.model.", "openclip",
-                               _clip_config(g_cfg, "gelu", 32), True))
+                               _clip_config(g_cfg, "gelu", 32, width), True))
     elif arch == "SDXL-refiner":
         chs = _REFINER_CH[width]
         g_cfg = _CLIP_G[width]
-        hd = 64 if width == "full" else 16
+        hd = _SDXL_HEAD_DIM[width]
         dunet = dict(sample_size=128, in_channels=4, out_channels=4, layers_per_block=2, block_out_channels=chs,
+                     norm_num_groups=_SDXL_GROUPS[width],
                      down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
                      up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
                      attention_head_dim=tuple(c // hd for c in chs), transformer_layers_per_block=4,
@@ -161,12 +171,13 @@ def get_config(arch: str, width: str = "tiny", variant: Optional[str] = None) ->
                      addition_embed_type="text_time", addition_time_embed_dim=_TIME_EMB[width],
                      projection_class_embeddings_input_dim=g_cfg["projection_dim"] + 5 * _TIME_EMB[width])
         tes = (TextEncoderSpec("text_encoder_2", "conditioner.embedders.0.model.", "openclip",
-                               _clip_config(g_cfg, "gelu", 32), True),)
+                               _clip_config(g_cfg, "gelu", 32, width), True),)
     return ArchConfig(arch, width, variant, ldm, dunet, vae, dvae, tes)
 
 
 def tiny_config(arch: str, variant: Optional[str] = None) -> ArchConfig:
-    """:func:`get_config` at tiny width (UNet 32 channels, VAE 32, CLIP widths 32/64, all depths as real)."""
+    """:func:`get_config` at tiny width (UNet/VAE 32-64-96-96 channels, CLIP widths 32/64 with a 1024-token
+    vocabulary; every depth and layer count as real, so the key names are those of the real checkpoint)."""
     return get_config(arch, "tiny", variant)
 
 

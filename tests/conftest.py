@@ -1,0 +1,128 @@
+"""Shared session fixtures: real model files with the exact key layouts of released checkpoints, at tiny width.
+
+Built by :mod:`lib_sdtoolkit.samples.factory` (real ldm / diffusers / transformers modules, see its docstring).
+Everything is lazy and session-scoped: a file is written the first time a test asks for it.
+
+* ``models_dir``: a WebUI-like ``models/`` folder from ``factory.write_sample_library`` (Stable-diffusion with a
+  tiny SD1.5 and SDXL, VAE with a VAE and a byte-identical copy, empty Lora/ and ControlNet/).
+* ``fixture_files``: mapping name -> Path, names in :data:`FIXTURE_SPECS` (read its comments).
+* ``tiny_modules``: ``tiny_modules(arch, diffusers=False)`` -> dict of real modules (``unet``, ``vae``,
+  ``text_encoder``, ``text_encoder_2``) holding exactly the weights the ``seed=0`` files of ``arch`` hold.
+* ``mecha_layout``: ``mecha_layout("sd1-ldm")`` -> the key list sd-mecha ships for that model config.
+"""
+from __future__ import annotations
+
+import importlib.util
+import os
+import sys
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, Callable, Dict, Iterator
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+#: fixture name -> write_checkpoint arguments (arch first). Every file uses seed 0 unless said otherwise.
+FIXTURE_SPECS: Dict[str, Dict[str, Any]] = {
+    "sd1": dict(arch="SD1", suffix=".safetensors"),                      # SD1.5, fp32, 1131 keys
+    "sd1_fp16": dict(arch="SD1", suffix=".safetensors", dtype="float16"),
+    "sd1_bf16": dict(arch="SD1", suffix=".safetensors", dtype="bfloat16"),
+    # SD1 .ckpt as released: {"state_dict", "epoch", "global_step"}, model_ema.* copies, DDPM buffers, logvar,
+    # loss.* keys, and float position_ids with values like 75.9975
+    "sd1_ema_junk_ckpt": dict(arch="SD1", suffix=".ckpt", ema=True, junk=True, broken_position_ids=True),
+    "sd1_inpainting": dict(arch="SD1", suffix=".safetensors", variant="inpainting", dtype="float16"),
+    "sd1_ip2p": dict(arch="SD1", suffix=".safetensors", variant="instruct-pix2pix", dtype="float16"),
+    "sd2": dict(arch="SD2", suffix=".safetensors", dtype="float16"),     # SD2.1, OpenCLIP ViT-H text encoder
+    "sdxl": dict(arch="SDXL", suffix=".safetensors", dtype="float16"),   # SDXL base 1.0, 2515 keys
+    "sdxl_refiner": dict(arch="SDXL-refiner", suffix=".safetensors", dtype="float16"),
+    "vae": dict(arch="VAE", suffix=".safetensors"),                      # bare keys (encoder., decoder., ...)
+    "vae_prefixed_pt": dict(arch="VAE", suffix=".pt", vae_prefix=True),  # first_stage_model.* in a pickle
+}
+
+
+class LazyFiles(Mapping):
+    """name -> Path; writes each file on first access."""
+
+    def __init__(self, root: Path, specs: Dict[str, Dict[str, Any]]):
+        self.root = root
+        self.specs = specs
+        self._done: Dict[str, Path] = {}
+
+    def __getitem__(self, name: str) -> Path:
+        if name not in self._done:
+            import torch
+
+            from lib_sdtoolkit.samples import factory
+
+            kw = dict(self.specs[name])  # KeyError for unknown names
+            arch, suffix = kw.pop("arch"), kw.pop("suffix")
+            if "dtype" in kw:
+                kw["dtype"] = getattr(torch, kw["dtype"])
+            path = self.root / f"{name}{suffix}"
+            factory.write_checkpoint(path, arch, **kw)
+            os.chmod(path, 0o444)  # fixtures are inputs: a test that writes over one fails loudly
+            self._done[name] = path
+        return self._done[name]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.specs)
+
+    def __len__(self) -> int:
+        return len(self.specs)
+
+
+@pytest.fixture(scope="session")
+def fixture_files(tmp_path_factory) -> Mapping:
+    return LazyFiles(tmp_path_factory.mktemp("fixture_models"), FIXTURE_SPECS)
+
+
+@pytest.fixture(scope="session")
+def models_dir(tmp_path_factory) -> Path:
+    from lib_sdtoolkit.samples import factory
+
+    root = tmp_path_factory.mktemp("webui") / "models"
+    factory.write_sample_library(root)
+    return root
+
+
+@pytest.fixture(scope="session")
+def tiny_modules() -> Callable[..., Dict[str, Any]]:
+    from lib_sdtoolkit.samples import factory
+
+    cache: Dict[tuple, Dict[str, Any]] = {}
+
+    def get(arch: str, diffusers: bool = False, variant: str | None = None) -> Dict[str, Any]:
+        key = (arch, diffusers, variant)
+        if key not in cache:
+            cache[key] = factory.build_modules(arch, "tiny", seed=0, variant=variant, diffusers=diffusers)
+        return cache[key]
+
+    return get
+
+
+def mecha_config_path(name: str) -> Path:
+    """Path of sd-mecha's shipped key list ``<name>.yaml`` (found without importing sd_mecha)."""
+    spec = importlib.util.find_spec("sd_mecha")
+    if spec is None or not spec.submodule_search_locations:
+        pytest.fail("sd-mecha is a test dependency (its model_configs/*.yaml are the reference key lists); "
+                    "pip install --no-deps sd-mecha==1.1.8")
+    return Path(list(spec.submodule_search_locations)[0]) / "extensions" / "builtin" / "model_configs" / f"{name}.yaml"
+
+
+@pytest.fixture(scope="session")
+def mecha_layout() -> Callable[[str], Dict[str, Dict[str, Dict[str, Any]]]]:
+    """``mecha_layout("sd1-ldm")`` -> {component: {key: {"shape": [...], "dtype": ..., "optional": ...}}}."""
+    import yaml
+
+    cache: Dict[str, Any] = {}
+
+    def get(name: str):
+        if name not in cache:
+            with open(mecha_config_path(name), encoding="utf-8") as f:
+                cache[name] = yaml.safe_load(f)["components"]
+        return cache[name]
+
+    return get
