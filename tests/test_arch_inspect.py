@@ -176,3 +176,16 @@ def test_split_components_covers_every_key(files):
     info = detect(sd)
     groups = split_components(sd, info)
     assert sorted(k for ks in groups.values() for k in ks) == sorted(sd)
+
+
+def test_junk_inside_a_component_prefix_and_old_clip_names():
+    sd = factory.build_state_dict("SD1")
+    sd["model.diffusion_model.bogus.weight"] = torch.zeros(2)
+    sd["first_stage_model.loss.logvar"] = torch.zeros(())
+    # the old SD1 (NAI-era) CLIP layout without `text_model.` is still the text encoder
+    old = {k.replace("cond_stage_model.transformer.text_model.", "cond_stage_model.transformer."): v
+           for k, v in sd.items()}
+    for d in (sd, old):
+        groups = split_components(d, detect(d))
+        assert sorted(groups["junk"]) == ["first_stage_model.loss.logvar", "model.diffusion_model.bogus.weight"]
+        assert len(groups["text_encoder"]) == 197

@@ -145,7 +145,10 @@ def detect(shapes: Mapping[str, Any]) -> ArchInfo:
     if first is not None:
         cin = _shape(first)[1]
         variant = {9: "inpainting", 8: "instruct-pix2pix", 5: "depth"}.get(cin)
-    return ArchInfo(arch, variant, dict(_PREFIXES[arch]), notes)
+    prefixes = dict(_PREFIXES[arch])
+    if variant == "depth":
+        prefixes["depth_model"] = "depth_model."  # SD2 depth: the MiDaS estimator ships inside the checkpoint
+    return ArchInfo(arch, variant, prefixes, notes)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -189,16 +192,22 @@ def component_of(key: str, info: ArchInfo, layout: Optional[frozenset] = None) -
     for comp, prefix in info.prefixes.items():
         if prefix and key.startswith(prefix):
             if layout is not None and key not in layout and not OPTIONAL_COMPONENT_KEYS.search(key):
-                return "junk"
+                # old (NAI-era) SD1 CLIP names lack the ``text_model.`` level; they are the text encoder, not junk
+                if not (key.startswith(OLD_CLIP_PREFIX) and OLD_CLIP_PREFIX + "text_model." + key[len(OLD_CLIP_PREFIX):]
+                        in layout):
+                    return "junk"
             return comp
     return "junk"
 
 
+#: SD1 CLIP keys in the old layout (``cond_stage_model.transformer.encoder...``) that the WebUI renames on load
+OLD_CLIP_PREFIX = "cond_stage_model.transformer."
+
+
 def split_components(keys: Iterable[str], info: ArchInfo, use_layout: bool = True) -> Dict[str, List[str]]:
     """Group keys by component (see :func:`component_of`); every key lands in exactly one group."""
+    # variant UNets (inpainting, pix2pix) have the same key names as the base layout: only names are checked
     layout = _layout_names(info.architecture) if use_layout and info.is_checkpoint else None
-    if layout is not None and info.variant:
-        layout = None  # variant UNets share names; the layout check is only about names, keep it simple
     out: Dict[str, List[str]] = {}
     for k in keys:
         out.setdefault(component_of(k, info, layout), []).append(k)
