@@ -19,20 +19,29 @@ def register(subparsers: Any) -> None:
     where = p.add_mutually_exclusive_group()
     where.add_argument("--models-dir", metavar="DIR",
                        help="models folder laid out like the WebUI's (Stable-diffusion/, VAE/, Lora/, ControlNet/); "
-                            "default: $SDTOOLKIT_MODELS_DIR or ./models")
+                            "default: ./sample_models with --sample, else $SDTOOLKIT_MODELS_DIR or ./models")
     where.add_argument("--webui-dir", metavar="DIR", help="use an existing WebUI's models/ folders")
     p.add_argument("--host", default=DEFAULT_HOST, help=f"address to bind (default {DEFAULT_HOST})")
     p.add_argument("--port", type=int, default=DEFAULT_PORT, help=f"port (default {DEFAULT_PORT})")
     p.add_argument("--sample", action="store_true",
-                   help="if no models are found, create the generated sample library without asking")
+                   help="if no models are found, create the generated sample library without asking "
+                        "(in ./sample_models unless a folder is given)")
     p.add_argument("--no-ui", action="store_true", help="serve only the HTTP API")
     p.set_defaults(func=serve)
 
 
+SAMPLE_MODELS_DIR = "sample_models"
+
+
 def make_host(args: argparse.Namespace) -> StandaloneHost:
+    """The host for ``serve``: --webui-dir, --models-dir, else ./sample_models with --sample, else the default
+    ($SDTOOLKIT_MODELS_DIR or ./models)."""
     if not (0 < int(args.port) < 65536):
         raise InvalidInputError(f"--port {args.port} is not a valid port number")
-    return StandaloneHost(models_dir=args.models_dir, webui_dir=args.webui_dir, create=args.webui_dir is None)
+    models_dir = args.models_dir
+    if models_dir is None and args.webui_dir is None and args.sample:
+        models_dir = SAMPLE_MODELS_DIR
+    return StandaloneHost(models_dir=models_dir, webui_dir=args.webui_dir, create=args.webui_dir is None)
 
 
 def ensure_models(host: StandaloneHost, sample: bool, stdin: Optional[TextIO] = None,
