@@ -1,0 +1,759 @@
+"""The merge engine: streaming (file -> file) and in memory (state dict / nn.Module).
+
+Streaming: the inputs are opened lazily (:func:`lib_sdtoolkit.files.open_model`), the output layout is planned from
+their headers (A's keys in file order, then keys only the baked VAE has), and each output tensor is computed and
+written at its offset by :class:`~lib_sdtoolkit.files.StreamingSafetensorsWriter` (tmp file + fsync + rename; on
+any error the tmp file is removed). Safetensors inputs are read with ``os.preadv`` into fresh buffers instead of
+mmap, so file pages never count toward the process's memory; elementwise methods work through large tensors in
+chunks of :data:`CHUNK_ELEMENTS`, so peak memory is a few tensors (the largest output tensor + a few chunks per
+worker). Two worker threads overlap reading, computing and writing (torch and the I/O calls release the GIL).
+
+Rules (each counted in the :class:`MergeReport`):
+
+* maths in float32 whatever the input dtypes (:mod:`lib_sdtoolkit.ops.merge`); the result is cast once;
+* integer / bool tensors are never cast to float; they are copied from A;
+* CLIP ``position_ids`` are never interpolated: kept from A as stored, or ``arange(N)`` int64 with
+  ``fix_position_ids``;
+* ``model_ema.*`` keys are dropped unless ``keep_ema`` (then merged with the BASE ratio where B has them);
+* ``bake_vae``: ``first_stage_model.<k>`` taken from the VAE file (bare or prefixed keys; ``loss*`` and EMA
+  scalars ignored);
+* ``discard``: output keys matching the regex (``re.search``) are left out;
+* an inpainting (9-channel) or instruct-pix2pix (8-channel) A with a 4-channel B/C merges the first 4 input
+  channels of ``input_blocks.0.0.weight`` only (the WebUI's rule); the reverse order is an error;
+* keys missing from B or C are taken from A; other shape mismatches and different architectures raise
+  ``ArchitectureError``.
+"""
+from __future__ import annotations
+
+import concurrent.futures as cf
+import json
+import os
+import re
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple, Union
+
+import torch
+
+from .. import __version__
+from ..arch import VAE_PREFIX, ArchInfo, block_of_key, detect, position_ids_state
+from ..errors import ArchitectureError, InvalidInputError, ModelFileError, SdToolkitError
+from ..files import StreamingSafetensorsWriter, TensorInfo, check_output_path, open_model, save_ckpt
+from ..ops import merge as ops
+from .recipe import MergeRecipe
+
+PathLike = Union[str, "os.PathLike[str]"]
+Progress = Callable[[int, int, str], None]
+StateLike = Union[PathLike, Mapping[str, torch.Tensor], "torch.nn.Module"]
+
+#: elements per chunk for elementwise methods on large tensors
+CHUNK_ELEMENTS = 1 << 22
+#: tensors at most this big are computed in one piece
+SMALL_ELEMENTS = 1 << 22
+_VAE_KEY_RE = re.compile(r"^(encoder|decoder|quant_conv|post_quant_conv)\.")
+_INTERP_NAMES = {"weighted_sum": "Weighted sum", "add_difference": "Add difference"}
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# sources
+
+class _Source:
+    """One input: a lazily read file or an in-memory mapping of tensors."""
+
+    def __init__(self, name: str, obj: StateLike):
+        self.name = name
+        self.path: Optional[Path] = None
+        self.reader = None
+        self.metadata: Dict[str, str] = {}
+        self._fd: Optional[int] = None
+        self._map: Optional[Mapping[str, torch.Tensor]] = None
+        if isinstance(obj, torch.nn.Module):
+            self._map = obj.state_dict(keep_vars=False)
+        elif isinstance(obj, Mapping):
+            self._map = obj
+        else:
+            self.path = Path(obj)
+            self.reader = open_model(self.path)
+            self.metadata = dict(self.reader.metadata)
+            if self.reader.format == "safetensors":
+                self._fd = os.open(str(self.path), os.O_RDONLY)
+        if self._map is not None:
+            self._infos = {k: TensorInfo(k, t.dtype, tuple(t.shape), t.numel() * t.element_size(), None)
+                           for k, t in self._map.items() if isinstance(t, torch.Tensor)}
+        else:
+            self._infos = self.reader.infos()
+
+    @property
+    def label(self) -> str:
+        return str(self.path) if self.path is not None else f"model {self.name} (in memory)"
+
+    def keys(self) -> List[str]:
+        return list(self._infos)
+
+    def infos(self) -> Dict[str, TensorInfo]:
+        return self._infos
+
+    def __contains__(self, key: str) -> bool:
+        return key in self._infos
+
+    @property
+    def chunkable(self) -> bool:
+        return self._fd is not None or self._map is not None
+
+    def _pread(self, info: TensorInfo, start: int, count: int) -> torch.Tensor:
+        t = torch.empty(count, dtype=info.dtype)
+        if count == 0:
+            return t
+        buf = memoryview(t.view(torch.uint8).numpy()).cast("B")
+        pos = info.offset + start * t.element_size()
+        got = 0
+        while got < len(buf):
+            n = os.preadv(self._fd, [buf[got:]], pos + got)
+            if n <= 0:
+                raise ModelFileError("unexpected end of file while reading the tensor (truncated?)",
+                                     self.path, info.name)
+            got += n
+        return t
+
+    def read(self, key: str) -> Tuple[torch.Tensor, bool]:
+        """The whole tensor and whether it is a fresh buffer the caller may modify."""
+        info = self._infos[key]
+        if self._map is not None:
+            return self._map[key].detach(), False
+        if self._fd is not None:
+            return self._pread(info, 0, int(info.numel)).reshape(info.shape), True
+        return self.reader.get(key), True
+
+    def read_chunk(self, key: str, start: int, count: int) -> Tuple[torch.Tensor, bool]:
+        info = self._infos[key]
+        if self._map is not None:
+            return self._map[key].detach().reshape(-1)[start:start + count], False
+        return self._pread(info, start, count), True
+
+    def close(self) -> None:
+        if self._fd is not None:
+            try:
+                os.close(self._fd)
+            except OSError:
+                pass
+            self._fd = None
+        if self.reader is not None:
+            self.reader.close()
+
+
+def _owned32(t: torch.Tensor, fresh: bool, device: torch.device) -> torch.Tensor:
+    """``t`` as a float32 tensor on ``device`` that the caller may overwrite."""
+    if t.dtype == torch.float32 and t.device == device:
+        return t if fresh else t.clone()
+    return t.to(device=device, dtype=torch.float32)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# plan and report
+
+@dataclass
+class _Item:
+    name: str
+    dtype: torch.dtype
+    shape: Tuple[int, ...]
+    action: str  # merge | copy_a | vae | fix_pos | keep_pos
+    block: str = "BASE"
+    partial: bool = False  # inpainting / pix2pix A: first channels only
+
+
+@dataclass
+class MergeReport:
+    """What a merge did (``to_dict()`` is what the API answers and the UI shows)."""
+
+    output: Optional[str]
+    architecture: str
+    method: str
+    keys_total: int = 0
+    merged: int = 0
+    copied_from_a: int = 0
+    missing_from_b: List[str] = field(default_factory=list)
+    missing_from_c: List[str] = field(default_factory=list)
+    only_in_b: int = 0
+    ema_dropped: int = 0
+    discarded: int = 0
+    vae_baked: int = 0
+    partial_input_channels: List[str] = field(default_factory=list)
+    position_ids: str = "none"
+    int_tensors_kept: int = 0
+    block_ratios: Dict[str, float] = field(default_factory=dict)
+    block_ratios_beta: Dict[str, float] = field(default_factory=dict)
+    bytes_written: int = 0
+    seconds: float = 0.0
+    input_sha256: Dict[str, Optional[str]] = field(default_factory=dict)
+
+    def to_dict(self) -> Dict[str, Any]:
+        from dataclasses import asdict
+
+        return asdict(self)
+
+    def summary(self) -> str:
+        lines = [f"Merged {self.architecture} with {self.method}: {self.keys_total} keys "
+                 f"({self.merged} merged, {self.copied_from_a} from A) in {self.seconds:.1f} s"]
+        if self.output:
+            lines.append(f"Output: {self.output} ({self.bytes_written / 1e6:.1f} MB)")
+        if self.missing_from_b:
+            lines.append(f"{len(self.missing_from_b)} keys missing from B were taken from A "
+                         f"(first: {self.missing_from_b[0]})")
+        if self.missing_from_c:
+            lines.append(f"{len(self.missing_from_c)} keys missing from C were taken from A "
+                         f"(first: {self.missing_from_c[0]})")
+        if self.only_in_b:
+            lines.append(f"{self.only_in_b} keys only in B/C were ignored")
+        if self.ema_dropped:
+            lines.append(f"{self.ema_dropped} EMA keys dropped")
+        if self.discarded:
+            lines.append(f"{self.discarded} keys discarded by the regex")
+        if self.vae_baked:
+            lines.append(f"VAE baked in ({self.vae_baked} keys)")
+        if self.partial_input_channels:
+            lines.append("Inpainting/pix2pix A: first 4 input channels merged in " +
+                         ", ".join(self.partial_input_channels))
+        lines.append(f"CLIP position_ids: {self.position_ids}")
+        return "\n".join(lines)
+
+
+def _check_arch(sources: Sequence[_Source]) -> Tuple[ArchInfo, List[ArchInfo]]:
+    infos = [detect(s.infos()) for s in sources]
+    a = infos[0]
+    for s, i in zip(sources, infos):
+        if not i.is_checkpoint:
+            raise ArchitectureError(f"is a {i.architecture} file, not a Stable Diffusion checkpoint", s.label)
+    for s, i in zip(sources[1:], infos[1:]):
+        if i.architecture != a.architecture:
+            raise ArchitectureError(
+                f"cannot merge a {i.architecture} checkpoint with a {a.architecture} one (model A: "
+                f"{sources[0].label})", s.label)
+        if i.variant and i.variant != a.variant:
+            raise ArchitectureError(
+                f"model {s.name} is {i.variant} but A is {a.variant or 'a normal model'}: put the {i.variant} model "
+                f"as A (its extra input channels are kept from A)", s.label)
+    return a, infos
+
+
+def _is_partial_ok(a: TensorInfo, o: TensorInfo) -> bool:
+    return (len(a.shape) == 4 and len(o.shape) == 4 and a.shape[0] == o.shape[0] and a.shape[2:] == o.shape[2:]
+            and o.shape[1] == 4 and a.shape[1] in (8, 9) and a.name.endswith("diffusion_model.input_blocks.0.0.weight"))
+
+
+class _Plan:
+    def __init__(self, recipe: MergeRecipe, a: _Source, others: List[_Source], vae: Optional[_Source],
+                 arch: ArchInfo, out_dtype_for: Optional[Callable[[str, torch.dtype], torch.dtype]] = None):
+        self.recipe = recipe
+        self.a, self.others, self.vae = a, others, vae
+        self.arch = arch.architecture
+        self.alpha, self.beta = recipe.block_ratios(arch.architecture)
+        out_dt = recipe.torch_dtype
+        discard = re.compile(recipe.discard) if recipe.discard else None
+        self.items: List[_Item] = []
+        self.report = MergeReport(output=None, architecture=arch.architecture, method=recipe.method,
+                                  block_ratios=dict(self.alpha),
+                                  block_ratios_beta=dict(self.beta) if recipe.method != "weighted_sum" else {})
+        rep = self.report
+        vae_map: Dict[str, str] = {}
+        if vae is not None:
+            for k in vae.keys():
+                bare = k[len(VAE_PREFIX):] if k.startswith(VAE_PREFIX) else k
+                if _VAE_KEY_RE.match(bare) and vae.infos()[k].dtype.is_floating_point:
+                    vae_map[VAE_PREFIX + bare] = k
+            if not vae_map:
+                raise ArchitectureError("has no VAE keys (encoder./decoder./quant_conv./post_quant_conv.)", vae.label)
+        a_infos = a.infos()
+        seen = set()
+
+        def dt(name: str, src_dtype: torch.dtype) -> torch.dtype:
+            if out_dtype_for is not None:
+                return out_dtype_for(name, src_dtype)
+            return out_dt if src_dtype.is_floating_point else src_dtype
+
+        for k, info in a_infos.items():
+            seen.add(k)
+            if k.startswith("model_ema.") and not recipe.keep_ema:
+                rep.ema_dropped += 1
+                continue
+            if discard is not None and discard.search(k):
+                rep.discarded += 1
+                continue
+            if k in vae_map:
+                vinfo = vae.infos()[vae_map[k]]
+                if tuple(vinfo.shape) != tuple(info.shape):
+                    raise ArchitectureError(f"VAE tensor shape {tuple(vinfo.shape)} does not fit model A's "
+                                            f"{tuple(info.shape)}", vae.label, vae_map[k])
+                self.items.append(_Item(k, dt(k, vinfo.dtype), info.shape, "vae"))
+                rep.vae_baked += 1
+                continue
+            if k.endswith("embeddings.position_ids"):
+                if recipe.fix_position_ids:
+                    self.items.append(_Item(k, torch.int64, info.shape, "fix_pos"))
+                else:
+                    self.items.append(_Item(k, info.dtype, info.shape, "keep_pos"))
+                continue
+            if not info.dtype.is_floating_point:
+                rep.int_tensors_kept += 1
+                self.items.append(_Item(k, info.dtype, info.shape, "copy_a"))
+                continue
+            missing = False
+            partial = False
+            for o in others:
+                if k not in o:
+                    (rep.missing_from_b if o.name == "B" else rep.missing_from_c).append(k)
+                    missing = True
+                    break
+                oinfo = o.infos()[k]
+                if tuple(oinfo.shape) != tuple(info.shape):
+                    if _is_partial_ok(info, oinfo):
+                        partial = True
+                    else:
+                        raise ArchitectureError(
+                            f"shape {tuple(oinfo.shape)} in model {o.name} does not match {tuple(info.shape)} in "
+                            f"model A", o.label, k)
+                if not oinfo.dtype.is_floating_point:
+                    raise ArchitectureError(f"is {oinfo.dtype} in model {o.name} but {info.dtype} in A", o.label, k)
+            if missing:
+                self.items.append(_Item(k, dt(k, info.dtype), info.shape, "copy_a"))
+                continue
+            block = block_of_key(k, self.arch)
+            self.items.append(_Item(k, dt(k, info.dtype), info.shape, "merge", block, partial))
+            if partial:
+                rep.partial_input_channels.append(k)
+        for vk, src_k in vae_map.items():
+            if vk in seen:
+                continue
+            if discard is not None and discard.search(vk):
+                rep.discarded += 1
+                continue
+            vinfo = vae.infos()[src_k]
+            self.items.append(_Item(vk, dt(vk, vinfo.dtype), vinfo.shape, "vae"))
+            rep.vae_baked += 1
+        rep.only_in_b = len({k for o in others for k in o.keys()} - set(a_infos))
+        rep.keys_total = len(self.items)
+        rep.merged = sum(1 for i in self.items if i.action == "merge")
+        rep.copied_from_a = sum(1 for i in self.items if i.action in ("copy_a", "keep_pos"))
+        pos = [i for i in self.items if i.action in ("fix_pos", "keep_pos")]
+        if not pos:
+            rep.position_ids = "none"
+        elif recipe.fix_position_ids:
+            rep.position_ids = "reset to arange int64"
+        else:
+            rep.position_ids = "kept from A"
+
+    # -----------------------------------------------------------------------------------------------------------
+    def compute(self, item: _Item, device: torch.device, out: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """The output tensor of ``item`` (CPU, dtype ``item.dtype``; written into ``out`` when given)."""
+        if item.action == "fix_pos":
+            n = 1
+            for s in item.shape:
+                n *= s
+            res = torch.arange(n, dtype=torch.int64).reshape(item.shape)
+        elif item.action in ("keep_pos", "copy_a", "vae"):
+            src, key = (self.vae, self._vae_key(item.name)) if item.action == "vae" else (self.a, item.name)
+            t, fresh = src.read(key)
+            if t.dtype != item.dtype:
+                res = t.to(item.dtype)
+            else:
+                res = t if fresh else t.clone()
+        else:
+            return self._merge(item, device, out)
+        if out is not None:
+            out.copy_(res.reshape(out.shape))
+            return out
+        return res.contiguous()
+
+    def _vae_key(self, name: str) -> str:
+        bare = name[len(VAE_PREFIX):]
+        return bare if bare in self.vae else name
+
+    def _merge(self, item: _Item, device: torch.device, out: Optional[torch.Tensor]) -> torch.Tensor:
+        r = self.recipe
+        alpha = self.alpha[item.block]
+        beta = self.beta[item.block]
+        numel = 1
+        for s in item.shape:
+            numel *= s
+        srcs = [self.a] + self.others
+        chunked = (r.method in ops.ELEMENTWISE and not item.partial and numel > SMALL_ELEMENTS
+                   and all(s.chunkable for s in srcs))
+        if out is None:
+            out = torch.empty(item.shape, dtype=item.dtype)
+        flat = out.reshape(-1)
+        if chunked:
+            for start in range(0, numel, CHUNK_ELEMENTS):
+                n = min(CHUNK_ELEMENTS, numel - start)
+                ts = [_owned32(*s.read_chunk(item.name, start, n), device) for s in srcs]
+                res = self._elementwise(ts, alpha, beta)
+                flat[start:start + n].copy_(res)
+                del ts, res
+            return out
+        full = [s.read(item.name) for s in srcs]
+        a_t = full[0][0]
+        if item.partial:
+            nch = 4
+            ts = [_owned32(a_t[:, :nch], False, device)] + [_owned32(t, f, device) for t, f in full[1:]]
+            part = self._whole(ts, alpha, beta, item.name)
+            res = a_t.to(device=device, dtype=torch.float32).clone()
+            res[:, :nch] = part
+        else:
+            ts = [_owned32(t, f, device) for t, f in full]
+            res = self._whole(ts, alpha, beta, item.name)
+        out.copy_(res.reshape(item.shape))
+        return out
+
+    def _elementwise(self, ts: List[torch.Tensor], alpha: float, beta: float) -> torch.Tensor:
+        m = self.recipe.method
+        if m == "weighted_sum":
+            return ops.weighted_sum(ts[0], ts[1], alpha, inplace=True)
+        if m == "add_difference":
+            return ops.add_difference(ts[0], ts[1], ts[2], alpha, inplace=True)
+        if m == "sum_twice":
+            return ops.sum_twice(ts[0], ts[1], ts[2], alpha, beta, inplace=True)
+        if m == "triple_sum":
+            return ops.triple_sum(ts[0], ts[1], ts[2], alpha, beta, inplace=True)
+        raise AssertionError(m)
+
+    def _whole(self, ts: List[torch.Tensor], alpha: float, beta: float, key: str) -> torch.Tensor:
+        m = self.recipe.method
+        if m in ops.ELEMENTWISE:
+            return self._elementwise(ts, alpha, beta)
+        if m == "ties":
+            return ops.ties(ts[0], ts[1:], alpha, beta)
+        if m == "dare":
+            return ops.dare(ts[0], ts[1:], alpha, beta, self.recipe.seed, key)
+        raise AssertionError(m)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# metadata
+
+def _hashes(path: Path) -> Tuple[str, str]:
+    try:
+        from ..files.hashes import legacy_model_hash, sha256_file
+    except ImportError:  # pragma: no cover - the maintenance feature provides it
+        import hashlib
+
+        def sha256_file(p):  # type: ignore[no-redef]
+            h = hashlib.sha256()
+            buf = bytearray(1 << 20)
+            with open(p, "rb", buffering=0) as fh:
+                while True:
+                    n = fh.readinto(buf)
+                    if not n:
+                        break
+                    h.update(memoryview(buf)[:n])
+            return h.hexdigest()
+
+        def legacy_model_hash(p):  # type: ignore[no-redef]
+            with open(p, "rb") as fh:
+                fh.seek(0x100000)
+                return hashlib.sha256(fh.read(0x10000)).hexdigest()[:8]
+    return sha256_file(path), legacy_model_hash(path)
+
+
+def _decode(meta: Mapping[str, str], key: str) -> Any:
+    v = meta.get(key)
+    if isinstance(v, str) and v.startswith("{"):
+        try:
+            return json.loads(v)
+        except ValueError:
+            return v
+    return v
+
+
+def build_metadata(recipe: MergeRecipe, sources: Dict[str, _Source], hashes: Dict[str, Tuple[str, str]],
+                   arch: ArchInfo, output: Optional[Path], names: Optional[Dict[str, str]] = None,
+                   report: Optional[MergeReport] = None) -> Dict[str, str]:
+    """The WebUI merger's metadata (``format``, ``sd_merge_recipe``, ``sd_merge_models``) plus our recipe."""
+    names = names or {}
+    sha = {n: (hashes.get(n) or (None, None))[0] for n in ("A", "B", "C", "VAE")}
+    rec: Dict[str, Any] = {
+        "type": "sd-toolkit",
+        "primary_model_hash": sha["A"],
+        "secondary_model_hash": sha["B"],
+        "tertiary_model_hash": sha["C"],
+        "interp_method": _INTERP_NAMES.get(recipe.method, recipe.method),
+        "multiplier": recipe.alpha,
+        "save_as_half": recipe.dtype == "fp16",
+        "custom_name": output.stem if output is not None else None,
+        "config_source": 0,
+        "bake_in_vae": names.get("VAE") or (Path(recipe.bake_vae).name if recipe.bake_vae else "None"),
+        "discard_weights": recipe.discard or "",
+        "is_inpainting": arch.variant == "inpainting",
+        "is_instruct_pix2pix": arch.variant == "instruct-pix2pix",
+        "method": recipe.method,
+        "alpha": recipe.alpha,
+        "beta": recipe.effective_beta,
+        "block_weighted": recipe.block_weighted,
+        "preset": recipe.preset,
+        "blocks": report.block_ratios if report is not None and recipe.block_weighted else None,
+        "blocks_beta": (report.block_ratios_beta if report is not None and recipe.blocks_beta is not None else None),
+        "dtype": recipe.dtype,
+        "keep_ema": recipe.keep_ema,
+        "fix_position_ids": recipe.fix_position_ids,
+        "seed": recipe.seed if recipe.method == "dare" else None,
+        "vae_hash": sha["VAE"],
+        "sdtoolkit_version": __version__,
+    }
+    models: Dict[str, Any] = {}
+    for n in ("A", "B", "C"):
+        src = sources.get(n)
+        if src is None or hashes.get(n) is None:
+            continue
+        s, legacy = hashes[n]
+        models[s] = {"name": names.get(n) or (src.path.name if src.path else n), "legacy_hash": legacy,
+                     "sd_merge_recipe": _decode(src.metadata, "sd_merge_recipe")}
+        parents = _decode(src.metadata, "sd_merge_models")
+        if isinstance(parents, dict):
+            models.update(parents)
+    return {"format": "pt", "sd_merge_recipe": json.dumps(rec), "sd_merge_models": json.dumps(models)}
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# running
+
+def _run_items(plan: _Plan, items: Sequence[_Item], work: Callable[[_Item], None], workers: int,
+               progress: Optional[Progress], cancel: Optional[threading.Event] = None) -> None:
+    total = len(items)
+    done = 0
+    if progress:
+        progress(0, total, "")
+    if workers <= 1:
+        for it in items:
+            if cancel is not None and cancel.is_set():
+                raise SdToolkitError("merge cancelled")
+            work(it)
+            done += 1
+            if progress:
+                progress(done, total, it.name)
+        return
+    ex = cf.ThreadPoolExecutor(max_workers=workers, thread_name_prefix="sdtoolkit-merge")
+    pending: deque = deque()
+    try:
+        for it in items:
+            if cancel is not None and cancel.is_set():
+                raise SdToolkitError("merge cancelled")
+            pending.append((it, ex.submit(work, it)))
+            while len(pending) > workers * 2:
+                pit, fut = pending.popleft()
+                fut.result()
+                done += 1
+                if progress:
+                    progress(done, total, pit.name)
+        while pending:
+            pit, fut = pending.popleft()
+            fut.result()
+            done += 1
+            if progress:
+                progress(done, total, pit.name)
+    except BaseException:
+        for _, fut in pending:
+            fut.cancel()
+        ex.shutdown(wait=True)
+        raise
+    ex.shutdown(wait=True)
+
+
+def _open_sources(recipe: MergeRecipe, a: Optional[StateLike], b: Optional[StateLike], c: Optional[StateLike],
+                  vae: Optional[StateLike]) -> Dict[str, _Source]:
+    objs = {"A": a if a is not None else recipe.model_a,
+            "B": b if b is not None else recipe.model_b,
+            "C": c if c is not None else recipe.model_c,
+            "VAE": vae if vae is not None else recipe.bake_vae}
+    out: Dict[str, _Source] = {}
+    try:
+        for n, o in objs.items():
+            if o is None or (isinstance(o, str) and not o):
+                continue
+            out[n] = _Source(n, o)
+    except BaseException:
+        for s in out.values():
+            s.close()
+        raise
+    return out
+
+
+def _device(recipe: MergeRecipe) -> torch.device:
+    dev = torch.device(recipe.device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise InvalidInputError("--device cuda asked but CUDA is not available here")
+    return dev
+
+
+def _compute_hashes(sources: Dict[str, _Source]) -> Dict[str, Tuple[str, str]]:
+    paths = {n: s.path for n, s in sources.items() if s.path is not None}
+    if not paths:
+        return {}
+    with cf.ThreadPoolExecutor(max_workers=min(2, len(paths))) as ex:
+        futs = {n: ex.submit(_hashes, p) for n, p in paths.items()}
+        return {n: f.result() for n, f in futs.items()}
+
+
+def merge_files(recipe: MergeRecipe, output: PathLike, overwrite: bool = False, progress: Optional[Progress] = None,
+                workers: Optional[int] = None, names: Optional[Dict[str, str]] = None,
+                cancel: Optional[threading.Event] = None) -> MergeReport:
+    """Run ``recipe`` on its model files and write ``output`` (``.safetensors`` streamed; ``.ckpt`` built in memory).
+
+    ``names`` optionally gives display names for A/B/C/VAE in the metadata (the WebUI's checkpoint names)."""
+    t0 = time.perf_counter()
+    recipe.validate()
+    out = Path(output)
+    suffix = out.suffix.lower()
+    if suffix not in (".safetensors", ".ckpt", ".pt", ".pth"):
+        raise InvalidInputError(f"output must end in .safetensors or .ckpt, got {out.name!r}")
+    inputs = [m for m in (recipe.model_a, recipe.model_b, recipe.model_c, recipe.bake_vae) if m]
+    check_output_path(out, inputs, overwrite)
+    dev = _device(recipe)
+    sources = _open_sources(recipe, None, None, None, None)
+    try:
+        ab = [sources[n] for n in ("A", "B", "C") if n in sources]
+        arch, _ = _check_arch(ab)
+        plan = _Plan(recipe, ab[0], ab[1:], sources.get("VAE"), arch)
+        hashes = _compute_hashes(sources) if recipe.save_metadata else {}
+        plan.report.input_sha256 = {n: h[0] for n, h in hashes.items()}
+        meta = build_metadata(recipe, sources, hashes, arch, out, names, plan.report) if recipe.save_metadata else {}
+        nworkers = workers if workers is not None else min(2, os.cpu_count() or 1)
+        if suffix == ".safetensors":
+            specs = [(i.name, i.dtype, i.shape) for i in plan.items]
+            with StreamingSafetensorsWriter(out, specs, meta or None, overwrite=overwrite) as w:
+                def work(it: _Item) -> None:
+                    w.write(it.name, plan.compute(it, dev))
+                _run_items(plan, plan.items, work, nworkers, progress, cancel)
+                size = w.total_size
+        else:
+            sd: Dict[str, torch.Tensor] = {}
+            lock = threading.Lock()
+
+            def work(it: _Item) -> None:
+                t = plan.compute(it, dev)
+                with lock:
+                    sd[it.name] = t
+            _run_items(plan, plan.items, work, nworkers, progress, cancel)
+            ordered = {i.name: sd[i.name] for i in plan.items}
+            save_ckpt(out, ordered, extra=dict(meta) if meta else None, overwrite=overwrite)
+            size = out.stat().st_size
+    finally:
+        for s in sources.values():
+            s.close()
+    rep = plan.report
+    rep.output = str(out)
+    rep.bytes_written = int(size)
+    rep.seconds = time.perf_counter() - t0
+    return rep
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# in memory
+
+@dataclass
+class MergeResult:
+    """A merge held in memory: ``state_dict`` (or the ``module`` it was written into), its report and metadata.
+    ``save(path)`` is the "save current merge" call."""
+
+    report: MergeReport
+    metadata: Dict[str, str]
+    recipe: MergeRecipe
+    state_dict: Optional[Dict[str, torch.Tensor]] = None
+    module: Optional[torch.nn.Module] = None
+
+    def tensors(self) -> Dict[str, torch.Tensor]:
+        if self.state_dict is not None:
+            return self.state_dict
+        assert self.module is not None
+        return dict(self.module.state_dict())
+
+    def save(self, path: PathLike, overwrite: bool = False, dtype: Optional[str] = None) -> Path:
+        """Write the merge (floats cast to ``dtype``, default the recipe's; ints untouched) atomically."""
+        return save_current_merge(self, path, overwrite=overwrite, dtype=dtype)
+
+
+def save_current_merge(result: MergeResult, path: PathLike, overwrite: bool = False,
+                       dtype: Optional[str] = None) -> Path:
+    from .recipe import DTYPES
+
+    out = Path(path)
+    check_output_path(out, [m for m in result.recipe.models if isinstance(m, str)], overwrite)
+    target = DTYPES[dtype or result.recipe.dtype]
+    sd = result.tensors()
+    if out.suffix.lower() == ".safetensors":
+        specs = [(k, target if t.dtype.is_floating_point else t.dtype, tuple(t.shape)) for k, t in sd.items()]
+        with StreamingSafetensorsWriter(out, specs, result.metadata or None, overwrite=overwrite) as w:
+            for k, t in sd.items():
+                w.write(k, t.detach().to("cpu", target if t.dtype.is_floating_point else t.dtype).contiguous())
+    else:
+        save_ckpt(out, {k: (t.detach().cpu().to(target) if t.dtype.is_floating_point else t.detach().cpu())
+                        for k, t in sd.items()}, extra=dict(result.metadata), overwrite=overwrite)
+    return out
+
+
+def merge_in_memory(recipe: MergeRecipe, a: Optional[StateLike] = None, b: Optional[StateLike] = None,
+                    c: Optional[StateLike] = None, vae: Optional[StateLike] = None,
+                    into: Optional[torch.nn.Module] = None, progress: Optional[Progress] = None,
+                    workers: int = 1, names: Optional[Dict[str, str]] = None) -> MergeResult:
+    """Apply ``recipe`` without writing a file.
+
+    ``a``/``b``/``c``/``vae`` override the recipe's paths with a path, a state dict or an ``nn.Module``. With
+    ``into`` (typically the loaded model, also passed as ``a``), results are copied into the module's own tensors
+    (cast once from float32 to each parameter's dtype, on its device) and nothing else is kept; keys the module
+    lacks are skipped. Otherwise a new state dict in the recipe's dtype is returned. Integer tensors and
+    position_ids follow the same rules as :func:`merge_files`."""
+    t0 = time.perf_counter()
+    recipe.validate()
+    dev = _device(recipe)
+    if a is None and into is not None:
+        a = into
+    sources = _open_sources(recipe, a, b, c, vae)
+    try:
+        ab = [sources[n] for n in ("A", "B", "C") if n in sources]
+        arch, _ = _check_arch(ab)
+        target_sd = into.state_dict() if into is not None else None
+        dtype_for = None
+        if target_sd is not None:
+            def dtype_for(name: str, src: torch.dtype) -> torch.dtype:
+                t = target_sd.get(name)
+                if t is not None:
+                    return t.dtype
+                return recipe.torch_dtype if src.is_floating_point else src
+        plan = _Plan(recipe, ab[0], ab[1:], sources.get("VAE"), arch, dtype_for)
+        hashes = _compute_hashes(sources) if recipe.save_metadata else {}
+        plan.report.input_sha256 = {n: h[0] for n, h in hashes.items()}
+        meta = build_metadata(recipe, sources, hashes, arch, None, names, plan.report) if recipe.save_metadata else {}
+        result_sd: Dict[str, torch.Tensor] = {}
+        lock = threading.Lock()
+        if target_sd is not None:
+            # each output key depends only on the same key of the inputs, and is fully computed (into a
+            # separate buffer) before it is copied into the module, so A may be the module itself
+            def work(it: _Item) -> None:
+                dst = target_sd.get(it.name)
+                if dst is None:
+                    return
+                if tuple(dst.shape) != tuple(it.shape):
+                    raise ArchitectureError(f"module tensor shape {tuple(dst.shape)} differs from the merge's "
+                                            f"{tuple(it.shape)}", key=it.name)
+                res = plan.compute(it, dev)
+                with torch.no_grad():
+                    dst.copy_(res)
+            _run_items(plan, plan.items, work, workers, progress)
+        else:
+            def work(it: _Item) -> None:
+                res = plan.compute(it, dev)
+                with lock:
+                    result_sd[it.name] = res
+            _run_items(plan, plan.items, work, workers, progress)
+            result_sd = {i.name: result_sd[i.name] for i in plan.items}
+    finally:
+        for s in sources.values():
+            s.close()
+    rep = plan.report
+    rep.seconds = time.perf_counter() - t0
+    if into is not None:
+        return MergeResult(rep, meta, recipe, module=into)
+    return MergeResult(rep, meta, recipe, state_dict=result_sd)
+
+
+__all__ = ["MergeReport", "MergeResult", "merge_files", "merge_in_memory", "save_current_merge", "build_metadata",
+           "CHUNK_ELEMENTS"]

@@ -1,0 +1,170 @@
+"""Merge-block-weighted presets and block-ratio parsing.
+
+A preset is the 25 UNet ratios of an SD1/SD2 merge (IN00..IN11, M00, OUT00..OUT11) plus the BASE ratio that
+bbc-mc's MBW and supermerger list first (0 for every preset but ``ALL_B``). The names and values are those of
+bbc-mc's ``csv/preset.tsv`` and supermerger's ``mbwpresets`` (see REFERENCE/merge-anchors.md); they are generated
+here from their defining formulas (x = i/24 for slot i, ``smoothstep(x) = 3x^2 - 2x^3``), except the
+``TRUE_CUBIC_HERMITE`` pair which has no closed form in those projects and is listed as data.
+``FAKE_REVERSE_CUBIC_HERMITE`` is ``1 - FAKE_CUBIC_HERMITE`` in every slot (supermerger's table has OUT10 copied
+from the TRUE curve, 0.157365 instead of 0.157576; we keep the curve's value).
+
+SDXL has 19 UNet blocks (IN00..IN08, M00, OUT00..OUT08). An SD1 preset maps to SDXL the way supermerger does:
+keep IN00..IN08, M00 and OUT00..OUT08 (slots 0-8 and 12-21 of the 25) and drop IN09-11 / OUT09-11.
+"""
+from __future__ import annotations
+
+import math
+from typing import Dict, List, Optional, Sequence, Tuple, Union
+
+from ..errors import InvalidInputError
+
+N_SD = 25
+N_XL = 19
+
+
+def _x() -> List[float]:
+    return [i / 24 for i in range(N_SD)]
+
+
+def _smooth(x: float) -> float:
+    return 3 * x * x - 2 * x ** 3
+
+
+def _fold(y: float) -> float:
+    """Fold ``y >= 0`` into [0, 1] as a triangle wave (1.2 -> 0.8, 2.1 -> 0.1)."""
+    y = math.fmod(y, 2.0)
+    return 2.0 - y if y > 1.0 else y
+
+
+def _curve(fn) -> List[float]:
+    return [fn(x) for x in _x()]
+
+
+_TRUE_CUBIC_HERMITE = [
+    0.0, 0.199031876929012, 0.325761959876543, 0.424641927083333, 0.498456790123457, 0.549991560570988,
+    0.58203125, 0.597360869984568, 0.598765432098765, 0.589029947916667, 0.570939429012346, 0.547278886959876,
+    0.520833333333333, 0.49438777970679, 0.470727237654321, 0.45263671875, 0.442901234567901, 0.444305796682099,
+    0.459635416666667, 0.491675106095678, 0.543209876543211, 0.617024739583333, 0.715904706790124,
+    0.842634789737655, 1.0]
+
+
+def _flat(v: float) -> List[float]:
+    return [v] * N_SD
+
+
+def _ones(idx: Sequence[int]) -> List[float]:
+    out = [0.0] * N_SD
+    for i in idx:
+        out[i] = 1.0
+    return out
+
+
+def _wrap(n: int) -> List[float]:
+    h = n // 2
+    return _ones(list(range(h)) + list(range(N_SD - h, N_SD)))
+
+
+def _build() -> Dict[str, Tuple[float, List[float]]]:
+    p: Dict[str, Tuple[float, List[float]]] = {}
+    grad_v = [abs(i - 12) / 12 for i in range(N_SD)]
+    p["GRAD_V"] = (0.0, grad_v)
+    p["GRAD_A"] = (0.0, [1 - v for v in grad_v])
+    p["FLAT_25"] = (0.0, _flat(0.25))
+    p["FLAT_75"] = (0.0, _flat(0.75))
+    for n in (8, 12, 14, 16):
+        p[f"WRAP{n:02d}"] = (0.0, _wrap(n))
+    p["MID12_50"] = (0.0, [0.5 if 5 <= i <= 18 else 0.0 for i in range(N_SD)])
+    p["OUT07"] = (0.0, _ones(range(18, 25)))
+    p["OUT12"] = (0.0, _ones(range(13, 25)))
+    out12_5 = _ones(range(13, 25))
+    out12_5[12] = 0.5
+    p["OUT12_5"] = (0.0, out12_5)
+    ring_soft = [0.0] * N_SD
+    for i in (6, 7, 8, 16, 17, 18):
+        ring_soft[i] = 1.0
+    for i in (5, 9, 15, 19):
+        ring_soft[i] = 0.5
+    p["RING08_SOFT"] = (0.0, ring_soft)
+    p["RING08_5"] = (0.0, _ones([6, 7, 8, 9, 15, 16, 17, 18]))
+    p["RING10_5"] = (0.0, _ones([5, 6, 7, 8, 9, 15, 16, 17, 18, 19]))
+    p["RING10_3"] = (0.0, _ones([6, 7, 8, 9, 10, 14, 15, 16, 17, 18]))
+    p["SMOOTHSTEP"] = (0.0, _curve(_smooth))
+    p["REVERSE_SMOOTHSTEP"] = (0.0, _curve(lambda x: 1 - _smooth(x)))
+    for n in (2, 3, 4):
+        p[f"SMOOTHSTEP*{n}"] = (0.0, _curve(lambda x, n=n: _fold(n * _smooth(x))))
+        p[f"R_SMOOTHSTEP*{n}"] = (0.0, _curve(lambda x, n=n: 1 - _fold(n * _smooth(x))))
+        p[f"SMOOTHSTEP/{n}"] = (0.0, _curve(lambda x, n=n: _smooth(_fold(n * x))))
+        p[f"R_SMOOTHSTEP/{n}"] = (0.0, _curve(lambda x, n=n: 1 - _smooth(_fold(n * x))))
+    p["COSINE"] = (0.0, _curve(lambda x: (1 + math.cos(math.pi * x)) / 2))
+    p["REVERSE_COSINE"] = (0.0, _curve(lambda x: (1 - math.cos(math.pi * x)) / 2))
+    p["TRUE_CUBIC_HERMITE"] = (0.0, list(_TRUE_CUBIC_HERMITE))
+    p["TRUE_REVERSE_CUBIC_HERMITE"] = (0.0, [1 - v for v in _TRUE_CUBIC_HERMITE])
+    fake = _curve(lambda x: (19 / 3) * x ** 3 - 9.5 * x * x + (25 / 6) * x)
+    p["FAKE_CUBIC_HERMITE"] = (0.0, fake)
+    p["FAKE_REVERSE_CUBIC_HERMITE"] = (0.0, [1 - v for v in fake])
+    p["ALL_A"] = (0.0, _flat(0.0))
+    p["ALL_B"] = (1.0, _flat(1.0))
+    return p
+
+
+#: name -> (BASE ratio, 25 UNet ratios)
+PRESETS: Dict[str, Tuple[float, List[float]]] = _build()
+#: other spellings accepted (supermerger writes REVERSE-SMOOTHSTEP)
+ALIASES = {"REVERSE-SMOOTHSTEP": "REVERSE_SMOOTHSTEP"}
+
+
+def preset_names() -> List[str]:
+    return list(PRESETS)
+
+
+def sd_to_sdxl(ratios25: Sequence[float]) -> List[float]:
+    """Map 25 SD1 UNet ratios to SDXL's 19: IN00..IN08 + M00 + OUT00..OUT08 (supermerger's mapping)."""
+    if len(ratios25) != N_SD:
+        raise InvalidInputError(f"an SD1 block list has {N_SD} UNet values, got {len(ratios25)}")
+    r = list(ratios25)
+    return r[:9] + r[12:22]
+
+
+def get_preset(name: str, family: str = "SD1") -> Tuple[float, List[float]]:
+    """``(BASE, UNet ratios)`` of a named preset for ``family`` (SD1/SD2: 25 ratios, SDXL: 19)."""
+    key = ALIASES.get(name.strip(), name.strip()) if name else name
+    found = PRESETS.get(key) or PRESETS.get(key.upper()) if key else None
+    if found is None:
+        raise InvalidInputError(f"unknown preset {name!r}; known presets: {', '.join(PRESETS)}")
+    base, unet = found
+    if family == "SDXL":
+        return base, sd_to_sdxl(unet)
+    return base, list(unet)
+
+
+def unet_block_count(family: str) -> int:
+    return N_XL if family == "SDXL" else N_SD
+
+
+def parse_block_values(blocks: Union[str, Sequence[float]], family: str) -> Tuple[Optional[float], List[float]]:
+    """Parse a block list for ``family``: SD1/SD2 25 values (UNet) or 26 (BASE first); SDXL 19 or 20.
+
+    Returns ``(BASE or None, UNet ratios)``. Raises ``InvalidInputError`` naming the expected counts."""
+    if isinstance(blocks, str):
+        parts = [p.strip() for p in blocks.replace(";", ",").replace(" ", ",").split(",") if p.strip()]
+        try:
+            values = [float(p) for p in parts]
+        except ValueError:
+            raise InvalidInputError(f"block ratios must be numbers separated by commas, got {blocks!r}") from None
+    else:
+        values = [float(v) for v in blocks]
+    if any(not math.isfinite(v) for v in values):
+        raise InvalidInputError("block ratios must be finite numbers")
+    n = unet_block_count(family)
+    if len(values) == n:
+        return None, values
+    if len(values) == n + 1:
+        return values[0], values[1:]
+    what = "IN00..IN11, M00, OUT00..OUT11" if n == N_SD else "IN00..IN08, M00, OUT00..OUT08"
+    raise InvalidInputError(
+        f"wrong number of block values for {family}: got {len(values)}, expected {n} ({what}) or {n + 1} "
+        f"(BASE first)")
+
+
+__all__ = ["PRESETS", "ALIASES", "preset_names", "get_preset", "sd_to_sdxl", "parse_block_values",
+           "unet_block_count", "N_SD", "N_XL"]

@@ -1,0 +1,189 @@
+"""``MergeRecipe``: what to merge and how (pure data, JSON-able; every face builds one)."""
+from __future__ import annotations
+
+import dataclasses
+import math
+import re
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
+
+import torch
+
+from ..errors import InvalidInputError
+from ..ops.merge import METHOD_MODELS, METHODS
+from . import presets as _presets
+
+DTYPES: Dict[str, torch.dtype] = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
+#: defaults of ``beta`` per method (None: required)
+BETA_DEFAULTS: Dict[str, Optional[float]] = {"weighted_sum": 0.0, "add_difference": 0.0, "sum_twice": None,
+                                             "triple_sum": None, "ties": 0.2, "dare": 0.9}
+BlockSpec = Union[str, Sequence[float], None]
+
+
+@dataclass
+class MergeRecipe:
+    """A merge, as data.
+
+    ``alpha`` (M) is the share of B. ``beta``: sum_twice / triple_sum: the share of C; ties: the density (fraction
+    of each task vector kept, default 0.2); dare: the drop rate p (default 0.9).
+    ``blocks`` / ``blocks_beta``: per-block ratios (SD1/SD2: 25 values IN00..IN11, M00, OUT00..OUT11 or 26 with
+    BASE first; SDXL: 19 or 20) as a list or a comma-separated string; ``preset``: a named preset instead.
+    The BASE ratio (keys outside the UNet) is ``base_alpha`` if given, else BASE of the list / preset, else ``alpha``.
+    """
+
+    model_a: str
+    model_b: Optional[str] = None
+    model_c: Optional[str] = None
+    method: str = "weighted_sum"
+    alpha: float = 0.5
+    beta: Optional[float] = None
+    blocks: BlockSpec = None
+    blocks_beta: BlockSpec = None
+    base_alpha: Optional[float] = None
+    preset: Optional[str] = None
+    dtype: str = "fp16"
+    keep_ema: bool = False
+    fix_position_ids: bool = False
+    bake_vae: Optional[str] = None
+    discard: Optional[str] = None
+    seed: int = 0
+    allow_extrapolation: bool = False
+    device: str = "cpu"
+    save_metadata: bool = True
+
+    # ---------------------------------------------------------------------------------------------------------
+    @property
+    def models(self) -> List[str]:
+        return [m for m in (self.model_a, self.model_b, self.model_c) if m]
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        return DTYPES[self.dtype]
+
+    @property
+    def effective_beta(self) -> float:
+        if self.beta is not None:
+            return float(self.beta)
+        d = BETA_DEFAULTS.get(self.method)
+        return 0.0 if d is None else d
+
+    def to_dict(self) -> Dict[str, Any]:
+        d = dataclasses.asdict(self)
+        for k in ("blocks", "blocks_beta"):
+            if d[k] is not None and not isinstance(d[k], str):
+                d[k] = [float(v) for v in d[k]]
+        return d
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> "MergeRecipe":
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - names)
+        if unknown:
+            raise InvalidInputError(f"unknown recipe field(s): {', '.join(unknown)}")
+        if not data.get("model_a"):
+            raise InvalidInputError("the recipe needs model_a")
+        return cls(**dict(data))
+
+    def with_models(self, a: str, b: Optional[str], c: Optional[str], vae: Optional[str] = None) -> "MergeRecipe":
+        return dataclasses.replace(self, model_a=a, model_b=b, model_c=c,
+                                   bake_vae=vae if vae is not None else self.bake_vae)
+
+    # ---------------------------------------------------------------------------------------------------------
+    def validate(self) -> None:
+        """Check everything that can be checked without opening the models (raises ``InvalidInputError``)."""
+        if self.method not in METHODS:
+            raise InvalidInputError(f"unknown merge method {self.method!r}; use one of {', '.join(METHODS)}")
+        lo, hi = METHOD_MODELS[self.method]
+        n = len(self.models)
+        if self.model_b is None or (self.model_c is not None and self.model_b is None):
+            raise InvalidInputError(f"{self.method} needs models A and B")
+        if not lo <= n <= hi:
+            need = f"{lo}" if lo == hi else f"{lo} or {hi}"
+            raise InvalidInputError(f"{self.method} takes {need} models (A, B{', C' if hi == 3 else ''}), got {n}")
+        if self.dtype not in DTYPES:
+            raise InvalidInputError(f"unknown output dtype {self.dtype!r}; use fp16, bf16 or fp32")
+        if self.blocks is not None and self.preset:
+            raise InvalidInputError("give either block ratios or a preset, not both")
+        if BETA_DEFAULTS.get(self.method, 0.0) is None and self.beta is None and self.blocks_beta is None:
+            raise InvalidInputError(f"{self.method} needs beta (the share of C)")
+        for name in ("alpha", "beta", "base_alpha"):
+            v = getattr(self, name)
+            if v is not None and (not isinstance(v, (int, float)) or not math.isfinite(float(v))):
+                raise InvalidInputError(f"{name} must be a finite number, got {v!r}")
+        if self.method == "ties":
+            d = self.effective_beta
+            if not 0.0 < d <= 1.0:
+                raise InvalidInputError(f"ties: beta is the density and must be in (0, 1], got {d}")
+        if self.method == "dare":
+            p = self.effective_beta
+            if not 0.0 <= p < 1.0:
+                raise InvalidInputError(f"dare: beta is the drop rate and must be in [0, 1), got {p}")
+        if self.preset:
+            _presets.get_preset(self.preset)  # unknown preset -> error now
+        if self.discard:
+            try:
+                re.compile(self.discard)
+            except re.error as e:
+                raise InvalidInputError(f"discard: not a valid regular expression ({e})") from None
+        if self.device not in ("cpu", "cuda") and not str(self.device).startswith("cuda:"):
+            raise InvalidInputError(f"unknown device {self.device!r}; use cpu or cuda")
+        if str(self.device).startswith("cuda") and not torch.cuda.is_available():
+            raise InvalidInputError("--device cuda asked but CUDA is not available here")
+        if not self.allow_extrapolation:
+            self._check_range("alpha", [self.alpha])
+            if self.base_alpha is not None:
+                self._check_range("base_alpha", [self.base_alpha])
+            if self.method in ("sum_twice", "triple_sum") and self.beta is not None:
+                self._check_range("beta", [self.beta])
+
+    def _check_range(self, name: str, values: Sequence[float]) -> None:
+        bad = [v for v in values if not 0.0 <= float(v) <= 1.0]
+        if bad:
+            raise InvalidInputError(
+                f"{name} {bad[0]:g} is outside [0, 1] (pass allow_extrapolation / --allow-extrapolation to allow it)")
+
+    # ---------------------------------------------------------------------------------------------------------
+    def block_ratios(self, family: str) -> Tuple[Dict[str, float], Dict[str, float]]:
+        """``(alpha per block, beta per block)`` for ``family`` (SD1/SD2/SDXL), keys BASE, IN00.., M00, OUT..."""
+        from ..arch import block_names
+
+        names = block_names(family)
+        alpha = self._ratios(family, names, self.blocks, self.preset, self.alpha, self.base_alpha)
+        beta = self._ratios(family, names, self.blocks_beta, None, self.effective_beta, None)
+        if not self.allow_extrapolation:
+            self._check_range("block ratio", list(alpha.values()))
+            if self.method in ("sum_twice", "triple_sum"):
+                self._check_range("beta block ratio", list(beta.values()))
+            if self.method == "triple_sum":
+                over = [k for k in names if alpha[k] + beta[k] > 1.0 + 1e-9]
+                if over:
+                    raise InvalidInputError(
+                        f"triple_sum: alpha + beta > 1 in block {over[0]} (A would get a negative share); pass "
+                        f"--allow-extrapolation to allow it")
+        return alpha, beta
+
+    @staticmethod
+    def _ratios(family: str, names: List[str], blocks: BlockSpec, preset: Optional[str], scalar: float,
+                base_override: Optional[float]) -> Dict[str, float]:
+        base: Optional[float] = None
+        unet: Optional[List[float]] = None
+        if preset:
+            base, unet = _presets.get_preset(preset, family)
+        elif blocks is not None and not (isinstance(blocks, str) and not blocks.strip()):
+            base, unet = _presets.parse_block_values(blocks, family)
+        if base_override is not None:
+            base = float(base_override)
+        if base is None:
+            base = float(scalar)
+        out = {"BASE": float(base)}
+        for name, v in zip(names[1:], unet if unet is not None else [float(scalar)] * (len(names) - 1)):
+            out[name] = float(v)
+        return out
+
+    @property
+    def block_weighted(self) -> bool:
+        return bool(self.preset) or (self.blocks is not None and not (isinstance(self.blocks, str)
+                                                                      and not self.blocks.strip()))
+
+
+__all__ = ["MergeRecipe", "DTYPES", "BETA_DEFAULTS"]
