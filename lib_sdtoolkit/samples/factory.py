@@ -396,7 +396,9 @@ def _plan(arch: str, width: str, variant: Optional[str], seed: int, dtype: torch
                 torch.arange(shape[-1], dtype=torch.float32) * BROKEN_POSITION_IDS_FACTOR).reshape(shape))
             continue
         out_dtype = dtype if s.dtype.is_floating_point else s.dtype
-        entries[name] = (out_dtype, s.shape, lambda n=s.name, sh=s.shape, nat=s.dtype:
+        # the VAE's values do not depend on its prefix: a checkpoint's VAE equals the bare VAE of the same seed
+        seed_name = s.name[len(keymaps.VAE_PREFIX):] if s.name.startswith(keymaps.VAE_PREFIX) else s.name
+        entries[name] = (out_dtype, s.shape, lambda n=seed_name, sh=s.shape, nat=s.dtype:
                          make_tensor(n, sh, seed, dtype, nat))
     if ema:
         unet = [k for k in entries if k.startswith(keymaps.UNET_PREFIX)]
