@@ -1,0 +1,593 @@
+"""Canonical content hashes of weights, and finding duplicate model files (VAEs first of all).
+
+Two files are *byte duplicates* when their sha256 match, and *weight duplicates* when their canonical content
+hashes match although the bytes differ (``.pt`` vs ``.safetensors``, fp32 vs its fp16 copy, bare vs
+``first_stage_model.`` keys, extra metadata, EMA / ``loss.*`` / DDPM junk).
+
+Content hash (``sdt-content-v1``), computed from the tensors, not the file:
+
+1. ``arch.detect`` + ``arch.split_components`` classify the keys; ``ema`` and ``junk`` (``model_ema.*``,
+   ``loss.*``, DDPM buffers, anything outside the architecture's components) are dropped. Files of an unknown
+   architecture keep every key except ``loss.*`` / ``model_ema.*``.
+2. Names are made canonical: each key is written ``<component>/<name without the component prefix>``, so
+   ``first_stage_model.encoder.conv_in.weight`` and ``encoder.conv_in.weight`` both become
+   ``vae/encoder.conv_in.weight``; the old NAI CLIP layout (``transformer.embeddings.*``) is moved under
+   ``transformer.text_model.*`` as the WebUI and model-toolkit do.
+3. Tensors are made canonical: every floating tensor is rounded to **fp16** and hashed as fp16 bytes; integer
+   and bool tensors keep their dtype; CLIP ``position_ids`` are read as int64 (as the WebUI reads them).
+   Why fp16: it is the dtype models are shared in, and rounding is idempotent, so an fp32 file and its plain fp16
+   cast give bit-identical fp16 values and therefore the same hash. Hashing at fp32 could never match an fp16
+   copy. A **bf16** copy does not match: bf16 keeps 8 mantissa bits, fp16 keeps 10, so fp16(bf16(x)) loses the
+   two bits fp16(x) keeps; nor would bf16 as the canonical dtype make fp32 and fp16 copies agree (double
+   rounding, and fp16 subnormals flush values bf16 keeps). fp64 files match their fp32/fp16 copies except for
+   rare double-rounding ties.
+4. Each tensor gives a line ``name<TAB>dtype<TAB>shape<TAB>blake3(bytes)``; the lines are sorted by name and
+   the sha256 of their concatenation is the content hash. The same is done per component (``components``), so
+   the VAE baked into a checkpoint has the same ``components["vae"]`` as the standalone VAE file.
+
+The scan uses ``files.hash_cache.HashCache``: a second scan of an unchanged folder reads no file data.
+Actions never delete: ``hardlink`` replaces byte duplicates (on one filesystem only) by hard links to the kept
+copy; ``move`` moves duplicates into another folder. Nothing runs unless asked for explicitly.
+"""
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import os
+import shutil
+import uuid
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple, Union
+
+import torch
+
+from .arch import EMA_PREFIX, ArchInfo, detect, split_components
+from .errors import InvalidInputError, ModelFileError, SdToolkitError
+from .files import MODEL_SUFFIXES, open_model, tensor_bytes_view
+from .files.hash_cache import HashCache
+from .files.hashes import hash_file
+
+PathLike = Union[str, "os.PathLike[str]"]
+ProgressFn = Callable[[int, int, str], None]
+
+CONTENT_VERSION = "sdt-content-v1"
+CANONICAL_DTYPE = torch.float16
+KINDS = ("vae", "checkpoint", "lora", "controlnet", "any")
+ACTIONS = ("report", "hardlink", "move")
+
+_KIND_OF_ARCH = {"VAE": "vae", "SD1": "checkpoint", "SD2": "checkpoint", "SDXL": "checkpoint",
+                 "SDXL-refiner": "checkpoint", "LoRA": "lora", "ControlNet": "controlnet"}
+_NAI_CLIP = ("transformer.embeddings.", "transformer.encoder.", "transformer.final_layer_norm.")
+
+
+def kind_of_architecture(architecture: Optional[str]) -> str:
+    return _KIND_OF_ARCH.get(architecture or "", "unknown")
+
+
+# ------------------------------------------------------------------------------------------------ content hash
+
+@dataclass
+class ContentHash:
+    """The canonical content hash of one file (see the module docstring)."""
+
+    hash: Optional[str]
+    architecture: str
+    components: Dict[str, str] = field(default_factory=dict)
+    kept_keys: int = 0
+    dropped_keys: int = 0
+    version: str = CONTENT_VERSION
+
+    def to_dict(self) -> Dict[str, Any]:
+        return asdict(self)
+
+
+def canonical_names(keys: Iterable[str], info: ArchInfo) -> Dict[str, Tuple[str, str]]:
+    """``{key: (component, canonical name)}`` for the keys a content hash keeps (EMA and junk left out)."""
+    keys = list(keys)
+    out: Dict[str, Tuple[str, str]] = {}
+    if info.architecture == "unknown":
+        for k in keys:
+            if not k.startswith(("loss.", EMA_PREFIX)):
+                out[k] = ("unknown", k)
+        return out
+    groups = split_components(keys, info)
+    for comp, ks in groups.items():
+        if comp in ("ema", "junk"):
+            continue
+        prefix = info.prefixes.get(comp, "") or ""
+        for k in ks:
+            if k.startswith("loss."):
+                continue
+            name = k[len(prefix):] if prefix and k.startswith(prefix) else k
+            if comp == "vae" and name.startswith("first_stage_model."):
+                name = name[len("first_stage_model."):]
+            if comp == "text_encoder" and info.architecture == "SD1" and name.startswith(_NAI_CLIP):
+                name = "transformer.text_model." + name[len("transformer."):]
+            out[k] = (comp, name)
+    return out
+
+
+def canonical_tensor(name: str, t: torch.Tensor) -> torch.Tensor:
+    """The tensor as the content hash sees it: floats rounded to fp16, position_ids as int64, ints as they are."""
+    if name.endswith("position_ids"):
+        return t.to(torch.int64)
+    if t.dtype.is_floating_point:
+        return t.to(CANONICAL_DTYPE)
+    return t
+
+
+def _tensor_digest(t: torch.Tensor) -> str:
+    import blake3
+
+    return blake3.blake3(tensor_bytes_view(t)).hexdigest()
+
+
+def _combine(lines: List[str]) -> str:
+    h = hashlib.sha256()
+    for line in sorted(lines):
+        h.update(line.encode("utf-8"))
+        h.update(b"\n")
+    return h.hexdigest()
+
+
+def content_hash(path: PathLike, progress: Optional[Callable[[int, int], None]] = None) -> ContentHash:
+    """The canonical content hash of a model file (reads every kept tensor once)."""
+    with open_model(path) as r:
+        infos = r.infos()
+        info = detect(infos)
+        names = canonical_names(infos, info)
+        lines: Dict[str, List[str]] = {}
+        total = len(names)
+        for i, key in enumerate(r.keys()):
+            if key not in names:
+                continue
+            comp, name = names[key]
+            t = canonical_tensor(name, r.get(key))
+            line = f"{comp}/{name}\t{str(t.dtype).replace('torch.', '')}\t{list(t.shape)}\t{_tensor_digest(t)}"
+            lines.setdefault(comp, []).append(line)
+            del t
+            if progress is not None:
+                progress(i + 1, total)
+    all_lines = [ln for ls in lines.values() for ln in ls]
+    return ContentHash(hash=_combine(all_lines) if all_lines else None, architecture=info.architecture,
+                       components={c: _combine(ls) for c, ls in sorted(lines.items())},
+                       kept_keys=len(all_lines), dropped_keys=len(infos) - len(all_lines))
+
+
+# ------------------------------------------------------------------------------------------------ scanning
+
+@dataclass
+class ScannedFile:
+    path: str
+    size: int
+    mtime_ns: int
+    ino: int
+    dev: int
+    nlink: int
+    architecture: Optional[str] = None
+    kind: str = "unknown"
+    sha256: Optional[str] = None
+    content: Optional[str] = None
+    components: Dict[str, str] = field(default_factory=dict)
+    cached: bool = False
+
+    @property
+    def name(self) -> str:
+        return os.path.basename(self.path)
+
+    def to_dict(self) -> Dict[str, Any]:
+        d = asdict(self)
+        d["name"] = self.name
+        return d
+
+
+@dataclass
+class ScanProblem:
+    path: str
+    reason: str
+
+    def to_dict(self) -> Dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass
+class ScanReport:
+    files: List[ScannedFile]
+    problems: List[ScanProblem]
+    skipped_kind: int = 0
+    read_files: int = 0  # files whose data had to be read (cache misses)
+
+    def to_dict(self) -> Dict[str, Any]:
+        return {"files": [f.to_dict() for f in self.files], "problems": [p.to_dict() for p in self.problems],
+                "skipped_kind": self.skipped_kind, "read_files": self.read_files}
+
+
+def iter_model_files(paths: Sequence[PathLike], exclude: Sequence[PathLike] = ()) -> List[Path]:
+    """Model files under the given folders (recursive) or given directly; hidden names and ``*.tmp`` skipped."""
+    ex = [os.path.realpath(os.fspath(e)) for e in exclude]
+    out: List[Path] = []
+    seen = set()
+
+    def add(p: Path) -> None:
+        rp = os.path.realpath(p)
+        if rp in seen or any(rp == e or rp.startswith(e.rstrip(os.sep) + os.sep) for e in ex):
+            return
+        seen.add(rp)
+        out.append(p)
+
+    for raw in paths:
+        p = Path(os.fspath(raw))
+        if p.is_dir():
+            for root, dirs, files in os.walk(p, followlinks=True):
+                dirs[:] = sorted(d for d in dirs if not d.startswith(".")
+                                 and not any(os.path.realpath(os.path.join(root, d)) == e for e in ex))
+                for fn in sorted(files):
+                    if fn.startswith(".") or not fn.lower().endswith(MODEL_SUFFIXES):
+                        continue
+                    add(Path(root) / fn)
+        elif p.exists():
+            add(p)
+        else:
+            raise InvalidInputError("no such file or folder", p)
+    return out
+
+
+def scan(paths: Sequence[PathLike], kind: str = "any", cache: Optional[HashCache] = None,
+         progress: Optional[ProgressFn] = None, exclude: Sequence[PathLike] = ()) -> ScanReport:
+    """sha256 + content hash of every model file of ``kind`` under ``paths`` (cache first).
+
+    Unreadable files and files that changed while read are listed in ``problems``; the scan goes on.
+    """
+    if kind not in KINDS:
+        raise InvalidInputError(f"unknown kind '{kind}' (expected one of {', '.join(KINDS)})")
+    files = iter_model_files(paths, exclude)
+    report = ScanReport([], [])
+    for i, p in enumerate(files):
+        if progress is not None:
+            progress(i, len(files), str(p))
+        try:
+            st = os.stat(p)
+        except OSError as e:
+            report.problems.append(ScanProblem(str(p), f"cannot stat: {e.strerror or e}"))
+            continue
+        entry = (cache.lookup(p, st) if cache is not None else None) or {}
+        content = entry.get("content") if isinstance(entry.get("content"), dict) else None
+        if content is not None and content.get("version") != CONTENT_VERSION:
+            content = None
+        sha = (entry.get("hashes") or {}).get("sha256")
+        arch = content.get("architecture") if content else entry.get("architecture")
+        f = ScannedFile(str(p), st.st_size, st.st_mtime_ns, st.st_ino, st.st_dev, st.st_nlink)
+        read = False
+        try:
+            if arch is None:
+                with open_model(p) as r:
+                    arch = detect(r.infos()).architecture
+                if cache is not None:
+                    cache.store(p, st, architecture=arch)
+                read = True
+            f.architecture, f.kind = arch, kind_of_architecture(arch)
+            if kind != "any" and f.kind != kind:
+                report.skipped_kind += 1
+                continue
+            if content is not None and sha is not None:
+                f.cached = True
+            else:
+                read = True
+                parts: Dict[str, Any] = {}
+                if sha is None:
+                    hres = hash_file(p, ("sha256",))
+                    if hres.changed:
+                        raise _Changed()
+                    sha = hres.sha256
+                    parts["hashes"] = {"sha256": sha}
+                if content is None:
+                    ch = content_hash(p)
+                    content = ch.to_dict()
+                    parts["content"] = content
+                st2 = os.stat(p)
+                if (st2.st_size, st2.st_mtime_ns, st2.st_ino) != (st.st_size, st.st_mtime_ns, st.st_ino):
+                    raise _Changed()
+                if cache is not None:
+                    cache.store(p, st, **parts)
+        except _Changed:
+            report.problems.append(ScanProblem(str(p), "the file changed while it was read; not cached, not "
+                                                       "compared (scan again when it is finished)"))
+            continue
+        except SdToolkitError as e:
+            report.problems.append(ScanProblem(str(p), e.message))
+            continue
+        except OSError as e:
+            report.problems.append(ScanProblem(str(p), f"cannot read: {e.strerror or e}"))
+            continue
+        finally:
+            report.read_files += int(read)
+        f.sha256 = sha
+        f.content = content.get("hash")
+        f.components = dict(content.get("components") or {})
+        report.files.append(f)
+    if progress is not None:
+        progress(len(files), len(files), "")
+    return report
+
+
+class _Changed(Exception):
+    pass
+
+
+# ------------------------------------------------------------------------------------------------ grouping
+
+def keeper_sort_key(path: str) -> Tuple[int, int, str, str]:
+    """Which copy to keep: ``.safetensors`` first, then the shortest file name, then alphabetical."""
+    name = os.path.basename(path)
+    return (0 if name.lower().endswith(".safetensors") else 1, len(name), name.lower(), path)
+
+
+@dataclass
+class DupGroup:
+    """Files holding the same weights. ``match``: ``bytes`` (all byte-identical) or ``content``."""
+
+    match: str
+    key: str
+    files: List[ScannedFile]  # keeper first
+    byte_sets: List[List[str]]  # paths grouped by sha256 (keeper's set first)
+    gain_bytes: int
+    kind: str
+
+    @property
+    def keeper(self) -> ScannedFile:
+        return self.files[0]
+
+    @property
+    def duplicates(self) -> List[ScannedFile]:
+        return self.files[1:]
+
+    def to_dict(self) -> Dict[str, Any]:
+        return {"match": self.match, "key": self.key, "kind": self.kind, "keeper": self.keeper.path,
+                "duplicates": [f.path for f in self.duplicates], "files": [f.to_dict() for f in self.files],
+                "byte_sets": self.byte_sets, "gain_bytes": self.gain_bytes,
+                "size": self.keeper.size}
+
+
+def _gain(files: List[ScannedFile]) -> int:
+    """Bytes freed by keeping only the first file (each inode counted once; hard links to it free nothing)."""
+    seen = {(files[0].dev, files[0].ino)}
+    total = 0
+    for f in files[1:]:
+        k = (f.dev, f.ino)
+        if k in seen:
+            continue
+        seen.add(k)
+        total += f.size
+    return total
+
+
+def find_duplicates(files: Sequence[ScannedFile]) -> List[DupGroup]:
+    """Group files by content hash (or by sha256 when no content hash could be made), largest gain first."""
+    by_key: Dict[Tuple[str, str], List[ScannedFile]] = {}
+    for f in files:
+        if f.content:
+            by_key.setdefault(("content", f.content), []).append(f)
+        elif f.sha256:
+            by_key.setdefault(("bytes", f.sha256), []).append(f)
+    groups: List[DupGroup] = []
+    for (what, key), members in by_key.items():
+        if len(members) < 2:
+            continue
+        members = sorted(members, key=lambda f: keeper_sort_key(f.path))
+        shas: Dict[str, List[str]] = {}
+        for f in members:
+            shas.setdefault(f.sha256 or f.path, []).append(f.path)
+        byte_sets = sorted(shas.values(), key=lambda ps: (members[0].path not in ps, keeper_sort_key(ps[0])))
+        match = "bytes" if len(shas) == 1 else "content"
+        kinds = {f.kind for f in members}
+        groups.append(DupGroup(match, key, members, byte_sets, _gain(members),
+                               kinds.pop() if len(kinds) == 1 else "mixed"))
+    groups.sort(key=lambda g: (-g.gain_bytes, g.keeper.path))
+    return groups
+
+
+# ------------------------------------------------------------------------------------------------ actions
+
+@dataclass
+class ActionResult:
+    path: str
+    action: str  # "hardlinked", "moved", "skipped"
+    target: Optional[str] = None
+    reason: Optional[str] = None
+
+    def to_dict(self) -> Dict[str, Any]:
+        return asdict(self)
+
+
+def _unchanged(f: ScannedFile) -> Optional[str]:
+    try:
+        st = os.stat(f.path)
+    except OSError as e:
+        return f"cannot stat: {e.strerror or e}"
+    if (st.st_size, st.st_mtime_ns, st.st_ino) != (f.size, f.mtime_ns, f.ino):
+        return "changed since the scan; scan again"
+    return None
+
+
+def _hardlink(keeper: ScannedFile, dup: ScannedFile) -> ActionResult:
+    if (keeper.dev, keeper.ino) == (dup.dev, dup.ino):
+        return ActionResult(dup.path, "skipped", keeper.path, "already a hard link of the kept file")
+    if keeper.dev != dup.dev:
+        return ActionResult(dup.path, "skipped", keeper.path, "on another filesystem; a hard link is impossible")
+    for f in (keeper, dup):
+        why = _unchanged(f)
+        if why:
+            return ActionResult(dup.path, "skipped", keeper.path, f"{f.path}: {why}")
+    d = Path(dup.path)
+    tmp = d.with_name(f".{d.name}.{uuid.uuid4().hex[:8]}.link.tmp")
+    try:
+        os.link(keeper.path, tmp)
+        os.replace(tmp, d)
+    except OSError as e:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        return ActionResult(dup.path, "skipped", keeper.path, f"cannot link: {e.strerror or e}")
+    return ActionResult(dup.path, "hardlinked", keeper.path)
+
+
+def _free_target(folder: Path, name: str) -> Path:
+    t = folder / name
+    stem, suffix = os.path.splitext(name)
+    n = 1
+    while t.exists():
+        t = folder / f"{stem} ({n}){suffix}"
+        n += 1
+    return t
+
+
+def _move(dup: ScannedFile, to: Path) -> ActionResult:
+    why = _unchanged(dup)
+    if why:
+        return ActionResult(dup.path, "skipped", None, why)
+    target = _free_target(to, dup.name)
+    try:
+        if os.stat(to).st_dev == dup.dev:
+            os.rename(dup.path, target)  # same filesystem: atomic, no copy
+        else:
+            tmp = target.with_name(f".{target.name}.{uuid.uuid4().hex[:8]}.tmp")
+            try:
+                shutil.copy2(dup.path, tmp)
+                with open(tmp, "rb+") as fh:
+                    os.fsync(fh.fileno())
+                if os.path.getsize(tmp) != dup.size:
+                    raise OSError("the copy has the wrong size")
+                os.replace(tmp, target)
+            except BaseException:
+                with contextlib.suppress(OSError):
+                    tmp.unlink()
+                raise
+            os.unlink(dup.path)  # the verified copy is in place: this is the move the user asked for
+    except OSError as e:
+        return ActionResult(dup.path, "skipped", str(target), f"cannot move: {e.strerror or e}")
+    return ActionResult(dup.path, "moved", str(target))
+
+
+def apply_action(groups: Sequence[DupGroup], action: str, to: Optional[PathLike] = None) -> List[ActionResult]:
+    """Run ``hardlink`` or ``move`` on the duplicates of ``groups`` (``report`` does nothing).
+
+    ``hardlink``: inside each set of byte-identical files, every copy but the preferred one becomes a hard link
+    to it (same filesystem only); weight-only duplicates are listed as skipped (their bytes differ, a link would
+    change the file). ``move``: every duplicate (all but the group's keeper) is moved into ``to``; names that
+    exist there get `` (1)``, `` (2)``... Never deletes anything.
+    """
+    if action not in ACTIONS:
+        raise InvalidInputError(f"unknown action '{action}' (expected one of {', '.join(ACTIONS)})")
+    results: List[ActionResult] = []
+    if action == "report":
+        return results
+    if action == "move":
+        if to is None:
+            raise InvalidInputError("--action move needs --to DIR")
+        dest = Path(to)
+        if not dest.is_dir():
+            raise InvalidInputError("the --to folder does not exist", dest)
+        for g in groups:
+            for f in g.duplicates:
+                results.append(_move(f, dest))
+        return results
+    if to is not None:
+        raise InvalidInputError("--to is only for --action move")
+    for g in groups:
+        by_path = {f.path: f for f in g.files}
+        for bs in g.byte_sets:
+            members = sorted((by_path[p] for p in bs), key=lambda f: keeper_sort_key(f.path))
+            keeper = members[0]
+            for dup in members[1:]:
+                results.append(_hardlink(keeper, dup))
+        if g.match == "content":
+            for bs in g.byte_sets[1:]:
+                results.append(ActionResult(bs[0], "skipped", g.keeper.path,
+                                            "same weights but different bytes: not linked (use --action move)"))
+    return results
+
+
+# ------------------------------------------------------------------------------------------------ report
+
+@dataclass
+class DedupResult:
+    scan: ScanReport
+    groups: List[DupGroup]
+    actions: List[ActionResult]
+    action: str
+
+    @property
+    def gain_bytes(self) -> int:
+        return sum(g.gain_bytes for g in self.groups)
+
+    def to_dict(self) -> Dict[str, Any]:
+        return {"action": self.action, "groups": [g.to_dict() for g in self.groups], "gain_bytes": self.gain_bytes,
+                "files_scanned": len(self.scan.files), "files_read": self.scan.read_files,
+                "skipped_kind": self.scan.skipped_kind, "problems": [p.to_dict() for p in self.scan.problems],
+                "actions": [a.to_dict() for a in self.actions]}
+
+
+def dedup(paths: Sequence[PathLike], kind: str = "any", action: str = "report", to: Optional[PathLike] = None,
+          cache: Optional[HashCache] = None, progress: Optional[ProgressFn] = None) -> DedupResult:
+    """Scan, group and (only when ``action`` says so) act. The ``to`` folder is never scanned."""
+    if action not in ACTIONS:
+        raise InvalidInputError(f"unknown action '{action}' (expected one of {', '.join(ACTIONS)})")
+    if action == "move" and to is None:
+        raise InvalidInputError("--action move needs --to DIR")
+    if action != "move" and to is not None:
+        raise InvalidInputError("--to is only for --action move")
+    if to is not None and not Path(to).is_dir():
+        raise InvalidInputError("the --to folder does not exist", to)
+    rep = scan(paths, kind, cache, progress, exclude=[to] if to is not None else [])
+    groups = find_duplicates(rep.files)
+    acts = apply_action(groups, action, to)
+    return DedupResult(rep, groups, acts, action)
+
+
+def human_bytes(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if abs(n) < 1024 or unit == "TB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
+        n /= 1024
+    return f"{n:.2f} TB"
+
+
+def table_rows(groups: Sequence[DupGroup]) -> List[List[Any]]:
+    """One row per file: group, match, role, file, size, sha256[:10], content[:10] (for tables in UIs)."""
+    rows: List[List[Any]] = []
+    for i, g in enumerate(groups, 1):
+        for j, f in enumerate(g.files):
+            rows.append([i, g.match, "keep" if j == 0 else "duplicate", f.path, human_bytes(f.size),
+                         (f.sha256 or "")[:10], (f.content or "")[:10],
+                         human_bytes(g.gain_bytes) if j == 0 else ""])
+    return rows
+
+
+TABLE_HEADERS = ["group", "match", "role", "file", "size", "AutoV2", "content", "to gain"]
+
+
+def format_report(res: DedupResult) -> str:
+    lines: List[str] = []
+    if not res.groups:
+        lines.append(f"no duplicates among {len(res.scan.files)} files")
+    for i, g in enumerate(res.groups, 1):
+        what = "identical bytes" if g.match == "bytes" else "same weights, different files"
+        lines.append(f"[{i}] {what} ({g.kind}), {human_bytes(g.gain_bytes)} to gain")
+        for j, f in enumerate(g.files):
+            role = "keep" if j == 0 else "dup "
+            lines.append(f"    {role} {human_bytes(f.size):>10}  {(f.sha256 or '?')[:10]}  {f.path}")
+    for p in res.scan.problems:
+        lines.append(f"problem: {p.path}: {p.reason}")
+    lines.append(f"{len(res.scan.files)} files scanned ({res.scan.read_files} read, the rest from the cache), "
+                 f"{len(res.groups)} groups, {human_bytes(res.gain_bytes)} to gain")
+    for a in res.actions:
+        extra = f" -> {a.target}" if a.target and a.action != "skipped" else ""
+        why = f" ({a.reason})" if a.reason else ""
+        lines.append(f"{a.action}: {a.path}{extra}{why}")
+    return "\n".join(lines)
+
+
+__all__ = ["CONTENT_VERSION", "CANONICAL_DTYPE", "ContentHash", "content_hash", "canonical_names",
+           "canonical_tensor", "ScannedFile", "ScanReport", "ScanProblem", "scan", "iter_model_files", "DupGroup",
+           "find_duplicates", "keeper_sort_key", "ActionResult", "apply_action", "DedupResult", "dedup",
+           "format_report", "table_rows", "TABLE_HEADERS", "human_bytes", "KINDS", "ACTIONS"]

@@ -1,0 +1,372 @@
+"""Persistent hash cache, and the WebUI's own hash cache.
+
+``HashCache``: our cache, one SQLite file (stdlib ``sqlite3``; default ``$SDTOOLKIT_CACHE_DIR/hashes.sqlite`` or
+``~/.cache/sd-toolkit/hashes.sqlite``). An entry is keyed by the file's real path and is valid only while the
+file's size and mtime (nanoseconds; and inode where the OS gives one) are unchanged, so a second scan of an
+unchanged folder only ``stat``s files and reads no file data. An entry holds a JSON object with independent parts
+(``hashes``: the algorithms computed so far; ``content``: the canonical content hash of ``dedup``), merged as
+they come. A file that changed while it was hashed is never stored (``cached_hash_file`` reports it).
+
+``WebUIHashCache``: the A1111 WebUI's cache, so hashes computed here are the ones the WebUI shows and writes to
+infotext. Layout (A1111 ``modules/cache.py``, ``modules/hashes.py``):
+
+* since 1.8: a ``diskcache.Cache`` per subsection in ``<data_dir>/cache/<subsection>`` (``SD_WEBUI_CACHE_DIR``),
+  opened with ``size_limit=2**32, disk_min_file_size=2**18``; subsections ``hashes`` and ``hashes-addnet``;
+* before: ``<data_dir>/cache.json`` (``SD_WEBUI_CACHE_FILE``) ``{subsection: {title: value}}``; 1.8 converts it
+  once into the cache folder when that folder does not exist yet.
+
+A value is ``{"mtime": <os.path.getmtime at hashing>, "sha256": <64 hex>}`` under a title: ``checkpoint/<name>``
+(``name`` = the path relative to the checkpoint folder, with the OS separator, extension kept) in ``hashes``;
+``lora/<file stem>`` in ``hashes-addnet`` holding the addnet hash (our AutoV3) for ``.safetensors`` LoRAs, in
+``hashes`` holding the sha256 for others. The WebUI trusts an entry while the file's mtime is not newer than the
+cached one. VAEs are looked up under the single fixed title ``vae`` (``sd_vae.get_loaded_vae_hash``), shared by
+every VAE file; writing it for one VAE would make the WebUI report that hash for another, so VAE hashes are not
+written there.
+
+Backend choice: the cache folder if it exists; else ``cache.json`` if it exists (an older WebUI, or a 1.8+ one
+that will convert it, our entries included); else the cache folder. ``diskcache`` (the WebUI pins 5.6.3) is needed
+only for the folder backend.
+"""
+from __future__ import annotations
+
+import json
+import os
+import sqlite3
+import threading
+from pathlib import Path
+from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple, Union
+
+from ..errors import InvalidInputError, ModelFileError, SdToolkitError
+from .hashes import ALGORITHMS, FileHashes, ProgressFn, hash_file, normalize_algos
+from .writer import atomic_path
+
+PathLike = Union[str, "os.PathLike[str]"]
+
+SCHEMA_VERSION = 1
+
+
+def default_cache_dir() -> Path:
+    env = os.environ.get("SDTOOLKIT_CACHE_DIR")
+    if env:
+        return Path(os.path.expanduser(env))
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "sd-toolkit"
+
+
+def _key(path: PathLike) -> str:
+    return os.path.realpath(os.fspath(path))
+
+
+def _stat_ok(row: Tuple[int, int, int], st: os.stat_result) -> bool:
+    size, mtime_ns, ino = row
+    if size != st.st_size or mtime_ns != st.st_mtime_ns:
+        return False
+    return not (ino and st.st_ino and ino != st.st_ino)
+
+
+class HashCache:
+    """SQLite cache of per-file facts, valid while (size, mtime_ns, inode) are unchanged. Thread-safe."""
+
+    def __init__(self, path: Optional[PathLike] = None) -> None:
+        p = Path(path) if path is not None else default_cache_dir() / "hashes.sqlite"
+        if p.is_dir():
+            p = p / "hashes.sqlite"
+        try:
+            p.parent.mkdir(parents=True, exist_ok=True)
+            self._db = sqlite3.connect(str(p), timeout=30, check_same_thread=False, isolation_level=None)
+            self._db.execute("PRAGMA journal_mode=WAL")
+            self._db.execute("PRAGMA synchronous=NORMAL")
+            self._db.execute("CREATE TABLE IF NOT EXISTS files (path TEXT PRIMARY KEY, size INTEGER NOT NULL, "
+                             "mtime_ns INTEGER NOT NULL, ino INTEGER NOT NULL, data TEXT NOT NULL)")
+            self._db.execute("CREATE TABLE IF NOT EXISTS meta (k TEXT PRIMARY KEY, v TEXT)")
+            self._db.execute("INSERT OR IGNORE INTO meta VALUES ('schema', ?)", (str(SCHEMA_VERSION),))
+        except (OSError, sqlite3.Error) as e:
+            raise ModelFileError(f"cannot open the hash cache: {e}", p) from None
+        self.path = p
+        self._lock = threading.Lock()
+
+    # ---- raw entries -----------------------------------------------------------------------------------
+    def lookup(self, path: PathLike, st: Optional[os.stat_result] = None) -> Optional[Dict[str, Any]]:
+        """The stored data of ``path`` if the file is unchanged since it was stored, else None."""
+        if st is None:
+            try:
+                st = os.stat(path)
+            except OSError:
+                return None
+        with self._lock:
+            row = self._db.execute("SELECT size, mtime_ns, ino, data FROM files WHERE path=?",
+                                   (_key(path),)).fetchone()
+        if row is None or not _stat_ok(row[:3], st):
+            return None
+        try:
+            data = json.loads(row[3])
+        except ValueError:
+            return None
+        return data if isinstance(data, dict) else None
+
+    def store(self, path: PathLike, st: os.stat_result, **parts: Any) -> None:
+        """Merge ``parts`` (``hashes=...``, ``content=...``) into the entry of ``path`` as of ``st``."""
+        key = _key(path)
+        with self._lock:
+            row = self._db.execute("SELECT size, mtime_ns, ino, data FROM files WHERE path=?", (key,)).fetchone()
+            data: Dict[str, Any] = {}
+            if row is not None and _stat_ok(row[:3], st):
+                try:
+                    data = json.loads(row[3]) or {}
+                except ValueError:
+                    data = {}
+            for k, v in parts.items():
+                if isinstance(v, dict) and isinstance(data.get(k), dict):
+                    data[k] = {**data[k], **v}
+                else:
+                    data[k] = v
+            self._db.execute("INSERT OR REPLACE INTO files VALUES (?, ?, ?, ?, ?)",
+                             (key, st.st_size, st.st_mtime_ns, st.st_ino or 0, json.dumps(data)))
+
+    def forget(self, path: PathLike) -> None:
+        with self._lock:
+            self._db.execute("DELETE FROM files WHERE path=?", (_key(path),))
+
+    def prune_missing(self) -> int:
+        """Drop entries whose file no longer exists. Returns how many."""
+        with self._lock:
+            paths = [r[0] for r in self._db.execute("SELECT path FROM files")]
+        gone = [p for p in paths if not os.path.exists(p)]
+        with self._lock:
+            self._db.executemany("DELETE FROM files WHERE path=?", [(p,) for p in gone])
+        return len(gone)
+
+    def __len__(self) -> int:
+        with self._lock:
+            return int(self._db.execute("SELECT COUNT(*) FROM files").fetchone()[0])
+
+    # ---- hashes -----------------------------------------------------------------------------------------
+    def get_hashes(self, path: PathLike, algos: Optional[Iterable[str]] = None,
+                   st: Optional[os.stat_result] = None) -> Optional[FileHashes]:
+        """Cached hashes of ``path`` if every algorithm in ``algos`` is there and the file is unchanged."""
+        wanted = normalize_algos(algos)
+        if st is None:
+            try:
+                st = os.stat(path)
+            except OSError:
+                return None
+        data = self.lookup(path, st)
+        hs = (data or {}).get("hashes") or {}
+        if not all(a in hs for a in wanted):
+            return None
+        res = FileHashes(path=os.fspath(path), size=st.st_size, mtime=st.st_mtime, mtime_ns=st.st_mtime_ns,
+                         source="cache", algos=wanted)
+        for a in wanted:
+            setattr(res, a, hs[a])
+        return res
+
+    def put_hashes(self, res: FileHashes, st: Optional[os.stat_result] = None) -> bool:
+        """Store a result unless the file changed while (or since) it was hashed. Returns whether stored."""
+        if res.changed:
+            return False
+        if st is None:
+            try:
+                st = os.stat(res.path)
+            except OSError:
+                return False
+        if st.st_size != res.size or st.st_mtime_ns != res.mtime_ns:
+            return False
+        self.store(res.path, st, hashes=res.values())
+        return True
+
+    def close(self) -> None:
+        with self._lock:
+            try:
+                self._db.close()
+            except sqlite3.Error:
+                pass
+
+    def __enter__(self) -> "HashCache":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+
+def cached_hash_file(path: PathLike, algos: Optional[Iterable[str]] = None, cache: Optional[HashCache] = None,
+                     progress: Optional[ProgressFn] = None,
+                     on_computed: Optional[Callable[[FileHashes], None]] = None) -> FileHashes:
+    """Hashes of ``path`` from ``cache`` when valid, else computed in one read and stored.
+
+    A result with ``changed=True`` (the file moved under us) is returned for the caller to report and is not
+    stored. ``on_computed`` is called with each freshly computed, unchanged result (e.g. to mirror it into the
+    WebUI's cache).
+    """
+    wanted = normalize_algos(algos)
+    if cache is not None:
+        try:
+            st = os.stat(path)
+        except OSError:
+            st = None
+        if st is not None:
+            hit = cache.get_hashes(path, wanted, st)
+            if hit is not None:
+                return hit
+            # compute what is missing together with what is there: one read either way
+    res = hash_file(path, wanted, progress=progress)
+    if not res.changed:
+        if cache is not None:
+            cache.put_hashes(res)
+        if on_computed is not None:
+            on_computed(res)
+    return res
+
+
+# ------------------------------------------------------------------------------------------------ the WebUI's cache
+
+WEBUI_CACHE_SETTINGS = {"size_limit": 2 ** 32, "disk_min_file_size": 2 ** 18}
+
+
+def webui_title(kind: str, path: PathLike, model_dirs: Sequence[PathLike] = ()) -> Optional[str]:
+    """The WebUI's cache title of a model file: ``checkpoint/<name>`` or ``lora/<stem>``; None for other kinds.
+
+    ``name`` is the path relative to the first folder of ``model_dirs`` holding the file (the WebUI's
+    ``CheckpointInfo.name``), else the file name.
+    """
+    p = os.path.abspath(os.fspath(path))
+    if kind == "checkpoint":
+        name = os.path.basename(p)
+        for d in model_dirs:
+            d = os.path.abspath(os.fspath(d))
+            if p.startswith(d.rstrip(os.sep) + os.sep):
+                name = p[len(d.rstrip(os.sep)) + 1:]
+                break
+        return f"checkpoint/{name}"
+    if kind == "lora":
+        return "lora/" + os.path.splitext(os.path.basename(p))[0]
+    return None
+
+
+class WebUIHashCache:
+    """Read and write the A1111 WebUI's hash cache (see the module docstring for the layout)."""
+
+    def __init__(self, data_dir: PathLike, cache_dir: Optional[PathLike] = None,
+                 cache_file: Optional[PathLike] = None) -> None:
+        self.data_dir = Path(data_dir)
+        self.cache_dir = Path(cache_dir) if cache_dir else self.data_dir / "cache"
+        self.cache_file = Path(cache_file) if cache_file else self.data_dir / "cache.json"
+        if self.cache_dir.is_dir():
+            self.backend = "diskcache"
+        elif self.cache_file.is_file():
+            self.backend = "json"
+        else:
+            self.backend = "diskcache"
+        self._caches: Dict[str, Any] = {}
+        self._lock = threading.Lock()
+
+    @classmethod
+    def from_webui_env(cls, data_dir: PathLike) -> "WebUIHashCache":
+        """Honour ``SD_WEBUI_CACHE_DIR`` / ``SD_WEBUI_CACHE_FILE`` as the WebUI does."""
+        return cls(data_dir, os.environ.get("SD_WEBUI_CACHE_DIR"), os.environ.get("SD_WEBUI_CACHE_FILE"))
+
+    # ---- backends ----------------------------------------------------------------------------------------
+    def _disk(self, subsection: str) -> Any:
+        with self._lock:
+            c = self._caches.get(subsection)
+            if c is None:
+                try:
+                    import diskcache
+                except ImportError:
+                    raise SdToolkitError("the WebUI's hash cache is a diskcache folder; install the 'diskcache' "
+                                         "package (the WebUI ships 5.6.3) to read or write it",
+                                         self.cache_dir) from None
+                c = diskcache.Cache(str(self.cache_dir / subsection), **WEBUI_CACHE_SETTINGS)
+                self._caches[subsection] = c
+            return c
+
+    def _read_json(self) -> Dict[str, Any]:
+        try:
+            with open(self.cache_file, "r", encoding="utf8") as fh:
+                data = json.load(fh)
+        except FileNotFoundError:
+            return {}
+        except (OSError, ValueError) as e:
+            raise ModelFileError(f"cannot read the WebUI's cache.json: {e}", self.cache_file) from None
+        return data if isinstance(data, dict) else {}
+
+    def entry(self, subsection: str, title: str) -> Optional[Dict[str, Any]]:
+        if self.backend == "diskcache":
+            v = self._disk(subsection).get(title)
+        else:
+            v = (self._read_json().get(subsection) or {}).get(title)
+        return v if isinstance(v, dict) else None
+
+    def put_many(self, items: Sequence[Tuple[str, str, Dict[str, Any]]]) -> None:
+        """Write ``(subsection, title, value)`` entries."""
+        if not items:
+            return
+        if self.backend == "diskcache":
+            for sub, title, value in items:
+                self._disk(sub)[title] = value
+            return
+        with self._lock:
+            data = self._read_json()
+            for sub, title, value in items:
+                s = data.get(sub)
+                if not isinstance(s, dict):
+                    s = data[sub] = {}
+                s[title] = value
+            with atomic_path(self.cache_file, overwrite=True) as tmp:
+                with open(tmp, "w", encoding="utf8") as fh:
+                    json.dump(data, fh, indent=4)
+
+    # ---- the WebUI's rules -------------------------------------------------------------------------------
+    def sha256(self, path: PathLike, title: str, addnet: bool = False) -> Optional[str]:
+        """What the WebUI's ``hashes.sha256_from_cache`` answers: the cached value unless the file is newer."""
+        e = self.entry("hashes-addnet" if addnet else "hashes", title)
+        if not e or e.get("sha256") is None:
+            return None
+        try:
+            if os.path.getmtime(path) > float(e.get("mtime", 0)):
+                return None
+        except OSError:
+            return None
+        return str(e["sha256"])
+
+    def entries_for(self, kind: str, res: FileHashes, model_dirs: Sequence[PathLike] = ()
+                    ) -> List[Tuple[str, str, Dict[str, Any]]]:
+        """The entries the WebUI would make for this file and kind (none where a value was not computed)."""
+        title = webui_title(kind, res.path, model_dirs)
+        if title is None:
+            return []
+        if kind == "lora" and res.path.lower().endswith(".safetensors"):
+            return [("hashes-addnet", title, {"mtime": res.mtime, "sha256": res.autov3})] if res.autov3 else []
+        return [("hashes", title, {"mtime": res.mtime, "sha256": res.sha256})] if res.sha256 else []
+
+    def record(self, kind: str, results: Iterable[FileHashes], model_dirs: Sequence[PathLike] = ()) -> int:
+        """Write the entries for unchanged results. Returns how many were written."""
+        items = [it for r in results if not r.changed for it in self.entries_for(kind, r, model_dirs)]
+        self.put_many(items)
+        return len(items)
+
+    def close(self) -> None:
+        for c in self._caches.values():
+            try:
+                c.close()
+            except Exception:  # noqa: BLE001 - closing is best effort
+                pass
+        self._caches.clear()
+
+
+def webui_cache_for_host(host: Any) -> Optional[WebUIHashCache]:
+    """The WebUI cache that belongs to a host, or None.
+
+    Looks for ``host.webui_data_dir`` (a WebUI host), ``host.webui_dir`` (a ``StandaloneHost`` built on a WebUI
+    folder, whose data dir is that folder) and then ``$SDTOOLKIT_WEBUI_DATA_DIR`` (set by the WebUI adapter
+    ``scripts/sdtoolkit_hashes.py``).
+    """
+    d = getattr(host, "webui_data_dir", None) or getattr(host, "webui_dir", None)
+    if not d and getattr(host, "name", "") in ("webui", "forge"):
+        d = os.environ.get("SDTOOLKIT_WEBUI_DATA_DIR")
+    if not d:
+        return None
+    return WebUIHashCache.from_webui_env(d)
+
+
+__all__ = ["HashCache", "cached_hash_file", "default_cache_dir", "WebUIHashCache", "webui_title",
+           "webui_cache_for_host", "WEBUI_CACHE_SETTINGS"]
