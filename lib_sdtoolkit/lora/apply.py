@@ -1,0 +1,550 @@
+"""Apply networks to live modules: in place with exact restore (:class:`LoraPatcher`) or through forward hooks
+(:class:`FunctionalLora`).
+
+Targets are named by checkpoint keys (``model.diffusion_model.input_blocks.1.1.proj_in.weight``); a
+:class:`ModelBinding` resolves them to the parameters of whatever modules hold the model: the WebUI's
+``LatentDiffusion`` (parameter names *are* checkpoint keys), a bare ldm ``UNetModel``, diffusers'
+``UNet2DConditionModel``, transformers' CLIP text models (also where the checkpoint holds OpenCLIP: q/k/v rows of the
+fused ``in_proj_weight`` map onto ``q_proj``/``k_proj``/``v_proj``), or an OpenCLIP ``nn.MultiheadAttention``
+(``in_proj_weight`` rows patched in place).
+
+In-place patching, per parameter:
+
+* the first time a parameter is touched, a copy of it is kept (the backup; on the parameter's device unless
+  ``backup_device`` says otherwise); W = backup in fp32 + Σ m·ΔW (each ΔW computed in fp32 against the *original*
+  weight), cast once to the parameter's dtype and copied in;
+* every parameter remembers the signature of what it holds (network, layer, effective multiplier, dyn); switching
+  from one set to another recomputes only the parameters whose signature changed; a parameter that no network
+  touches any more is restored from its backup (``copy_``, bit-identical) and the backup is freed, so memory
+  does not grow however often the set changes;
+* the same request again is answered from the last key without touching anything.
+
+The effective multiplier of a layer = (te or unet weight by the layer's component) x its block weight, so block
+weights and dyn are part of every cache key.
+
+Bad networks (wrong architecture, ranks that do not fit, NaN/inf) are refused as a whole before any weight is
+written; the others are applied and the result lists the errors (file and layer named).
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..arch import keymaps
+from ..errors import SdToolkitError
+from . import formats
+from .blocks import active_at_step, block_key
+from .names import base_arch
+from .network import BoundLayer, Network, check_shapes
+
+log = logging.getLogger(__name__)
+
+
+# --------------------------------------------------------------------------------------------------- binding
+
+@dataclass
+class ParamRef:
+    module: nn.Module
+    attr: str
+    rows: Optional[slice] = None
+
+    @property
+    def tensor(self) -> torch.Tensor:
+        return getattr(self.module, self.attr)
+
+
+def _split_name(name: str) -> Tuple[str, str]:
+    mod, _, attr = name.rpartition(".")
+    return mod, attr
+
+
+class ModelBinding:
+    """Checkpoint parameter keys -> parameters of live modules, for one architecture."""
+
+    def __init__(self, arch: str):
+        self.arch = base_arch(arch)
+        self._params: Dict[str, Tuple[nn.Module, str]] = {}
+        #: (fused in_proj key, qkv index) -> separate q/k/v parameter (HF CLIP bound where the checkpoint is OpenCLIP)
+        self._split: Dict[Tuple[str, int], Tuple[nn.Module, str]] = {}
+        #: id(out_proj) -> its nn.MultiheadAttention (whose forward uses out_proj.weight directly)
+        self.mha_parent: Dict[int, nn.Module] = {}
+
+    # -- building
+    def _add_module(self, module: nn.Module, rename: Callable[[str], Optional[Tuple[str, Optional[int]]]]) -> None:
+        mods = dict(module.named_modules())
+        for m in mods.values():
+            if isinstance(m, nn.MultiheadAttention):
+                self.mha_parent[id(m.out_proj)] = m
+        for name, _ in module.named_parameters():
+            mname, attr = _split_name(name)
+            res = rename(name)
+            if res is None:
+                continue
+            key, idx = res
+            owner = mods[mname]
+            if idx is None:
+                self._params[key] = (owner, attr)
+            else:
+                self._split[(key, idx)] = (owner, attr)
+
+    @classmethod
+    def from_checkpoint_module(cls, model: nn.Module, arch: str, prefix: str = "") -> "ModelBinding":
+        """A module whose parameter names are checkpoint keys (the WebUI's ``sd_model``), optionally under
+        ``prefix`` (``prefix="model.diffusion_model."`` for a bare ldm ``UNetModel``)."""
+        b = cls(arch)
+        b._add_module(model, lambda n: (prefix + n, None))
+        return b
+
+    @classmethod
+    def from_parts(cls, arch: str, unet: Optional[nn.Module] = None, text_encoder: Optional[nn.Module] = None,
+                   text_encoder_2: Optional[nn.Module] = None) -> "ModelBinding":
+        """Bind separate modules: ``unet`` as ldm/sgm ``UNetModel`` or diffusers ``UNet2DConditionModel``,
+        text encoders as transformers CLIP models (or modules in checkpoint layout)."""
+        b = cls(arch)
+        if unet is not None:
+            b.add_unet(unet)
+        for comp, mod in (("text_encoder", text_encoder), ("text_encoder_2", text_encoder_2)):
+            if mod is not None:
+                b.add_text_encoder(mod, comp)
+        return b
+
+    def add_unet(self, unet: nn.Module) -> "ModelBinding":
+        up = keymaps.UNET_PREFIX
+        if hasattr(unet, "input_blocks"):
+            self._add_module(unet, lambda n: (up + n, None))
+        else:
+            arch = self.arch
+
+            def ren(n: str) -> Optional[Tuple[str, Optional[int]]]:
+                try:
+                    return up + keymaps.unet_diffusers_key_to_ldm(n, arch), None
+                except (KeyError, ValueError):
+                    return None
+            self._add_module(unet, ren)
+        return self
+
+    def add_text_encoder(self, te: nn.Module, component: str = "text_encoder") -> "ModelBinding":
+        specs = {c: (p, fmt) for c, p, fmt in keymaps.TEXT_PREFIXES.get(self.arch, [])}
+        if component not in specs:
+            raise SdToolkitError(f"a {self.arch} model has no {component}")
+        prefix, fmt = specs[component]
+        hf = hasattr(te, "text_model")
+        if fmt == "hf" or not hf:
+            self._add_module(te, lambda n: (prefix + n, None))
+        else:
+            def ren(n: str) -> Optional[Tuple[str, Optional[int]]]:
+                try:
+                    k, idx = keymaps.hf_clip_key_to_openclip(n)
+                except (KeyError, ValueError):
+                    return None
+                return prefix + k, idx
+            self._add_module(te, ren)
+        return self
+
+    # -- lookup
+    def resolve(self, key: str, qkv: Optional[int] = None) -> Optional[ParamRef]:
+        if qkv is not None and (key, qkv) in self._split:
+            m, a = self._split[(key, qkv)]
+            return ParamRef(m, a)
+        ent = self._params.get(key)
+        if ent is None:
+            return None
+        m, a = ent
+        if qkv is None:
+            return ParamRef(m, a)
+        n = getattr(m, a).shape[0] // 3
+        return ParamRef(m, a, slice(qkv * n, (qkv + 1) * n))
+
+    def target_shape(self, key: str) -> Optional[Tuple[int, ...]]:
+        ent = self._params.get(key)
+        if ent is not None:
+            return tuple(getattr(ent[0], ent[1]).shape)
+        parts = [self._split.get((key, i)) for i in range(3)]
+        if all(p is not None for p in parts):
+            s = tuple(getattr(parts[0][0], parts[0][1]).shape)
+            return (s[0] * 3, *s[1:])
+        return None
+
+    def shapes_for(self, net: Network) -> Dict[str, Tuple[int, ...]]:
+        out: Dict[str, Tuple[int, ...]] = {}
+        for layer in net.layers:
+            s = self.target_shape(layer.weight_key)
+            if s is not None:
+                out[layer.weight_key] = s
+        return out
+
+    def __len__(self) -> int:
+        return len(self._params) + len(self._split)
+
+
+# --------------------------------------------------------------------------------------------------- requests
+
+@dataclass
+class ActiveNetwork:
+    """One network as asked for: multipliers, dyn, block weights, step range."""
+
+    network: Network
+    te: float = 1.0
+    unet: float = 1.0
+    dyn: Optional[int] = None
+    block_weights: Optional[Mapping[str, float]] = None
+    start: Optional[int] = None
+    stop: Optional[int] = None
+
+    @property
+    def net_id(self) -> tuple:
+        n = self.network
+        return (str(n.path), n.mtime, n.name, id(n))
+
+    def key(self) -> tuple:
+        return (self.net_id, float(self.te), float(self.unet), self.dyn, block_key(self.block_weights),
+                self.start, self.stop)
+
+    def multiplier(self, layer: BoundLayer) -> float:
+        m = self.te if layer.component.startswith("text_encoder") else self.unet
+        if self.block_weights is not None:
+            m *= float(self.block_weights.get(layer.block, 0.0))
+        return float(m)
+
+
+@dataclass
+class ApplyResult:
+    applied: List[str] = field(default_factory=list)
+    errors: List[str] = field(default_factory=list)
+    touched: int = 0          # parameters rewritten or restored by this call
+    cached: bool = False      # True when nothing had to be done
+
+    def __bool__(self) -> bool:
+        return not self.errors
+
+
+_Contribution = Tuple[tuple, BoundLayer, float, Optional[int], Optional[slice]]
+
+
+def _group(bind: ModelBinding, active: Sequence[ActiveNetwork]) -> Dict[Tuple[int, str], Tuple[ParamRef, List[_Contribution]]]:
+    """{(id(module), attr): (ref, [(net key, layer, mult, dyn, rows)...])} for weights; bias handled alongside."""
+    out: Dict[Tuple[int, str], Tuple[ParamRef, List[_Contribution]]] = {}
+    for a in active:
+        for layer in a.network.layers:
+            m = a.multiplier(layer)
+            if m == 0.0:
+                continue
+            ref = bind.resolve(layer.weight_key, layer.target.qkv_index)
+            if ref is None:
+                continue
+            k = (id(ref.module), ref.attr)
+            out.setdefault(k, (ref, []))[1].append((a.net_id, layer, m, a.dyn, ref.rows))
+    return out
+
+
+def _signature(contribs: List[_Contribution]) -> tuple:
+    return tuple((c[0], c[1].weights.name, c[2], c[3], (c[4].start, c[4].stop) if c[4] else None) for c in contribs)
+
+
+def _bias_ref(layer: BoundLayer, wref: ParamRef) -> Optional[ParamRef]:
+    """The bias beside a weight (rows of ``in_proj_bias`` for a fused q/k/v target)."""
+    if wref.attr == "in_proj_weight":
+        return ParamRef(wref.module, "in_proj_bias", wref.rows) if wref.module.in_proj_bias is not None else None
+    b = getattr(wref.module, "bias", None)
+    return ParamRef(wref.module, "bias", wref.rows) if isinstance(b, torch.Tensor) else None
+
+
+class _Base:
+    def __init__(self, binding: ModelBinding, compute_device: Optional[torch.device] = None):
+        self.binding = binding
+        self.compute_device = compute_device
+        self._valid: Dict[tuple, Optional[str]] = {}
+        self._last_key: Optional[tuple] = None
+        self._requested: List[ActiveNetwork] = []
+        self._step: Optional[int] = None
+
+    def _validate(self, a: ActiveNetwork) -> Optional[str]:
+        k = (a.net_id, a.dyn)
+        if k not in self._valid:
+            try:
+                check_shapes(a.network, self.binding.shapes_for(a.network), a.dyn)
+                if not any(self.binding.resolve(layer.weight_key, layer.target.qkv_index) is not None
+                           for layer in a.network.layers):
+                    raise SdToolkitError("no layer of this network is in the bound model", a.network.path)
+                self._valid[k] = None
+            except SdToolkitError as e:
+                self._valid[k] = str(e)
+        return self._valid[k]
+
+    def _select(self, active: Sequence[ActiveNetwork], result: ApplyResult) -> List[ActiveNetwork]:
+        ok = []
+        for a in active:
+            err = self._validate(a)
+            if err:
+                result.errors.append(err)
+                log.warning("sdtoolkit lora: %s", err)
+                continue
+            if self._step is not None and not active_at_step(self._step, a.start, a.stop):
+                continue
+            ok.append(a)
+            result.applied.append(a.network.name)
+        return ok
+
+    def set_step(self, step: Optional[int]) -> ApplyResult:
+        """Sampling step (for start=/stop= ranges): re-selects the active networks; cheap when nothing changes."""
+        self._step = step
+        return self.set_networks(self._requested)
+
+    def set_networks(self, active: Sequence[ActiveNetwork]) -> ApplyResult:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+
+class LoraPatcher(_Base):
+    """In-place patching with exact restore. ``backup_device``: where original weights are kept (default: the
+    parameter's own device; ``"cpu"`` saves accelerator memory at the cost of slower switches)."""
+
+    def __init__(self, binding: ModelBinding, compute_device: Optional[torch.device] = None,
+                 backup_device: Optional[torch.device] = None):
+        super().__init__(binding, compute_device)
+        self.backup_device = torch.device(backup_device) if backup_device is not None else None
+        self._backup: Dict[Tuple[int, str], Tuple[ParamRef, torch.Tensor]] = {}
+        self._sig: Dict[Tuple[int, str], tuple] = {}
+        self._bias_of: Dict[Tuple[int, str], Tuple[int, str]] = {}
+
+    @property
+    def backup_bytes(self) -> int:
+        return sum(t.numel() * t.element_size() for _, t in self._backup.values())
+
+    def _ensure_backup(self, ref: ParamRef) -> torch.Tensor:
+        k = (id(ref.module), ref.attr)
+        if k not in self._backup:
+            p = ref.tensor.detach()
+            dev = self.backup_device or p.device
+            self._backup[k] = (ParamRef(ref.module, ref.attr), p.to(dev, copy=True))
+        return self._backup[k][1]
+
+    def _restore(self, k: Tuple[int, str]) -> None:
+        ent = self._backup.pop(k, None)
+        if ent is not None:
+            ref, saved = ent
+            with torch.no_grad():
+                ref.tensor.copy_(saved)
+        bk = self._bias_of.pop(k, None)
+        if bk is not None:
+            self._restore(bk)
+
+    def set_networks(self, active: Sequence[ActiveNetwork]) -> ApplyResult:
+        """Make the model hold exactly ``active`` (in order). Touches only parameters whose contributions changed."""
+        self._requested = list(active)
+        ranged = any(a.start is not None or a.stop is not None for a in active)
+        key = (tuple(a.key() for a in active), self._step if ranged else None)
+        if key == self._last_key:
+            return ApplyResult(applied=[a.network.name for a in active], cached=True)
+        result = ApplyResult()
+        chosen = self._select(active, result)
+        groups = _group(self.binding, chosen)
+        with torch.no_grad():
+            for k in list(self._sig):
+                if k not in groups:
+                    self._restore(k)
+                    del self._sig[k]
+                    result.touched += 1
+            for k, (ref, contribs) in groups.items():
+                sig = _signature(contribs)
+                if self._sig.get(k) == sig:
+                    continue
+                self._patch(k, ref, contribs)
+                self._sig[k] = sig
+                result.touched += 1
+        self._last_key = key
+        return result
+
+    def _patch(self, k: Tuple[int, str], ref: ParamRef, contribs: List[_Contribution]) -> None:
+        orig = self._ensure_backup(ref)
+        param = ref.tensor
+        dev = self.compute_device or param.device
+        w = orig.to(dev, dtype=torch.float32, copy=True)
+        bias_acc: Optional[torch.Tensor] = None
+        bias_ref: Optional[ParamRef] = None
+        for _, layer, mult, dyn, rows in contribs:
+            o = w if rows is None else w[rows]
+            base = orig if rows is None else orig[rows]
+            dw, db = formats.compute_delta(layer.weights, base, dyn, device=dev)
+            o.add_(dw, alpha=mult)
+            if db is None:
+                continue
+            br = _bias_ref(layer, ParamRef(ref.module, ref.attr, rows))
+            if br is None:
+                continue
+            if bias_acc is None:
+                bias_ref = ParamRef(br.module, br.attr)
+                bias_acc = self._ensure_backup(bias_ref).to(dev, dtype=torch.float32, copy=True)
+            (bias_acc if br.rows is None else bias_acc[br.rows]).add_(db.to(dev), alpha=mult)
+        param.copy_(w.to(param.dtype))
+        old_bias = self._bias_of.pop(k, None)
+        if bias_acc is not None and bias_ref is not None:
+            bias_ref.tensor.copy_(bias_acc.to(bias_ref.tensor.dtype))
+            self._bias_of[k] = (id(bias_ref.module), bias_ref.attr)
+        elif old_bias is not None:
+            self._restore(old_bias)
+
+    def restore_all(self) -> int:
+        """Put every touched parameter back (bit-identical) and free the backups. Returns how many."""
+        n = 0
+        with torch.no_grad():
+            for k in list(self._backup):
+                self._restore(k)
+                n += 1
+        self._sig.clear()
+        self._last_key = None
+        self._requested = []
+        return n
+
+
+# --------------------------------------------------------------------------------------------------- functional
+
+class FunctionalLora(_Base):
+    """Adds Σ m·ΔW in the forward pass through forward hooks; weights are never written.
+
+    Linear, Conv1d/2d, GroupNorm, LayerNorm targets are supported; an ``nn.MultiheadAttention`` (OpenCLIP's fused
+    attention) is recomputed with W+ΔW inside its hook (its out_proj is used by the attention call directly, so it
+    is handled there too). ΔW is kept per module in the module's dtype (cached per signature)."""
+
+    def __init__(self, binding: ModelBinding, compute_device: Optional[torch.device] = None):
+        super().__init__(binding, compute_device)
+        self._deltas: Dict[int, Dict[str, Tuple[torch.Tensor, Optional[torch.Tensor]]]] = {}
+        self._sig: Dict[Tuple[int, str], tuple] = {}
+        self._hooks: Dict[int, Any] = {}
+        self._modules: Dict[int, nn.Module] = {}
+
+    def set_networks(self, active: Sequence[ActiveNetwork]) -> ApplyResult:
+        self._requested = list(active)
+        key = (tuple(a.key() for a in active), self._step)
+        if key == self._last_key:
+            return ApplyResult(applied=[a.network.name for a in active], cached=True)
+        result = ApplyResult()
+        chosen = self._select(active, result)
+        groups = _group(self.binding, chosen)
+        with torch.no_grad():
+            for k in list(self._sig):
+                if k not in groups:
+                    self._drop(k)
+                    result.touched += 1
+            for k, (ref, contribs) in groups.items():
+                sig = _signature(contribs)
+                if self._sig.get(k) == sig:
+                    continue
+                self._build(k, ref, contribs)
+                self._sig[k] = sig
+                result.touched += 1
+        self._last_key = key if not result.errors else None
+        return result
+
+    def _build(self, k: Tuple[int, str], ref: ParamRef, contribs: List[_Contribution]) -> None:
+        param = ref.tensor
+        dev = self.compute_device or param.device
+        dw_acc = torch.zeros(param.shape, dtype=torch.float32, device=dev)
+        db_acc: Optional[torch.Tensor] = None
+        for _, layer, mult, dyn, rows in contribs:
+            base = param.detach() if rows is None else param.detach()[rows]
+            dw, db = formats.compute_delta(layer.weights, base, dyn, device=dev)
+            (dw_acc if rows is None else dw_acc[rows]).add_(dw, alpha=mult)
+            if db is not None:
+                if db_acc is None:
+                    n = param.shape[0]
+                    db_acc = torch.zeros(n, dtype=torch.float32, device=dev)
+                (db_acc if rows is None else db_acc[rows]).add_(db.to(dev), alpha=mult)
+        mod = ref.module
+        self._deltas.setdefault(id(mod), {})[ref.attr] = (
+            dw_acc.to(param.dtype), db_acc.to(param.dtype) if db_acc is not None else None)
+        parent = self.binding.mha_parent.get(id(mod))
+        self._install(parent if parent is not None else mod)
+
+    def _drop(self, k: Tuple[int, str]) -> None:
+        mid, attr = k
+        d = self._deltas.get(mid)
+        if d is not None:
+            d.pop(attr, None)
+            if not d:
+                del self._deltas[mid]
+                parent = self.binding.mha_parent.get(mid)
+                hid = id(parent) if parent is not None else mid
+                if hid not in self._deltas and not (parent is not None and id(parent.out_proj) in self._deltas):
+                    h = self._hooks.pop(hid, None)
+                    if h is not None:
+                        h.remove()
+                    self._modules.pop(hid, None)
+        self._sig.pop(k, None)
+
+    def _install(self, mod: nn.Module) -> None:
+        if id(mod) in self._hooks:
+            return
+        if isinstance(mod, nn.MultiheadAttention):
+            h = mod.register_forward_hook(self._mha_hook, with_kwargs=True)
+        elif isinstance(mod, (nn.Linear, nn.Conv1d, nn.Conv2d, nn.GroupNorm, nn.LayerNorm)):
+            h = mod.register_forward_hook(self._hook)
+        else:
+            # out_proj of an MultiheadAttention is a NonDynamicallyQuantizableLinear (an nn.Linear): handled above
+            raise SdToolkitError(f"functional mode cannot hook a {type(mod).__name__}")
+        self._hooks[id(mod)] = h
+        self._modules[id(mod)] = mod
+
+    def _hook(self, mod: nn.Module, args: tuple, out: torch.Tensor) -> torch.Tensor:
+        d = self._deltas.get(id(mod), {})
+        dw, db = d.get("weight", (None, None))
+        if dw is None:
+            return out
+        x = args[0]
+        if isinstance(mod, nn.Linear):
+            return out + F.linear(x, dw, db)
+        if isinstance(mod, nn.Conv2d):
+            return out + F.conv2d(x, dw, db, mod.stride, mod.padding, mod.dilation, mod.groups)
+        if isinstance(mod, nn.Conv1d):
+            return out + F.conv1d(x, dw, db, mod.stride, mod.padding, mod.dilation, mod.groups)
+        if isinstance(mod, nn.GroupNorm):
+            return out + F.group_norm(x, mod.num_groups, dw, db, mod.eps)
+        if isinstance(mod, nn.LayerNorm):
+            return out + F.layer_norm(x, mod.normalized_shape, dw, db, mod.eps)
+        return out
+
+    def _mha_hook(self, mod: nn.MultiheadAttention, args: tuple, kwargs: dict, out: Any) -> Any:
+        d = self._deltas.get(id(mod), {})
+        dw, db = d.get("in_proj_weight", (None, None))
+        odw, odb = self._deltas.get(id(mod.out_proj), {}).get("weight", (None, None))
+        if dw is None and odw is None:
+            return out
+        names = ("query", "key", "value", "key_padding_mask", "need_weights", "attn_mask", "average_attn_weights",
+                 "is_causal")
+        a = dict(zip(names, args))
+        a.update(kwargs)
+        q, k, v = a["query"], a["key"], a["value"]
+        if mod.batch_first:
+            q, k, v = (t.transpose(0, 1) for t in (q, k, v))
+        w_in = mod.in_proj_weight + dw if dw is not None else mod.in_proj_weight
+        b_in = mod.in_proj_bias + db if (db is not None and mod.in_proj_bias is not None) else mod.in_proj_bias
+        w_out = mod.out_proj.weight + odw if odw is not None else mod.out_proj.weight
+        b_out = mod.out_proj.bias + odb if (odb is not None and mod.out_proj.bias is not None) else mod.out_proj.bias
+        res = F.multi_head_attention_forward(
+            q, k, v, mod.embed_dim, mod.num_heads, w_in, b_in, mod.bias_k, mod.bias_v, mod.add_zero_attn,
+            mod.dropout, w_out, b_out, training=mod.training,
+            key_padding_mask=a.get("key_padding_mask"), need_weights=a.get("need_weights", True),
+            attn_mask=a.get("attn_mask"), average_attn_weights=a.get("average_attn_weights", True),
+            is_causal=a.get("is_causal", False))
+        o, wts = res
+        if mod.batch_first:
+            o = o.transpose(0, 1)
+        return o, wts
+
+    def remove(self) -> None:
+        """Remove every hook and cached delta."""
+        for h in self._hooks.values():
+            h.remove()
+        self._hooks.clear()
+        self._deltas.clear()
+        self._sig.clear()
+        self._modules.clear()
+        self._last_key = None
+        self._requested = []
+
+
+__all__ = ["ModelBinding", "ParamRef", "ActiveNetwork", "ApplyResult", "LoraPatcher", "FunctionalLora"]
