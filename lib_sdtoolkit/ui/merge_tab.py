@@ -1,0 +1,215 @@
+"""Merge tab: pick checkpoints from the models folder, a method and ratios (or per-block ratios / a preset, shown
+as a plot), run the streaming merge with progress, see the report. The merged file lands in the checkpoint folder
+and the host's checkpoint list is refreshed."""
+from __future__ import annotations
+
+import html
+import json
+import logging
+from typing import Any, Dict, List, Optional, Tuple
+
+import gradio as gr
+
+from ..errors import SdToolkitError
+from ..host import Host
+from .common import error_html, keep_value
+
+log = logging.getLogger(__name__)
+
+TITLE = "Merge"
+ELEM_ID = "merge"
+METHODS = ["weighted_sum", "add_difference", "sum_twice", "triple_sum", "ties", "dare"]
+NONE = "None"
+
+
+def checkpoint_choices(host: Host) -> List[str]:
+    return [host.display_name(p, "checkpoint") for p in host.list_models("checkpoint")]
+
+
+def vae_choices(host: Host) -> List[str]:
+    return [NONE] + [host.display_name(p, "vae") for p in host.list_models("vae")]
+
+
+def _family(host: Host, model: Optional[str]) -> str:
+    """SD1 / SD2 / SDXL of a checkpoint (header only), SD1 when unknown."""
+    if not model:
+        return "SD1"
+    try:
+        from ..arch import detect
+        from ..files import read_infos
+
+        arch = detect(read_infos(host.resolve(model, "checkpoint"))[1]).architecture
+        return arch if arch in ("SD1", "SD2", "SDXL", "SDXL-refiner") else "SD1"
+    except Exception:
+        return "SD1"
+
+
+def block_table(host: Host, model_a: Optional[str], preset: Optional[str], blocks: Optional[str], alpha: float,
+                base_alpha: Optional[str]) -> Tuple[Any, str]:
+    """(DataFrame slot/block/ratio for the plot, message) for the ratios the merge would use."""
+    import pandas as pd
+
+    from ..merge.recipe import MergeRecipe
+
+    fam = _family(host, model_a)
+    try:
+        r = MergeRecipe(model_a or "A", "B", preset=preset or None, blocks=blocks or None, alpha=float(alpha),
+                        base_alpha=_float_or_none(base_alpha), allow_extrapolation=True)
+        ratios, _ = r.block_ratios(fam)
+        msg = f"{fam}: {len(ratios) - 1} UNet blocks + BASE"
+    except SdToolkitError as exc:
+        return pd.DataFrame({"slot": [], "block": [], "ratio": []}), str(exc)
+    names = list(ratios)
+    df = pd.DataFrame({"slot": list(range(len(names))), "block": names, "ratio": [ratios[n] for n in names]})
+    return df, msg
+
+
+def _float_or_none(v: Any) -> Optional[float]:
+    if v is None or (isinstance(v, str) and not v.strip()):
+        return None
+    try:
+        return float(v)
+    except (TypeError, ValueError):
+        from ..errors import InvalidInputError
+
+        raise InvalidInputError(f"base alpha must be a number, got {v!r}") from None
+
+
+def ui_body(model_a: str, model_b: str, model_c: str, method: str, alpha: float, beta: Optional[float],
+            preset: str, blocks: str, base_alpha: str, dtype: str, keep_ema: bool, fix_position_ids: bool,
+            bake_vae: str, discard: str, seed: float, device: str, allow_extrapolation: bool, output: str,
+            overwrite: bool) -> Dict[str, Any]:
+    """The request body (same as the HTTP API's) for the tab's values."""
+    uses_beta = method in ("sum_twice", "triple_sum", "ties", "dare")
+    return {
+        "model_a": model_a or "", "model_b": model_b or None, "model_c": model_c or None, "method": method,
+        "alpha": float(alpha), "beta": float(beta) if uses_beta and beta is not None else None,
+        "preset": preset or None, "blocks": (blocks or "").strip() or None, "base_alpha": _float_or_none(base_alpha),
+        "dtype": dtype, "keep_ema": bool(keep_ema), "fix_position_ids": bool(fix_position_ids),
+        "bake_vae": None if not bake_vae or bake_vae == NONE else bake_vae, "discard": (discard or "").strip() or None,
+        "seed": int(seed or 0), "device": device or "cpu", "allow_extrapolation": bool(allow_extrapolation),
+        "output": (output or "").strip() or None, "overwrite": bool(overwrite),
+    }
+
+
+def run_merge(host: Host, *values: Any, progress: Any = None) -> Tuple[str, str, Optional[dict]]:
+    """Click handler: (status html, report text, report json)."""
+    from ..merge.service import merge_for_host
+
+    try:
+        body = ui_body(*values)
+        if not body["model_a"] or not body["model_b"]:
+            raise SdToolkitError("pick model A and model B")
+
+        def tick(done: int, total: int, key: str) -> None:
+            if progress is not None and total:
+                progress(done / total, desc=f"merging {done}/{total}")
+
+        report = merge_for_host(host, body, progress=tick)
+        lines = [f"Merged {report['architecture']} with {report['method']}: {report['keys_total']} keys "
+                 f"({report['merged']} merged, {report['copied_from_a']} from A) in {report['seconds']:.1f} s",
+                 f"Output: {report['output']}"]
+        for what in ("missing_from_b", "missing_from_c"):
+            if report[what]:
+                lines.append(f"{len(report[what])} keys {what.replace('_', ' ')} taken from A")
+        lines.append(f"EMA keys dropped: {report['ema_dropped']}; discarded: {report['discarded']}; "
+                     f"VAE keys baked: {report['vae_baked']}; position_ids: {report['position_ids']}")
+        ok = (f'<div class="sdtoolkit-ok">Saved <b>{html.escape(report["name"])}</b>; it is in the checkpoint '
+              f'list now.</div>')
+        return ok, "\n".join(lines), report
+    except SdToolkitError as exc:
+        return error_html(exc), str(exc), None
+    except Exception as exc:
+        log.exception("sdtoolkit: merge failed")
+        return error_html(exc), f"{type(exc).__name__}: {exc}", None
+
+
+def build(host: Host) -> None:
+    from ..merge.presets import preset_names
+
+    ckpts = checkpoint_choices(host)
+    with gr.Row():
+        model_a = gr.Dropdown(label="Model A (primary)", choices=ckpts, value=ckpts[0] if ckpts else None,
+                              elem_id="sdtoolkit_merge_a")
+        model_b = gr.Dropdown(label="Model B (share M)", choices=ckpts, value=ckpts[1] if len(ckpts) > 1 else None,
+                              elem_id="sdtoolkit_merge_b")
+        model_c = gr.Dropdown(label="Model C (add difference, sum twice, triple sum; optional for TIES/DARE)",
+                              choices=[""] + ckpts, value="", elem_id="sdtoolkit_merge_c")
+        refresh_btn = gr.Button("Refresh", elem_id="sdtoolkit_merge_refresh", elem_classes=["sdtoolkit-tool"])
+    with gr.Row():
+        method = gr.Dropdown(label="Method", choices=METHODS, value="weighted_sum", elem_id="sdtoolkit_merge_method")
+        alpha = gr.Slider(label="M (alpha, share of B)", minimum=0.0, maximum=1.0, step=0.01, value=0.5,
+                          elem_id="sdtoolkit_merge_alpha")
+        beta = gr.Slider(label="beta (share of C / TIES density / DARE drop rate)", minimum=0.0, maximum=1.0,
+                         step=0.01, value=0.2, elem_id="sdtoolkit_merge_beta")
+    with gr.Accordion("Merge block weighted", open=False):
+        with gr.Row():
+            preset = gr.Dropdown(label="Preset", choices=[""] + preset_names(), value="",
+                                 elem_id="sdtoolkit_merge_preset")
+            base_alpha = gr.Textbox(label="Base alpha (text encoder, VAE; blank: from the list / preset / M)",
+                                    value="", elem_id="sdtoolkit_merge_base_alpha")
+        blocks = gr.Textbox(label="Block ratios: 25 (SD1/SD2: IN00..IN11, M00, OUT00..OUT11) or 19 (SDXL) values, "
+                                  "optionally BASE first", value="", elem_id="sdtoolkit_merge_blocks")
+        plot = gr.LinePlot(x="slot", y="ratio", tooltip=["block", "ratio"], title="Share of B per block",
+                           elem_id="sdtoolkit_merge_plot", height=220, width=600)
+        plot_msg = gr.Markdown(elem_id="sdtoolkit_merge_plot_msg")
+    with gr.Row():
+        dtype = gr.Radio(label="Output dtype", choices=["fp16", "bf16", "fp32"], value="fp16",
+                         elem_id="sdtoolkit_merge_dtype")
+        device = gr.Dropdown(label="Device", choices=["cpu", "cuda"], value="cpu", elem_id="sdtoolkit_merge_device")
+        seed = gr.Number(label="Seed (DARE)", value=0, precision=0, elem_id="sdtoolkit_merge_seed")
+    with gr.Row():
+        keep_ema = gr.Checkbox(label="Keep EMA", value=False, elem_id="sdtoolkit_merge_keep_ema")
+        fix_pos = gr.Checkbox(label="Reset CLIP position_ids (arange 77)", value=False,
+                              elem_id="sdtoolkit_merge_fix_pos")
+        allow_ex = gr.Checkbox(label="Allow ratios outside [0, 1]", value=False, elem_id="sdtoolkit_merge_extrap")
+        overwrite = gr.Checkbox(label="Overwrite an existing output", value=False,
+                                elem_id="sdtoolkit_merge_overwrite")
+    with gr.Row():
+        bake_vae = gr.Dropdown(label="Bake in VAE", choices=vae_choices(host), value=NONE,
+                               elem_id="sdtoolkit_merge_vae")
+        discard = gr.Textbox(label="Discard weights (regex)", value="", elem_id="sdtoolkit_merge_discard")
+        output = gr.Textbox(label="Output file name (blank: A_B_method_M.safetensors)", value="",
+                            elem_id="sdtoolkit_merge_output")
+    run_btn = gr.Button("Merge", variant="primary", elem_id="sdtoolkit_merge_run")
+    status = gr.HTML(elem_id="sdtoolkit_merge_status")
+    report_text = gr.Textbox(label="Report", lines=6, interactive=False, elem_id="sdtoolkit_merge_report")
+    with gr.Accordion("JSON", open=False):
+        report_json = gr.JSON(elem_id="sdtoolkit_merge_json")
+
+    def update_plot(a, p, bl, al, ba):
+        df, msg = block_table(host, a, p, bl, al, ba)
+        return gr.update(value=df), msg
+
+    def pick_preset(a, p, bl, al, ba):
+        if p:
+            from ..merge.presets import get_preset
+
+            base, vals = get_preset(p, _family(host, a))
+            bl = ",".join(repr(float(v)) for v in [base] + vals)  # exact round trip
+        df, msg = block_table(host, a, None, bl, al, ba)
+        return bl, gr.update(value=df), msg
+
+    def do_refresh(a, b, c, v):
+        host.refresh("checkpoint")
+        new = checkpoint_choices(host)
+        vaes = vae_choices(host)
+        return (gr.update(choices=new, value=keep_value(new, a)), gr.update(choices=new, value=keep_value(new, b)),
+                gr.update(choices=[""] + new, value=keep_value([""] + new, c)),
+                gr.update(choices=vaes, value=keep_value(vaes, v)))
+
+    plot_inputs = [model_a, preset, blocks, alpha, base_alpha]
+    preset.change(pick_preset, inputs=plot_inputs, outputs=[blocks, plot, plot_msg])
+    for comp in (blocks, base_alpha, model_a):
+        comp.change(update_plot, inputs=plot_inputs, outputs=[plot, plot_msg])
+    refresh_btn.click(do_refresh, inputs=[model_a, model_b, model_c, bake_vae],
+                      outputs=[model_a, model_b, model_c, bake_vae])
+
+    def do_merge(a, b, c, m, al, be, bl, ba, dt, ke, fp, vae, dis, sd, dev, ax, out, ow, progress=gr.Progress()):
+        # the preset was copied into the block box when picked; the box is what the merge uses
+        return run_merge(host, a, b, c, m, al, be, "", bl, ba, dt, ke, fp, vae, dis, sd, dev, ax, out, ow,
+                         progress=progress)
+
+    run_btn.click(do_merge, inputs=[model_a, model_b, model_c, method, alpha, beta, blocks, base_alpha, dtype,
+                                    keep_ema, fix_pos, bake_vae, discard, seed, device, allow_ex, output, overwrite],
+                  outputs=[status, report_text, report_json])
