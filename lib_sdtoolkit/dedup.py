@@ -587,7 +587,159 @@ def format_report(res: DedupResult) -> str:
     return "\n".join(lines)
 
 
-__all__ = ["CONTENT_VERSION", "CANONICAL_DTYPE", "ContentHash", "content_hash", "canonical_names",
+# ------------------------------------------------------------------------------------------------ host-facing
+# Used by the HTTP routes and the UI tab: client paths must stay under the host's model folders.
+
+def _under(p: Path, d: Path) -> bool:
+    return str(p) == str(d) or str(p).startswith(str(d).rstrip(os.sep) + os.sep)
+
+
+def resolve_folders(host: Any, folders: Optional[Sequence[str]], kind: str = "any",
+                    create: bool = False) -> List[Path]:
+    """Folders a client names: relative to a model folder (no ``..``) or absolute inside one; none given -> the
+    model folders of ``kind`` (all kinds for ``any``). Anything else is refused (403)."""
+    import re
+
+    from .errors import AccessDeniedError
+    from .host import MODEL_KINDS
+
+    kinds = list(MODEL_KINDS) if kind in ("any", None) else [kind]
+    roots: List[Path] = []
+    for k in kinds:
+        for d in host.model_dirs(k):
+            d = Path(os.path.normpath(os.path.abspath(os.fspath(d))))
+            if d not in roots:
+                roots.append(d)
+    all_roots = [Path(os.path.normpath(os.path.abspath(os.fspath(d)))) for d in host.all_model_dirs()]
+    if not folders:
+        return [d for d in roots if d.is_dir()]
+    out: List[Path] = []
+    for raw in folders:
+        raw = str(raw or "").strip()
+        if not raw:
+            continue
+        if ".." in re.split(r"[\\/]+", raw):
+            raise AccessDeniedError("'..' is not allowed in a folder path", path=raw)
+        if os.path.isabs(raw) or raw.startswith("~"):
+            cand = Path(os.path.normpath(os.path.abspath(os.path.expanduser(raw))))
+            real = Path(os.path.realpath(cand))
+            if not any(_under(cand, d) or _under(real, Path(os.path.realpath(d))) for d in all_roots):
+                raise AccessDeniedError("the folder is outside the configured model folders", path=raw)
+            found = cand
+        else:
+            found = None
+            for d in roots or all_roots:
+                cand = Path(os.path.normpath(d / raw))
+                if _under(cand, d) and (cand.is_dir() or create):
+                    found = cand
+                    break
+            if found is None:
+                raise InvalidInputError("no such folder under the model folders", raw)
+        if create:
+            found.mkdir(parents=False, exist_ok=True)
+        if not found.is_dir():
+            raise InvalidInputError("not a folder", raw)
+        out.append(found)
+    return out
+
+
+def host_cache(host: Any) -> HashCache:
+    """The hash cache a host uses (``settings["sdtoolkit_hash_cache"]`` or the default location)."""
+    settings = getattr(host, "settings", None) or {}
+    return HashCache(settings.get("sdtoolkit_hash_cache") or None)
+
+
+def hash_for_host(host: Any, paths: Sequence[str], kind: Optional[str] = None,
+                  algos: Optional[Sequence[str]] = None,
+                  progress: Optional[Callable[[float, str], None]] = None) -> Dict[str, Any]:
+    """Hash model files a client names; mirror sha256 / addnet hashes into the WebUI's cache where the host has
+    one (so the WebUI shows and writes the same hashes). Unreadable files are listed, the rest still hashed."""
+    from .files.hash_cache import cached_hash_file, webui_cache_for_host
+    from .files.hashes import normalize_algos
+    from .prune import kind_of_path
+
+    if not paths:
+        raise InvalidInputError("name at least one model file")
+    wanted = normalize_algos(algos) if algos else None
+    targets = [host.resolve(str(p), kind) for p in paths]  # 403 / 404 before any work
+    webui = webui_cache_for_host(host)
+    if webui is not None and wanted is not None:
+        wanted = normalize_algos(list(wanted) + ["sha256", "autov3"])
+    results: List[Dict[str, Any]] = []
+    problems: List[Dict[str, str]] = []
+    written = 0
+    cache = host_cache(host)
+    try:
+        for i, t in enumerate(targets):
+            def tick(done: int, total: int, i: int = i, name: str = t.name) -> None:
+                if progress is not None:
+                    progress((i + (done / total if total else 1.0)) / len(targets), f"hashing {name}")
+            try:
+                res = cached_hash_file(t, wanted, cache, progress=tick)
+            except SdToolkitError as e:
+                problems.append({"path": host.display_name(t), "reason": e.message})
+                continue
+            if res.changed:
+                problems.append({"path": host.display_name(t), "reason": "the file changed while it was hashed; "
+                                                                         "not cached"})
+                continue
+            k = kind_of_path(host, t)
+            d = res.to_dict()
+            d.update(name=host.display_name(t, k), kind=k, civitai=res.civitai())
+            results.append(d)
+            if webui is not None and k in ("checkpoint", "lora"):
+                try:
+                    written += webui.record(k, [res], host.model_dirs("checkpoint"))
+                except SdToolkitError as e:
+                    problems.append({"path": host.display_name(t), "reason": f"WebUI cache not written: {e}"})
+    finally:
+        cache.close()
+        if webui is not None:
+            webui.close()
+    if progress is not None:
+        progress(1.0, "done")
+    return {"results": results, "problems": problems, "webui_cache_entries": written}
+
+
+def dedup_for_host(host: Any, body: Mapping[str, Any],
+                   progress: Optional[Callable[[float, str], None]] = None) -> Dict[str, Any]:
+    """Dedup over model folders: ``kind``, ``folders`` (default: the kind's folders), ``action``
+    (``report`` default), ``to`` (a folder under the model folders, created if missing) and ``confirm`` (must be
+    true for ``hardlink`` / ``move``)."""
+    kind = str(body.get("kind") or "any")
+    if kind not in KINDS:
+        raise InvalidInputError(f"unknown kind '{kind}' (expected one of {', '.join(KINDS)})")
+    action = str(body.get("action") or "report")
+    if action not in ACTIONS:
+        raise InvalidInputError(f"unknown action '{action}' (expected one of {', '.join(ACTIONS)})")
+    if action != "report" and body.get("confirm") is not True:
+        raise InvalidInputError(f"action '{action}' changes files: send confirm: true to run it")
+    folders = resolve_folders(host, body.get("folders"), kind)
+    to = None
+    if action == "move":
+        if not body.get("to"):
+            raise InvalidInputError("action 'move' needs 'to' (a folder under the model folders)")
+        to = resolve_folders(host, [str(body["to"])], "any", create=True)[0]
+    elif body.get("to"):
+        raise InvalidInputError("'to' is only for action 'move'")
+    cache = host_cache(host)
+
+    def tick(i: int, n: int, name: str) -> None:
+        if progress is not None:
+            progress(i / n if n else 1.0, f"scanning {os.path.basename(name)}" if name else "done")
+    try:
+        res = dedup(folders, kind, action, to, cache, tick)
+    finally:
+        cache.close()
+    if action != "report":
+        host.refresh(None)
+    out = res.to_dict()
+    out["folders"] = [str(f) for f in folders]
+    out["table"] = {"headers": TABLE_HEADERS, "rows": table_rows(res.groups)}
+    return out
+
+
+__all__ = ["hash_for_host", "dedup_for_host", "resolve_folders", "host_cache", "CONTENT_VERSION", "CANONICAL_DTYPE", "ContentHash", "content_hash", "canonical_names",
            "canonical_tensor", "ScannedFile", "ScanReport", "ScanProblem", "scan", "iter_model_files", "DupGroup",
            "find_duplicates", "keeper_sort_key", "ActionResult", "apply_action", "DedupResult", "dedup",
            "format_report", "table_rows", "TABLE_HEADERS", "human_bytes", "KINDS", "ACTIONS"]

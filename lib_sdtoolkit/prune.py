@@ -230,4 +230,69 @@ def prune_file(path: PathLike, out: PathLike, options: Optional[PruneOptions] = 
 
 
 __all__ = ["DTYPES", "COMPONENT_NAMES", "PruneOptions", "PrunePlan", "PruneResult", "parse_only", "plan_prune",
+           "prune_for_host", "resolve_output", "kind_of_path",
            "prune_file", "STALE_METADATA"]
+
+
+# ------------------------------------------------------------------------------------------------ host-facing
+# Used by the HTTP route and the UI tab: every path comes from an untrusted client and must stay under the host's
+# model folders.
+
+def kind_of_path(host: Any, path: PathLike) -> Optional[str]:
+    """The model kind whose folder holds ``path`` (first match), or None."""
+    from .host import MODEL_KINDS
+
+    p = os.path.normpath(os.path.abspath(os.fspath(path)))
+    for k in MODEL_KINDS:
+        for d in host.model_dirs(k):
+            d = os.path.normpath(os.path.abspath(os.fspath(d)))
+            if p.startswith(d.rstrip(os.sep) + os.sep):
+                return k
+    return None
+
+
+def resolve_output(host: Any, raw: str, kind: str) -> Path:
+    """An output name from a client: a relative path without ``..`` inside ``host.output_dir(kind)``, or an
+    absolute path inside one of the model folders. Anything else is refused (403)."""
+    import re
+
+    from .errors import AccessDeniedError
+    from .files import MODEL_SUFFIXES
+
+    raw = (raw or "").strip()
+    if not raw:
+        raise InvalidInputError("give an output file name")
+    parts = re.split(r"[\\/]+", raw)
+    if ".." in parts:
+        raise AccessDeniedError("'..' is not allowed in an output path", path=raw)
+    if os.path.isabs(raw) or raw.startswith("~"):
+        cand = Path(os.path.normpath(os.path.abspath(os.path.expanduser(raw))))
+        if kind_of_path(host, cand) is None:
+            raise AccessDeniedError("the output is outside the configured model folders", path=raw)
+    else:
+        base = Path(os.path.normpath(os.path.abspath(host.output_dir(kind))))
+        base.mkdir(parents=True, exist_ok=True)
+        cand = Path(os.path.normpath(base / raw))
+        if not str(cand).startswith(str(base).rstrip(os.sep) + os.sep):
+            raise AccessDeniedError("the output is outside the configured model folders", path=raw)
+    if not cand.name.lower().endswith(MODEL_SUFFIXES) or cand.suffix.lower() == ".bin":
+        raise InvalidInputError("the output must end in .safetensors, .ckpt, .pt or .pth", cand)
+    return cand
+
+
+def prune_for_host(host: Any, body: Dict[str, Any], progress: Optional[Callable[[int, int], None]] = None
+                   ) -> Dict[str, Any]:
+    """Prune a model the client names (``path``, optional ``kind``) into ``output`` (see :func:`resolve_output`:
+    a standalone VAE goes to the VAE folder, anything else to the folder of the input's kind)."""
+    src = host.resolve(str(body.get("path") or ""), body.get("kind"))
+    opts = PruneOptions(dtype=body.get("dtype") or "fp16", keep_ema=bool(body.get("keep_ema")),
+                        keep_junk=bool(body.get("keep_junk")), fix_position_ids=bool(body.get("fix_position_ids")),
+                        only=body.get("only"), bare=body.get("bare"))
+    out_kind = "vae" if opts.only == ["vae"] else (kind_of_path(host, src) or "checkpoint")
+    out = resolve_output(host, str(body.get("output") or ""), out_kind)
+    res = prune_file(src, out, opts, overwrite=bool(body.get("overwrite")), progress=progress)
+    host.refresh(out_kind)
+    d = res.to_dict()
+    d["name"] = host.display_name(out, out_kind)
+    d["kind"] = out_kind
+    return d

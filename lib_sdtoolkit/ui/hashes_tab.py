@@ -1,0 +1,156 @@
+"""Hashes & dedup tab: file hashes (AutoV1/V2/V3, SHA256, BLAKE3, CRC32) with a progress bar, and the duplicate
+report as a table with action buttons that ask for confirmation before changing anything."""
+from __future__ import annotations
+
+import html
+import logging
+from typing import Any, Dict, List, Optional, Tuple
+
+import gradio as gr
+
+from ..errors import SdToolkitError
+from ..host import Host
+from .common import error_html, human_bytes, keep_value, model_choices, parse_choice
+
+log = logging.getLogger(__name__)
+
+TITLE = "Hashes & dedup"
+ELEM_ID = "hashes"
+HASH_HEADERS = ["file", "AutoV2", "SHA256", "AutoV1", "AutoV3", "BLAKE3", "CRC32", "from"]
+
+
+def run_hashes(host: Host, picked: List[str], progress: Any = None) -> Tuple[str, List[List[Any]], Any]:
+    from ..dedup import hash_for_host
+
+    if not picked:
+        return error_html(SdToolkitError("pick one or more models first")), [], None
+    try:
+        names: List[str] = []
+        kinds = set()
+        for c in picked:
+            k, n = parse_choice(c)
+            names.append(n)
+            kinds.add(k)
+        kind = kinds.pop() if len(kinds) == 1 else None
+        tick = (lambda f, d: progress(f, desc=d)) if progress is not None else None
+        res = hash_for_host(host, names, kind, None, tick)
+    except SdToolkitError as exc:
+        return error_html(exc), [], None
+    except Exception as exc:
+        log.exception("sdtoolkit: hashing failed")
+        return error_html(exc), [], None
+    rows = [[r["name"], r.get("autov2"), r.get("sha256"), r.get("autov1"), r.get("autov3") or "",
+             r.get("blake3"), r.get("crc32"), r.get("source")] for r in res["results"]]
+    msg = f'<div class="sdtoolkit-ok">{len(rows)} files hashed'
+    if res["webui_cache_entries"]:
+        msg += f'; {res["webui_cache_entries"]} entries written to the WebUI hash cache'
+    msg += "</div>"
+    for p in res["problems"]:
+        msg += error_html(SdToolkitError(f'{p["path"]}: {p["reason"]}'))
+    return msg, rows, res
+
+
+def _summary(res: Dict[str, Any]) -> str:
+    n = len(res["groups"])
+    out = (f'<div class="sdtoolkit-ok">{res["files_scanned"]} files scanned ({res["files_read"]} read, the rest '
+           f'from the cache): {n} duplicate groups, {human_bytes(res["gain_bytes"])} to gain</div>')
+    for p in res["problems"]:
+        out += error_html(SdToolkitError(f'{p["path"]}: {p["reason"]}'))
+    for a in res.get("actions", []):
+        why = f' ({html.escape(a["reason"])})' if a.get("reason") else ""
+        out += f'<div class="sdtoolkit-action">{html.escape(a["action"])}: {html.escape(a["path"])}{why}</div>'
+    return out
+
+
+def run_dedup(host: Host, kind: str, folders: str, action: str = "report", to: Optional[str] = None,
+              confirm: bool = False, progress: Any = None) -> Tuple[str, List[List[Any]], Any]:
+    from ..dedup import dedup_for_host
+
+    try:
+        body = {"kind": kind, "folders": [f.strip() for f in (folders or "").split(",") if f.strip()] or None,
+                "action": action, "to": to or None, "confirm": confirm}
+        tick = (lambda f, d: progress(f, desc=d)) if progress is not None else None
+        res = dedup_for_host(host, body, tick)
+    except SdToolkitError as exc:
+        return error_html(exc), [], None
+    except Exception as exc:
+        log.exception("sdtoolkit: dedup failed")
+        return error_html(exc), [], None
+    return _summary(res), res["table"]["rows"], res
+
+
+def build(host: Host) -> None:
+    from ..dedup import TABLE_HEADERS
+
+    all_kinds = ("checkpoint", "vae", "lora", "controlnet")
+    choices = model_choices(host, all_kinds)
+    gr.Markdown("### File hashes")
+    with gr.Row(elem_classes=["sdtoolkit-picker"]):
+        files = gr.Dropdown(label="Models", choices=choices, multiselect=True, elem_id="sdtoolkit_hashes_files",
+                            scale=5)
+        refresh_btn = gr.Button("Refresh", elem_id="sdtoolkit_hashes_refresh", elem_classes=["sdtoolkit-tool"],
+                                scale=1, min_width=90)
+    hash_btn = gr.Button("Compute hashes", variant="primary", elem_id="sdtoolkit_hashes_run")
+    hash_status = gr.HTML(elem_id="sdtoolkit_hashes_status")
+    hash_table = gr.Dataframe(headers=HASH_HEADERS, interactive=False, elem_id="sdtoolkit_hashes_table",
+                              label="Hashes (AutoV2 is what the WebUI shows; AutoV3 only for .safetensors)")
+
+    gr.Markdown("### Duplicates")
+    with gr.Row():
+        kind = gr.Radio(["vae", "checkpoint", "lora", "any"], value="vae", label="Kind",
+                        elem_id="sdtoolkit_dedup_kind")
+        folders = gr.Textbox(label="Folders (comma separated, under the model folders; empty: the kind's folders)",
+                             lines=1, elem_id="sdtoolkit_dedup_folders", scale=3)
+    scan_btn = gr.Button("Scan for duplicates", variant="primary", elem_id="sdtoolkit_dedup_scan")
+    dedup_status = gr.HTML(elem_id="sdtoolkit_dedup_status")
+    dedup_table = gr.Dataframe(headers=TABLE_HEADERS, interactive=False, elem_id="sdtoolkit_dedup_table",
+                               label="Duplicate groups (keep = the copy that stays)")
+    with gr.Row():
+        link_btn = gr.Button("Replace byte duplicates with hard links...", elem_id="sdtoolkit_dedup_hardlink")
+        to = gr.Textbox(label="Move duplicates to (folder under the model folders)", lines=1,
+                        elem_id="sdtoolkit_dedup_to", scale=2)
+        move_btn = gr.Button("Move duplicates...", elem_id="sdtoolkit_dedup_move")
+    pending = gr.State("")
+    with gr.Group(visible=False, elem_id="sdtoolkit_dedup_confirm_box") as confirm_box:
+        confirm_text = gr.HTML(elem_id="sdtoolkit_dedup_confirm_text")
+        with gr.Row():
+            confirm_btn = gr.Button("Confirm", variant="stop", elem_id="sdtoolkit_dedup_confirm")
+            cancel_btn = gr.Button("Cancel", elem_id="sdtoolkit_dedup_cancel")
+    with gr.Accordion("JSON", open=False):
+        dedup_json = gr.JSON(elem_id="sdtoolkit_dedup_json")
+
+    def do_refresh(current):
+        host.refresh(None)
+        new = model_choices(host, all_kinds)
+        return gr.update(choices=new, value=[c for c in (current or []) if c in new])
+
+    def do_hash(picked, progress=gr.Progress()):
+        return run_hashes(host, picked, progress)
+
+    def do_scan(k, f, progress=gr.Progress()):
+        return run_dedup(host, k, f, progress=progress)
+
+    def ask(action: str, k: str, f: str, target: str):
+        what = ("replace every byte-identical duplicate with a hard link to the kept copy (same filesystem only; "
+                "files with the same weights but different bytes are left alone)" if action == "hardlink" else
+                f"move every duplicate into '{html.escape(target or '(no folder given)')}'")
+        text = (f'<div class="sdtoolkit-warn">This will {what} for kind <b>{html.escape(k)}</b>'
+                f'{" in " + html.escape(f) if f else ""}. Nothing is deleted. Continue?</div>')
+        return action, gr.update(visible=True), text
+
+    def do_confirm(action, k, f, target, progress=gr.Progress()):
+        if action not in ("hardlink", "move"):
+            return gr.update(visible=False), "", gr.update(), None, ""
+        msg, rows, res = run_dedup(host, k, f, action, target if action == "move" else None, True, progress)
+        return gr.update(visible=False), msg, rows, res, ""
+
+    refresh_btn.click(do_refresh, inputs=[files], outputs=[files])
+    hash_btn.click(do_hash, inputs=[files], outputs=[hash_status, hash_table, dedup_json])
+    scan_btn.click(do_scan, inputs=[kind, folders], outputs=[dedup_status, dedup_table, dedup_json])
+    link_btn.click(lambda k, f, t: ask("hardlink", k, f, t), inputs=[kind, folders, to],
+                   outputs=[pending, confirm_box, confirm_text])
+    move_btn.click(lambda k, f, t: ask("move", k, f, t), inputs=[kind, folders, to],
+                   outputs=[pending, confirm_box, confirm_text])
+    cancel_btn.click(lambda: ("", gr.update(visible=False)), outputs=[pending, confirm_box])
+    confirm_btn.click(do_confirm, inputs=[pending, kind, folders, to],
+                      outputs=[confirm_box, dedup_status, dedup_table, dedup_json, pending])
