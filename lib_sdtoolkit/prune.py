@@ -132,9 +132,10 @@ def plan_prune(reader: Any, options: PruneOptions) -> PrunePlan:
     bare = options.bare if options.bare is not None else (wanted == ["vae"])
     strip = None
     if bare:
-        if wanted is None or len(wanted) != 1:
-            raise InvalidInputError("bare keys need exactly one component (--only COMPONENT)")
-        strip = info.prefixes.get(wanted[0], "") or ""
+        one = wanted if wanted is not None else present
+        if len(one) != 1:
+            raise InvalidInputError("bare keys need exactly one component (--only COMPONENT)", reader.path)
+        strip = info.prefixes.get(one[0], "") or ""
         if info.architecture == "VAE":
             strip = "first_stage_model."
     target = DTYPES[options.dtype]
