@@ -1,0 +1,108 @@
+"""Model names as sd-webui-controlnet shows them, and turning API unit dicts into runnable hook units.
+
+``model_titles(host)`` lists ControlNet files as ``"name [hash]"`` (hash = the WebUI's legacy 8-hex model hash:
+sha256 of 64 KiB read at offset 1 MiB, cheap even for large files). ``prepare_units`` turns unit dicts into
+:class:`~lib_sdtoolkit.controlnet.hook.HookUnit` objects; a unit that cannot run (unknown module or model, bad image,
+model for another architecture) is skipped with a warning and the rest go on.
+"""
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
+
+import numpy as np
+
+from ..errors import InvalidInputError, SdToolkitError
+from ..host import Host
+from .unit import ControlNetUnit
+
+log = logging.getLogger(__name__)
+
+
+def legacy_model_hash(path: os.PathLike) -> str:
+    try:
+        with open(path, "rb") as f:
+            f.seek(0x100000)
+            return hashlib.sha256(f.read(0x10000)).hexdigest()[:8]
+    except OSError:
+        return "NOFILE"
+
+
+def model_titles(host: Host) -> List[str]:
+    out = []
+    for p in host.list_models("controlnet"):
+        out.append(f"{Path(host.display_name(p, 'controlnet')).with_suffix('').as_posix()} [{legacy_model_hash(p)}]")
+    return out
+
+
+def resolve_model(host: Host, title: str) -> Path:
+    """A model title (``name [hash]``), a name or a relative path -> file under the ControlNet folders."""
+    if not title or title.strip().lower() == "none":
+        raise InvalidInputError("no ControlNet model selected")
+    return host.resolve(title.strip(), "controlnet")
+
+
+@dataclass
+class PreparedUnits:
+    units: List[Any] = field(default_factory=list)  # HookUnit
+    detected_maps: List[Tuple[int, np.ndarray]] = field(default_factory=list)
+    warnings: List[str] = field(default_factory=list)
+
+
+def prepare_units(unit_dicts: Sequence[Any], host: Host, cache: Any, height: int, width: int,
+                  unet: Any = None, init_image: Any = None, dtype: Any = None, device: Any = "cpu",
+                  warn: Optional[Callable[[str], None]] = None) -> PreparedUnits:
+    """Validate and load every enabled unit. Errors never stop the generation: the unit is skipped and a warning
+    naming it and the problem is recorded (and passed to ``warn``)."""
+    import torch
+
+    from .hook import HookUnit
+    from .models import check_compatible
+    from .preprocessors import apply_resize_mode, decode_image, map_to_hint, pixel_perfect_resolution, \
+        require_preprocessor
+
+    out = PreparedUnits()
+    for i, raw in enumerate(unit_dicts):
+        try:
+            unit = ControlNetUnit.from_dict(raw) if not isinstance(raw, ControlNetUnit) else raw.validated()
+        except SdToolkitError as e:
+            _warn(out, warn, f"ControlNet unit {i}: {e}; unit skipped")
+            continue
+        if not unit.enabled:
+            continue
+        try:
+            pre = require_preprocessor(unit.module)
+            src = unit.image if unit.image not in (None, "") else init_image
+            if src is None:
+                raise InvalidInputError("no input image (and no img2img init image)")
+            img = decode_image(src, "ControlNet input image")
+            res = unit.processor_res
+            if unit.pixel_perfect:
+                res = pixel_perfect_resolution(img, height, width, unit.resize_mode)
+            detected = pre(img, res, unit.threshold_a, unit.threshold_b)
+            fitted = apply_resize_mode(detected, height, width, unit.resize_mode)
+            model = cache.get(resolve_model(host, unit.model), dtype=dtype or torch.float32, device=device)
+            if unet is not None:
+                check_compatible(model, unet)
+        except SdToolkitError as e:
+            _warn(out, warn, f"ControlNet unit {i} ({unit.module}, {unit.model}): {e}; generation continues "
+                             "without this unit")
+            continue
+        out.units.append(HookUnit(model, map_to_hint(fitted), unit.weight, unit.control_mode, unit.guidance_start,
+                                  unit.guidance_end, unit.hr_option, unit.advanced_weighting,
+                                  name=f"unit {i}: {unit.module} / {unit.model}"))
+        if unit.save_detected_map:
+            out.detected_maps.append((i, fitted))
+    return out
+
+
+def _warn(out: PreparedUnits, warn: Optional[Callable[[str], None]], msg: str) -> None:
+    out.warnings.append(msg)
+    (warn or log.warning)(msg)
+
+
+__all__ = ["model_titles", "resolve_model", "legacy_model_hash", "prepare_units", "PreparedUnits"]
