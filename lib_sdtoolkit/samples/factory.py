@@ -326,6 +326,9 @@ def _key_seed(seed: int, key: str) -> int:
     return int.from_bytes(hashlib.blake2b(f"{seed}:{key}".encode(), digest_size=8).digest(), "little") >> 1
 
 
+_CHUNK = 1 << 20
+
+
 def make_tensor(key: str, shape: Shape, seed: int = 0, dtype: torch.dtype = torch.float32,
                 natural: torch.dtype = torch.float32) -> torch.Tensor:
     """The deterministic value of ``key`` for ``seed`` (independent of any other key)."""
@@ -334,12 +337,16 @@ def make_tensor(key: str, shape: Shape, seed: int = 0, dtype: torch.dtype = torc
     if key.endswith("logit_scale"):
         return torch.tensor(math.log(1 / 0.07), dtype=torch.float32).reshape(shape).to(dtype)
     g = torch.Generator().manual_seed(_key_seed(seed, key))
-    t = torch.randn(shape, generator=g, dtype=torch.float32).mul_(0.02)
-    if len(shape) == 1 and key.endswith(".weight"):
-        t.add_(1.0)  # norm scales
-    if not natural.is_floating_point:
-        return t.to(natural)
-    return t.to(dtype)
+    out_dtype = dtype if natural.is_floating_point else natural
+    n = math.prod(shape)
+    out = torch.empty(n, dtype=out_dtype)
+    # generated in chunks of _CHUNK values straight into the output: a full-width embedding never exists in fp32
+    for i in range(0, n, _CHUNK):
+        part = torch.randn(min(_CHUNK, n - i), generator=g, dtype=torch.float32).mul_(0.02)
+        if len(shape) == 1 and key.endswith(".weight"):
+            part.add_(1.0)  # norm scales
+        out[i:i + part.numel()] = part
+    return out.reshape(shape)
 
 
 def _ddpm_buffers() -> Dict[str, torch.Tensor]:
