@@ -116,8 +116,6 @@ def resolve_name(name: str, arch: str) -> Optional[LoraTarget]:
     # SDXL files sometimes say lora_te_ for the first encoder; SD1 files sometimes lora_te1_
     if b.startswith("SDXL") and name.startswith("lora_te_"):
         return table.get("lora_te1_" + name[len("lora_te_"):])
-    if not b.startswith("SDXL") and name.startswith("lora_te1_"):
-        return table.get("lora_te_" + name[len("lora_te1_"):])
     return None
 
 

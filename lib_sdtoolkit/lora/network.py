@@ -125,6 +125,11 @@ def load_network(path: PathLike, arch: str, name: Optional[str] = None) -> Netwo
     with open_model(p) as r:
         keys = r.keys()
         metadata = dict(r.metadata)
+        guessed = guess_lora_arch(keys, metadata)
+        if guessed == "SDXL" and not base.startswith("SDXL"):
+            example = next((k for k in keys if k.startswith(("lora_te1_", "lora_te2_", "text_encoder_2."))), keys[0])
+            raise ArchitectureError(f"this is an SDXL network (te1/te2 text encoders or sdxl base model in its "
+                                    f"metadata) and the model is {base}; not applied", p, example.split(".")[0])
         groups, bundled = group_modules(keys, base)
         layers: List[BoundLayer] = []
         unmatched: List[str] = []
