@@ -261,11 +261,11 @@ def scan(paths: Sequence[PathLike], kind: str = "any", cache: Optional[HashCache
         read = False
         try:
             if arch is None:
+                read = True
                 with open_model(p) as r:
                     arch = detect(r.infos()).architecture
                 if cache is not None:
                     cache.store(p, st, architecture=arch)
-                read = True
             f.architecture, f.kind = arch, kind_of_architecture(arch)
             if kind != "any" and f.kind != kind:
                 report.skipped_kind += 1
@@ -719,7 +719,7 @@ def dedup_for_host(host: Any, body: Mapping[str, Any],
     if action == "move":
         if not body.get("to"):
             raise InvalidInputError("action 'move' needs 'to' (a folder under the model folders)")
-        to = resolve_folders(host, [str(body["to"])], "any", create=True)[0]
+        to = resolve_folders(host, [str(body["to"])], kind, create=True)[0]  # relative: inside the kind's folder
     elif body.get("to"):
         raise InvalidInputError("'to' is only for action 'move'")
     cache = host_cache(host)
