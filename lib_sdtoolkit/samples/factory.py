@@ -19,6 +19,7 @@ Weights are deterministic per (seed, key): ``N(0, 0.02)``, 1-D ``.weight`` tenso
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import io
 import math
@@ -301,6 +302,15 @@ def _text_specs(spec: TextEncoderSpec) -> List[KeySpec]:
 def key_specs(arch: str, width: str = "tiny", variant: Optional[str] = None) -> List[KeySpec]:
     """The keys of a checkpoint of ``arch`` in module order (UNet, VAE, text encoders), computed from the real
     modules on the ``meta`` device. The ``VAE`` architecture gives bare VAE keys."""
+    return list(_key_specs(arch, width, variant))
+
+
+@functools.lru_cache(maxsize=None)
+def _key_specs(arch: str, width: str, variant: Optional[str]) -> Tuple[KeySpec, ...]:
+    return tuple(_compute_key_specs(arch, width, variant))
+
+
+def _compute_key_specs(arch: str, width: str, variant: Optional[str]) -> List[KeySpec]:
     cfg = get_config(arch, width, variant)
     vae = build_ldm_vae(width, device="meta")
     vae_specs = [KeySpec(k, tuple(v.shape), torch.float32) for k, v in vae.state_dict().items()]
