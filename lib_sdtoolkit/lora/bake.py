@@ -1,0 +1,105 @@
+"""Bake networks into a checkpoint: W' = W + Σ m·ΔW per layer (ΔW in fp32, cast once to the stored dtype),
+streamed key by key from the input into :class:`lib_sdtoolkit.files.StreamingSafetensorsWriter`."""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
+
+import torch
+
+from ..arch import detect
+from ..errors import ArchitectureError, InvalidInputError
+from ..files import StreamingSafetensorsWriter, check_output_path, open_model
+from . import formats
+from .network import BoundLayer, Network, check_shapes, load_network
+from .names import base_arch
+
+PathLike = Union[str, "os.PathLike[str]"]
+
+
+def parse_lora_arg(spec: str) -> Tuple[str, float]:
+    """``path[:mult]`` -> (path, mult); a trailing ``:number`` is the multiplier."""
+    if ":" in spec:
+        head, tail = spec.rsplit(":", 1)
+        try:
+            return head, float(tail)
+        except ValueError:
+            pass
+    return spec, 1.0
+
+
+def bake(checkpoint: PathLike, loras: Sequence[Tuple[PathLike, float]], out: PathLike, overwrite: bool = False,
+         progress: Optional[Callable[[int, int], None]] = None) -> Dict[str, object]:
+    """Write ``out`` = ``checkpoint`` with ``loras`` [(path, multiplier)] merged in. Returns a summary."""
+    if not loras:
+        raise InvalidInputError("no LoRA given to bake")
+    outp = check_output_path(out, [checkpoint, *[p for p, _ in loras]], overwrite)
+    if outp.suffix.lower() != ".safetensors":
+        raise InvalidInputError("the baked checkpoint is written as .safetensors", outp)
+    with open_model(checkpoint) as r:
+        infos = r.infos()
+        a = detect(infos)
+        if not a.is_checkpoint:
+            raise ArchitectureError(f"not a Stable Diffusion checkpoint ({a.architecture})", r.path)
+        arch = base_arch(a.architecture)
+        shapes = {k: i.shape for k, i in infos.items()}
+        nets: List[Tuple[Network, float]] = []
+        for p, m in loras:
+            net = load_network(p, arch)
+            check_shapes(net, shapes)
+            nets.append((net, float(m)))
+        by_key: Dict[str, List[Tuple[BoundLayer, float]]] = {}
+        # bias deltas (full ``diff_b``, norm ``b_norm``, ``bias``) do not depend on W: computed up front, since a
+        # file may store a bias before its weight
+        biases: Dict[str, torch.Tensor] = {}
+        for net, m in nets:
+            for layer in net.layers:
+                by_key.setdefault(layer.weight_key, []).append((layer, m))
+                t = layer.weights.t
+                db = t.get("diff_b", t.get("b_norm", t.get("bias")))
+                if db is None or layer.bias_key not in infos:
+                    continue
+                d = db.float().reshape(-1) * m
+                if layer.target.qkv_index is not None:
+                    full = torch.zeros(infos[layer.bias_key].shape[0])
+                    n = full.shape[0] // 3
+                    full[layer.target.qkv_index * n:(layer.target.qkv_index + 1) * n] = d
+                    d = full
+                biases[layer.bias_key] = d if layer.bias_key not in biases else biases[layer.bias_key] + d
+        meta = dict(r.metadata) if r.format == "safetensors" else {}
+        meta["sdtoolkit_lora_bake"] = json.dumps([{"lora": Path(p).name, "multiplier": m} for p, m in loras])
+        keys = r.keys()
+        specs = [infos[k] for k in keys]
+        touched = 0
+        with StreamingSafetensorsWriter(outp, specs, meta, overwrite=overwrite) as w:
+            for i, k in enumerate(keys):
+                t = r.get(k)
+                contribs = by_key.get(k)
+                if contribs:
+                    acc = t.float()
+                    for layer, m in contribs:
+                        rows = None
+                        if layer.target.qkv_index is not None:
+                            n = t.shape[0] // 3
+                            rows = slice(layer.target.qkv_index * n, (layer.target.qkv_index + 1) * n)
+                        base = t if rows is None else t[rows]
+                        dw, _ = formats.compute_delta(layer.weights, base, None)
+                        (acc if rows is None else acc[rows]).add_(dw, alpha=m)
+                    if k in biases:
+                        acc = acc + biases.pop(k)
+                    t = acc.to(infos[k].dtype)
+                    touched += 1
+                elif k in biases:
+                    t = (t.float() + biases.pop(k)).to(infos[k].dtype)
+                    touched += 1
+                w.write(k, t.contiguous())
+                if progress:
+                    progress(i + 1, len(keys))
+    return {"output": str(outp), "arch": arch, "touched": touched,
+            "loras": [{"path": str(p), "multiplier": m, "layers": len(n.layers), "unmatched": len(n.unmatched)}
+                      for (p, m), (n, _) in zip(loras, nets)]}
+
+
+__all__ = ["bake", "parse_lora_arg"]
