@@ -139,3 +139,33 @@ def test_block_weights(tmp_path):
         resolve_block_weights("1,1,1", "SD1")
     with pytest.raises(InvalidInputError, match="unknown preset"):
         resolve_block_weights("NOPE", "SD1")
+
+
+def test_routes_and_tab_functions(tuned, tmp_path):
+    from fastapi import FastAPI
+    from fastapi.testclient import TestClient
+
+    from lib_sdtoolkit.host import StandaloneHost
+    from lib_sdtoolkit.server import make_router
+    from lib_sdtoolkit.ui import lora_tab
+
+    base, tuned_path, _ = tuned
+    host = StandaloneHost(models_dir=tmp_path / "models", create=True)
+    ck = host.model_dirs("checkpoint")[0]
+    (ck / "base.safetensors").write_bytes(base.read_bytes())
+    (ck / "tuned.safetensors").write_bytes(tuned_path.read_bytes())
+    app = FastAPI()
+    app.include_router(make_router(host))
+    c = TestClient(app)
+    r = c.post("/sdtoolkit/v1/lora/extract", json={"tuned": "tuned", "base": "base", "output": "ex", "rank": 2})
+    assert r.status_code == 200, r.text
+    loras = c.get("/sdtoolkit/v1/loras").json()
+    assert [x["name"] for x in loras] == ["ex"] and loras[0]["metadata"]["ss_network_dim"] == "2"
+    r = c.post("/sdtoolkit/v1/lora/bake", json={"checkpoint": "base", "loras": [{"lora": "ex"}], "output": "b"})
+    assert r.status_code == 200 and r.json()["touched"] == 3  # the 3x3 conv needs conv_rank
+    r = c.post("/sdtoolkit/v1/lora/bake", json={"checkpoint": "base", "loras": [{"lora": "ex"}], "output": "b"})
+    assert r.status_code == 409 and "exists" in r.json()["detail"]
+    r = c.post("/sdtoolkit/v1/lora/bake", json={"checkpoint": "base", "loras": [{"lora": "nope"}], "output": "c"})
+    assert r.status_code == 404
+    assert "lora" in lora_tab.do_inspect(host, "ex") and "sdtoolkit-ok" in lora_tab.do_bake(host, "base", "ex:0.5",
+                                                                                            "c", False)
