@@ -1,0 +1,162 @@
+"""LoRA apply/switch/re-apply cost and memory: lib_sdtoolkit.lora vs diffusers load_lora_weights + fuse/unfuse.
+
+Full-width SD1.5 UNet + CLIP-L text encoder with random weights (nothing downloaded), two rank-64 kohya LoRAs over all
+attention, feed-forward and ResNet/sampler conv layers. Ours patches the real ldm UNetModel + transformers CLIP;
+diffusers patches the equivalent UNet2DConditionModel + the same CLIP through PEFT (``load_lora_into_unet`` /
+``load_lora_into_text_encoder`` = what ``pipe.load_lora_weights`` calls, then ``fuse_lora`` / ``unfuse_lora``).
+
+    python bench/lora_bench.py [--device cuda] [--dtype fp16] [--rank 64] [--width full|tiny]
+"""
+from __future__ import annotations
+
+import argparse
+import gc
+import os
+import resource
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from lib_sdtoolkit.files import save_safetensors  # noqa: E402
+from lib_sdtoolkit.lora.apply import ActiveNetwork, LoraPatcher, ModelBinding  # noqa: E402
+from lib_sdtoolkit.lora.network import load_network  # noqa: E402
+from lib_sdtoolkit.lora.synth import attention_and_conv, make_lora_state_dict  # noqa: E402
+from lib_sdtoolkit.samples import factory  # noqa: E402
+
+
+def sync(dev):
+    if dev.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def timed(dev, fn):
+    sync(dev)
+    t = time.perf_counter()
+    out = fn()
+    sync(dev)
+    return time.perf_counter() - t, out
+
+
+def mem(dev):
+    if dev.type == "cuda":
+        return torch.cuda.max_memory_allocated()
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def randomize(m, dev, dtype):
+    m = m.to_empty(device=dev)
+    with torch.no_grad():
+        for p in m.parameters():
+            p.normal_(0, 0.02)
+    return m.to(dtype)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--dtype", default="fp16", choices=["fp16", "fp32", "bf16"])
+    ap.add_argument("--rank", type=int, default=64)
+    ap.add_argument("--width", default="full", choices=["full", "tiny"])
+    a = ap.parse_args()
+    dev = torch.device(a.device)
+    dtype = {"fp16": torch.float16, "fp32": torch.float32, "bf16": torch.bfloat16}[a.dtype]
+    cfg = factory.get_config("SD1", a.width)
+    tmp = Path(tempfile.mkdtemp(prefix="lora_bench_"))
+    touched_bytes = 0
+    try:
+        unet = randomize(factory.build_ldm_unet("SD1", a.width, device="meta"), dev, dtype)
+        te = randomize(factory.build_text_encoder(cfg.text_encoders[0], device="meta"), dev, dtype)
+        bind = ModelBinding.from_parts("SD1", unet=unet, text_encoder=te)
+        files = []
+        for seed in (1, 2):
+            sd = make_lora_state_dict(bind.target_shape, "SD1", rank=a.rank, seed=seed, scale=0.01,
+                                      name_filter=attention_and_conv, dtype=torch.float16)
+            files.append(save_safetensors(tmp / f"l{seed}.safetensors", sd))
+        nets = [load_network(f, "SD1") for f in files]
+        for layer in nets[0].layers:
+            s = bind.target_shape(layer.weight_key)
+            touched_bytes += int(torch.tensor(s).prod()) * torch.empty((), dtype=dtype).element_size()
+        print(f"model: ldm UNet + CLIP-L, {a.width} width, {a.dtype} on {dev}; LoRA rank {a.rank}, "
+              f"{len(nets[0].layers)} layers, touched weights {touched_bytes / 2**20:.0f} MiB")
+        if dev.type == "cuda":
+            torch.cuda.reset_peak_memory_stats()
+        m0 = mem(dev)
+        p = LoraPatcher(bind)
+        t_apply, _ = timed(dev, lambda: p.set_networks([ActiveNetwork(nets[0])]))
+        t_switch, _ = timed(dev, lambda: p.set_networks([ActiveNetwork(nets[1])]))
+        t_same, _ = timed(dev, lambda: p.set_networks([ActiveNetwork(nets[1])]))
+        m1 = mem(dev)
+        t_restore, _ = timed(dev, lambda: p.restore_all())
+        ours = dict(apply=t_apply, switch=t_switch, same=t_same, restore=t_restore, mem=m1 - m0)
+        del p, unet, bind
+        gc.collect()
+        if dev.type == "cuda":
+            torch.cuda.empty_cache()
+
+        from diffusers import StableDiffusionPipeline
+
+        dunet = randomize(factory.build_diffusers_unet("SD1", a.width, device="meta"), dev, dtype)
+        if dev.type == "cuda":
+            torch.cuda.reset_peak_memory_stats()
+        m0 = mem(dev)
+
+        def d_load(i):
+            state, alphas = StableDiffusionPipeline.lora_state_dict(str(files[i]))
+            StableDiffusionPipeline.load_lora_into_unet(state, alphas, dunet, adapter_name=f"a{i}")
+            StableDiffusionPipeline.load_lora_into_text_encoder(state, alphas, te, adapter_name=f"a{i}")
+            dunet.fuse_lora(adapter_names=[f"a{i}"])
+            _fuse_te(te, True)
+
+        def d_unload(i):
+            dunet.unfuse_lora()
+            _fuse_te(te, False)
+            dunet.delete_adapters(f"a{i}")
+            from peft.tuners.tuners_utils import BaseTunerLayer
+            for m in te.modules():
+                if isinstance(m, BaseTunerLayer):
+                    m.delete_adapter(f"a{i}")
+
+        def d_refuse():
+            dunet.unfuse_lora()
+            _fuse_te(te, False)
+            dunet.fuse_lora(adapter_names=["a1"])
+            _fuse_te(te, True)
+
+        d_apply, _ = timed(dev, lambda: d_load(0))
+        d_switch, _ = timed(dev, lambda: (d_unload(0), d_load(1)))
+        d_same, _ = timed(dev, d_refuse)
+        m1 = mem(dev)
+        diff = dict(apply=d_apply, switch=d_switch, same=d_same, mem=m1 - m0)
+        print(f"{'':24}{'sd-toolkit':>12}{'diffusers':>12}{'ratio':>8}")
+        for k, label in (("apply", "apply rank-64 LoRA"), ("switch", "switch to another"),
+                         ("same", "re-apply same set")):
+            print(f"{label:24}{ours[k] * 1000:10.1f}ms{diff[k] * 1000:10.1f}ms{ours[k] / max(diff[k], 1e-9):8.3f}")
+        print(f"{'restore (ours)':24}{ours['restore'] * 1000:10.1f}ms")
+        unit = "peak GPU" if dev.type == "cuda" else "peak RSS growth"
+        print(f"{unit:24}{ours['mem'] / 2**20:10.0f}MB{diff['mem'] / 2**20:10.0f}MB"
+              f"{ours['mem'] / max(diff['mem'], 1):8.3f}   (touched weights once: {touched_bytes / 2**20:.0f} MB)")
+    finally:
+        for f in tmp.glob("*"):
+            f.unlink()
+        tmp.rmdir()
+    return 0
+
+
+def _fuse_te(te, fuse: bool) -> None:
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    for m in te.modules():
+        if isinstance(m, BaseTunerLayer):
+            if fuse:
+                m.merge()
+            elif m.merged:
+                m.unmerge()
+
+
+if __name__ == "__main__":
+    sys.exit(main())
