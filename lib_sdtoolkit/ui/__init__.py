@@ -6,6 +6,7 @@ imports whichever exist, in ``TAB_ORDER``. Works on gradio 3.41 (A1111) and 4.x 
 """
 from __future__ import annotations
 
+import asyncio
 import importlib
 import importlib.util
 import logging
@@ -96,7 +97,30 @@ def mount(app: Any, host: Host, path: str = "/", demo: Optional[gr.Blocks] = Non
     if demo is None:
         demo = build_app(host)
     demo.queue()
+    if gr.__version__.startswith("3."):
+        _relax_queue_timeout(demo)
     return gr.mount_gradio_app(app, demo, path=path)
+
+
+def _relax_queue_timeout(demo: gr.Blocks) -> None:
+    """gradio 3.41's queue forwards each event to its own ``/api/predict`` through an httpx client. With httpx
+    newer than the WebUI's 0.24.1 that client applies httpx's default 5 s timeout, so every handler running longer
+    (a merge, writing the sample library) ends in an empty "Error". Lift the timeout once the queue made its client."""
+    queue = getattr(demo, "_queue", None)
+    start = getattr(queue, "start", None)
+    if queue is None or start is None or not asyncio.iscoroutinefunction(start):
+        return
+
+    async def start_then_relax(*args: Any, **kwargs: Any) -> Any:
+        result = await start(*args, **kwargs)
+        client = getattr(queue, "queue_client", None)
+        if client is not None and hasattr(client, "timeout"):
+            import httpx
+
+            client.timeout = httpx.Timeout(None)
+        return result
+
+    queue.start = start_then_relax
 
 
 __all__ = ["TAB_ORDER", "discover_tabs", "build_tabs", "build_app", "build_webui_blocks", "mount"]
