@@ -50,9 +50,24 @@ if [ -n "$missing" ]; then
 else
   echo "setup: python packages already installed"
 fi
-# The original ldm package the WebUI runs (its pins are ancient: never let pip resolve its dependencies).
-if ! "$PY" -c "import ldm.modules.diffusionmodules.openaimodel" 2>/dev/null; then
-  "$PY" -m pip install --disable-pip-version-check -q --no-deps stable-diffusion-sdkit==2.1.5
+# Packages whose own pins are ancient (the original ldm the WebUI runs; sd-mecha): never let pip resolve them.
+nodeps=$("$PY" - <<'PYEOF'
+from importlib import metadata
+for raw in open("requirements-nodeps.txt"):
+    s = raw.split("#", 1)[0].strip()
+    if not s:
+        continue
+    name, _, version = s.partition("==")
+    try:
+        if metadata.version(name) == version:
+            continue
+    except metadata.PackageNotFoundError:
+        pass
+    print(s)
+PYEOF
+)
+if [ -n "$nodeps" ]; then
+  echo "$nodeps" | xargs -d '\n' "$PY" -m pip install --disable-pip-version-check -q --no-deps
 fi
 if [ "$reqs" = requirements-test.txt ] && ! command -v chromium >/dev/null 2>&1; then
   echo "setup: installing Debian's chromium for the browser test"
