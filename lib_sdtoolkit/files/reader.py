@@ -12,6 +12,7 @@ The format is sniffed from the first bytes, not trusted from the suffix.
 """
 from __future__ import annotations
 
+import abc
 import json
 import math
 import os
@@ -75,7 +76,7 @@ class TensorInfo:
         return self.dtype.is_floating_point
 
 
-class ModelReader:
+class ModelReader(abc.ABC):
     """Base class of the lazy readers. Use as a context manager."""
 
     format: str = ""
@@ -112,8 +113,9 @@ class ModelReader:
     def tensor_bytes(self) -> int:
         return sum(i.nbytes for i in self._infos.values())
 
-    def get(self, key: str) -> torch.Tensor:  # pragma: no cover - abstract
-        raise NotImplementedError
+    @abc.abstractmethod
+    def get(self, key: str) -> torch.Tensor:
+        """One tensor, on the CPU, owned by the caller."""
 
     def items(self) -> Iterator[Tuple[str, torch.Tensor]]:
         for k in self._infos:
@@ -304,11 +306,10 @@ class CkptReader(ModelReader):
 
     @staticmethod
     def _load(path: Path) -> Any:
-        kwargs: Dict[str, Any] = dict(map_location="cpu", weights_only=True)
         zipped = zipfile.is_zipfile(path)
         try:
             with torch.serialization.safe_globals(_ALLOWED_GLOBALS):
-                return torch.load(str(path), mmap=zipped, **kwargs)
+                return torch.load(str(path), map_location="cpu", weights_only=True, mmap=zipped)
         except pickle.UnpicklingError as e:
             msg = str(e)
             if "Weights only load failed" in msg or "Unsupported global" in msg or "unsupported" in msg.lower():
