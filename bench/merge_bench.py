@@ -11,7 +11,7 @@ files, weighted sum M=0.5 to fp16:
 * naive: the WebUI's way: ``safetensors.torch.load_file`` both, per key ``A*(1-M) + B*M`` in fp32, save;
 * I/O floor: read both inputs and write (and fsync) an output-sized file, nothing else.
 
-Prints wall time (measured in the child, after imports) and peak RSS (``ru_maxrss`` of the child) for each, and the
+Prints wall time (measured in the child, after imports) and peak RSS (``VmHWM`` of the child) for each, and the
 ratios. ``--sdxl`` also writes two full-size SDXL files and prints our peak RSS on them. The machine's cores are
 shared, so figures are noisy: compare ratios from the same run. Big files are deleted at the end unless ``--keep``.
 """
@@ -34,6 +34,15 @@ ALPHA = 0.5
 
 
 def _rss_mb() -> float:
+    """This process's peak RSS. ``VmHWM`` (per address space, reset by exec) rather than ``ru_maxrss``, which Linux
+    carries over from the parent across fork + exec and would report the parent's peak."""
+    try:
+        with open("/proc/self/status") as fh:
+            for line in fh:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
