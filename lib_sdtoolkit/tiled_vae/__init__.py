@@ -31,6 +31,7 @@ from .executor import NonFiniteError, Plan, RunOptions, TiledVAEInterrupted, mak
 from .graph import Program, build_program, param_device, param_dtype
 
 __all__ = ["TiledVAEConfig", "tiled_decode", "tiled_encode", "plan_for", "memory_budget", "patch_vae",
+           "install_patch", "unpatch", "VAEPatchGuard",
            "NonFiniteError", "TiledVAEInterrupted", "Plan", "default_tile_px"]
 
 
@@ -189,11 +190,10 @@ def tiled_encode(encoder: nn.Module, x: torch.Tensor, cfg: Optional[TiledVAEConf
     return _run(encoder, x, cfg or TiledVAEConfig(), "encoder")
 
 
-@contextlib.contextmanager
-def patch_vae(vae: nn.Module, encoder_cfg: Optional[TiledVAEConfig] = None,
-              decoder_cfg: Optional[TiledVAEConfig] = None) -> Iterator[None]:
-    """Replace ``vae.encoder.forward`` / ``vae.decoder.forward`` (instance attributes) by tiled versions for the
-    duration of the block; restored on exit, also on error. ``None`` leaves that half alone."""
+def install_patch(vae: nn.Module, encoder_cfg: Optional[TiledVAEConfig] = None,
+                  decoder_cfg: Optional[TiledVAEConfig] = None) -> list:
+    """Put tiled ``forward`` instance attributes on ``vae.encoder`` / ``vae.decoder`` (``None``: that half is left
+    alone). Returns the token :func:`unpatch` needs to restore exactly what was there."""
     saved = []
     try:
         for part, cfg, fn in (("encoder", encoder_cfg, tiled_encode), ("decoder", decoder_cfg, tiled_decode)):
@@ -203,6 +203,19 @@ def patch_vae(vae: nn.Module, encoder_cfg: Optional[TiledVAEConfig] = None,
             had = "forward" in mod.__dict__
             saved.append((mod, had, mod.__dict__.get("forward")))
             mod.forward = _make_forward(mod, cfg, fn)
+    except BaseException:
+        unpatch(saved)
+        raise
+    return saved
+
+
+@contextlib.contextmanager
+def patch_vae(vae: nn.Module, encoder_cfg: Optional[TiledVAEConfig] = None,
+              decoder_cfg: Optional[TiledVAEConfig] = None) -> Iterator[None]:
+    """Replace ``vae.encoder.forward`` / ``vae.decoder.forward`` (instance attributes) by tiled versions for the
+    duration of the block; restored on exit, also on error. ``None`` leaves that half alone."""
+    saved = install_patch(vae, encoder_cfg, decoder_cfg)
+    try:
         yield
     finally:
         unpatch(saved)
@@ -221,3 +234,27 @@ def unpatch(saved) -> None:
             mod.forward = prev
         else:
             mod.__dict__.pop("forward", None)
+
+
+class VAEPatchGuard:
+    """Holds at most one installed patch (for a host's generation). ``install`` first restores any patch left
+    over (e.g. by a generation that failed before its clean-up ran); ``restore`` is idempotent."""
+
+    def __init__(self) -> None:
+        self._saved: Optional[list] = None
+
+    @property
+    def active(self) -> bool:
+        return self._saved is not None
+
+    def install(self, vae: nn.Module, encoder_cfg: Optional[TiledVAEConfig],
+                decoder_cfg: Optional[TiledVAEConfig]) -> None:
+        self.restore()
+        self._saved = install_patch(vae, encoder_cfg, decoder_cfg)
+
+    def restore(self) -> bool:
+        saved, self._saved = self._saved, None
+        if saved is None:
+            return False
+        unpatch(saved)
+        return True

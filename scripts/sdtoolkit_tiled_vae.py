@@ -1,0 +1,92 @@
+"""WebUI adapter: the "Tiled VAE (exact)" accordion in txt2img/img2img.
+
+When enabled, ``shared.sd_model.first_stage_model.encoder/decoder`` get tiled ``forward`` instance attributes in
+``process`` (before the img2img init-image encode and every decode of this generation) and lose them in
+``postprocess``. Restoration also happens when the generation fails or is interrupted: ``p.close`` (which the
+WebUI calls in a ``finally`` via ``contextlib.closing(p)`` for UI and API generations) is wrapped for this ``p``,
+and ``before_process`` of the next generation removes any patch left behind. Forge has no ``first_stage_model``
+and ships its own tiled VAE: the accordion then says so and does nothing.
+"""
+import logging
+
+import gradio as gr
+from modules import scripts, shared
+from modules.ui_components import InputAccordion
+
+from lib_sdtoolkit.tiled_vae import TiledVAEConfig, VAEPatchGuard
+
+log = logging.getLogger("sdtoolkit.tiled_vae")
+_guard = VAEPatchGuard()  # adapter-level state: the patch of the running generation
+
+
+def _progress(done, total):
+    try:
+        shared.state.textinfo = f"Tiled VAE: tile {done}/{total}"
+    except Exception:
+        pass
+
+
+def _device(choice):
+    if choice == "GPU":
+        import torch
+        return "cuda" if torch.cuda.is_available() else None
+    if choice == "CPU":
+        return "cpu"
+    return None
+
+
+class Script(scripts.Script):
+    def title(self):
+        return "SD Toolkit Tiled VAE"
+
+    def show(self, is_img2img):
+        return scripts.AlwaysVisible
+
+    def ui(self, is_img2img):
+        with InputAccordion(False, label="Tiled VAE (exact)", elem_id=self.elem_id("enabled")) as enabled:
+            gr.Markdown("Decodes/encodes tile by tile with the statistics of the whole image: same result as a "
+                        "full decode, bounded memory. Tile sizes in image pixels; 0 = chosen from free memory.")
+            with gr.Row():
+                enc_tile = gr.Slider(0, 4096, value=0, step=64, label="Encoder tile size (px)",
+                                     elem_id=self.elem_id("encoder_tile"))
+                dec_tile = gr.Slider(0, 4096, value=0, step=64, label="Decoder tile size (px)",
+                                     elem_id=self.elem_id("decoder_tile"))
+            with gr.Row():
+                fast = gr.Checkbox(False, label="Fast mode (approximate statistics from a downscaled pass)",
+                                   elem_id=self.elem_id("fast"))
+                device = gr.Radio(["Unchanged", "GPU", "CPU"], value="Unchanged", label="Run the VAE on",
+                                  elem_id=self.elem_id("device"))
+        self.infotext_fields = [(enabled, lambda d: "Tiled VAE" in d)]
+        return [enabled, enc_tile, dec_tile, fast, device]
+
+    def before_process(self, p, *args):
+        if _guard.restore():
+            log.warning("Tiled VAE: removed a patch left over by an earlier generation")
+
+    def process(self, p, enabled=False, enc_tile=0, dec_tile=0, fast=False, device="Unchanged", *args):
+        _guard.restore()
+        if not enabled:
+            return
+        model = getattr(shared, "sd_model", None)
+        vae = getattr(model, "first_stage_model", None)
+        if vae is None or not hasattr(vae, "decoder"):
+            log.warning("Tiled VAE: this WebUI has no first_stage_model (Forge?); use its built-in tiled VAE")
+            return
+        common = dict(fast=bool(fast), device=_device(device), progress=_progress, log=log.info)
+        enc = TiledVAEConfig(tile_px=int(enc_tile) or None, **common)
+        dec = TiledVAEConfig(tile_px=int(dec_tile) or None, **common)
+        _guard.install(vae, enc, dec)
+        close = getattr(p, "close", None)
+        if callable(close) and not getattr(close, "__sdtoolkit_tiled_vae__", False):
+            def close_and_restore(*a, **k):
+                try:
+                    _guard.restore()
+                finally:
+                    return close(*a, **k)
+            close_and_restore.__sdtoolkit_tiled_vae__ = True
+            p.close = close_and_restore
+        p.extra_generation_params["Tiled VAE"] = (
+            f"enc {int(enc_tile) or 'auto'}, dec {int(dec_tile) or 'auto'}{', fast' if fast else ''}")
+
+    def postprocess(self, p, processed, *args):
+        _guard.restore()
