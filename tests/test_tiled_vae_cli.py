@@ -62,3 +62,68 @@ def test_checkpoint_prefixed_vae_and_errors(fixture_files, tmp_path, capsys):
     rc = cli.main(["vae", "decode", str(bad), "--vae", str(tmp_path / "missing.safetensors"),
                    "-o", str(tmp_path / "x.png"), "--quiet"])
     assert rc == 2 and capsys.readouterr().err.startswith("error:")
+
+
+def _host(fixture_files):
+    from lib_sdtoolkit.host import FolderHost
+    return FolderHost({"vae": [str(fixture_files["vae"].parent)]})
+
+
+def _saved_latent(tmp_path):
+    from lib_sdtoolkit.tiled_vae.vae import save_latent
+    g = torch.Generator().manual_seed(1)
+    z = torch.randn(1, 4, 6, 5, generator=g)
+    p = tmp_path / "z.safetensors"
+    save_latent(str(p), z, True, 0.18215)
+    return p, z
+
+
+def test_route_decode_equals_full_decode(fixture_files, tmp_path):
+    import base64
+    import io
+
+    from fastapi.testclient import TestClient
+    from PIL import Image
+
+    from lib_sdtoolkit.server import make_router
+    from fastapi import FastAPI
+    host = _host(fixture_files)
+    app = FastAPI()
+    app.include_router(make_router(host))
+    client = TestClient(app)
+    p, z = _saved_latent(tmp_path)
+    b64 = base64.b64encode(p.read_bytes()).decode()
+    name = fixture_files["vae"].name
+    r1 = client.post("/sdtoolkit/v1/vae/decode", json={"vae": name, "latent_safetensors_b64": b64, "tile_size": 16,
+                                                        "device": "cpu"})
+    r2 = client.post("/sdtoolkit/v1/vae/decode", json={"vae": name, "latent": z.tolist(), "full": True,
+                                                        "device": "cpu"})
+    assert r1.status_code == 200 and r2.status_code == 200, (r1.text, r2.text)
+    assert "tiles of 16x16 px" in r1.json()["plan"]
+    a = np.asarray(Image.open(io.BytesIO(base64.b64decode(r1.json()["image"])))).astype(int)
+    b = np.asarray(Image.open(io.BytesIO(base64.b64decode(r2.json()["image"])))).astype(int)
+    assert a.shape == (48, 40, 3) and np.abs(a - b).max() <= 1
+    bad = client.post("/sdtoolkit/v1/vae/decode", json={"vae": name})
+    assert 400 <= bad.status_code < 500 and "latent" in bad.json()["detail"]
+
+
+def test_tab_decode_side_by_side_and_encode(fixture_files, tmp_path):
+    import gradio as gr
+    from PIL import Image
+
+    from lib_sdtoolkit.ui import tiled_vae_tab
+    host = _host(fixture_files)
+    with gr.Blocks():
+        tiled_vae_tab.build(host)
+    p, _ = _saved_latent(tmp_path)
+    ticks = []
+    img, full, report = tiled_vae_tab.run_decode(host, f"[vae] {fixture_files['vae'].name}", "", str(p), 16, False,
+                                                 True, "cpu", lambda v, desc=None: ticks.append(v))
+    assert img is not None and full is not None, report
+    assert "max |d| = 0/255" in report or "max |d| = 1/255" in report
+    assert ticks and ticks[-1][0] == ticks[-1][1]
+    out, rep = tiled_vae_tab.run_encode(host, "", str(fixture_files["vae"]), Image.new("RGB", (32, 24), (200, 30, 9)),
+                                        16, False, "cpu")
+    assert out and "latent (1, 4, 3, 4)" in rep
+    _, _, err = tiled_vae_tab.run_decode(host, "", str(fixture_files["vae"]), None, 0, False, False, "cpu")
+    assert "latent" in err
