@@ -54,6 +54,7 @@ class TiledVAEConfig:
     progress: Optional[Callable[[int, int], None]] = None
     should_stop: Optional[Callable[[], bool]] = None
     max_tiles_per_pass: Optional[int] = None  # benchmarking only (bounded run, wrong output)
+    skip_attention_scores: bool = False       # benchmarking only (bounded run, wrong output)
     log: Optional[Callable[[str], None]] = None
 
 
@@ -173,7 +174,8 @@ def _run_once(prog: Program, x: torch.Tensor, cfg: TiledVAEConfig, dev: torch.de
                      known=list(affine) if affine else None)
     if cfg.log:
         cfg.log(plan.describe())
-    out, _ = run_plan(prog, plan, x, affine, RunOptions(cfg.progress, cfg.should_stop, cfg.max_tiles_per_pass))
+    out, _ = run_plan(prog, plan, x, affine, RunOptions(cfg.progress, cfg.should_stop, cfg.max_tiles_per_pass,
+                                                         cfg.skip_attention_scores))
     if not cfg.max_tiles_per_pass and not torch.isfinite(out).all():
         raise NonFiniteError(f"NaN/inf in the {prog.kind} output ({x.dtype}); run the VAE in float32 "
                              "(WebUI: --no-half-vae)")
