@@ -117,6 +117,26 @@ def test_encode_odd_image_size(vae32):
     assert mx <= 2e-5 * float(ref.abs().max())
 
 
+@pytest.mark.parametrize("host_budget", [1 << 30, 2_000_000])
+def test_offloaded_checkpoints(vae32, host_budget):
+    """offload=True (the CUDA default: checkpoints in host RAM, device budget only for one tile + output); on CPU
+    the same code path runs with host == device. A tiny device budget must not force recompute when the host
+    budget is large."""
+    z = vae32.post_quant_conv(_latent(10, 12, 11))
+    ref = vae32.decoder(z)
+    cfg = TiledVAEConfig(tile_px=32, budget_bytes=400_000, offload=True, host_budget_bytes=host_budget)
+    plan = plan_for(vae32.decoder, z.shape, cfg)
+    print(plan.describe())
+    assert plan.offload and "host RAM" in plan.describe()
+    if host_budget > 1e8:
+        assert not any(s.kind == "stats" for s in plan.steps)
+    else:
+        assert any(s.kind == "stats" for s in plan.steps)
+    out = tiled_decode(vae32.decoder, z, cfg)
+    mx, _ = _report(f"offload host budget {host_budget}", out, ref)
+    assert mx <= 2e-5 * float(ref.abs().max())
+
+
 def test_batch_statistics_are_per_sample(vae32):
     z = vae32.post_quant_conv(torch.cat([_latent(9, 10, 0), 3 * _latent(9, 10, 1) + 2]))
     ref = vae32.decoder(z)

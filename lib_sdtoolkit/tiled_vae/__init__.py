@@ -42,7 +42,8 @@ class TiledVAEConfig:
     tile_px: core tile size in *image* pixels (rounded down to a multiple of 8); None = chosen per pass from the
         memory budget. budget_bytes: memory for checkpoints + one tile; None = 80% of free CUDA memory, or half
         the available RAM on CPU. fast: estimate GroupNorm statistics from a downscaled pass (approximate; no
-        statistics passes). upcast_on_nonfinite: on NaN/inf in fp16/bf16, rerun in float32 (else raise
+        statistics passes). offload: keep full-size checkpoints in host RAM (default on CUDA): the device
+        only holds the output and one tile, and the run recomputes almost nothing. upcast_on_nonfinite: on NaN/inf in fp16/bf16, rerun in float32 (else raise
         :class:`NonFiniteError`). device: run the network there for the call (e.g. "cuda"), then move it back.
     """
 
@@ -51,6 +52,8 @@ class TiledVAEConfig:
     fast: bool = False
     upcast_on_nonfinite: bool = True
     device: Optional[Union[str, torch.device]] = None
+    offload: Optional[bool] = None            # checkpoints in host RAM; None = on for CUDA runs
+    host_budget_bytes: Optional[int] = None   # RAM for offloaded checkpoints; None = half the available RAM
     progress: Optional[Callable[[int, int], None]] = None
     should_stop: Optional[Callable[[], bool]] = None
     max_tiles_per_pass: Optional[int] = None  # benchmarking only (bounded run, wrong output)
@@ -97,6 +100,13 @@ def _budget(cfg: TiledVAEConfig, dev: torch.device) -> int:
     return int(cfg.budget_bytes) if cfg.budget_bytes else memory_budget(dev)
 
 
+def _host_budget(cfg: TiledVAEConfig, dev: torch.device) -> Optional[int]:
+    off = cfg.offload if cfg.offload is not None else dev.type == "cuda"
+    if not off:
+        return None
+    return int(cfg.host_budget_bytes) if cfg.host_budget_bytes else memory_budget("cpu")
+
+
 def plan_for(module: nn.Module, shape, cfg: Optional[TiledVAEConfig] = None,
              dtype: Optional[torch.dtype] = None) -> Plan:
     """The plan a run on an input of ``shape`` ([B, C, H, W]) would follow (nothing is computed)."""
@@ -105,7 +115,7 @@ def plan_for(module: nn.Module, shape, cfg: Optional[TiledVAEConfig] = None,
     dt = dtype or param_dtype(module)
     dev = torch.device(cfg.device) if cfg.device else param_device(module)
     return make_plan(prog, tuple(shape), torch.empty((), dtype=dt).element_size(), _budget(cfg, dev),
-                     cfg.tile_px, cfg.fast)
+                     cfg.tile_px, cfg.fast, host_budget=_host_budget(cfg, dev))
 
 
 def _estimate_stats(prog: Program, x: torch.Tensor, cfg: TiledVAEConfig, budget: int
@@ -170,12 +180,14 @@ def _run(module: nn.Module, x: torch.Tensor, cfg: TiledVAEConfig, expect: str) -
 def _run_once(prog: Program, x: torch.Tensor, cfg: TiledVAEConfig, dev: torch.device) -> torch.Tensor:
     budget = _budget(cfg, dev)
     affine = _estimate_stats(prog, x, cfg, budget) if cfg.fast else None
+    host = _host_budget(cfg, dev)
     plan = make_plan(prog, tuple(x.shape), x.element_size(), budget, cfg.tile_px, cfg.fast,
-                     known=list(affine) if affine else None)
+                     known=list(affine) if affine else None, host_budget=host)
     if cfg.log:
         cfg.log(plan.describe())
-    out, _ = run_plan(prog, plan, x, affine, RunOptions(cfg.progress, cfg.should_stop, cfg.max_tiles_per_pass,
-                                                         cfg.skip_attention_scores))
+    out, _ = run_plan(prog, plan, x, affine, RunOptions(
+        cfg.progress, cfg.should_stop, cfg.max_tiles_per_pass, cfg.skip_attention_scores,
+        checkpoint_device=torch.device("cpu") if host is not None else None))
     if not cfg.max_tiles_per_pass and not torch.isfinite(out).all():
         raise NonFiniteError(f"NaN/inf in the {prog.kind} output ({x.dtype}); run the VAE in float32 "
                              "(WebUI: --no-half-vae)")

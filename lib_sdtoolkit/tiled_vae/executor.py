@@ -24,6 +24,12 @@ state plus one tile, compute up to ~3x). The attention block needs its whole inp
 materialised before it (at 1/8 scale this is cheap) and it runs globally with query-chunked exact attention.
 A final pass runs every tile to the end and writes its core into the output.
 
+On CUDA the checkpoints are by default **offloaded** to host RAM (``RunOptions.checkpoint_device``): the GPU
+then holds only the output and one tile's working set, the host holds the checkpoints, and nearly nothing is
+recomputed (each tile's input crop crosses PCIe once per GroupNorm phase). When a checkpoint is materialised,
+the statistics of the GroupNorm at that point are gathered from the tiles' cores as they are written (no second
+read of the full tensor).
+
 All decisions depend only on shapes and the budget, so :func:`make_plan` computes them up front (tile counts
 for progress, an estimate of peak memory, and the tile size in pixels for the user).
 """
@@ -178,6 +184,7 @@ class Plan:
     fixed_tile: bool
     fast: bool
     elem_bytes: int
+    offload: bool = False     # checkpoints live in host RAM (resident_bytes are host bytes then)
 
     @property
     def total_tiles(self) -> int:
@@ -185,6 +192,10 @@ class Plan:
 
     @property
     def peak_estimate(self) -> int:
+        """Peak bytes on the compute device (with offload: output + one tile; checkpoints are in host RAM)."""
+        if self.offload:
+            out = self.steps[-1].resident_bytes if self.steps else 0
+            return max((s.work_bytes for s in self.steps), default=0) + out
         return max((s.work_bytes + s.resident_bytes for s in self.steps), default=0)
 
     def describe(self) -> str:
@@ -194,7 +205,8 @@ class Plan:
         return (f"tiled VAE {self.kind}, {mode}: image {self.image_hw[1]}x{self.image_hw[0]} px, tiles of "
                 f"{self.tile_px}x{self.tile_px} px ({'set' if self.fixed_tile else 'auto'}), "
                 f"{len(self.steps)} passes ({n_ck} checkpoints, {n_st} statistics-only), {self.total_tiles} tile runs, "
-                f"est. peak {self.peak_estimate / 2**20:.0f} MiB of a {self.budget / 2**20:.0f} MiB budget")
+                f"est. peak {self.peak_estimate / 2**20:.0f} MiB of a {self.budget / 2**20:.0f} MiB budget"
+                + (", checkpoints in host RAM" if self.offload else ""))
 
 
 def _state_bytes(p: Point, eb: int, batch: int) -> int:
@@ -242,8 +254,12 @@ def _n_tiles(pts, target, tile, n_lat) -> int:
 
 
 def make_plan(prog: Program, in_shape: Sequence[int], elem_bytes: int, budget: int,
-              tile_px: Optional[int] = None, fast: bool = False, known: Optional[Sequence[int]] = None) -> Plan:
-    """Decide checkpoints, statistics passes and tile sizes for an input of ``in_shape`` ([B, C, H, W])."""
+              tile_px: Optional[int] = None, fast: bool = False, known: Optional[Sequence[int]] = None,
+              host_budget: Optional[int] = None) -> Plan:
+    """Decide checkpoints, statistics passes and tile sizes for an input of ``in_shape`` ([B, C, H, W]).
+
+    ``host_budget``: checkpoints are offloaded to host RAM (CUDA runs) and count against this budget instead of
+    the device ``budget``, which then only holds the output and one tile's working set."""
     b, c, h, w = in_shape
     if c != prog.in_channels:
         raise InvalidInputError(f"{prog.kind} expects {prog.in_channels} input channels, got {c}")
@@ -286,13 +302,18 @@ def make_plan(prog: Program, in_shape: Sequence[int], elem_bytes: int, budget: i
         nb = _state_bytes(pts[i], elem_bytes, b)
         t = _choose_tile(prog, pts, ck, i, n_lat, elem_bytes, b, fixed, tile_budget)
         work = _work_bytes(prog, pts, ck, i, t, n_lat, elem_bytes, b)
-        if ck_bytes + nb + out_bytes + work <= budget:
+        if host_budget is not None:
+            fits = ck_bytes + nb <= host_budget  # the tile's device working set is needed either way
+        else:
+            fits = ck_bytes + nb + out_bytes + work <= budget
+        if fits:
             add("ckpt", i, ck_bytes + nb + out_bytes)
             ck, ck_bytes = i, nb
         else:
             add("stats", i, ck_bytes + out_bytes)
     fin = add("final", n_ops, ck_bytes + out_bytes)
-    return Plan(prog.kind, n_lat, img, steps, budget, fin.tile_lat * 8, fixed is not None, fast, elem_bytes)
+    return Plan(prog.kind, n_lat, img, steps, budget, fin.tile_lat * 8, fixed is not None, fast, elem_bytes,
+                host_budget is not None)
 
 
 # -------------------------------------------------------------------------------------------------- execution
@@ -311,6 +332,7 @@ class RunOptions:
     max_tiles_per_pass: Optional[int] = None   # benchmarking only: run a bounded sample of each pass (wrong output)
     skip_attention_scores: bool = False        # benchmarking only: allocate k/v/output but skip softmax(QK^T)V
     attn_chunk_bytes: int = 256 << 20
+    checkpoint_device: Optional[torch.device] = None  # e.g. cpu: full-size checkpoints offloaded to host RAM
 
 
 class _Runner:
@@ -329,9 +351,11 @@ class _Runner:
         h0, st0, after, short = _backward(prog, pts, ck.index, target, core)
         pfull = pts[ck.index]
         have = (0, pfull.h, 0, pfull.w)
-        h = _crop(ck.h, have, h0)
+        dev = self.x.device
+        h = _crop(ck.h, have, h0).to(dev, non_blocking=True)
         reg = h0
-        stack = [(_crop(t, (0, p[1], 0, p[2]), r), r) for t, p, r in zip(ck.stack, pfull.stack, st0)]
+        stack = [(_crop(t, (0, p[1], 0, p[2]), r).to(dev, non_blocking=True), r)
+                 for t, p, r in zip(ck.stack, pfull.stack, st0)]
         for i in range(ck.index, target):
             op = prog.ops[i]
             want = after[i - ck.index]
@@ -409,33 +433,45 @@ class _Runner:
     def _materialise(self, ck: _Ckpt, step: Step) -> _Ckpt:
         p = self.pts[step.target]
         cores = self._tiles(step)
+        cdev = self.opts.checkpoint_device or self.x.device
+        op = self.prog.ops[step.target] if step.target < len(self.prog.ops) else None
+        want_stats = op is not None and op.kind == "gn" and step.target not in self.affine
         if len(cores) == 1 and cores[0] == (0, p.h, 0, p.w) and not self.opts.max_tiles_per_pass:
             h, _, stack = self._tile(ck, step.target, cores[0])
+            if want_stats:
+                self._set_stats(step.target, group_stats(h, op.groups))
             self._tick()
-            return _Ckpt(step.target, h, [t for t, _ in stack])
+            return _Ckpt(step.target, h.to(cdev), [t.to(cdev) for t, _ in stack])
         b = self.x.shape[0]
-        dev, dt = self.x.device, self._dtype
-        full = torch.empty(b, p.c, p.h, p.w, device=dev, dtype=dt)
-        fstack = [torch.empty(b, c, hh, ww, device=dev, dtype=dt) for c, hh, ww in p.stack]
+        dt = self._dtype
+        pin = cdev.type == "cpu" and self.x.is_cuda
+        full = torch.empty(b, p.c, p.h, p.w, device=cdev, dtype=dt, pin_memory=pin)
+        fstack = [torch.empty(b, c, hh, ww, device=cdev, dtype=dt, pin_memory=pin) for c, hh, ww in p.stack]
         if self.opts.max_tiles_per_pass:  # touch the pages so a bounded run measures real memory
             full.zero_()
             for t in fstack:
                 t.zero_()
+        parts = []
         for core in cores:
             h, reg, stack = self._tile(ck, step.target, core)
             src = (core[0] - reg[0], core[1] - reg[0], core[2] - reg[2], core[3] - reg[2])
+            if want_stats:  # statistics of the cores while they are on the compute device: no second read
+                parts.append(group_stats(h, op.groups, src))
             write_tile(full, h, core, src)
             for (t, treg), dst in zip(stack, fstack):
                 write_tile(dst, t, core, (core[0] - treg[0], core[1] - treg[0], core[2] - treg[2],
                                           core[3] - treg[2]))
             del h, stack
             self._tick()
+        if want_stats:
+            self._set_stats(step.target, merge_all(parts))
         return _Ckpt(step.target, full, fstack)
 
     def _attn(self, ck: _Ckpt, i: int) -> _Ckpt:
         op = self.prog.ops[i]
-        out = global_attention(op.attn, ck.h, self.opts.attn_chunk_bytes, self.opts.skip_attention_scores)
-        return _Ckpt(i + 1, out, ck.stack)
+        out = global_attention(op.attn, ck.h.to(self.x.device), self.opts.attn_chunk_bytes,
+                               self.opts.skip_attention_scores)
+        return _Ckpt(i + 1, out.to(ck.h.device), ck.stack)
 
     def _final(self, ck: _Ckpt, step: Step) -> torch.Tensor:
         p = self.pts[-1]
