@@ -15,6 +15,7 @@ import os
 import re
 import sys
 from abc import ABC, abstractmethod
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Dict, Iterable, List, Mapping, MutableMapping, Optional, Sequence, Union
 
@@ -78,6 +79,32 @@ def _tqdm_sink() -> ProgressSink:
             bars.pop(desc, None)
 
     return sink
+
+
+@dataclass
+class ModelHooks:
+    """How a face lets the toolkit change the model it holds in memory (the WebUI's current checkpoint).
+
+    Plain callables, given by the face (``scripts/`` builds them from the WebUI's ``modules``):
+
+    * ``get_model()`` -> the loaded model (an ``nn.Module`` whose ``state_dict()`` keys are checkpoint keys once
+      ``begin_change`` ran) or None when nothing is loaded;
+    * ``checkpoint_file(model)`` -> the file the model's weights were loaded from (None if unknown);
+    * ``identity(model)`` -> an object that changes whenever the face loads other weights (the WebUI's
+      ``sd_checkpoint_info``); a merge recorded on the model is current only while it is the same object;
+    * ``begin_change(model)`` -> prepare for an in-place weight change (the WebUI undoes its hijack so the keys
+      are the checkpoint's, and drops LoRA weight backups);
+    * ``end_change(model, info)`` -> after the change (re-hijack, VAE, model-loaded callbacks); ``info`` is None when
+      the change failed, else a dict with ``name``, ``title``, ``sha256``, ``metadata`` for the merged model;
+    * ``reload(model, path)`` -> load the weights of checkpoint ``path`` again (restore), optional.
+    """
+
+    get_model: Callable[[], Any]
+    checkpoint_file: Callable[[Any], Optional[str]] = lambda model: None
+    identity: Callable[[Any], Any] = lambda model: model
+    begin_change: Callable[[Any], None] = lambda model: None
+    end_change: Callable[[Any, Optional[Mapping[str, Any]]], None] = lambda model, info: None
+    reload: Optional[Callable[[Any, str], Any]] = None
 
 
 class Host(ABC):
@@ -224,6 +251,47 @@ class Host(ABC):
         return update
 
 
+    # ---- the model held in memory (optional capability) --------------------------------------------------
+    #: set by faces that hold a model in memory (the WebUI); None in the CLI and the standalone app
+    model_hooks: Optional[ModelHooks] = None
+
+    @property
+    def has_loaded_model_support(self) -> bool:
+        """True when this face can hand a loaded model to the toolkit (shows the in-memory merge buttons)."""
+        return self.model_hooks is not None
+
+    def loaded_model(self) -> Optional[Any]:
+        """The model this face has loaded (the WebUI's ``shared.sd_model``), or None."""
+        return self.model_hooks.get_model() if self.model_hooks is not None else None
+
+    def loaded_model_file(self, model: Any = None) -> Optional[Path]:
+        """The checkpoint file the loaded model came from, or None."""
+        if self.model_hooks is None:
+            return None
+        model = model if model is not None else self.loaded_model()
+        f = self.model_hooks.checkpoint_file(model) if model is not None else None
+        return Path(f) if f else None
+
+    def loaded_model_identity(self, model: Any = None) -> Any:
+        if self.model_hooks is None:
+            return None
+        model = model if model is not None else self.loaded_model()
+        return self.model_hooks.identity(model) if model is not None else None
+
+    def begin_model_change(self, model: Any) -> None:
+        if self.model_hooks is not None:
+            self.model_hooks.begin_change(model)
+
+    def end_model_change(self, model: Any, info: Optional[Mapping[str, Any]]) -> None:
+        if self.model_hooks is not None:
+            self.model_hooks.end_change(model, info)
+
+    def restore_loaded_model(self, model: Any, path: PathLike) -> None:
+        """Reload checkpoint ``path``'s weights into the loaded model (undoes an in-memory merge)."""
+        if self.model_hooks is None or self.model_hooks.reload is None:
+            raise InvalidInputError("this face cannot reload the loaded model; load the checkpoint again yourself")
+        self.model_hooks.reload(model, os.fspath(path))
+
 class FolderHost(Host):
     """A host configured by plain folder lists per kind."""
 
@@ -333,7 +401,8 @@ class WebUIHost(FolderHost):
                  vae_dirs: Iterable[Optional[PathLike]] = (), lora_dirs: Iterable[Optional[PathLike]] = (),
                  controlnet_dirs: Iterable[Optional[PathLike]] = (), output_dir: Optional[PathLike] = None,
                  settings: Optional[MutableMapping[str, Any]] = None, progress_sink: Optional[ProgressSink] = None,
-                 refreshers: Optional[Mapping[str, Callable[[], Any]]] = None, forge: bool = False) -> None:
+                 refreshers: Optional[Mapping[str, Callable[[], Any]]] = None, forge: bool = False,
+                 model_hooks: Optional[ModelHooks] = None) -> None:
         root = _norm(models_path)
         dirs = {
             "checkpoint": [root / "Stable-diffusion", *ckpt_dirs],
@@ -345,11 +414,13 @@ class WebUIHost(FolderHost):
         super().__init__(dirs, outputs=outputs, settings=settings, progress_sink=progress_sink,
                          refreshers=refreshers, models_root=root)
         self.name = "forge" if forge else "webui"
+        self.model_hooks = model_hooks
 
 
 def webui_host_from(paths: Any, cmd_opts: Any, opts: Any = None, extension_dir: Optional[PathLike] = None,
                     refreshers: Optional[Mapping[str, Callable[[], Any]]] = None,
-                    progress_sink: Optional[ProgressSink] = None, forge: bool = False) -> WebUIHost:
+                    progress_sink: Optional[ProgressSink] = None, forge: bool = False,
+                    model_hooks: Optional[ModelHooks] = None) -> WebUIHost:
     """Build a ``WebUIHost`` from the WebUI's ``modules.paths``, ``shared.cmd_opts`` and ``shared.opts``.
 
     Reads ``paths.models_path``, ``cmd_opts.ckpt_dir``, ``vae_dir``, ``lora_dir``, ``lyco_dir_backcompat``,
@@ -369,10 +440,10 @@ def webui_host_from(paths: Any, cmd_opts: Any, opts: Any = None, extension_dir: 
     settings = getattr(opts, "data", None) if opts is not None else None
     return WebUIHost(models_path, ckpt_dirs=ckpt, vae_dirs=vae, lora_dirs=lora, controlnet_dirs=cn,
                      output_dir=opt("sdtoolkit_output_dir"), settings=settings, progress_sink=progress_sink,
-                     refreshers=refreshers, forge=forge)
+                     refreshers=refreshers, forge=forge, model_hooks=model_hooks)
 
 
 __all__ = [
-    "MODEL_KINDS", "MODEL_EXTENSIONS", "WEBUI_SUBDIRS", "Host", "FolderHost", "StandaloneHost", "WebUIHost",
+    "MODEL_KINDS", "MODEL_EXTENSIONS", "WEBUI_SUBDIRS", "Host", "ModelHooks", "FolderHost", "StandaloneHost", "WebUIHost",
     "webui_host_from", "default_models_dir", "natural_key",
 ]
