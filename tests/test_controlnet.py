@@ -304,3 +304,111 @@ def test_lru_cache(rig):
     assert len(loads) == 3
     cache.resize(0)
     assert len(cache) == 0
+
+
+# ------------------------------------------------------------------------------------------- tile colour fix
+
+def _box_by_conv(x, k):
+    """Independent box filter: replicate-pad, then a conv with a normalised ones kernel per channel."""
+    c = x.shape[1]
+    kern = torch.full((c, 1, 2 * k + 1, 2 * k + 1), 1.0 / (2 * k + 1) ** 2, dtype=torch.float64)
+    xp = torch.nn.functional.pad(x.double(), (k, k, k, k), mode="replicate")
+    return torch.nn.functional.conv2d(xp, kern, groups=c)
+
+
+def _colorfix_reference(eps, x, t, z_hint, k, weight, sharp=None, uncond_rows=()):
+    """sd-webui-controlnet's colour fix written out from its formula, with diffusers' scaled-linear DDPM schedule."""
+    ac = diffusers.DDPMScheduler(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012,
+                                 beta_schedule="scaled_linear").alphas_cumprod.double()
+    a = ac[t.round().long()].view(-1, 1, 1, 1)
+    e, xt = eps.double(), x.double()
+    x0 = (xt - torch.sqrt(1 - a) * e) / torch.sqrt(a)  # x_t = sqrt(a) x0 + sqrt(1-a) eps
+    x0 = x0 - _box_by_conv(x0, k) + _box_by_conv(z_hint.double().expand_as(x0), k)
+    if sharp is not None:
+        s = sharp / 100.0
+        for r in uncond_rows:
+            x0[r] = s * _box_by_conv(x0[r:r + 1], k)[0] + (1 - s) * x0[r]
+    fixed = (xt - torch.sqrt(a) * x0) / torch.sqrt(1 - a)
+    w = min(1.0, max(0.0, weight))
+    return (w * fixed + (1 - w) * e).float()
+
+
+def test_tile_colorfix_matches_formula(rig):
+    model = load_control_model(rig["files"][0])
+    g = torch.Generator().manual_seed(11)
+    z_hint = torch.randn(1, 4, 16, 16, generator=g)
+    seen = []
+
+    def encode(pixels):
+        seen.append(pixels.clone())
+        return z_hint
+
+    t = torch.tensor([421.3, 421.3])
+    for weight, k in ((0.6, 3), (1.7, 5)):
+        unit = HookUnit(model, rig["hint"], weight=weight, colorfix_variation=k)
+        hook = UnetHook([unit], encode_latent=encode)
+        with hook.hook(rig["unet"]), torch.no_grad():
+            got = rig["unet"](rig["x"], t, rig["ctx"])
+        with torch.no_grad():
+            down, mid = rig["dcns"][0](rig["x"], t, rig["ctx"], rig["hint"].expand(2, -1, -1, -1), return_dict=False)
+            res = [r * weight for r in list(down) + [mid]]
+            eps = rig["dunet"](rig["x"], t, rig["ctx"], down_block_additional_residuals=tuple(res[:-1]),
+                               mid_block_additional_residual=res[-1]).sample
+        ref = _colorfix_reference(eps, rig["x"], t, z_hint, k, weight)
+        assert torch.allclose(got, ref, atol=1e-4), (got - ref).abs().max()
+        assert not torch.allclose(got, eps, atol=1e-3)  # the fix really changed the prediction
+    # the VAE saw the hint image mapped to [-1, 1] at the generation's pixel size
+    assert seen[0].shape == (1, 3, 128, 128) and torch.allclose(seen[0], rig["hint"] * 2 - 1)
+
+
+def test_tile_colorfix_sharp_on_uncond_rows_and_outside_guidance(rig):
+    model = load_control_model(rig["files"][0])
+    g = torch.Generator().manual_seed(12)
+    z_hint = torch.randn(1, 4, 16, 16, generator=g)
+    uc = rig["ctx"][1:2]
+    unit = HookUnit(model, rig["hint"], weight=0.8, guidance_start=0.0, guidance_end=0.3, colorfix_variation=4,
+                    colorfix_sharpness=150.0)  # sharpness outside the slider is the unit's concern, the maths scales
+    hook = UnetHook([unit], encode_latent=lambda p: z_hint)
+    t = rig["t"]
+    with hook.hook(rig["unet"]), torch.no_grad():
+        hook.set_uncond(uc)
+        hook.set_step(9, 10)  # outside the window: no residuals, the colour fix still runs (as upstream)
+        got = rig["unet"](rig["x"], t, rig["ctx"])
+    with torch.no_grad():
+        eps = rig["dunet"](rig["x"], t, rig["ctx"]).sample
+    ref = _colorfix_reference(eps, rig["x"], t, z_hint, 4, 0.8, sharp=150.0, uncond_rows=(1,))
+    assert torch.allclose(got, ref, atol=1e-4), (got - ref).abs().max()
+    ref_nosharp = _colorfix_reference(eps, rig["x"], t, z_hint, 4, 0.8)
+    assert torch.allclose(got[0], ref_nosharp[0], atol=1e-4) and not torch.allclose(got[1], ref_nosharp[1], atol=1e-3)
+
+
+def test_tile_colorfix_off_without_encoder_or_for_v_models(rig):
+    model = load_control_model(rig["files"][0])
+    for kw in ({}, {"encode_latent": lambda p: p, "prediction": "v"}):
+        msgs = []
+        unit = HookUnit(model, rig["hint"], colorfix_variation=8)
+        hook = UnetHook([unit], warn=msgs.append, **kw)
+        with hook.hook(rig["unet"]), torch.no_grad():
+            got = rig["unet"](rig["x"], rig["t"], rig["ctx"])
+        assert len(msgs) == 1 and "colour fix off" in msgs[0]
+        assert torch.allclose(got, _reference(rig, [[1.0] * 13]), atol=ATOL)
+
+
+def test_prepare_units_carries_colorfix_sliders(rig, tmp_path):
+    import numpy as np
+    from lib_sdtoolkit.controlnet.registry import prepare_units
+    from lib_sdtoolkit.host import StandaloneHost
+
+    (tmp_path / "ControlNet").mkdir()
+    import shutil
+    shutil.copy(rig["files"][0], tmp_path / "ControlNet" / "control_tile.safetensors")
+    host = StandaloneHost(tmp_path)
+    img = np.random.default_rng(1).integers(0, 256, (128, 128, 3)).astype(np.uint8)
+    units = [{"enabled": True, "module": "tile_colorfix", "model": "control_tile", "image": img, "threshold_a": 5},
+             {"enabled": True, "module": "tile_colorfix+sharp", "model": "control_tile", "image": img,
+              "threshold_a": 99, "threshold_b": 0.5}]
+    prepared = prepare_units(units, host, ControlModelCache(2), 128, 128)
+    a, b = prepared.units
+    assert (a.colorfix_variation, a.colorfix_sharpness) == (5, None)
+    assert (b.colorfix_variation, b.colorfix_sharpness) == (8, 0.5)  # 99 outside 3..32 -> slider default 8
+    assert torch.allclose(a.hint, torch.from_numpy(img).permute(2, 0, 1)[None].float() / 255)  # identity map

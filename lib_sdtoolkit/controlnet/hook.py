@@ -14,6 +14,17 @@ Control modes (sd-webui-controlnet):
 Guidance start/end are fractions of the sampling steps: a unit runs while ``start <= step/total <= end``
 (``set_step`` is called by the face, e.g. from the WebUI's ``on_cfg_denoiser``).
 
+Tile colour fix (sd-webui-controlnet's ``tile_colorfix`` / ``tile_colorfix+sharp``): a unit with
+``colorfix_variation`` k also post-processes the UNet's noise prediction at every call (upstream does this whatever
+the guidance window): with the DDPM schedule at the rounded timestep t,
+``x0 = sqrt(1/a_t) * x_t - sqrt(1/a_t - 1) * eps``; ``x0' = x0 - blur(x0, k) + blur(z_hint, k)`` where ``z_hint`` is
+the hint image encoded by the VAE (``encode_latent``) and ``blur`` a (2k+1)^2 box filter with replicated borders
+(k doubled in the hires pass); ``+sharp`` mixes ``s * blur(x0', k) + (1 - s) * x0'`` into the unconditional rows
+(s = sharpness / 100); then ``eps' = (sqrt(1/a_t) * x_t - x0') / sqrt(1/a_t - 1)`` and the output is
+``w * eps' + (1 - w) * eps`` with w = weight clipped to [0, 1]. It needs the host's VAE encoder and an
+eps-predicting model: without an encoder, or for a v-prediction model, the unit runs without the colour fix and a
+warning says so.
+
 Unconditional rows are recognised by comparing each row's text context with the unconditional context given to
 :meth:`UnetHook.set_uncond` (or an explicit ``cond_mark``); without either, every row counts as conditional (the
 fallback upstream uses too).
@@ -62,7 +73,11 @@ class HookUnit:
     hr_option: HiResFixOption = HiResFixOption.BOTH
     advanced_weighting: Optional[Sequence[float]] = None
     name: str = ""
+    #: tile colour fix: the "Variation" k (None = no colour fix) and, for ``+sharp``, the "Sharpness" slider value
+    colorfix_variation: Optional[int] = None
+    colorfix_sharpness: Optional[float] = None
     _hint_cache: Dict[tuple, torch.Tensor] = field(default_factory=dict, repr=False)
+    _latent_cache: Dict[tuple, torch.Tensor] = field(default_factory=dict, repr=False)
 
     def hint_for(self, batch: int, height: int, width: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
         key = (batch, height, width, dtype, str(device))
@@ -85,11 +100,32 @@ class HookUnit:
         return h
 
 
-class UnetHook:
-    """Hook ControlNet units into one UNet for one generation (see module doc)."""
+def sd_alphas_cumprod(num_timesteps: int = 1000, linear_start: float = 0.00085,
+                      linear_end: float = 0.012) -> torch.Tensor:
+    """The cumulative alphas of the SD1/SD2/SDXL training schedule (ldm's "linear" = scaled linear betas)."""
+    betas = torch.linspace(linear_start ** 0.5, linear_end ** 0.5, num_timesteps, dtype=torch.float64) ** 2
+    return torch.cumprod(1.0 - betas, dim=0)
 
-    def __init__(self, units: Iterable[HookUnit], warn: Optional[Callable[[str], None]] = None) -> None:
+
+def box_blur(x: torch.Tensor, k: int) -> torch.Tensor:
+    """Mean over a (2k+1) x (2k+1) window, borders replicated."""
+    y = torch.nn.functional.pad(x, (k, k, k, k), mode="replicate")
+    return torch.nn.functional.avg_pool2d(y, (2 * k + 1, 2 * k + 1), stride=1)
+
+
+class UnetHook:
+    """Hook ControlNet units into one UNet for one generation (see module doc).
+
+    ``encode_latent(pixels)`` (pixels in [-1, 1], N x 3 x H x W) -> scaled latents, and ``alphas_cumprod`` (default:
+    the SD schedule) are needed only by tile colour-fix units; ``prediction`` is the model's parameterization."""
+
+    def __init__(self, units: Iterable[HookUnit], warn: Optional[Callable[[str], None]] = None,
+                 encode_latent: Optional[Callable[[torch.Tensor], torch.Tensor]] = None,
+                 alphas_cumprod: Optional[torch.Tensor] = None, prediction: str = "eps") -> None:
         self.units: List[HookUnit] = list(units)
+        self.encode_latent = encode_latent
+        self.alphas_cumprod = alphas_cumprod
+        self.prediction = prediction
         self.step: Optional[int] = None
         self.total_steps: Optional[int] = None
         self.is_hr_pass = False
@@ -176,6 +212,68 @@ class UnetHook:
             total = scaled if total is None else [a + b for a, b in zip(total, scaled)]
         return total
 
+    @property
+    def has_colorfix(self) -> bool:
+        return any(u.colorfix_variation is not None for u in self.units)
+
+    def _hint_latent(self, u: HookUnit, batch: int, x: torch.Tensor) -> torch.Tensor:
+        key = (tuple(x.shape[-2:]), str(x.device))
+        lat = u._latent_cache.get(key)
+        if lat is None:
+            hint = u.hint_for(1, x.shape[-2] * 8, x.shape[-1] * 8, torch.float32, x.device)
+            lat = self.encode_latent(hint * 2.0 - 1.0).to(device=x.device, dtype=torch.float32)
+            if tuple(lat.shape[-2:]) != tuple(x.shape[-2:]):
+                raise SdToolkitError(f"ControlNet unit '{u.name}': the VAE gave a {tuple(lat.shape[-2:])} latent "
+                                     f"for a {tuple(x.shape[-2:])} generation")
+            u._latent_cache.clear()
+            u._latent_cache[key] = lat
+        if lat.shape[0] != batch:
+            lat = lat[:1].expand(batch, -1, -1, -1)
+        return lat
+
+    @torch.no_grad()
+    def apply_colorfix(self, eps: torch.Tensor, x: torch.Tensor, timesteps: Any, context: Any) -> torch.Tensor:
+        """The tile colour fix of every colour-fix unit on the UNet output ``eps`` (module doc)."""
+        units = [u for u in self.units if u.colorfix_variation is not None]
+        if not units:
+            return eps
+        batch = x.shape[0]
+        ac = self.alphas_cumprod if self.alphas_cumprod is not None else sd_alphas_cumprod()
+        if not torch.is_tensor(timesteps):
+            timesteps = torch.tensor([float(timesteps)])
+        t = torch.round(timesteps.float().reshape(-1)).long().to(ac.device)
+        if t.numel() == 1:
+            t = t.expand(batch)
+        a = ac.to(torch.float64)[t].to(device=x.device, dtype=torch.float32).view(-1, 1, 1, 1)
+        sr, srm1 = torch.sqrt(1.0 / a), torch.sqrt(1.0 / a - 1.0)
+        xt = x[:, :4].float()
+        out = eps.float()
+        mark = None
+        for u in units:
+            k = int(u.colorfix_variation)
+            if self.is_hr_pass and not self._hr_disabled(u):
+                k *= 2
+            x0 = sr * xt - srm1 * out
+            x0 = x0 - box_blur(x0, k) + box_blur(self._hint_latent(u, batch, x), k)
+            if u.colorfix_sharpness is not None:
+                if mark is None:
+                    mark = self._cond_mark(context if torch.is_tensor(context) else None, batch, x.device)
+                s = float(u.colorfix_sharpness) * 0.01
+                neg = s * box_blur(x0, k) + (1.0 - s) * x0
+                m = mark.view(-1, 1, 1, 1)
+                x0 = m * x0 + (1.0 - m) * neg
+            fixed = (sr * xt - x0) / srm1
+            w = max(0.0, min(1.0, float(u.weight)))
+            out = fixed * w + out * (1.0 - w)
+        return out.to(eps.dtype)
+
+    def _hr_disabled(self, u: HookUnit) -> bool:
+        if u.hr_option == HiResFixOption.LOW_RES_ONLY:
+            return self.is_hr_pass
+        if u.hr_option == HiResFixOption.HIGH_RES_ONLY:
+            return not self.is_hr_pass
+        return False
+
     # ---------------------------------------------------------------------------------------------- install
     def hook(self, unet: nn.Module) -> "UnetHook":
         """Install on ``unet`` (ldm/sgm ``UNetModel`` or diffusers ``UNet2DConditionModel``). Units whose model
@@ -190,6 +288,18 @@ class UnetHook:
             except ArchitectureError as e:
                 self.warn(f"ControlNet unit '{u.name or u.model.name}' skipped: {e}")
         self.units = kept
+        for u in self.units:
+            if u.colorfix_variation is None:
+                continue
+            why = None
+            if self.encode_latent is None:
+                why = "the host gave no VAE encoder"
+            elif str(self.prediction).lower() not in ("eps", "epsilon"):
+                why = f"it needs an eps-prediction model, this one predicts {self.prediction!r}"
+            if why:
+                self.warn(f"ControlNet unit '{u.name or u.model.name}': tile colour fix off ({why}); the unit runs "
+                          "as a plain tile ControlNet")
+                u.colorfix_variation = None
         had_own = "forward" in unet.__dict__
         self._saved = (had_own, unet.__dict__.get("forward"))
         self._unet = unet
@@ -215,6 +325,7 @@ class UnetHook:
         self._saved = None
         for u in self.units:
             u._hint_cache.clear()
+            u._latent_cache.clear()
 
     @property
     def installed(self) -> bool:
@@ -235,7 +346,8 @@ class UnetHook:
         def forward(x: torch.Tensor, timesteps: Any = None, context: Any = None, y: Any = None, **kwargs: Any):
             control = hook.compute_control(x, timesteps, context, y)
             if control is None:
-                return original(x, timesteps, context, y, **kwargs)
+                out = original(x, timesteps, context, y, **kwargs)
+                return hook.apply_colorfix(out, x, timesteps, context) if hook.has_colorfix else out
             if len(control) != len(unet.input_blocks) + 1:
                 raise ArchitectureError(f"ControlNet gave {len(control)} residuals, the UNet has "
                                         f"{len(unet.input_blocks) + 1} injection points")
@@ -256,7 +368,8 @@ class UnetHook:
             h = h.type(x.dtype)
             if getattr(unet, "predict_codebook_ids", False):
                 return unet.id_predictor(h)
-            return unet.out(h)
+            out = unet.out(h)
+            return hook.apply_colorfix(out, x, timesteps, context) if hook.has_colorfix else out
 
         return forward
 
@@ -272,7 +385,8 @@ class UnetHook:
                 y = torch.cat([added["text_embeds"], tid.to(added["text_embeds"].dtype)], dim=-1)
             control = hook.compute_control(sample, timestep, encoder_hidden_states, y)
             if control is None:
-                return original(sample, timestep, encoder_hidden_states, *args, **kwargs)
+                return fix(original(sample, timestep, encoder_hidden_states, *args, **kwargs), sample, timestep,
+                       encoder_hidden_states)
             downs, mid = control[:-1], control[-1]
             prev_d = kwargs.get("down_block_additional_residuals")
             prev_m = kwargs.get("mid_block_additional_residual")
@@ -282,9 +396,18 @@ class UnetHook:
                 mid = prev_m + mid
             kwargs["down_block_additional_residuals"] = tuple(downs)
             kwargs["mid_block_additional_residual"] = mid
-            return original(sample, timestep, encoder_hidden_states, *args, **kwargs)
+            return fix(original(sample, timestep, encoder_hidden_states, *args, **kwargs), sample, timestep,
+                       encoder_hidden_states)
+
+        def fix(result: Any, sample: torch.Tensor, timestep: Any, context: Any) -> Any:
+            if not hook.has_colorfix:
+                return result
+            if isinstance(result, tuple):
+                return (hook.apply_colorfix(result[0], sample, timestep, context),) + tuple(result[1:])
+            result.sample = hook.apply_colorfix(result.sample, sample, timestep, context)
+            return result
 
         return forward
 
 
-__all__ = ["UnetHook", "HookUnit", "control_scales", "SOFT_INJECTION_BASE"]
+__all__ = ["UnetHook", "HookUnit", "control_scales", "SOFT_INJECTION_BASE", "box_blur", "sd_alphas_cumprod"]

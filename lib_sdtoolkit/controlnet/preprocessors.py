@@ -444,7 +444,11 @@ PREPROCESSORS: Dict[str, Preprocessor] = {p.name: p for p in [
                  slider_1=Slider("Down Sampling Rate", 1.0, 8.0, 1.0, 0.01), tags=("Tile", "Blur")),
     Preprocessor("tile_colorfix", _p_none, "tile_colorfix", resolution=None, slider_1=_VARIATION,
                  tags=("Tile", "Blur"),
-                 note="the map is the input image; the latent colour-fix step during sampling is not implemented"),
+                 note="the map is the input image (as upstream); the colour fix itself runs during sampling in the "
+                      "UNet hook (hook.UnetHook.apply_colorfix)"),
+    Preprocessor("tile_colorfix+sharp", _p_none, "tile_colorfix+sharp", resolution=None, slider_1=_VARIATION,
+                 slider_2=Slider("Sharpness", 0.0, 2.0, 1.0, 0.01), tags=("Tile", "Blur"),
+                 note="the map is the input image (as upstream); colour fix and sharpening run during sampling"),
     Preprocessor("lineart_standard", _p_lineart_standard, "lineart_standard (from white bg & black line)",
                  tags=("Lineart",)),
     Preprocessor("recolor_luminance", _p_recolor_luminance, "recolor_luminance", resolution=None,
@@ -481,7 +485,6 @@ UNAVAILABLE: Dict[str, str] = {
        ("reference_only", "reference_adain", "reference_adain+attn")},
     **{n: "needs mask-aware sampling (inpaint modes), which SD Toolkit does not implement" for n in
        ("inpaint", "inpaint_only")},
-    "tile_colorfix+sharp": "needs the latent colour-fix and sharpening during sampling, not implemented",
 }
 
 #: the old names clients still send
@@ -573,6 +576,10 @@ def apply_resize_mode(detected: np.ndarray, height: int, width: int, mode: Resiz
     return np.ascontiguousarray(m[ph:ph + height, pw:pw + width])
 
 
+#: preprocessors whose effect continues during sampling (the hook's tile colour fix)
+COLORFIX_MODULES = ("tile_colorfix", "tile_colorfix+sharp")
+
+
 def map_to_hint(detected: np.ndarray) -> "Any":
     """HxWx3 uint8 -> torch float tensor (1, 3, H, W) in [0, 1] (what ControlNet models take)."""
     import torch
@@ -583,4 +590,4 @@ def map_to_hint(detected: np.ndarray) -> "Any":
 __all__ = ["Preprocessor", "Slider", "PREPROCESSORS", "UNAVAILABLE", "ALIASES", "get_preprocessor",
            "require_preprocessor", "run_preprocessor", "module_list", "module_detail", "decode_image",
            "encode_png_base64", "hwc3", "canny", "gaussian_blur", "resize_image_with_pad", "apply_resize_mode",
-           "pixel_perfect_resolution", "map_to_hint", "canonical_name"]
+           "pixel_perfect_resolution", "map_to_hint", "canonical_name", "COLORFIX_MODULES"]

@@ -62,8 +62,8 @@ def prepare_units(unit_dicts: Sequence[Any], host: Host, cache: Any, height: int
 
     from .hook import HookUnit
     from .models import check_compatible
-    from .preprocessors import apply_resize_mode, decode_image, map_to_hint, pixel_perfect_resolution, \
-        require_preprocessor
+    from .preprocessors import COLORFIX_MODULES, apply_resize_mode, decode_image, map_to_hint, \
+        pixel_perfect_resolution, require_preprocessor
 
     out = PreparedUnits()
     for i, raw in enumerate(unit_dicts):
@@ -76,7 +76,8 @@ def prepare_units(unit_dicts: Sequence[Any], host: Host, cache: Any, height: int
             continue
         try:
             pre = require_preprocessor(unit.module)
-            src = unit.image if unit.image not in (None, "") else init_image
+            has_image = unit.image is not None and not (isinstance(unit.image, str) and not unit.image)
+            src = unit.image if has_image else init_image  # (an ndarray from the UI must not meet `in`)
             if src is None:
                 raise InvalidInputError("no input image (and no img2img init image)")
             img = decode_image(src, "ControlNet input image")
@@ -92,9 +93,14 @@ def prepare_units(unit_dicts: Sequence[Any], host: Host, cache: Any, height: int
             _warn(out, warn, f"ControlNet unit {i} ({unit.module}, {unit.model}): {e}; generation continues "
                              "without this unit")
             continue
-        out.units.append(HookUnit(model, map_to_hint(fitted), unit.weight, unit.control_mode, unit.guidance_start,
-                                  unit.guidance_end, unit.hr_option, unit.advanced_weighting,
-                                  name=f"unit {i}: {unit.module} / {unit.model}"))
+        hu = HookUnit(model, map_to_hint(fitted), unit.weight, unit.control_mode, unit.guidance_start,
+                      unit.guidance_end, unit.hr_option, unit.advanced_weighting,
+                      name=f"unit {i}: {unit.module} / {unit.model}")
+        if pre.name in COLORFIX_MODULES:  # sliders already reset into range by the unit's bound check
+            hu.colorfix_variation = int(unit.threshold_a)
+            if pre.name.endswith("+sharp"):
+                hu.colorfix_sharpness = float(unit.threshold_b)
+        out.units.append(hu)
         if unit.save_detected_map:
             out.detected_maps.append((i, fitted))
     return out
