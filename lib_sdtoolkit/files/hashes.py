@@ -24,6 +24,8 @@ could be read than the size said) gives a result with ``changed=True``; callers 
 """
 from __future__ import annotations
 
+import abc
+
 import hashlib
 import os
 import queue
@@ -126,16 +128,18 @@ class FileHashes:
 
 # ------------------------------------------------------------------------------------------------ sinks
 
-class _Sink:
+class _Sink(abc.ABC):
     """One algorithm fed with consecutive file chunks (``update(view, file_offset)``)."""
 
     name = ""
 
-    def update(self, mv: memoryview, pos: int) -> None:  # pragma: no cover - abstract
-        raise NotImplementedError
+    @abc.abstractmethod
+    def update(self, mv: memoryview, pos: int) -> None:
+        """Feed the bytes ``mv`` that start at file offset ``pos``."""
 
-    def result(self) -> Optional[str]:  # pragma: no cover - abstract
-        raise NotImplementedError
+    @abc.abstractmethod
+    def result(self) -> Optional[str]:
+        """The hex digest (None where the algorithm does not apply to this file)."""
 
 
 class _Sha256(_Sink):
