@@ -6,12 +6,12 @@ collects them and turns ``SdToolkitError`` into one line on stderr and exit code
 from __future__ import annotations
 
 import argparse
-import importlib
 import sys
-from typing import List, Optional, Sequence
+from typing import Optional, Sequence
 
 from . import __version__
 from .errors import SdToolkitError
+from .plugins import import_present
 
 COMMAND_MODULES = (
     "lib_sdtoolkit.inspect",
@@ -29,13 +29,7 @@ def build_parser() -> argparse.ArgumentParser:
                                      description="SD Toolkit: inspect, merge, prune, hash, LoRA, tiled VAE, ControlNet")
     parser.add_argument("--version", action="version", version=f"sd-toolkit {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    for name in COMMAND_MODULES:
-        try:
-            mod = importlib.import_module(name)
-        except ModuleNotFoundError as e:
-            if e.name and (name == e.name or name.startswith(e.name + ".")):
-                continue  # that feature is not there (yet)
-            raise
+    for mod in import_present(COMMAND_MODULES, "command", strict=True):
         mod.register(sub)
     return parser
 

@@ -11,8 +11,6 @@ WebUI: its app has already served requests when ``on_app_started`` runs, so hand
 """
 from __future__ import annotations
 
-import importlib
-import importlib.util
 import logging
 from types import ModuleType
 from typing import Any, Callable, Coroutine, List, Optional
@@ -23,6 +21,7 @@ from fastapi.routing import APIRoute
 
 from ..errors import SdToolkitError
 from ..host import MODEL_KINDS, Host
+from ..plugins import import_present
 
 log = logging.getLogger(__name__)
 
@@ -59,18 +58,7 @@ class SdToolkitRoute(APIRoute):
 def discover_route_modules(strict: bool = False) -> List[ModuleType]:
     """Import the ``routes_<feature>`` modules that exist. A module that fails to import is logged and skipped
     (raised when ``strict``), so one broken feature does not take the whole API down."""
-    found = []
-    for name in ROUTE_MODULES:
-        modname = f"{__name__}.routes_{name}"
-        if importlib.util.find_spec(modname) is None:
-            continue
-        try:
-            found.append(importlib.import_module(modname))
-        except Exception:
-            if strict:
-                raise
-            log.exception("sdtoolkit: could not import %s; its routes are not available", modname)
-    return found
+    return import_present([f"{__name__}.routes_{name}" for name in ROUTE_MODULES], "routes", strict)
 
 
 def _register_core(router: APIRouter, host: Host) -> None:

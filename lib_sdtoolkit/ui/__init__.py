@@ -7,8 +7,6 @@ imports whichever exist, in ``TAB_ORDER``. Works on gradio 3.41 (A1111) and 4.x 
 from __future__ import annotations
 
 import asyncio
-import importlib
-import importlib.util
 import logging
 from pathlib import Path
 from types import ModuleType
@@ -17,6 +15,7 @@ from typing import Any, List, Optional
 import gradio as gr
 
 from ..host import Host
+from ..plugins import import_present
 
 log = logging.getLogger(__name__)
 
@@ -29,18 +28,7 @@ STYLE_CSS = EXTENSION_ROOT / "style.css"
 def discover_tabs(strict: bool = False) -> List[ModuleType]:
     """Import the ``<name>_tab`` modules that exist, in ``TAB_ORDER``. A tab that fails to import is logged and
     replaced by nothing (raised when ``strict``)."""
-    found = []
-    for name in TAB_ORDER:
-        modname = f"{__name__}.{name}_tab"
-        if importlib.util.find_spec(modname) is None:
-            continue
-        try:
-            found.append(importlib.import_module(modname))
-        except Exception:
-            if strict:
-                raise
-            log.exception("sdtoolkit: could not import %s; its tab is not shown", modname)
-    return found
+    return import_present([f"{__name__}.{name}_tab" for name in TAB_ORDER], "tab", strict)
 
 
 def build_tabs(host: Host, strict: bool = False) -> List[str]:
