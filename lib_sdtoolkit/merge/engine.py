@@ -188,6 +188,8 @@ class MergeReport:
     bytes_written: int = 0
     seconds: float = 0.0
     input_sha256: Dict[str, Optional[str]] = field(default_factory=dict)
+    #: merge into a loaded module: output keys the module has no tensor for (EMA, position_ids buffers, ...)
+    not_in_module: List[str] = field(default_factory=list)
 
     def to_dict(self) -> Dict[str, Any]:
         from dataclasses import asdict
@@ -649,6 +651,30 @@ def merge_files(recipe: MergeRecipe, output: PathLike, overwrite: bool = False, 
 # ---------------------------------------------------------------------------------------------------------------
 # in memory
 
+def _check_module_keys(plan: _Plan, target_sd: Mapping[str, torch.Tensor], arch: ArchInfo) -> None:
+    """Before anything is written into a module: every UNet / VAE / text-encoder key of the merge must be one of
+    the module's tensors with the same shape (a hijacked or differently named model would otherwise be merged only
+    in part, silently). EMA, position_ids and other non-model keys the module lacks are skipped and counted."""
+    from ..arch import component_of
+
+    bad: List[str] = []
+    for it in plan.items:
+        dst = target_sd.get(it.name)
+        if dst is None:
+            comp = component_of(it.name, arch)
+            if comp in ("ema", "junk") or it.action in ("fix_pos", "keep_pos"):
+                plan.report.not_in_module.append(it.name)
+                continue
+            bad.append(it.name)
+        elif tuple(dst.shape) != tuple(it.shape):
+            raise ArchitectureError(f"the loaded model's tensor has shape {tuple(dst.shape)} but the merge's is "
+                                    f"{tuple(it.shape)}; is the loaded model the same architecture as model A?",
+                                    key=it.name)
+    if bad:
+        raise ArchitectureError(f"the loaded model has no tensor for {len(bad)} of the merge's keys (first: {bad[0]}); "
+                                f"it is not a {arch.architecture} model with checkpoint key names, nothing was changed")
+
+
 @dataclass
 class MergeResult:
     """A merge held in memory: ``state_dict`` (or the ``module`` it was written into), its report and metadata.
@@ -725,6 +751,7 @@ def merge_in_memory(recipe: MergeRecipe, a: Optional[StateLike] = None, b: Optio
         result_sd: Dict[str, torch.Tensor] = {}
         lock = threading.Lock()
         if target_sd is not None:
+            _check_module_keys(plan, target_sd, arch)
             # each output key depends only on the same key of the inputs, and is fully computed (into a
             # separate buffer) before it is copied into the module, so A may be the module itself
             def work(it: _Item) -> None:

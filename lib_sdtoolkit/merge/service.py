@@ -42,6 +42,7 @@ def recipe_for_host(host: Any, body: Mapping[str, Any]) -> MergeRecipe:
     data = dict(body)
     data.pop("output", None)
     data.pop("overwrite", None)
+    data.pop("in_memory", None)
     recipe = MergeRecipe.from_dict(data)
     a = str(host.resolve(recipe.model_a, "checkpoint"))
     b = str(host.resolve(recipe.model_b, "checkpoint")) if recipe.model_b else None
@@ -51,7 +52,14 @@ def recipe_for_host(host: Any, body: Mapping[str, Any]) -> MergeRecipe:
 
 
 def merge_for_host(host: Any, body: Mapping[str, Any], progress: Optional[Progress] = None) -> Dict[str, Any]:
-    """Run a merge described by ``body`` (recipe fields + ``output`` name + ``overwrite``); returns the report."""
+    """Run a merge described by ``body`` (recipe fields + ``output`` name + ``overwrite``); returns the report.
+
+    With ``in_memory: true`` the merge goes into the host's loaded model instead and no file is written
+    (:func:`lib_sdtoolkit.merge.live.merge_into_loaded`)."""
+    if body.get("in_memory"):
+        from .live import merge_into_loaded
+
+        return merge_into_loaded(host, body, progress=progress)
     recipe = recipe_for_host(host, body)
     recipe.validate()
     out = output_path(host, body.get("output"), recipe)

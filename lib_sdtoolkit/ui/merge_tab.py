@@ -1,6 +1,10 @@
 """Merge tab: pick checkpoints from the models folder, a method and ratios (or per-block ratios / a preset, shown
 as a plot), run the streaming merge with progress, see the report. The merged file lands in the checkpoint folder
-and the host's checkpoint list is refreshed."""
+and the host's checkpoint list is refreshed.
+
+Where the host holds a model (the WebUI), three more buttons: "Merge into loaded model (no file)", "Save current
+merge" (writes that merge to the checkpoint folder) and "Restore loaded model" (reloads its checkpoint file). In
+the standalone app they are hidden."""
 from __future__ import annotations
 
 import html
@@ -106,14 +110,7 @@ def run_merge(host: Host, *values: Any, progress: Any = None) -> Tuple[str, str,
                 progress(done / total, desc=f"merging {done}/{total}")
 
         report = merge_for_host(host, body, progress=tick)
-        lines = [f"Merged {report['architecture']} with {report['method']}: {report['keys_total']} keys "
-                 f"({report['merged']} merged, {report['copied_from_a']} from A) in {report['seconds']:.1f} s",
-                 f"Output: {report['output']}"]
-        for what in ("missing_from_b", "missing_from_c"):
-            if report[what]:
-                lines.append(f"{len(report[what])} keys {what.replace('_', ' ')} taken from A")
-        lines.append(f"EMA keys dropped: {report['ema_dropped']}; discarded: {report['discarded']}; "
-                     f"VAE keys baked: {report['vae_baked']}; position_ids: {report['position_ids']}")
+        lines = _report_lines(report) + [f"Output: {report['output']}"]
         ok = (f'<div class="sdtoolkit-ok">Saved <b>{html.escape(report["name"])}</b>; it is in the checkpoint '
               f'list now.</div>')
         return ok, "\n".join(lines), report
@@ -121,6 +118,78 @@ def run_merge(host: Host, *values: Any, progress: Any = None) -> Tuple[str, str,
         return error_html(exc), str(exc), None
     except Exception as exc:
         log.exception("sdtoolkit: merge failed")
+        return error_html(exc), f"{type(exc).__name__}: {exc}", None
+
+
+def _report_lines(report: Dict[str, Any]) -> List[str]:
+    lines = [f"Merged {report['architecture']} with {report['method']}: {report['keys_total']} keys "
+             f"({report['merged']} merged, {report['copied_from_a']} from A) in {report['seconds']:.1f} s"]
+    for what in ("missing_from_b", "missing_from_c"):
+        if report.get(what):
+            lines.append(f"{len(report[what])} keys {what.replace('_', ' ')} taken from A")
+    lines.append(f"EMA keys dropped: {report['ema_dropped']}; discarded: {report['discarded']}; "
+                 f"VAE keys baked: {report['vae_baked']}; position_ids: {report['position_ids']}")
+    return lines
+
+
+def _tick(progress: Any) -> Any:
+    def tick(done: int, total: int, key: str) -> None:
+        if progress is not None and total:
+            progress(done / total, desc=f"merging {done}/{total}")
+    return tick
+
+
+def run_in_memory(host: Host, *values: Any, progress: Any = None) -> Tuple[str, str, Optional[dict]]:
+    """"Merge into loaded model (no file)": the same values as :func:`run_merge`; nothing is written."""
+    from ..merge.service import merge_for_host
+
+    try:
+        body = ui_body(*values)
+        if not body["model_a"] or not body["model_b"]:
+            raise SdToolkitError("pick model A and model B")
+        body["in_memory"] = True
+        report = merge_for_host(host, body, progress=_tick(progress))
+        lines = _report_lines(report) + [f"Loaded model is now {report['title']} (no file written; the loaded "
+                                         f"model's own file is {report['original_file']})"]
+        ok = (f'<div class="sdtoolkit-ok">Merged into the loaded model as <b>{html.escape(report["name"])}</b>. '
+              f'"Save current merge" writes it to a file; "Restore loaded model" reloads the original.</div>')
+        return ok, "\n".join(lines), report
+    except SdToolkitError as exc:
+        return error_html(exc), str(exc), None
+    except Exception as exc:
+        log.exception("sdtoolkit: merge into the loaded model failed")
+        return (error_html(exc), f"{type(exc).__name__}: {exc} (the loaded model may be partly merged: restore it "
+                f"or load the checkpoint again)", None)
+
+
+def save_current(host: Host, output: str, overwrite: bool, progress: Any = None) -> Tuple[str, str, Optional[dict]]:
+    """"Save current merge": writes the loaded model's in-memory merge (its recipe, from the same files)."""
+    from ..merge.live import save_current_merge_for_host
+
+    try:
+        report = save_current_merge_for_host(host, {"output": (output or "").strip() or None,
+                                                    "overwrite": bool(overwrite)}, progress=_tick(progress))
+        ok = (f'<div class="sdtoolkit-ok">Saved <b>{html.escape(report["name"])}</b>; it is in the checkpoint '
+              f'list now.</div>')
+        return ok, "\n".join(_report_lines(report) + [f"Output: {report['output']}"]), report
+    except SdToolkitError as exc:
+        return error_html(exc), str(exc), None
+    except Exception as exc:
+        log.exception("sdtoolkit: saving the current merge failed")
+        return error_html(exc), f"{type(exc).__name__}: {exc}", None
+
+
+def restore_loaded(host: Host) -> Tuple[str, str, Optional[dict]]:
+    from ..merge.live import restore_loaded_model_for_host
+
+    try:
+        res = restore_loaded_model_for_host(host)
+        return (f'<div class="sdtoolkit-ok">Reloaded <b>{html.escape(res["restored"])}</b>.</div>',
+                f"Reloaded {res['path']}", res)
+    except SdToolkitError as exc:
+        return error_html(exc), str(exc), None
+    except Exception as exc:
+        log.exception("sdtoolkit: restoring the loaded model failed")
         return error_html(exc), f"{type(exc).__name__}: {exc}", None
 
 
@@ -171,7 +240,12 @@ def build(host: Host) -> None:
         discard = gr.Textbox(label="Discard weights (regex)", value="", elem_id="sdtoolkit_merge_discard")
         output = gr.Textbox(label="Output file name (blank: A_B_method_M.safetensors)", value="",
                             elem_id="sdtoolkit_merge_output")
-    run_btn = gr.Button("Merge", variant="primary", elem_id="sdtoolkit_merge_run")
+    live = host.has_loaded_model_support  # the WebUI: merge into / save / restore the loaded model
+    with gr.Row():
+        run_btn = gr.Button("Merge", variant="primary", elem_id="sdtoolkit_merge_run")
+        mem_btn = gr.Button("Merge into loaded model (no file)", visible=live, elem_id="sdtoolkit_merge_in_memory")
+        save_cur_btn = gr.Button("Save current merge", visible=live, elem_id="sdtoolkit_merge_save_current")
+        restore_btn = gr.Button("Restore loaded model", visible=live, elem_id="sdtoolkit_merge_restore")
     status = gr.HTML(elem_id="sdtoolkit_merge_status")
     report_text = gr.Textbox(label="Report", lines=6, interactive=False, elem_id="sdtoolkit_merge_report")
     with gr.Accordion("JSON", open=False):
@@ -210,6 +284,21 @@ def build(host: Host) -> None:
         return run_merge(host, a, b, c, m, al, be, "", bl, ba, dt, ke, fp, vae, dis, sd, dev, ax, out, ow,
                          progress=progress)
 
-    run_btn.click(do_merge, inputs=[model_a, model_b, model_c, method, alpha, beta, blocks, base_alpha, dtype,
-                                    keep_ema, fix_pos, bake_vae, discard, seed, device, allow_ex, output, overwrite],
-                  outputs=[status, report_text, report_json])
+    merge_inputs = [model_a, model_b, model_c, method, alpha, beta, blocks, base_alpha, dtype, keep_ema, fix_pos,
+                    bake_vae, discard, seed, device, allow_ex, output, overwrite]
+    run_btn.click(do_merge, inputs=merge_inputs, outputs=[status, report_text, report_json])
+
+    if live:
+        def do_in_memory(a, b, c, m, al, be, bl, ba, dt, ke, fp, vae, dis, sd, dev, ax, out, ow,
+                         progress=gr.Progress()):
+            return run_in_memory(host, a, b, c, m, al, be, "", bl, ba, dt, ke, fp, vae, dis, sd, dev, ax, out, ow,
+                                 progress=progress)
+
+        def do_save_current(out, ow, a, b, c, v, progress=gr.Progress()):
+            res = save_current(host, out, ow, progress=progress)
+            return res + do_refresh(a, b, c, v)
+
+        mem_btn.click(do_in_memory, inputs=merge_inputs, outputs=[status, report_text, report_json])
+        save_cur_btn.click(do_save_current, inputs=[output, overwrite, model_a, model_b, model_c, bake_vae],
+                           outputs=[status, report_text, report_json, model_a, model_b, model_c, bake_vae])
+        restore_btn.click(lambda: restore_loaded(host), inputs=[], outputs=[status, report_text, report_json])
