@@ -83,6 +83,40 @@ script_callbacks.on_cfg_denoiser(_on_cfg_denoiser)
 script_callbacks.on_script_unloaded(_restore_leftover)
 
 
+def _vae_encoder(model):
+    """Pixels in [-1, 1] -> scaled latents through the loaded model (ldm: encode_first_stage gives the posterior,
+    get_first_stage_encoding samples and scales it; SDXL in A1111: already scaled), as the tile colour fix needs."""
+    if not (hasattr(model, "encode_first_stage") and hasattr(model, "get_first_stage_encoding")):
+        return None
+
+    def encode(x):
+        vae = getattr(model, "first_stage_model", None)
+        param = next(vae.parameters()) if vae is not None else None
+        if param is not None:
+            x = x.to(device=param.device, dtype=param.dtype)
+        return model.get_first_stage_encoding(model.encode_first_stage(x))
+
+    return encode
+
+
+def _restore_on_close(p):
+    """The WebUI runs every generation in ``with closing(p)``: wrap this p's close so an exception or interrupt
+    during sampling (postprocess is then never called) still puts the UNet's forward back."""
+    close = getattr(p, "close", None)
+    if not callable(close) or getattr(close, "__sdtoolkit_controlnet__", False):
+        return
+
+    def close_and_restore(*a, **k):
+        try:
+            _restore_leftover()
+        finally:
+            p.close = close
+        return close(*a, **k)
+
+    close_and_restore.__sdtoolkit_controlnet__ = True
+    p.close = close_and_restore
+
+
 def unit_count():
     try:
         return max(1, int(shared.opts.data.get("sdtoolkit_controlnet_unit_count", 3)))
@@ -175,8 +209,12 @@ if not EXTERNAL:
                     p.comments[w] = 1
             if not prepared.units:
                 return
-            hook = UnetHook(prepared.units, warn=log.warning).hook(unet)
+            model = p.sd_model
+            hook = UnetHook(prepared.units, warn=log.warning, encode_latent=_vae_encoder(model),
+                            alphas_cumprod=getattr(model, "alphas_cumprod", None),
+                            prediction=getattr(model, "parameterization", "eps")).hook(unet)
             _state["hook"] = hook
+            _restore_on_close(p)
             p.extra_generation_params["ControlNet"] = ", ".join(u.name for u in prepared.units)
             self._maps = prepared.detected_maps
 

@@ -155,3 +155,125 @@ def load_scripts():
             sys.path = syspath
             current_basedir = paths.script_path
     return modules_loaded
+
+
+def wrap_call(func, filename, funcname, *args, default=None, **kwargs):
+    try:
+        return func(*args, **kwargs)
+    except Exception as e:
+        errors.display(e, f"calling {filename}/{funcname}")
+    return default
+
+
+class ScriptRunner:
+    """Double of modules/scripts.py ScriptRunner (A1111 1.10): one per tab; builds script UIs so each script's
+    components land at ``inputs[args_from:args_to]`` (``inputs[0]`` is the selectable-script dropdown), and
+    dispatches the processing hooks with ``p.script_args[args_from:args_to]``. Exceptions raised by a script's hook
+    are reported and swallowed, as in the WebUI."""
+
+    def __init__(self):
+        self.scripts = []
+        self.selectable_scripts = []
+        self.alwayson_scripts = []
+        self.titles = []
+        self.title_map = {}
+        self.inputs = [None]
+
+    def initialize_scripts(self, is_img2img):
+        self.scripts.clear()
+        self.alwayson_scripts.clear()
+        self.selectable_scripts.clear()
+        for script_data in scripts_data:
+            try:
+                script = script_data.script_class()
+            except Exception as e:
+                errors.display(e, f"Error # failed to initialize Script {script_data.module}")
+                continue
+            script.filename = script_data.path
+            script.is_txt2img = not is_img2img
+            script.is_img2img = is_img2img
+            script.tabname = "img2img" if is_img2img else "txt2img"
+            visibility = script.show(script.is_img2img)
+            if visibility == AlwaysVisible:
+                self.scripts.append(script)
+                self.alwayson_scripts.append(script)
+                script.alwayson = True
+            elif visibility:
+                self.scripts.append(script)
+                self.selectable_scripts.append(script)
+
+    def create_script_ui(self, script):
+        script.args_from = len(self.inputs)
+        script.args_to = len(self.inputs)
+        controls = wrap_call(script.ui, script.filename, "ui", script.is_img2img)
+        script.controls = controls
+        if controls is None:
+            return
+        script.name = wrap_call(script.title, script.filename, "title", default=script.filename).lower()
+        self.inputs += controls
+        script.args_to = len(self.inputs)
+
+    def setup_ui_for_section(self, section, scriptlist=None):
+        import gradio as gr
+
+        if scriptlist is None:
+            scriptlist = self.alwayson_scripts
+        for script in scriptlist:
+            if script.alwayson and script.section != section:
+                continue
+            if script.create_group:
+                with gr.Group(visible=script.alwayson) as group:
+                    self.create_script_ui(script)
+                script.group = group
+            else:
+                self.create_script_ui(script)
+
+    def setup_ui(self):
+        import gradio as gr
+
+        all_titles = [wrap_call(s.title, s.filename, "title") or s.filename for s in self.scripts]
+        self.title_map = {title.lower(): s for title, s in zip(all_titles, self.scripts)}
+        self.titles = [wrap_call(s.title, s.filename, "title") or f"{s.filename} [error]"
+                       for s in self.selectable_scripts]
+        self.setup_ui_for_section(None)
+        dropdown = gr.Dropdown(label="Script", elem_id="script_list", choices=["None"] + self.titles, value="None",
+                               type="index")
+        self.inputs[0] = dropdown
+        self.setup_ui_for_section(None, self.selectable_scripts)
+        return self.inputs
+
+    def _dispatch(self, name, p, *extra, **kwargs):
+        for script in self.alwayson_scripts:
+            try:
+                script_args = p.script_args[script.args_from:script.args_to]
+                getattr(script, name)(p, *extra, *script_args, **kwargs)
+            except Exception as e:
+                errors.display(e, f"Error running {name}: {script.filename}")
+
+    def before_process(self, p):
+        self._dispatch("before_process", p)
+
+    def process(self, p):
+        self._dispatch("process", p)
+
+    def before_process_batch(self, p, **kwargs):
+        self._dispatch("before_process_batch", p, **kwargs)
+
+    def process_batch(self, p, **kwargs):
+        self._dispatch("process_batch", p, **kwargs)
+
+    def postprocess_batch(self, p, images, **kwargs):
+        self._dispatch("postprocess_batch", p, *(), images=images, **kwargs)
+
+    def process_before_every_sampling(self, p, **kwargs):
+        self._dispatch("process_before_every_sampling", p, **kwargs)
+
+    def before_hr(self, p):
+        self._dispatch("before_hr", p)
+
+    def postprocess(self, p, processed):
+        self._dispatch("postprocess", p, processed)
+
+
+scripts_txt2img = None
+scripts_img2img = None
