@@ -1,17 +1,28 @@
 """WebUI adapter: the ``<lora:...>`` extra network backed by lib_sdtoolkit.lora (no maths here).
 
-Coexistence with the WebUI's built-in Lora extension (``<lora:...>`` must act exactly once per generation):
+How it coexists with the WebUI's built-in Lora extension (``<lora:...>`` must act exactly once per generation):
 
-* our network is always registered as ``sdtlora`` (``<sdtlora:name:te:unet:dyn:lbw=...:start=..:stop=..>``);
-* it takes over ``lora`` (and the alias ``lyco``) only when nothing else has registered ``lora`` by the time the UI is
-  built (``on_before_ui`` runs after the built-in's own callback) - i.e. when the built-in Lora extension is disabled.
-  With the built-in enabled, ``<lora:...>`` stays the built-in's and we never touch it, so nothing is applied twice;
-* on Forge (``modules_forge`` importable) the model's weights belong to Forge's patchers: we do not register a
-  network at all there and say so in the log; use Forge's own Lora support. The toolkit tab (extract / bake /
-  inspect) works on Forge as everywhere.
+* one network object, registered as ``sdtlora`` (``<sdtlora:name:te:unet:dyn:lbw=...:start=..:stop=..>``), in
+  ``on_before_ui`` - which runs after the built-in's own ``on_before_ui`` (built-in extensions load first);
+* built-in Lora extension disabled (nothing registered ``lora`` by then): the same object is also the alias of
+  ``lora`` and ``lyco``, so ``<lora:...>``, ``<lyco:...>`` and ``<sdtlora:...>`` in one prompt reach one
+  ``activate`` call and one set of patches. Weights are patched in place (exact restore, only changed layers
+  rewritten, the same set again costs nothing);
+* built-in enabled: ``<lora:...>``/``<lyco:...>`` stay the built-in's (we never see them, so nothing is applied
+  twice) and only ``<sdtlora:...>`` is ours. The built-in merges its networks into the weights lazily, at each
+  module's next forward, from a backup it takes the first time it merges; writing weights in place under it
+  would get our delta copied into its backup (or wiped by its restore). So in that case our network runs in
+  functional mode: forward hooks add Σ m·ΔW·x, no weight is written, and both extensions compose;
+* Forge (``modules_forge`` importable): the model's weights belong to Forge's patchers, so no network is
+  registered at all and the log says so; Forge's own ``<lora:...>`` works there. The toolkit tab (extract / bake /
+  inspect) and the HTTP routes work on Forge as everywhere.
 
-Block weights (``lbw=``) and ``start=``/``stop=`` step ranges work in both tags; step ranges are applied from an
-``on_cfg_denoiser`` callback (only the layers of the networks switching on/off are rewritten).
+Weights changed by someone else after we patched them (a checkpoint loaded into the same model object) are
+detected from the tensors' version counters and never "restored" over the new weights. On script unload (UI
+reload) everything is restored.
+
+Block weights (``lbw=``) and ``start=``/``stop=`` step ranges work in every tag we handle; step ranges are applied
+from an ``on_cfg_denoiser`` callback (only the layers of the networks switching on/off are rewritten).
 """
 import logging
 import os
@@ -19,7 +30,7 @@ import os
 from modules import extra_networks, script_callbacks, shared
 
 from lib_sdtoolkit.errors import SdToolkitError
-from lib_sdtoolkit.lora.apply import ActiveNetwork, LoraPatcher, ModelBinding
+from lib_sdtoolkit.lora.apply import ActiveNetwork, FunctionalLora, LoraPatcher, ModelBinding
 from lib_sdtoolkit.lora.blocks import load_user_presets, resolve_block_weights
 from lib_sdtoolkit.lora.network import load_network
 from lib_sdtoolkit.lora.registry import LoraRegistry
@@ -34,11 +45,19 @@ try:
 except ImportError:
     IS_FORGE = False
 
+FORGE_MESSAGE = ("SD Toolkit LoRA: Forge detected. Forge's patchers own the model weights, so SD Toolkit does NOT "
+                 "register a LoRA network here: <sdtlora:...> is unavailable and <lora:...> is handled by Forge's own "
+                 "Lora support. The SD Toolkit LoRA tab and API (extract / bake / inspect) work.")
+#: networks kept parsed in memory (by path + mtime), most recently used last
+CACHE_SIZE = 8
+
 
 def _lora_dirs():
     opts = shared.cmd_opts
-    models = getattr(__import__("modules.paths", fromlist=["models_path"]), "models_path", "models")
-    return [getattr(opts, "lora_dir", None) or os.path.join(models, "Lora"), getattr(opts, "lyco_dir_backcompat", None)]
+    from modules import paths
+
+    return [getattr(opts, "lora_dir", None) or os.path.join(paths.models_path, "Lora"),
+            getattr(opts, "lyco_dir_backcompat", None)]
 
 
 def _arch_of(sd_model):
@@ -50,22 +69,48 @@ def _arch_of(sd_model):
 
 
 class SdToolkitLora(extra_networks.ExtraNetwork):
-    def __init__(self, name="sdtlora"):
+    def __init__(self, name="sdtlora", functional=False):
         super().__init__(name)
+        self.functional = functional
         self.registry = None
         self.patcher = None
         self._model_id = None
         self._nets = {}
         self._ranged = False
 
+    @property
+    def mode(self):
+        return "functional" if self.functional else "in-place"
+
     def _patcher_for(self, sd_model):
-        if self._model_id != id(sd_model):
-            if self.patcher is not None:
-                self.patcher.restore_all()
-            self.patcher = LoraPatcher(ModelBinding.from_checkpoint_module(sd_model, _arch_of(sd_model)))
+        if self._model_id != id(sd_model) or isinstance(self.patcher, LoraPatcher) == self.functional:
+            self.unload()
+            binding = ModelBinding.from_checkpoint_module(sd_model, _arch_of(sd_model))
+            self.patcher = FunctionalLora(binding) if self.functional else LoraPatcher(binding)
             self._model_id = id(sd_model)
             self._nets.clear()
         return self.patcher
+
+    def unload(self):
+        """Undo everything (script unload / UI reload / model change)."""
+        if isinstance(self.patcher, LoraPatcher):
+            self.patcher.restore_all()
+        elif isinstance(self.patcher, FunctionalLora):
+            self.patcher.remove()
+        self.patcher = None
+        self._model_id = None
+
+    def _network(self, entry, arch):
+        key = (str(entry.path), entry.path.stat().st_mtime, arch)
+        net = self._nets.pop(key, None)
+        if net is None:
+            net = load_network(entry.path, arch, entry.name)
+            if net.unmatched or net.unknown_type:
+                log.info("%s", net.report())
+        self._nets[key] = net
+        while len(self._nets) > CACHE_SIZE:
+            self._nets.pop(next(iter(self._nets)))
+        return net
 
     def activate(self, p, params_list):
         sd_model = shared.sd_model
@@ -91,53 +136,62 @@ class SdToolkitLora(extra_networks.ExtraNetwork):
                 log.warning("%s: no LoRA named %r; generation goes on without it", req.tag, req.name)
                 continue
             try:
-                key = (str(entry.path), entry.path.stat().st_mtime, arch)
-                net = self._nets.get(key)
-                if net is None:
-                    net = self._nets[key] = load_network(entry.path, arch, entry.name)
-                    if net.unmatched:
-                        log.info("%s", net.report())
+                net = self._network(entry, arch)
                 bw = resolve_block_weights(req.lbw, arch, presets)
             except (SdToolkitError, OSError) as e:
                 log.warning("%s: %s; generation goes on without it", req.tag, e)
                 continue
             active.append(ActiveNetwork(net, req.te, req.unet, req.dyn, bw, req.start, req.stop))
         self._ranged = any(a.start is not None or a.stop is not None for a in active)
-        if self._ranged:
-            patcher._step = 0
-        else:
-            patcher._step = None
+        patcher._step = 0 if self._ranged else None
         res = patcher.set_networks(active)
         for e in res.errors:
-            log.warning("%s", e)
-        if active:
-            p.extra_generation_params["SD Toolkit Lora"] = ", ".join(f"{a.network.name}: {a.te:g}/{a.unet:g}"
-                                                                     for a in active)
+            log.warning("%s; generation goes on without it", e)
+        if res.applied:
+            p.extra_generation_params["SD Toolkit Lora"] = ", ".join(
+                f"{a.network.name}: {a.te:g}/{a.unet:g}" for a in active if a.network.name in res.applied)
 
     def deactivate(self, p):
-        pass  # weights stay patched until the next activate (same set again costs nothing)
+        pass  # weights stay patched until the next activate (the same set again costs nothing)
 
     def on_cfg_denoiser(self, params):
         if self._ranged and self.patcher is not None:
             self.patcher.set_step(int(params.sampling_step))
 
 
-network = SdToolkitLora("sdtlora")
+network = None
 
 
 def _register():
+    global network
     if IS_FORGE:
-        log.info("SD Toolkit: Forge detected; its LoRA patchers own the model weights, so <sdtlora:...> is not "
-                 "registered there (use Forge's <lora:...>). The LoRA tab (extract/bake/inspect) works.")
+        log.warning(FORGE_MESSAGE)
         return
+    builtin = extra_networks.extra_network_registry.get("lora")
+    if network is not None:
+        network.unload()
+    network = SdToolkitLora("sdtlora", functional=builtin is not None)
     extra_networks.register_extra_network(network)
-    if "lora" not in extra_networks.extra_network_registry:
-        lora = SdToolkitLora("lora")
-        extra_networks.register_extra_network(lora)
-        extra_networks.register_extra_network_alias(lora, "lyco")
-        script_callbacks.on_cfg_denoiser(lora.on_cfg_denoiser)
-        log.info("SD Toolkit: the built-in Lora extension is not active; <lora:...> is handled by SD Toolkit")
+    if builtin is None:
+        extra_networks.register_extra_network_alias(network, "lora")
+        extra_networks.register_extra_network_alias(network, "lyco")
+        log.info("SD Toolkit: the built-in Lora extension is not active; <lora:...> and <lyco:...> are handled by "
+                 "SD Toolkit (in-place patching)")
+    else:
+        log.info("SD Toolkit: the built-in Lora extension handles <lora:...>; SD Toolkit handles <sdtlora:...> in "
+                 "functional mode (forward hooks) so the two never write the same weights")
+
+
+def _on_cfg_denoiser(params):
+    if network is not None:
+        network.on_cfg_denoiser(params)
+
+
+def _on_unloaded():
+    if network is not None:
+        network.unload()
 
 
 script_callbacks.on_before_ui(_register)
-script_callbacks.on_cfg_denoiser(network.on_cfg_denoiser)
+script_callbacks.on_cfg_denoiser(_on_cfg_denoiser)
+script_callbacks.on_script_unloaded(_on_unloaded)

@@ -58,6 +58,14 @@ class ParamRef:
         return getattr(self.module, self.attr)
 
 
+def unwrap_name(name: str) -> str:
+    """A parameter name without the ``wrapped`` components the WebUI's hijack adds
+    (``cond_stage_model.wrapped.transformer.x`` -> ``cond_stage_model.transformer.x``)."""
+    if "wrapped" not in name:
+        return name
+    return ".".join(part for part in name.split(".") if part != "wrapped")
+
+
 def _split_name(name: str) -> Tuple[str, str]:
     mod, _, attr = name.rpartition(".")
     return mod, attr
@@ -95,9 +103,13 @@ class ModelBinding:
     @classmethod
     def from_checkpoint_module(cls, model: nn.Module, arch: str, prefix: str = "") -> "ModelBinding":
         """A module whose parameter names are checkpoint keys (the WebUI's ``sd_model``), optionally under
-        ``prefix`` (``prefix="model.diffusion_model."`` for a bare ldm ``UNetModel``)."""
+        ``prefix`` (``prefix="model.diffusion_model."`` for a bare ldm ``UNetModel``).
+
+        The WebUI's hijack wraps the text encoders (``cond_stage_model`` / ``conditioner.embedders.N`` become
+        ``...WithCustomWords`` modules holding the original as ``.wrapped``, and ``token_embedding`` an
+        ``EmbeddingsWithFixes`` with ``.wrapped``): ``wrapped`` path components are dropped to get the key."""
         b = cls(arch)
-        b._add_module(model, lambda n: (prefix + n, None))
+        b._add_module(model, lambda n: (prefix + unwrap_name(n), None))
         return b
 
     @classmethod
@@ -301,7 +313,14 @@ class _Base:
 
 class LoraPatcher(_Base):
     """In-place patching with exact restore. ``backup_device``: where original weights are kept (default: the
-    parameter's own device; ``"cpu"`` saves accelerator memory at the cost of slower switches)."""
+    parameter's own device; ``"cpu"`` saves accelerator memory at the cost of slower switches).
+
+    Cost per touched parameter: one copy of its original (the backup, kept once however often the set changes)
+    and, for plain LoRA/LoCon factors, one fused ``W = W0 + α·up@down`` (``addmm``) written straight into an fp32
+    parameter, or into one fp32 buffer reused across layers for fp16/bf16 parameters; other types compute their ΔW
+    in fp32 per layer. Weights written by someone else after we patched them (a checkpoint loaded into the same
+    modules) are noticed from the tensor's identity and version counter: their backup is dropped, never restored
+    over the new values."""
 
     def __init__(self, binding: ModelBinding, compute_device: Optional[torch.device] = None,
                  backup_device: Optional[torch.device] = None):
@@ -310,13 +329,52 @@ class LoraPatcher(_Base):
         self._backup: Dict[Tuple[int, str], Tuple[ParamRef, torch.Tensor]] = {}
         self._sig: Dict[Tuple[int, str], tuple] = {}
         self._bias_of: Dict[Tuple[int, str], Tuple[int, str]] = {}
+        #: key -> (id of the tensor we wrote, its version counter right after our write)
+        self._written: Dict[Tuple[int, str], Tuple[int, int]] = {}
+        self._buf: Optional[torch.Tensor] = None
 
     @property
     def backup_bytes(self) -> int:
         return sum(t.numel() * t.element_size() for _, t in self._backup.values())
 
+    # -- bookkeeping
+    def _mark_written(self, k: Tuple[int, str], t: torch.Tensor) -> None:
+        self._written[k] = (id(t), t._version)
+
+    def _changed(self, k: Tuple[int, str]) -> bool:
+        w = self._written.get(k)
+        ent = self._backup.get(k)
+        if w is None or ent is None:
+            return False
+        t = ent[0].tensor
+        return id(t) != w[0] or t._version != w[1]
+
+    def _forget(self, k: Tuple[int, str]) -> None:
+        """Drop what we know about ``k`` without writing it (its current value is someone else's)."""
+        self._backup.pop(k, None)
+        self._written.pop(k, None)
+        self._sig.pop(k, None)
+        bk = self._bias_of.pop(k, None)
+        if bk is not None:
+            if self._changed(bk):
+                self._forget(bk)
+            else:
+                self._restore(bk)
+
+    def forget_changed(self) -> int:
+        """Forget (without restoring) every parameter changed by someone else since we wrote it. Returns how many.
+        Called by :meth:`set_networks`; cheap (one version check per touched parameter)."""
+        stale = [k for k in self._written if self._changed(k)]
+        for k in stale:
+            self._forget(k)
+        if stale:
+            self._last_key = None
+        return len(stale)
+
     def _ensure_backup(self, ref: ParamRef) -> torch.Tensor:
         k = (id(ref.module), ref.attr)
+        if k in self._backup and self._changed(k):
+            self._forget(k)
         if k not in self._backup:
             p = ref.tensor.detach()
             dev = self.backup_device or p.device
@@ -324,8 +382,10 @@ class LoraPatcher(_Base):
         return self._backup[k][1]
 
     def _restore(self, k: Tuple[int, str]) -> None:
+        changed = self._changed(k)
         ent = self._backup.pop(k, None)
-        if ent is not None:
+        self._written.pop(k, None)
+        if ent is not None and not changed:
             ref, saved = ent
             with torch.no_grad():
                 ref.tensor.copy_(saved)
@@ -333,9 +393,20 @@ class LoraPatcher(_Base):
         if bk is not None:
             self._restore(bk)
 
+    def _buffer(self, shape: torch.Size, device: torch.device) -> torch.Tensor:
+        n = 1
+        for d in shape:
+            n *= int(d)
+        if self._buf is None or self._buf.numel() < n or self._buf.device != device:
+            self._buf = torch.empty(n, dtype=torch.float32, device=device)
+        return self._buf[:n].view(shape)
+
+    # -- applying
     def set_networks(self, active: Sequence[ActiveNetwork]) -> ApplyResult:
         """Make the model hold exactly ``active`` (in order). Touches only parameters whose contributions changed."""
         self._requested = list(active)
+        if self._written:
+            self.forget_changed()
         ranged = any(a.start is not None or a.stop is not None for a in active)
         key = (tuple(a.key() for a in active), self._step if ranged else None)
         if key == self._last_key:
@@ -343,34 +414,67 @@ class LoraPatcher(_Base):
         result = ApplyResult()
         chosen = self._select(active, result)
         groups = _group(self.binding, chosen)
-        with torch.no_grad():
-            for k in list(self._sig):
-                if k not in groups:
-                    self._restore(k)
-                    del self._sig[k]
+        try:
+            with torch.no_grad():
+                for k in list(self._sig):
+                    if k not in groups:
+                        self._restore(k)
+                        del self._sig[k]
+                        result.touched += 1
+                for k, (ref, contribs) in groups.items():
+                    sig = _signature(contribs)
+                    if self._sig.get(k) == sig:
+                        continue
+                    self._sig.pop(k, None)
+                    self._patch(k, ref, contribs)
+                    self._sig[k] = sig
                     result.touched += 1
-            for k, (ref, contribs) in groups.items():
-                sig = _signature(contribs)
-                if self._sig.get(k) == sig:
-                    continue
-                self._patch(k, ref, contribs)
-                self._sig[k] = sig
-                result.touched += 1
+        finally:
+            self._buf = None
         self._last_key = key
         return result
 
     def _patch(self, k: Tuple[int, str], ref: ParamRef, contribs: List[_Contribution]) -> None:
+        try:
+            self._patch_inner(k, ref, contribs)
+        except BaseException:
+            self._restore(k)    # never leave a half-written parameter behind
+            raise
+
+    def _patch_inner(self, k: Tuple[int, str], ref: ParamRef, contribs: List[_Contribution]) -> None:
         orig = self._ensure_backup(ref)
         param = ref.tensor
         dev = self.compute_device or param.device
-        w = orig.to(dev, dtype=torch.float32, copy=True)
+        # accumulate W0 + Σ m·ΔW in fp32: in the parameter itself when it is an fp32 tensor on the compute device
+        direct = param.dtype == torch.float32 and param.device == dev and param.is_contiguous()
+        acc = param if direct else self._buffer(param.shape, dev)
+        acc2 = acc.view(acc.shape[0], -1) if acc.dim() > 1 else acc
+        started = False
         bias_acc: Optional[torch.Tensor] = None
         bias_ref: Optional[ParamRef] = None
         for _, layer, mult, dyn, rows in contribs:
-            o = w if rows is None else w[rows]
+            fac = formats.lowrank_factors(layer.weights, dyn, dev) if acc.dim() > 1 else None
+            if fac is not None:
+                up, down, s = fac
+                target = acc2 if rows is None else acc2[rows]
+                if tuple(target.shape) != (up.shape[0], down.shape[1]):
+                    raise SdToolkitError(f"{layer.weights.name}: factors {list(up.shape)} x {list(down.shape)} do "
+                                         f"not fit {list(target.shape)}")
+                if not started and rows is None and orig.device == dev and orig.dtype == torch.float32:
+                    torch.addmm(orig.view(acc2.shape), up, down, alpha=s * mult, out=acc2)
+                else:
+                    if not started:
+                        acc.copy_(orig)
+                    target.addmm_(up, down, alpha=s * mult)
+                started = True
+                continue
+            if not started:
+                acc.copy_(orig)
+                started = True
             base = orig if rows is None else orig[rows]
             dw, db = formats.compute_delta(layer.weights, base, dyn, device=dev)
-            o.add_(dw, alpha=mult)
+            (acc if rows is None else acc[rows]).add_(dw, alpha=mult)
+            del dw
             if db is None:
                 continue
             br = _bias_ref(layer, ParamRef(ref.module, ref.attr, rows))
@@ -380,22 +484,31 @@ class LoraPatcher(_Base):
                 bias_ref = ParamRef(br.module, br.attr)
                 bias_acc = self._ensure_backup(bias_ref).to(dev, dtype=torch.float32, copy=True)
             (bias_acc if br.rows is None else bias_acc[br.rows]).add_(db.to(dev), alpha=mult)
-        param.copy_(w.to(param.dtype))
+        if not started:
+            acc.copy_(orig)
+        if not direct:
+            param.copy_(acc)
+        self._mark_written(k, param)
         old_bias = self._bias_of.pop(k, None)
         if bias_acc is not None and bias_ref is not None:
             bias_ref.tensor.copy_(bias_acc.to(bias_ref.tensor.dtype))
-            self._bias_of[k] = (id(bias_ref.module), bias_ref.attr)
+            bk = (id(bias_ref.module), bias_ref.attr)
+            self._mark_written(bk, bias_ref.tensor)
+            self._bias_of[k] = bk
         elif old_bias is not None:
             self._restore(old_bias)
 
     def restore_all(self) -> int:
-        """Put every touched parameter back (bit-identical) and free the backups. Returns how many."""
+        """Put every touched parameter back (bit-identical) and free the backups. Returns how many. A parameter
+        changed by someone else since we wrote it is left as it is."""
         n = 0
         with torch.no_grad():
             for k in list(self._backup):
-                self._restore(k)
-                n += 1
+                if k in self._backup:
+                    self._restore(k)
+                    n += 1
         self._sig.clear()
+        self._written.clear()
         self._last_key = None
         self._requested = []
         return n

@@ -158,6 +158,23 @@ def compute_delta(layer: LayerWeights, weight: torch.Tensor, dyn: Optional[int] 
     return dw, db
 
 
+def lowrank_factors(layer: LayerWeights, dyn: Optional[int] = None, device: Optional[torch.device] = None
+                    ) -> Optional[Tuple[torch.Tensor, torch.Tensor, float]]:
+    """``(up, down, scale)`` with ΔW = scale · up @ down (up ``(out, r)``, down ``(r, in·k·k)``, fp32 on ``device``)
+    for a plain LoRA/LoCon module (no CP ``lora_mid``, no DoRA, no bias), so callers can fuse the product into an
+    ``addmm``; None for every other module (use :func:`compute_delta`)."""
+    if layer.kind != "lora" or layer.dora_scale is not None or set(layer.t) != {"lora_up.weight", "lora_down.weight"}:
+        return None
+    up, down = layer.t["lora_up.weight"], layer.t["lora_down.weight"]
+    if up.dim() < 2 or any(d != 1 for d in up.shape[2:]) or up.shape[1] != down.shape[0]:
+        return None
+    if dyn is not None and 0 < dyn < down.shape[0]:
+        up, down = up[:, :dyn], down[:dyn]
+    up = up.reshape(up.shape[0], up.shape[1]).to(device=device, dtype=torch.float32)
+    down = down.reshape(down.shape[0], -1).to(device=device, dtype=torch.float32)
+    return up, down, layer.effective_scale()
+
+
 def check_layer(layer: LayerWeights, shape: Sequence[int], dyn: Optional[int] = None) -> None:
     """Dry run on the meta device: raises ValueError if the factors do not fit each other or ``shape``."""
     meta = LayerWeights(layer.name, layer.kind, {k: torch.empty(v.shape, device="meta") for k, v in layer.t.items()},
@@ -181,5 +198,6 @@ def nonfinite_parts(layer: LayerWeights) -> List[str]:
     return bad
 
 
-__all__ = ["TYPES", "LayerWeights", "FormatError", "classify", "make_layer", "compute_delta", "check_layer",
+__all__ = ["TYPES", "LayerWeights", "FormatError", "classify", "make_layer", "compute_delta", "lowrank_factors",
+           "check_layer",
            "apply_dora", "dora_on_out", "nonfinite_parts"]

@@ -8,8 +8,19 @@ the VAE, which the tiled-VAE adapter depends on:
   ``p.scripts.postprocess(p, processed)`` -- only reached when nothing raised;
 * the callers (modules/txt2img.py, img2img.py, api/api.py) run everything in ``with closing(p):`` so
   ``p.close()`` runs even when the generation raises.
+
+Extra networks (added for the LoRA adapter), per batch in ``process_images_inner`` as in A1111 1.10:
+``p.prompts = p.all_prompts[...]``; ``p.scripts.before_process_batch``; ``p.parse_extra_network_prompts()``
+(``extra_networks.parse_prompts``: tags stripped from the prompts, the first prompt's tags kept);
+``extra_networks.activate(p, p.extra_network_data)`` unless ``p.disable_extra_networks``;
+``p.scripts.process_batch``; ``p.setup_conds()`` (the text encoder runs on the stripped prompts:
+``sd_model.get_learned_conditioning``, without the WebUI's prompt-schedule parsing and cache); sampling; decoding;
+after the batch loop ``extra_networks.deactivate(p, p.extra_network_data)`` when there was any. Double only: a
+generation built with ``prompt=None`` (the VAE-hook tests) skips the prompt/extra-network steps.
 """
 import torch
+
+from modules import extra_networks
 
 
 class Processed:
@@ -19,7 +30,8 @@ class Processed:
 
 
 class StableDiffusionProcessing:
-    def __init__(self, sd_model=None, scripts=None, script_args=(), width=512, height=512, batch_size=1):
+    def __init__(self, sd_model=None, scripts=None, script_args=(), width=512, height=512, batch_size=1,
+                 prompt=None, negative_prompt="", seed=0, steps=20, disable_extra_networks=False):
         self.sd_model = sd_model
         self.scripts = scripts
         self.script_args = list(script_args)
@@ -27,6 +39,27 @@ class StableDiffusionProcessing:
         self.extra_generation_params = {}
         self.sampler = None
         self.c = self.uc = None
+        self.prompt, self.negative_prompt, self.seed, self.steps = prompt, negative_prompt, seed, steps
+        self.disable_extra_networks = disable_extra_networks
+        self.all_prompts = self.all_negative_prompts = self.all_seeds = self.all_subseeds = None
+        self.prompts = self.negative_prompts = self.seeds = self.subseeds = None
+        self.extra_network_data = None
+        self.iteration = 0
+
+    def setup_prompts(self):
+        self.all_prompts = [self.prompt] * self.batch_size
+        self.all_negative_prompts = [self.negative_prompt] * self.batch_size
+        self.all_seeds = [self.seed + i for i in range(self.batch_size)]
+        self.all_subseeds = list(self.all_seeds)
+
+    def parse_extra_network_prompts(self):
+        self.prompts, self.extra_network_data = extra_networks.parse_prompts(self.prompts)
+
+    def setup_conds(self):
+        model = self.sd_model
+        if hasattr(model, "get_learned_conditioning"):
+            self.uc = model.get_learned_conditioning(self.negative_prompts)
+            self.c = model.get_learned_conditioning(self.prompts)
 
     def init(self, all_prompts, all_seeds, all_subseeds):
         pass
@@ -69,12 +102,46 @@ def process_images(p):
 
 
 def process_images_inner(p):
+    if p.prompt is not None:
+        return _process_images_inner_prompted(p)
     if p.scripts is not None:
         p.scripts.process(p)
     p.init([""], [0], [0])
     with torch.no_grad():
         samples = p.sample(None, None, [0], [0], 0, [""])
         decoded = decode_latent_batch(p.sd_model, samples, target_device="cpu")
+    res = Processed(p, decoded)
+    if p.scripts is not None:
+        p.scripts.postprocess(p, res)
+    return res
+
+
+def _process_images_inner_prompted(p):
+    p.setup_prompts()
+    if p.scripts is not None:
+        p.scripts.process(p)
+    decoded = []
+    with torch.no_grad():
+        p.init(p.all_prompts, p.all_seeds, p.all_subseeds)
+        for n in range(1):  # n_iter = 1
+            p.iteration = n
+            p.prompts = p.all_prompts[n * p.batch_size:(n + 1) * p.batch_size]
+            p.negative_prompts = p.all_negative_prompts[n * p.batch_size:(n + 1) * p.batch_size]
+            p.seeds = p.all_seeds[n * p.batch_size:(n + 1) * p.batch_size]
+            p.subseeds = p.all_subseeds[n * p.batch_size:(n + 1) * p.batch_size]
+            if p.scripts is not None:
+                p.scripts.before_process_batch(p, batch_number=n, prompts=p.prompts, seeds=p.seeds, subseeds=p.subseeds)
+            p.parse_extra_network_prompts()
+            if not p.disable_extra_networks:
+                extra_networks.activate(p, p.extra_network_data)
+            if p.scripts is not None:
+                p.scripts.process_batch(p, batch_number=n, prompts=p.prompts, seeds=p.seeds, subseeds=p.subseeds)
+            p.setup_conds()
+            samples = p.sample(conditioning=p.c, unconditional_conditioning=p.uc, seeds=p.seeds, subseeds=p.subseeds,
+                               subseed_strength=0, prompts=p.prompts)
+            decoded += decode_latent_batch(p.sd_model, samples, target_device="cpu")
+    if not p.disable_extra_networks and p.extra_network_data:
+        extra_networks.deactivate(p, p.extra_network_data)
     res = Processed(p, decoded)
     if p.scripts is not None:
         p.scripts.postprocess(p, res)

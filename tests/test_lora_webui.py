@@ -1,0 +1,404 @@
+"""scripts/sdtoolkit_lora.py in the WebUI double: scripts/*.py loaded the way the WebUI loads them, ``on_before_ui``
+registration with and without a built-in Lora extension, and generations run through the double's
+``process_images`` (prompt parsing, ``extra_networks.activate``/``deactivate``, text encoder, sampling, decoding).
+
+The model is an SD1 ``sd_model`` with the WebUI's attribute layout around the REAL tiny ldm UNet and transformers CLIP
+from lib_sdtoolkit.samples.factory, hijacked as the WebUI hijacks it (the text encoder and its token embedding
+wrapped in ``.wrapped`` modules). Expected weights are computed here with plain torch from the published formula
+W' = W + mult · alpha/rank · up @ down, in float64, from the file's tensors and the key map of the reference
+(diffusers-style kohya names -> ldm modules), never from the library's own output."""
+from __future__ import annotations
+
+import copy
+import logging
+import sys
+import types
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+from lib_sdtoolkit.files import save_safetensors
+
+ROOT = Path(__file__).resolve().parent.parent
+DOUBLE = ROOT / "tests" / "webui_double"
+if str(DOUBLE) not in sys.path:
+    sys.path.append(str(DOUBLE))
+
+UNET = "model.diffusion_model."
+TE = "cond_stage_model.transformer."
+#: file module name -> (checkpoint weight key, rank, alpha) - the mapping written out by hand from the reference
+STYLE = {
+    "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q":
+        (UNET + "input_blocks.1.1.transformer_blocks.0.attn1.to_q.weight", 4, 2.0),
+    "lora_unet_down_blocks_0_resnets_0_conv1": (UNET + "input_blocks.1.0.in_layers.2.weight", 4, 4.0),
+    "lora_unet_down_blocks_0_attentions_0_proj_in": (UNET + "input_blocks.1.1.proj_in.weight", 2, 1.0),
+    "lora_unet_up_blocks_3_attentions_2_transformer_blocks_0_attn2_to_v":
+        (UNET + "output_blocks.11.1.transformer_blocks.0.attn2.to_v.weight", 4, 4.0),
+    "lora_te_text_model_encoder_layers_0_self_attn_q_proj": (TE + "text_model.encoder.layers.0.self_attn.q_proj.weight",
+                                                             4, 4.0),
+}
+OTHER = {"lora_unet_mid_block_attentions_0_transformer_blocks_0_ff_net_2":
+         (UNET + "middle_block.1.transformer_blocks.0.ff.net.2.weight", 3, 3.0)}
+SEQ = 8
+
+
+# ------------------------------------------------------------------ the WebUI's sd_model layout (ldm + sd_hijack)
+class EmbeddingsWithFixes(nn.Module):          # modules/sd_hijack.py: wraps token_embedding as .wrapped
+    def __init__(self, wrapped):
+        super().__init__()
+        self.wrapped = wrapped
+
+    def forward(self, input_ids):
+        return self.wrapped(input_ids)
+
+
+class FrozenCLIPEmbedder(nn.Module):           # ldm.modules.encoders.modules: .transformer = CLIPTextModel
+    def __init__(self, transformer):
+        super().__init__()
+        self.transformer = transformer
+
+
+class FrozenCLIPEmbedderWithCustomWords(nn.Module):   # modules/sd_hijack_clip.py: the original as .wrapped
+    def __init__(self, wrapped):
+        super().__init__()
+        self.wrapped = wrapped
+
+    def forward(self, texts):
+        vocab = self.wrapped.transformer.config.vocab_size
+        rows = []
+        for t in texts:   # a deterministic stand-in for the tokenizer: BOS, characters, EOS padding
+            ids = [vocab - 2] + [ord(c) % (vocab - 2) for c in t][:SEQ - 2]
+            rows.append(ids + [vocab - 1] * (SEQ - len(ids)))
+        return self.wrapped.transformer(input_ids=torch.tensor(rows)).last_hidden_state
+
+
+class DiffusionWrapper(nn.Module):             # ldm.models.diffusion.ddpm.DiffusionWrapper
+    def __init__(self, diffusion_model):
+        super().__init__()
+        self.diffusion_model = diffusion_model
+
+
+class LatentDiffusion(nn.Module):
+    is_sdxl = False
+    is_sd2 = False
+    is_sd1 = True
+
+    def __init__(self, unet, text_encoder, vae):
+        super().__init__()
+        self.model = DiffusionWrapper(unet)
+        emb = text_encoder.text_model.embeddings
+        emb.token_embedding = EmbeddingsWithFixes(emb.token_embedding)
+        self.cond_stage_model = FrozenCLIPEmbedderWithCustomWords(FrozenCLIPEmbedder(text_encoder))
+        self.first_stage_model = vae
+        self.scale_factor = 0.18215
+        self.seen_prompts = []
+
+    def get_learned_conditioning(self, prompts):
+        self.seen_prompts.append(list(prompts))
+        return self.cond_stage_model(prompts)
+
+    def decode_first_stage(self, z):
+        return self.first_stage_model.decode(z / self.scale_factor)
+
+
+def checkpoint_state(model):
+    """Live parameters under their checkpoint keys (the hijack's ``wrapped`` components removed by hand)."""
+    return {k.replace("wrapped.", ""): v for k, v in model.state_dict().items()}
+
+
+def lora_file(path, spec, seed, nan_in=None):
+    g = torch.Generator().manual_seed(seed)
+    sd, shapes = {}, {}
+    for name, (key, rank, alpha) in spec.items():
+        shapes[name] = key
+        w = MODEL_SHAPES[key]
+        if len(w) == 4:
+            down, up = (rank, w[1], w[2], w[3]), (w[0], rank, 1, 1)
+        else:
+            down, up = (rank, w[1]), (w[0], rank)
+        sd[f"{name}.lora_down.weight"] = torch.randn(down, generator=g) * 0.3
+        sd[f"{name}.lora_up.weight"] = torch.randn(up, generator=g) * 0.3
+        sd[f"{name}.alpha"] = torch.tensor(alpha)
+        if name == nan_in:
+            sd[f"{name}.lora_up.weight"][0, 0] = float("nan")
+    return save_safetensors(path, sd), sd
+
+
+def expected(base, sd, spec, te_mult, unet_mult):
+    """Plain-torch W' for every target of ``spec`` (float64 maths, compared with tolerance)."""
+    out = {}
+    for name, (key, rank, alpha) in spec.items():
+        up = sd[f"{name}.lora_up.weight"].double().reshape(-1, rank)
+        down = sd[f"{name}.lora_down.weight"].double().reshape(rank, -1)
+        mult = te_mult if key.startswith("cond_stage_model.") else unet_mult
+        w = base[key].double()
+        out[key] = (w + mult * (alpha / rank) * (up @ down).reshape(w.shape)).float()
+    return out
+
+
+MODEL_SHAPES = {}
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory):
+    from webui_harness import WebUIDouble
+    from lib_sdtoolkit.samples import factory
+
+    mods = factory.build_modules("SD1", "tiny", seed=0)
+    model = LatentDiffusion(mods["unet"], mods["text_encoder"], mods["vae"]).eval()
+    base = {k: v.clone() for k, v in checkpoint_state(model).items()}
+    MODEL_SHAPES.update({k: tuple(v.shape) for k, v in base.items()})
+    data = tmp_path_factory.mktemp("webui-data")
+    w = WebUIDouble(str(ROOT), str(data))
+    w.preload([])
+    lora_dir = data / "models" / "Lora"
+    (lora_dir / "sub dir").mkdir(parents=True)
+    files = {}
+    files["style"] = lora_file(lora_dir / "style.safetensors", STYLE, 1)
+    files["other"] = lora_file(lora_dir / "sub dir" / "other.safetensors", OTHER, 2)
+    lora_file(lora_dir / "nan.safetensors", STYLE, 3, nan_in="lora_unet_down_blocks_0_resnets_0_conv1")
+    good = (lora_dir / "style.safetensors").read_bytes()
+    (lora_dir / "broken.safetensors").write_bytes(good[: len(good) // 2])
+    builtin = data / "extensions-builtin" / "Lora" / "scripts"
+    builtin.mkdir(parents=True)
+    # stand-in of extensions-builtin/Lora: registers ExtraNetworkLora('lora') + alias 'lyco' in on_before_ui and
+    # records what it is asked to activate (its own weight merging is not the subject here)
+    (builtin / "lora_script.py").write_text(
+        "from modules import extra_networks, script_callbacks\n"
+        "calls = []\n"
+        "class ExtraNetworkLora(extra_networks.ExtraNetwork):\n"
+        "    def __init__(self):\n"
+        "        super().__init__('lora')\n"
+        "    def activate(self, p, params_list):\n"
+        "        calls.append([list(x.items) for x in params_list])\n"
+        "    def deactivate(self, p):\n"
+        "        pass\n"
+        "def before_ui():\n"
+        "    net = ExtraNetworkLora()\n"
+        "    extra_networks.register_extra_network(net)\n"
+        "    extra_networks.register_extra_network_alias(net, 'lyco')\n"
+        "script_callbacks.on_before_ui(before_ui)\n")
+    from modules import shared
+
+    old = shared.sd_model
+    shared.sd_model = model
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield types.SimpleNamespace(webui=w, model=model, base=base, files=files, builtin_dir=builtin.parent,
+                                lora_dir=lora_dir)
+    torch.set_num_threads(n)
+    shared.sd_model = old
+
+
+def start(env, with_builtin):
+    """A WebUI start: load scripts (built-in extensions first), clear the extra-network registry, run before_ui."""
+    from modules import extra_networks, script_callbacks, scripts
+
+    _unload()
+    scripts.extension_dirs[:] = ([str(env.builtin_dir)] if with_builtin else []) + [str(ROOT)]
+    loaded = scripts.load_scripts()
+    assert env.webui.reported_errors == []
+    extra_networks.initialize()
+    script_callbacks.before_ui_callback()
+    assert env.webui.reported_errors == []
+    mods = {m.__name__: m for m in loaded}
+    return mods["sdtoolkit_lora.py"], mods.get("lora_script.py")
+
+
+def _unload():
+    from modules import script_callbacks
+
+    script_callbacks.script_unloaded_callback()
+
+
+def generate(env, prompt, steps=1):
+    from modules import processing, script_callbacks
+
+    seen = {"to_q": []}
+    unet = env.model.model.diffusion_model
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(1, 4, 8, 8, generator=g)
+
+    def sample(conditioning, unconditional_conditioning, seeds, subseeds, subseed_strength, prompts):
+        for step in range(steps):   # the sampler's CFG denoiser calls cfg_denoiser_callback every step
+            script_callbacks.cfg_denoiser_callback(script_callbacks.CFGDenoiserParams(
+                x, None, torch.tensor([1.0]), step, steps, conditioning, unconditional_conditioning))
+            seen["to_q"].append(unet.input_blocks[1][1].transformer_blocks[0].attn1.to_q.weight.detach().clone())
+            seen["eps"] = unet(x, torch.tensor([10]), context=conditioning)
+        seen["cond"] = conditioning
+        return torch.zeros(1, 4, 4, 4)
+
+    p = processing.StableDiffusionProcessingTxt2Img(env.model, None, (), prompt=prompt, steps=steps)
+    p.sample = sample
+    res = processing.process_images(p)
+    assert len(res.images) == 1
+    return p, seen
+
+
+def assert_weights(env, want):
+    """Every parameter equals ``want`` where given (tolerance: float64 reference) and the base bit-identically
+    everywhere else."""
+    now = checkpoint_state(env.model)
+    for k, v in now.items():
+        if k in want:
+            torch.testing.assert_close(v, want[k], rtol=1e-6, atol=1e-6, msg=k)
+            assert not torch.equal(v, env.base[k]), k
+        else:
+            assert torch.equal(v, env.base[k]), k
+
+
+def test_lora_tag_without_builtin_applied_once_and_restored(env, caplog):
+    from modules import extra_networks
+
+    mod, _ = start(env, with_builtin=False)
+    net = mod.network
+    assert extra_networks.extra_network_registry == {"sdtlora": net}
+    assert extra_networks.extra_network_aliases == {"lora": net, "lyco": net}
+    assert net.mode == "in-place"
+    calls = []
+    orig_activate = net.activate
+    net.activate = lambda p, params: (calls.append([list(x.items) for x in params]), orig_activate(p, params))
+
+    p, _ = generate(env, "a cat <lora:style:0.8>, masterpiece")
+    assert env.model.seen_prompts[-1] == ["a cat , masterpiece"]       # the tag is gone from what CLIP sees
+    assert calls == [[["style", "0.8"]]]                                # one activate, one network
+    want = expected(env.base, env.files["style"][1], STYLE, 0.8, 0.8)
+    assert_weights(env, want)                                           # applied once: 2x would not match
+    assert p.extra_generation_params["SD Toolkit Lora"] == "style: 0.8/0.8"
+
+    # lora + lyco + sdtlora tags in one prompt: one activate call with every tag, each network applied once
+    calls.clear()
+    generate(env, "<lyco:sub dir/other:1:0.5> x <sdtlora:style:0.8>")
+    assert calls == [[["sub dir/other", "1", "0.5"], ["style", "0.8"]]]
+    want.update(expected(env.base, env.files["other"][1], OTHER, 1.0, 0.5))
+    assert_weights(env, want)
+
+    calls.clear()
+    generate(env, "a cat, masterpiece")                                 # the next generation without the tag
+    assert calls == [[]]                                                # activate([]) for the unmentioned network
+    assert_weights(env, {})                                             # bit-identical to before
+    net.activate = orig_activate
+
+
+def test_builtin_keeps_lora_and_sdtlora_is_functional(env):
+    from modules import extra_networks
+
+    mod, builtin = start(env, with_builtin=True)
+    net = mod.network
+    assert extra_networks.extra_network_registry["lora"] is not net
+    assert extra_networks.extra_network_registry["sdtlora"] is net
+    assert "lora" not in extra_networks.extra_network_aliases or extra_networks.extra_network_aliases["lora"] is not net
+    assert net.mode == "functional"
+
+    generate(env, "a cat <lora:style:0.8>")
+    assert builtin.calls == [[["style", "0.8"]]]                        # the built-in got it, once
+    assert_weights(env, {})                                             # and we did not touch anything
+
+    builtin.calls.clear()
+    _, seen = generate(env, "a cat <sdtlora:style:0.8>")
+    assert builtin.calls == [[]]
+    assert env.model.seen_prompts[-1] == ["a cat "]
+    assert_weights(env, {})                                             # functional: no weight written
+    # what the model computed equals a copy holding the expected weights
+    net.patcher.remove()                                                # hooks off before copying the modules
+    ref = copy.deepcopy(env.model)
+    want = expected(env.base, env.files["style"][1], STYLE, 0.8, 0.8)
+    with torch.no_grad():
+        for name, t in ref.named_parameters():
+            if name.replace("wrapped.", "") in want:
+                t.copy_(want[name.replace("wrapped.", "")])
+        cond = ref.get_learned_conditioning(["a cat "])
+        eps = ref.model.diffusion_model(torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(5)),
+                                        torch.tensor([10]), context=cond)
+    torch.testing.assert_close(seen["cond"], cond, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(seen["eps"], eps, rtol=1e-5, atol=1e-5)
+    assert (seen["eps"] - generate(env, "a cat ")[1]["eps"]).abs().max() > 1e-3   # the LoRA does something
+    assert_weights(env, {})
+
+
+def test_bad_files_warn_and_generation_goes_on(env, caplog):
+    start(env, with_builtin=False)
+    caplog.set_level(logging.INFO)
+    generate(env, "x <lora:broken:1>")
+    assert_weights(env, {})
+    generate(env, "x <lora:nan:1> <lora:missing:1> <lora:style:0.8> <lora:broken:1>")
+    msgs = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+    assert any("broken.safetensors" in m and "goes on without it" in m for m in msgs), msgs
+    assert any("nan.safetensors" in m and "lora_unet_down_blocks_0_resnets_0_conv1" in m and "NaN" in m
+               for m in msgs), msgs
+    assert any("<sdtlora:missing:1>" in m and "no LoRA named 'missing'" in m for m in msgs), msgs
+    assert_weights(env, expected(env.base, env.files["style"][1], STYLE, 0.8, 0.8))   # only the good one
+    generate(env, "x")
+    assert_weights(env, {})
+
+
+def test_step_range_and_unload(env):
+    start(env, with_builtin=False)
+    key = UNET + "input_blocks.1.1.transformer_blocks.0.attn1.to_q.weight"
+    want = expected(env.base, env.files["style"][1], STYLE, 1.0, 1.0)[key]
+    _, seen = generate(env, "<lora:style:1:stop=2>", steps=4)
+    on = [not torch.equal(w, env.base[key]) for w in seen["to_q"]]
+    assert on == [True, True, False, False]
+    torch.testing.assert_close(seen["to_q"][0], want, rtol=1e-6, atol=1e-6)
+    generate(env, "<lora:style:1>")
+    assert not torch.equal(checkpoint_state(env.model)[key], env.base[key])
+    _unload()                                                           # script unload (UI reload) restores
+    assert_weights(env, {})
+
+
+def test_checkpoint_loaded_into_the_same_model_is_not_overwritten(env):
+    from modules import script_callbacks
+
+    start(env, with_builtin=False)
+    generate(env, "<lora:style:0.8>")
+    # the WebUI loads another checkpoint of the same config into the same object (load_state_dict)
+    new_sd = {k: (v * 1.5 if v.is_floating_point() else v) for k, v in env.model.state_dict().items()}
+    new_base = {k: v * 1.5 if v.is_floating_point() else v for k, v in env.base.items()}
+    new_base_live = {}
+    for k, v in env.model.state_dict().items():
+        new_base_live[k] = new_base[k.replace("wrapped.", "")]
+    del new_sd
+    env.model.load_state_dict(new_base_live)
+    script_callbacks.model_loaded_callback(env.model)
+    try:
+        generate(env, "x")
+        now = checkpoint_state(env.model)
+        assert all(torch.equal(now[k], new_base[k]) for k in now)       # not "restored" to the old checkpoint
+        generate(env, "<lora:style:0.8>")
+        want = expected(new_base, env.files["style"][1], STYLE, 0.8, 0.8)
+        now = checkpoint_state(env.model)
+        for k in now:
+            if k in want:
+                torch.testing.assert_close(now[k], want[k], rtol=1e-6, atol=1e-6)
+            else:
+                assert torch.equal(now[k], new_base[k]), k
+        generate(env, "x")
+        now = checkpoint_state(env.model)
+        assert all(torch.equal(now[k], new_base[k]) for k in now)
+    finally:
+        env.model.load_state_dict({k: env.base[k.replace("wrapped.", "")] for k in env.model.state_dict()})
+    assert_weights(env, {})
+
+
+def test_forge_registers_nothing_and_says_so(env, caplog):
+    from modules import extra_networks
+
+    caplog.set_level(logging.INFO)
+    import importlib.machinery
+    import importlib.util
+
+    forge = importlib.util.module_from_spec(importlib.machinery.ModuleSpec("modules_forge", None))
+    sys.modules["modules_forge"] = forge                                # what `import modules_forge` finds on Forge
+    try:
+        mod, _ = start(env, with_builtin=False)
+    finally:
+        del sys.modules["modules_forge"]
+    assert mod.IS_FORGE and mod.network is None
+    assert extra_networks.extra_network_registry == {} and extra_networks.extra_network_aliases == {}
+    msgs = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+    assert any("Forge detected" in m and "<sdtlora:...> is unavailable" in m and "extract / bake / inspect" in m
+               for m in msgs), msgs
+    generate(env, "a cat <lora:style:1>")                                # the tag is just skipped
+    assert_weights(env, {})
