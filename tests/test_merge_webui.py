@@ -215,6 +215,9 @@ def test_save_current_merge_through_the_tab_equals_the_cli_and_is_listed(env, tm
     from modules import sd_models
 
     assert "saved.safetensors" not in sd_models.checkpoints_list
+    merge = _find_fn(env["demo"], "sdtoolkit_merge_in_memory")
+    assert merge("A.safetensors", "B.safetensors", "", "weighted_sum", 0.3, 0.2, "", "", "fp16", False, False,
+                 "None", "", 0, "cpu", False, "", False, progress=_NoProgress())[2] is not None
     fn = _find_fn(env["demo"], "sdtoolkit_merge_save_current")
     out = fn("saved.safetensors", False, "A.safetensors", "B.safetensors", "", "None", progress=_NoProgress())
     status, text, report = out[:3]
@@ -257,8 +260,11 @@ def test_api_in_memory_save_current_and_restore(env):
     assert cur["supported"] and cur["loaded"] and cur["current_merge"]["sha256"] == r.json()["sha256"]
     assert cur["loaded_file"] == "A.safetensors"
 
+    from modules import sd_models
+
     r = c.post(MERGE + "/save-current", json={"output": "api_saved"})
     assert r.status_code == 200, r.text
+    assert r.json()["name"] == "api_saved.safetensors" and "api_saved.safetensors" in sd_models.checkpoints_list
     got = load_file(str(env["ck"] / "api_saved.safetensors"))
     assert torch.equal(got[TOKEN_EMB], _ws(A[TOKEN_EMB], B[TOKEN_EMB], 0.6).to(torch.float16))
     r = c.post(MERGE + "/save-current", json={"output": "api_saved.safetensors"})
