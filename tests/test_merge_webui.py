@@ -174,6 +174,10 @@ def test_tab_shows_the_in_memory_buttons_in_the_webui(env):
 def test_merge_into_loaded_model_through_the_tab_writes_no_file(env, tmp_path):
     model, A, B = env["model"], env["A"], env["B"]
     before = _files_under(env["data"])
+    # a LoRA applied by the Lora extension left its weight backup on a layer: stale once the weights are replaced
+    conv = model.model.diffusion_model.out[2]
+    conv.network_current_names, conv.network_weights_backup = (("lora", 1.0, 1.0, None),), conv.weight.clone()
+    conv.network_bias_backup = conv.bias.clone()
     fn = _find_fn(env["demo"], "sdtoolkit_merge_in_memory")
     status, text, report = fn("A.safetensors", "B.safetensors", "", "weighted_sum", 0.3, 0.2, "", "", "fp16",
                               False, False, "None", "", 0, "cpu", False, "", False, progress=_NoProgress())
@@ -189,6 +193,7 @@ def test_merge_into_loaded_model_through_the_tab_writes_no_file(env, tmp_path):
         assert v.dtype == torch.float16, k
         assert torch.equal(v, _ws(A[k], B[k], 0.3).to(torch.float16)), k
     assert not torch.equal(plain[TOKEN_EMB], A[TOKEN_EMB].half())  # the CLIP behind the hijack was merged too
+    assert (conv.network_current_names, conv.network_weights_backup, conv.network_bias_backup) == ((), None, None)
 
     from modules import sd_hijack
 
@@ -336,3 +341,24 @@ def test_standalone_app_hides_the_in_memory_buttons(tmp_path):
     assert c.get(MERGE + "/current").json() == {"supported": False, "loaded": False, "loaded_file": None,
                                                 "current_merge": None}
     assert sorted(os.listdir(ck)) == ["A.safetensors", "B.safetensors"]
+
+
+def test_weights_do_not_change_while_a_generation_holds_the_queue_lock(env):
+    import threading
+
+    from modules import call_queue
+
+    c, model, A, B = env["client"], env["model"], env["A"], env["B"]
+    k = "model.diffusion_model.out.2.weight"
+    start = _plain_state(model)[k]
+    answers: List[Any] = []
+    with call_queue.queue_lock:                                     # a generation is running
+        t = threading.Thread(target=lambda: answers.append(
+            c.post(MERGE, json=dict(model_a="A", model_b="B", alpha=0.9, in_memory=True))))
+        t.start()
+        t.join(timeout=1.5)
+        assert t.is_alive() and answers == []
+        assert torch.equal(model.model.diffusion_model.out[2].weight.detach(), start)
+    t.join(timeout=120)
+    assert answers and answers[0].status_code == 200, answers
+    assert torch.equal(_plain_state(model)[k], _ws(A[k], B[k], 0.9).to(torch.float16))
