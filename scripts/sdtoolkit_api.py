@@ -4,103 +4,23 @@ Works under --nowebui too: there on_app_started gets demo=None and on_ui_tabs is
 depends on the UI. --sdtoolkit-no-api (preload.py) turns the routes off.
 """
 import importlib.util
+import os
 
-from modules import paths, script_callbacks, shared
+from modules import script_callbacks, shared
 
-import lib_sdtoolkit.host as sdt_host
 import lib_sdtoolkit.server as sdt_server
 
 
-def _refresh_checkpoints():
-    from modules import sd_models
-    sd_models.list_models()
+def _webui_glue():
+    """scripts/sdtoolkit_webui_host.py, loaded by path (WebUI scripts are not importable by name)."""
+    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "sdtoolkit_webui_host.py")
+    spec = importlib.util.spec_from_file_location("sdtoolkit_webui_host", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
-def _refresh_vae():
-    from modules import sd_vae
-    sd_vae.refresh_vae_list()
-
-
-# ---- the loaded model, for the Merge tab's in-memory merge (A1111 only: Forge changes weights via its patchers) ----
-def _queue_lock():
-    try:
-        from modules.call_queue import queue_lock  # generations hold it; weights must not change under them
-        return queue_lock
-    except ImportError:
-        return None
-
-
-def _loaded_model():
-    from modules import sd_models
-    data = getattr(sd_models, "model_data", None)  # shared.sd_model would load a model when none is loaded
-    return data.sd_model if data is not None else getattr(shared, "sd_model", None)
-
-
-def _begin_change(model):
-    from modules import sd_hijack
-    lock = _queue_lock()
-    if lock is not None:
-        lock.acquire()
-    try:
-        sd_hijack.model_hijack.undo_hijack(model)  # checkpoint key names again, as before load_model_weights
-        for m in model.modules():  # what the Lora extension does when weights are loaded: its backups are stale now
-            if hasattr(m, "network_current_names"):
-                m.network_current_names, m.network_weights_backup, m.network_bias_backup = (), None, None
-    except BaseException:
-        if lock is not None:
-            lock.release()
-        raise
-
-
-def _end_change(model, info):
-    import copy
-    from modules import sd_hijack, sd_vae
-    lock = _queue_lock()
-    try:
-        sd_hijack.model_hijack.hijack(model)
-        if info is None:
-            return
-        # a checkpoint_info stand-in (as supermerger does): the merge's name and the sha256 of its metadata, the
-        # loaded file's filename (so selecting that checkpoint again does not reload it)
-        ci = copy.copy(model.sd_checkpoint_info)
-        ci.name, ci.name_for_extra, ci.model_name = info["name"] + ".safetensors", info["name"], info["name"]
-        ci.sha256, ci.shorthash, ci.metadata = info["sha256"], info["shorthash"], info["metadata"]
-        ci.title = f"{ci.name} [{ci.shorthash}]"
-        ci.ids = [ci.model_name, ci.name, ci.name_for_extra, ci.title]
-        model.sd_checkpoint_info, model.sd_model_hash = ci, ci.shorthash
-        if getattr(sd_vae, "loaded_vae_file", None) and hasattr(sd_vae, "resolve_vae"):
-            sd_vae.delete_base_vae()  # an external VAE was in use: put it back over the merged one
-            sd_vae.clear_loaded_vae()
-            vae_file, vae_source = sd_vae.resolve_vae(ci.filename)
-            sd_vae.load_vae(model, vae_file, vae_source)
-        script_callbacks.model_loaded_callback(model)
-    finally:
-        if lock is not None:
-            lock.release()
-
-
-def _reload(model, path):
-    from modules import sd_models
-    return sd_models.reload_model_weights(model, sd_models.CheckpointInfo(path), forced_reload=True)
-
-
-def model_hooks():
-    if importlib.util.find_spec("modules_forge") is not None:
-        return None
-    return sdt_host.ModelHooks(
-        get_model=_loaded_model,
-        checkpoint_file=lambda m: getattr(m, "sd_model_checkpoint", None),
-        identity=lambda m: getattr(m, "sd_checkpoint_info", None),
-        begin_change=_begin_change, end_change=_end_change, reload=_reload)
-
-
-def make_host():
-    return sdt_host.webui_host_from(
-        paths, shared.cmd_opts, shared.opts,
-        refreshers={"checkpoint": _refresh_checkpoints, "vae": _refresh_vae},
-        forge=importlib.util.find_spec("modules_forge") is not None,
-        model_hooks=model_hooks(),
-    )
+make_host = _webui_glue().make_host
 
 
 def on_app_started(demo, app):
