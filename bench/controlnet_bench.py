@@ -1,10 +1,14 @@
 """ControlNet hook overhead: per-step time of a full-width SD1.5 UNet alone, with one and with two units.
 
-    python bench/controlnet_bench.py [--repeats 3] [--latent 64] [--threads N]
+    python bench/controlnet_bench.py [--repeats 3] [--latent 64] [--threads N]   (loaded machine: --threads 1)
 
 CPU, fp32, random weights (timing does not depend on the values), batch 1, 64x64 latents (512x512 images).
-Prints the median step times and the hook overhead: (hooked step - UNet alone - ControlNet forwards alone) divided
-by the ControlNet forwards alone. Target: <= 5 %.
+The four cases (UNet alone, ControlNet forward alone, UNet + 1 unit, UNet + 2 units) run interleaved, one of each
+per round, so load drifting on a shared machine hits them alike. Each call is timed twice: process CPU time (all
+threads; barely moved by other processes taking cores, the figure the ratios use) and wall time; per case the
+minimum over the rounds is kept. On a loaded machine prefer ``--threads 1``: idle-spinning worker threads of a
+descheduled peer are what inflates CPU time. Hook overhead = (hooked step - UNet alone - k ControlNet
+forwards) / (k ControlNet forwards). Target: <= 5 %.
 """
 from __future__ import annotations
 
@@ -24,14 +28,19 @@ from lib_sdtoolkit.controlnet.models import ControlModel  # noqa: E402
 from lib_sdtoolkit.samples import factory  # noqa: E402
 
 
-def timed(fn, repeats):
-    fn()  # warm-up
-    ts = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
+def run_rounds(cases, rounds):
+    """Warm each case up once, then time ``rounds`` rounds of one call per case -> ({name: [cpu s]}, {name: [wall s]})."""
+    for fn in cases.values():
         fn()
-        ts.append(time.perf_counter() - t0)
-    return statistics.median(ts)
+    cpu = {name: [] for name in cases}
+    wall = {name: [] for name in cases}
+    for _ in range(rounds):
+        for name, fn in cases.items():
+            c0, t0 = time.process_time(), time.perf_counter()
+            fn()
+            wall[name].append(time.perf_counter() - t0)
+            cpu[name].append(time.process_time() - c0)
+    return cpu, wall
 
 
 def main() -> int:
@@ -54,21 +63,30 @@ def main() -> int:
     ctx = torch.randn(1, 77, kw["context_dim"], generator=g)
     hint = torch.rand(1, 3, n * 8, n * 8, generator=g)
 
+    hooks = {k: UnetHook([HookUnit(model, hint, weight=1.0) for _ in range(k)]) for k in (1, 2)}
+
+    def hooked(k):
+        with hooks[k].hook(unet):
+            return unet(x, t, ctx)
+
+    cases = {"unet": lambda: unet(x, t, ctx), "cn": lambda: model(x, hint, t, ctx),
+             1: lambda: hooked(1), 2: lambda: hooked(2)}
     with torch.no_grad():
-        t_unet = timed(lambda: unet(x, t, ctx), args.repeats)
-        t_cn = timed(lambda: model(x, hint, t, ctx), args.repeats)
-        res = {}
-        for k in (1, 2):
-            units = [HookUnit(model, hint, weight=1.0) for _ in range(k)]
-            with UnetHook(units).hook(unet):
-                res[k] = timed(lambda: unet(x, t, ctx), args.repeats)
-    print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, latent {n}x{n}, batch 1, fp32 CPU")
-    print(f"UNet alone            {t_unet:8.3f} s/step")
-    print(f"ControlNet forward    {t_cn:8.3f} s")
+        cpu, wall = run_rounds(cases, args.repeats)
+    best = {k: min(v) for k, v in cpu.items()}
+    bw = {k: min(v) for k, v in wall.items()}
+    t_unet, t_cn = best["unet"], best["cn"]
+    print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, latent {n}x{n}, batch 1, fp32 CPU, "
+          f"{args.repeats} interleaved rounds; min process-CPU s (min wall s)")
+    print(f"UNet alone            {t_unet:8.3f} s/step  ({bw['unet']:.3f})")
+    print(f"ControlNet forward    {t_cn:8.3f} s       ({bw['cn']:.3f})")
     for k in (1, 2):
-        overhead = (res[k] - t_unet - k * t_cn) / (k * t_cn)
-        print(f"UNet + {k} unit(s)      {res[k]:8.3f} s/step   x{res[k] / t_unet:.3f} vs UNet alone;"
-              f"   hook overhead {overhead * 100:+.1f}% of the ControlNet forwards")
+        overhead = (best[k] - t_unet - k * t_cn) / (k * t_cn)
+        wo = (bw[k] - bw["unet"] - k * bw["cn"]) / (k * bw["cn"])
+        print(f"UNet + {k} unit(s)      {best[k]:8.3f} s/step  ({bw[k]:.3f})   x{best[k] / t_unet:.3f} vs UNet alone;"
+              f"   hook overhead {overhead * 100:+.1f}% of the ControlNet forwards (wall {wo * 100:+.1f}%)")
+    print("raw cpu s per round:", {str(k): [round(v, 2) for v in vs] for k, vs in cpu.items()})
+    print("raw wall s per round:", {str(k): [round(v, 2) for v in vs] for k, vs in wall.items()})
     return 0
 
 
