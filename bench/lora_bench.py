@@ -5,7 +5,9 @@ attention, feed-forward and ResNet/sampler conv layers. Ours patches the real ld
 diffusers patches the equivalent UNet2DConditionModel + the same CLIP through PEFT (``load_lora_into_unet`` /
 ``load_lora_into_text_encoder`` = what ``pipe.load_lora_weights`` calls, then ``fuse_lora`` / ``unfuse_lora``).
 
-    python bench/lora_bench.py [--device cuda] [--dtype fp16] [--rank 64] [--width full|tiny]
+    python bench/lora_bench.py [--device cuda] [--dtype fp16] [--rank 64] [--width full|mid|tiny]
+
+``--width mid`` = the full SD1.5 layout at half the UNet channels (160 instead of 320; same CLIP-L), for profiling.
 """
 from __future__ import annotations
 
@@ -42,10 +44,43 @@ def timed(dev, fn):
     return time.perf_counter() - t, out
 
 
+def reset_peak(dev) -> None:
+    """Start a new peak: CUDA peak stats, or the kernel's VmHWM (``echo 5 > /proc/self/clear_refs``, Linux >= 4.0)
+    so each phase's peak is its own rather than the process's so far."""
+    if dev.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+        return
+    try:
+        with open("/proc/self/clear_refs", "w") as fh:
+            fh.write("5")
+    except OSError:
+        pass
+
+
+def _status_kb(field: str) -> int:
+    with open("/proc/self/status") as fh:
+        for line in fh:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    raise KeyError(field)
+
+
+def current(dev) -> int:
+    if dev.type == "cuda":
+        return torch.cuda.memory_allocated()
+    try:
+        return _status_kb("VmRSS") * 1024
+    except (OSError, KeyError):
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
 def mem(dev):
     if dev.type == "cuda":
         return torch.cuda.max_memory_allocated()
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    try:
+        return _status_kb("VmHWM") * 1024
+    except (OSError, KeyError):
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
 def randomize(m, dev, dtype):
@@ -56,20 +91,41 @@ def randomize(m, dev, dtype):
     return m.to(dtype)
 
 
+def build_unet(width: str, diffusers: bool):
+    """UNet on the meta device; ``mid`` = full layout with half the channels."""
+    from ldm.modules.diffusionmodules.openaimodel import UNetModel
+
+    if width != "mid":
+        if diffusers:
+            return factory.build_diffusers_unet("SD1", width, device="meta")
+        return factory.build_ldm_unet("SD1", width, device="meta")
+    cfg = factory.get_config("SD1", "full")
+    with torch.device("meta"):
+        if diffusers:
+            from diffusers import UNet2DConditionModel
+
+            kw = dict(cfg.diffusers_unet)
+            kw["block_out_channels"] = tuple(c // 2 for c in kw["block_out_channels"])
+            return UNet2DConditionModel(**kw).eval()
+        kw = dict(cfg.ldm_unet)
+        kw["model_channels"] //= 2
+        return UNetModel(**kw).eval()
+
+
 def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--dtype", default="fp16", choices=["fp16", "fp32", "bf16"])
     ap.add_argument("--rank", type=int, default=64)
-    ap.add_argument("--width", default="full", choices=["full", "tiny"])
+    ap.add_argument("--width", default="full", choices=["full", "mid", "tiny"])
     a = ap.parse_args()
     dev = torch.device(a.device)
     dtype = {"fp16": torch.float16, "fp32": torch.float32, "bf16": torch.bfloat16}[a.dtype]
-    cfg = factory.get_config("SD1", a.width)
+    cfg = factory.get_config("SD1", "full" if a.width == "mid" else a.width)
     tmp = Path(tempfile.mkdtemp(prefix="lora_bench_"))
     touched_bytes = 0
     try:
-        unet = randomize(factory.build_ldm_unet("SD1", a.width, device="meta"), dev, dtype)
+        unet = randomize(build_unet(a.width, False), dev, dtype)
         te = randomize(factory.build_text_encoder(cfg.text_encoders[0], device="meta"), dev, dtype)
         bind = ModelBinding.from_parts("SD1", unet=unet, text_encoder=te)
         files = []
@@ -77,33 +133,42 @@ def main() -> int:
             sd = make_lora_state_dict(bind.target_shape, "SD1", rank=a.rank, seed=seed, scale=0.01,
                                       name_filter=attention_and_conv, dtype=torch.float16)
             files.append(save_safetensors(tmp / f"l{seed}.safetensors", sd))
-        nets = [load_network(f, "SD1") for f in files]
+        # ours: time = reading the file (load_network) + patching, memory = what patching adds (the parsed
+        # network's own tensors are the LoRA, not overhead); diffusers: lora_state_dict + load_lora_into_* + fuse
+        t_load, nets = [], []
+        for f in files:
+            t, n = timed(dev, lambda f=f: load_network(f, "SD1"))
+            t_load.append(t)
+            nets.append(n)
         for layer in nets[0].layers:
             s = bind.target_shape(layer.weight_key)
             touched_bytes += int(torch.tensor(s).prod()) * torch.empty((), dtype=dtype).element_size()
         print(f"model: ldm UNet + CLIP-L, {a.width} width, {a.dtype} on {dev}; LoRA rank {a.rank}, "
-              f"{len(nets[0].layers)} layers, touched weights {touched_bytes / 2**20:.0f} MiB")
-        if dev.type == "cuda":
-            torch.cuda.reset_peak_memory_stats()
-        m0 = mem(dev)
+              f"{len(nets[0].layers)} layers, touched weights {touched_bytes / 2**20:.0f} MiB; "
+              f"torch threads {torch.get_num_threads()}")
+        gc.collect()
         p = LoraPatcher(bind)
+        reset_peak(dev)
+        m0 = current(dev)
         t_apply, _ = timed(dev, lambda: p.set_networks([ActiveNetwork(nets[0])]))
         t_switch, _ = timed(dev, lambda: p.set_networks([ActiveNetwork(nets[1])]))
         t_same, _ = timed(dev, lambda: p.set_networks([ActiveNetwork(nets[1])]))
         m1 = mem(dev)
+        t_apply += t_load[0]
+        t_switch += t_load[1]
         t_restore, _ = timed(dev, lambda: p.restore_all())
         ours = dict(apply=t_apply, switch=t_switch, same=t_same, restore=t_restore, mem=m1 - m0)
-        del p, unet, bind
+        del p, unet, bind, nets
         gc.collect()
         if dev.type == "cuda":
             torch.cuda.empty_cache()
 
         from diffusers import StableDiffusionPipeline
 
-        dunet = randomize(factory.build_diffusers_unet("SD1", a.width, device="meta"), dev, dtype)
-        if dev.type == "cuda":
-            torch.cuda.reset_peak_memory_stats()
-        m0 = mem(dev)
+        dunet = randomize(build_unet(a.width, True), dev, dtype)
+        gc.collect()
+        reset_peak(dev)
+        m0 = current(dev)
 
         def d_load(i):
             state, alphas = StableDiffusionPipeline.lora_state_dict(str(files[i]))
@@ -137,7 +202,7 @@ def main() -> int:
                          ("same", "re-apply same set")):
             print(f"{label:24}{ours[k] * 1000:10.1f}ms{diff[k] * 1000:10.1f}ms{ours[k] / max(diff[k], 1e-9):8.3f}")
         print(f"{'restore (ours)':24}{ours['restore'] * 1000:10.1f}ms")
-        unit = "peak GPU" if dev.type == "cuda" else "peak RSS growth"
+        unit = "peak GPU growth" if dev.type == "cuda" else "peak RSS growth"
         print(f"{unit:24}{ours['mem'] / 2**20:10.0f}MB{diff['mem'] / 2**20:10.0f}MB"
               f"{ours['mem'] / max(diff['mem'], 1):8.3f}   (touched weights once: {touched_bytes / 2**20:.0f} MB)")
     finally:

@@ -10,12 +10,15 @@ fused ``in_proj_weight`` map onto ``q_proj``/``k_proj``/``v_proj``), or an OpenC
 
 In-place patching, per parameter:
 
-* the first time a parameter is touched, a copy of it is kept (the backup; on the parameter's device unless
-  ``backup_device`` says otherwise); W = backup in fp32 + Σ m·ΔW (each ΔW computed in fp32 against the *original*
-  weight), cast once to the parameter's dtype and copied in;
+* the first time a parameter is touched, its own storage becomes the backup (no copy; a copy on ``backup_device``
+  when one is given) and W = backup in fp32 + Σ m·ΔW (each ΔW computed in fp32 against the *original* weight; plain
+  LoRA factors fused into one ``addmm``), cast once to the parameter's dtype, goes to a new tensor swapped in as
+  ``param.data``; later patches of the same parameter write into that tensor; restoring swaps the original back
+  (bit-identical by construction). The parameter object never changes, only its storage (code that caches a
+  weight's data pointer, e.g. a captured CUDA graph, must be re-captured after a change of LoRA set);
 * every parameter remembers the signature of what it holds (network, layer, effective multiplier, dyn); switching
   from one set to another recomputes only the parameters whose signature changed; a parameter that no network
-  touches any more is restored from its backup (``copy_``, bit-identical) and the backup is freed, so memory
+  touches any more is restored from its backup and the patched copy is freed, so memory
   does not grow however often the set changes;
 * the same request again is answered from the last key without touching anything.
 
@@ -64,6 +67,10 @@ def unwrap_name(name: str) -> str:
     if "wrapped" not in name:
         return name
     return ".".join(part for part in name.split(".") if part != "wrapped")
+
+
+def _same_storage(a: torch.Tensor, b: torch.Tensor) -> bool:
+    return a.device == b.device and a.untyped_storage().data_ptr() == b.untyped_storage().data_ptr()
 
 
 def _split_name(name: str) -> Tuple[str, str]:
@@ -315,12 +322,18 @@ class LoraPatcher(_Base):
     """In-place patching with exact restore. ``backup_device``: where original weights are kept (default: the
     parameter's own device; ``"cpu"`` saves accelerator memory at the cost of slower switches).
 
-    Cost per touched parameter: one copy of its original (the backup, kept once however often the set changes)
-    and, for plain LoRA/LoCon factors, one fused ``W = W0 + α·up@down`` (``addmm``) written straight into an fp32
-    parameter, or into one fp32 buffer reused across layers for fp16/bf16 parameters; other types compute their ΔW
-    in fp32 per layer. Weights written by someone else after we patched them (a checkpoint loaded into the same
-    modules) are noticed from the tensor's identity and version counter: their backup is dropped, never restored
-    over the new values."""
+    The original of a touched parameter is never copied: the parameter's storage itself becomes the backup and the
+    patched values go to a new tensor that is swapped in (``param.data``); restoring swaps the original back
+    (bit-identical by construction, and the patched copy is freed). Re-patching a parameter that already holds a
+    patched copy writes into that copy. For plain LoRA/LoCon factors the new value is one fused
+    ``W0 + α·up@down`` (``addmm``) written straight into an fp32 parameter, or into one fp32 buffer reused across
+    layers for fp16/bf16 parameters; other types compute their ΔW in fp32 per layer. So the memory overhead is one
+    copy of the touched weights, however often the set changes. (With ``backup_device`` set, or when the parameter
+    was moved to another device meanwhile, the backup is a copy and restoring copies it back.)
+
+    Weights written by someone else after we patched them (a checkpoint loaded into the same modules) are noticed
+    from the parameter's identity and version counter: their backup is dropped, never restored over the new
+    values."""
 
     def __init__(self, binding: ModelBinding, compute_device: Optional[torch.device] = None,
                  backup_device: Optional[torch.device] = None):
@@ -376,10 +389,24 @@ class LoraPatcher(_Base):
         if k in self._backup and self._changed(k):
             self._forget(k)
         if k not in self._backup:
-            p = ref.tensor.detach()
-            dev = self.backup_device or p.device
-            self._backup[k] = (ParamRef(ref.module, ref.attr), p.to(dev, copy=True))
+            p = ref.tensor.data
+            if self.backup_device is not None and self.backup_device != p.device:
+                p = p.to(self.backup_device, copy=True)
+            self._backup[k] = (ParamRef(ref.module, ref.attr), p)
         return self._backup[k][1]
+
+    def _target(self, k: Tuple[int, str], ref: ParamRef) -> Tuple[torch.Tensor, bool]:
+        """Where the patched value of ``k`` goes: the parameter's storage when it no longer is the backup's, else
+        a fresh tensor (``True``) that :meth:`_commit` swaps in."""
+        param = ref.tensor
+        if _same_storage(param, self._backup[k][1]):
+            return torch.empty(param.shape, dtype=param.dtype, device=param.device), True
+        return param.detach(), False
+
+    def _commit(self, k: Tuple[int, str], ref: ParamRef, out: torch.Tensor, fresh: bool) -> None:
+        if fresh:
+            ref.tensor.data = out
+        self._mark_written(k, ref.tensor)
 
     def _restore(self, k: Tuple[int, str]) -> None:
         changed = self._changed(k)
@@ -387,8 +414,14 @@ class LoraPatcher(_Base):
         self._written.pop(k, None)
         if ent is not None and not changed:
             ref, saved = ent
-            with torch.no_grad():
-                ref.tensor.copy_(saved)
+            param = ref.tensor
+            if not _same_storage(param, saved):
+                if (saved.device == param.device and saved.dtype == param.dtype and saved.shape == param.shape
+                        and self.backup_device is None):
+                    param.data = saved
+                else:
+                    with torch.no_grad():
+                        param.copy_(saved)
         bk = self._bias_of.pop(k, None)
         if bk is not None:
             self._restore(bk)
@@ -445,9 +478,10 @@ class LoraPatcher(_Base):
         orig = self._ensure_backup(ref)
         param = ref.tensor
         dev = self.compute_device or param.device
-        # accumulate W0 + Σ m·ΔW in fp32: in the parameter itself when it is an fp32 tensor on the compute device
-        direct = param.dtype == torch.float32 and param.device == dev and param.is_contiguous()
-        acc = param if direct else self._buffer(param.shape, dev)
+        out, fresh = self._target(k, ref)
+        # accumulate W0 + Σ m·ΔW in fp32: straight into the output when it is an fp32 tensor on the compute device
+        direct = out.dtype == torch.float32 and out.device == dev and out.is_contiguous()
+        acc = out if direct else self._buffer(param.shape, dev)
         acc2 = acc.view(acc.shape[0], -1) if acc.dim() > 1 else acc
         started = False
         bias_acc: Optional[torch.Tensor] = None
@@ -461,12 +495,13 @@ class LoraPatcher(_Base):
                     raise SdToolkitError(f"{layer.weights.name}: factors {list(up.shape)} x {list(down.shape)} do "
                                          f"not fit {list(target.shape)}")
                 if not started and rows is None and orig.device == dev and orig.dtype == torch.float32:
-                    torch.addmm(orig.view(acc2.shape), up, down, alpha=s * mult, out=acc2)
+                    torch.addmm(orig.reshape(acc2.shape), up, down, alpha=s * mult, out=acc2)
                 else:
                     if not started:
                         acc.copy_(orig)
                     target.addmm_(up, down, alpha=s * mult)
                 started = True
+                del up, down
                 continue
             if not started:
                 acc.copy_(orig)
@@ -487,13 +522,14 @@ class LoraPatcher(_Base):
         if not started:
             acc.copy_(orig)
         if not direct:
-            param.copy_(acc)
-        self._mark_written(k, param)
+            out.copy_(acc)
+        self._commit(k, ref, out, fresh)
         old_bias = self._bias_of.pop(k, None)
         if bias_acc is not None and bias_ref is not None:
-            bias_ref.tensor.copy_(bias_acc.to(bias_ref.tensor.dtype))
             bk = (id(bias_ref.module), bias_ref.attr)
-            self._mark_written(bk, bias_ref.tensor)
+            bout, bfresh = self._target(bk, bias_ref)
+            bout.copy_(bias_acc)
+            self._commit(bk, bias_ref, bout, bfresh)
             self._bias_of[k] = bk
         elif old_bias is not None:
             self._restore(old_bias)
