@@ -116,8 +116,10 @@ class SdToolkitLora(extra_networks.ExtraNetwork):
         sd_model = shared.sd_model
         if sd_model is None:
             return
+        if not params_list and self.patcher is None:
+            return                      # nothing asked, nothing applied: no binding, no folder scan
         patcher = self._patcher_for(sd_model)
-        if self.registry is None:
+        if self.registry is None and params_list:
             self.registry = LoraRegistry(_lora_dirs())
         arch = _arch_of(sd_model)
         presets = load_user_presets(getattr(shared.opts, "sdtoolkit_lbw_presets", None))

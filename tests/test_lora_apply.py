@@ -199,6 +199,35 @@ def test_fp16_delta_accumulated_in_fp32_cast_once(tmp_path):
     assert torch.equal(lin.weight.detach(), orig)
 
 
+def test_patching_ignores_autocast_and_inference_mode(tmp_path):
+    """The WebUI activates networks inside devices.autocast() (and may be in inference mode): ΔW stays fp32 and the
+    weights are the same bits as outside; restore is still exact and the parameter stays a normal tensor."""
+    name = "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q"
+    g = torch.Generator().manual_seed(6)
+    path = save_safetensors(tmp_path / "n.safetensors", {f"{name}.lora_up.weight": torch.randn(8, 4, generator=g),
+                                                         f"{name}.lora_down.weight": torch.randn(4, 16, generator=g)})
+    net = load_network(path, "SD1")
+    out = []
+    for ctx in (False, True):
+        lin = torch.nn.Linear(16, 8)
+        torch.nn.init.normal_(lin.weight, generator=torch.Generator().manual_seed(1))
+        orig = lin.weight.detach().clone()
+        bind = ModelBinding("SD1")
+        bind._params["model.diffusion_model.input_blocks.1.1.transformer_blocks.0.attn1.to_q.weight"] = (lin, "weight")
+        p = LoraPatcher(bind)
+        if ctx:
+            with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16):
+                p.set_networks([ActiveNetwork(net)])
+        else:
+            p.set_networks([ActiveNetwork(net)])
+        assert lin.weight.dtype == torch.float32 and not lin.weight.is_inference()
+        out.append(lin.weight.detach().clone())
+        with torch.inference_mode():
+            p.restore_all()
+        assert torch.equal(lin.weight.detach(), orig)
+    assert torch.equal(out[0], out[1])
+
+
 def test_block_weights_and_dyn_in_cache_key(sd1, binding, files):
     before = snapshot(sd1["unet"])[0]
     net = load_network(files["unet"], "SD1")

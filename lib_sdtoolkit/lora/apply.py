@@ -30,9 +30,10 @@ written; the others are applied and the result lists the errors (file and layer 
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, Iterable, Iterator, List, Mapping, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -67,6 +68,19 @@ def unwrap_name(name: str) -> str:
     if "wrapped" not in name:
         return name
     return ".".join(part for part in name.split(".") if part != "wrapped")
+
+
+@contextlib.contextmanager
+def _exact_maths() -> Iterator[None]:
+    """Weights are written with autocast off (the WebUI activates networks inside ``devices.autocast()``, which
+    would run the ΔW matmuls in fp16) and outside inference mode (the new tensors become parameters' data)."""
+    with contextlib.ExitStack() as stack:
+        stack.enter_context(torch.inference_mode(False))
+        stack.enter_context(torch.no_grad())
+        stack.enter_context(torch.autocast("cpu", enabled=False))
+        if torch.cuda.is_available():
+            stack.enter_context(torch.autocast("cuda", enabled=False))
+        yield
 
 
 def _same_storage(a: torch.Tensor, b: torch.Tensor) -> bool:
@@ -448,7 +462,7 @@ class LoraPatcher(_Base):
         chosen = self._select(active, result)
         groups = _group(self.binding, chosen)
         try:
-            with torch.no_grad():
+            with _exact_maths():
                 for k in list(self._sig):
                     if k not in groups:
                         self._restore(k)
@@ -574,7 +588,7 @@ class FunctionalLora(_Base):
         result = ApplyResult()
         chosen = self._select(active, result)
         groups = _group(self.binding, chosen)
-        with torch.no_grad():
+        with _exact_maths():
             for k in list(self._sig):
                 if k not in groups:
                     self._drop(k)
