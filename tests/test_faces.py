@@ -74,7 +74,8 @@ def test_host_lists_models_by_kind_in_natural_order(host, lib_root):
     assert names == ["notes.safetensors", "sd15-tiny.safetensors", "sdxl-tiny.safetensors",
                      "sub/model2.safetensors", "sub/model10.safetensors"]
     assert [p.name for p in host.list_models("vae")] == ["vae-tiny-copy.safetensors", "vae-tiny.safetensors"]
-    assert host.list_models("lora") == [] and host.list_models("controlnet") == []
+    assert [p.name for p in host.list_models("lora")] == ["sample-lora-sd15.safetensors"]
+    assert host.list_models("controlnet") == []
     assert host.model_dirs("lora") == [lib_root / "Lora"]
     assert sorted(["a10", "a2", "A1"], key=natural_key) == ["A1", "a2", "a10"]
     with pytest.raises(InvalidInputError):

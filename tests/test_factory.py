@@ -207,9 +207,13 @@ def test_refiner_and_sd2_modules_load(tiny_modules):
 
 def test_sample_library(models_dir):
     files = sorted(p.relative_to(models_dir).as_posix() for p in models_dir.rglob("*") if p.is_file())
-    assert files == ["Stable-diffusion/sd15-tiny.safetensors", "Stable-diffusion/sdxl-tiny.safetensors",
-                     "VAE/vae-tiny-copy.safetensors", "VAE/vae-tiny.safetensors"]
-    assert (models_dir / "Lora").is_dir() and (models_dir / "ControlNet").is_dir()
+    assert files == ["Lora/sample-lora-sd15.safetensors", "Stable-diffusion/sd15-tiny.safetensors",
+                     "Stable-diffusion/sdxl-tiny.safetensors", "VAE/vae-tiny-copy.safetensors",
+                     "VAE/vae-tiny.safetensors"]
+    assert (models_dir / "ControlNet").is_dir()
+    from lib_sdtoolkit.lora.inspect_lora import inspect_lora
+    lora = inspect_lora(models_dir / "Lora/sample-lora-sd15.safetensors")
+    assert lora["base_model"] == "SD1" and lora["unmatched"] == 0 and lora["targets"]["unet"] > 0
     assert (models_dir / "VAE/vae-tiny.safetensors").read_bytes() == (models_dir / "VAE/vae-tiny-copy.safetensors").read_bytes()
     before = {p: p.stat().st_mtime_ns for p in models_dir.rglob("*.safetensors")}
     factory.write_sample_library(models_dir)  # existing files are left alone

@@ -569,8 +569,9 @@ def write_sample_library(models_dir: PathLike) -> Dict[str, Path]:
     """Create a small WebUI-like models folder under ``models_dir`` (tiny models, a few MB, seconds):
 
     ``Stable-diffusion/sd15-tiny.safetensors`` (SD1, fp16), ``Stable-diffusion/sdxl-tiny.safetensors`` (SDXL, fp16),
-    ``VAE/vae-tiny.safetensors`` and its byte-identical duplicate ``VAE/vae-tiny-copy.safetensors``, empty
-    ``Lora/`` and ``ControlNet/``. Files already there are left alone. Returns ``{name: path}``."""
+    ``VAE/vae-tiny.safetensors`` and its byte-identical duplicate ``VAE/vae-tiny-copy.safetensors``,
+    ``Lora/sample-lora-sd15.safetensors`` (a kohya LoRA for the SD1 sample) and an empty ``ControlNet/``.
+    Files already there are left alone. Returns ``{name: path}``."""
     root = Path(models_dir)
     for sub in ("Stable-diffusion", "VAE", "Lora", "ControlNet"):
         (root / sub).mkdir(parents=True, exist_ok=True)
@@ -586,4 +587,17 @@ def write_sample_library(models_dir: PathLike) -> Dict[str, Path]:
         if not p.exists():
             write_checkpoint(p, arch, dtype=torch.float16, seed=seed, metadata=meta)
         out[name] = p
+    # a kohya LoRA (attention + conv, rank 4) with the key names of a real SD1.5 LoRA, for the sample checkpoint
+    lora = root / "Lora" / "sample-lora-sd15.safetensors"
+    if not lora.exists():
+        from lib_sdtoolkit import files
+        from lib_sdtoolkit.lora.synth import attention_and_conv, make_lora_state_dict
+
+        with files.open_model(out["sd15-tiny"]) as r:
+            shapes = {k: i.shape for k, i in r.infos().items()}
+        sd = make_lora_state_dict(shapes.get, "SD1", rank=4, seed=4, name_filter=attention_and_conv,
+                                  dtype=torch.float16)
+        files.save_safetensors(lora, sd, {**meta, "ss_output_name": "sample-lora-sd15", "ss_network_dim": "4",
+                                          "ss_network_module": "networks.lora", "ss_base_model_version": "sd_v1"})
+    out["sample-lora-sd15"] = lora
     return out
