@@ -43,7 +43,7 @@ from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Seque
 import torch
 
 from .arch import EMA_PREFIX, ArchInfo, detect, split_components
-from .errors import InvalidInputError, ModelFileError, SdToolkitError
+from .errors import InvalidInputError, SdToolkitError
 from .files import MODEL_SUFFIXES, open_model, tensor_bytes_view
 from .files.hash_cache import HashCache
 from .files.hashes import hash_file

@@ -71,9 +71,9 @@ def _cmd_prune(args: argparse.Namespace) -> int:
         print(json.dumps(res.to_dict(), indent=2))
         return 0
     print(f"{res.input}: {res.architecture}, {human_bytes(res.in_file_size)}")
-    print(f"  kept: " + ", ".join(f"{c} {n}" for c, n in res.kept.items()))
+    print("  kept: " + ", ".join(f"{c} {n}" for c, n in res.kept.items()))
     if res.dropped:
-        print(f"  dropped: " + ", ".join(f"{c} {n} keys" for c, n in res.dropped.items()))
+        print("  dropped: " + ", ".join(f"{c} {n} keys" for c, n in res.dropped.items()))
     if res.converted:
         print(f"  converted {res.converted} floating tensors to {res.dtype}")
     pid = res.position_ids or {}

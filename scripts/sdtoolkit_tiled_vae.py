@@ -82,7 +82,7 @@ class Script(scripts.Script):
                 try:
                     _guard.restore()
                 finally:
-                    return close(*a, **k)
+                    close(*a, **k)  # a failing restore still propagates (no `return` in finally)
             close_and_restore.__sdtoolkit_tiled_vae__ = True
             p.close = close_and_restore
         p.extra_generation_params["Tiled VAE"] = (

@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from lib_sdtoolkit.cli import main
-from lib_sdtoolkit.dedup import ScannedFile, _hardlink, content_hash, dedup, find_duplicates, scan
+from lib_sdtoolkit.dedup import ScannedFile, _hardlink, content_hash, dedup, scan
 from lib_sdtoolkit.files.hash_cache import HashCache
 from lib_sdtoolkit.samples import factory
 

@@ -10,7 +10,6 @@ import struct
 import sys
 import threading
 import types
-import zipfile
 
 import pytest
 import torch

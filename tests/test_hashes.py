@@ -20,7 +20,7 @@ import pytest
 
 from lib_sdtoolkit.cli import main
 from lib_sdtoolkit.files.hash_cache import HashCache, WebUIHashCache, cached_hash_file, webui_title
-from lib_sdtoolkit.files.hashes import FileHashes, hash_file, normalize_algos, sha256_file
+from lib_sdtoolkit.files.hashes import hash_file, normalize_algos, sha256_file
 
 
 def _independent(path: Path) -> dict:

@@ -10,7 +10,6 @@ import math
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 from lib_sdtoolkit.samples import factory
 from lib_sdtoolkit.tiled_vae import (NonFiniteError, TiledVAEConfig, patch_vae, plan_for, tiled_decode,

@@ -34,10 +34,10 @@ import os
 import sqlite3
 import threading
 from pathlib import Path
-from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tuple, Union
 
-from ..errors import InvalidInputError, ModelFileError, SdToolkitError
-from .hashes import ALGORITHMS, FileHashes, ProgressFn, hash_file, normalize_algos
+from ..errors import ModelFileError, SdToolkitError
+from .hashes import FileHashes, ProgressFn, hash_file, normalize_algos
 from .writer import atomic_path
 
 PathLike = Union[str, "os.PathLike[str]"]

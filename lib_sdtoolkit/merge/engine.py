@@ -39,7 +39,7 @@ from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 import torch
 
 from .. import __version__
-from ..arch import VAE_PREFIX, ArchInfo, block_of_key, detect, position_ids_state
+from ..arch import VAE_PREFIX, ArchInfo, block_of_key, detect
 from ..errors import ArchitectureError, InvalidInputError, ModelFileError, SdToolkitError
 from ..files import StreamingSafetensorsWriter, TensorInfo, check_output_path, open_model, save_ckpt
 from ..ops import merge as ops

@@ -78,7 +78,7 @@ def _torch_group_stats(x: torch.Tensor, groups: int, region: Optional[Region]) -
     if region is not None:
         y0, y1, x0, x1 = region
         x = x[:, :, y0:y1, x0:x1]
-    b, c = x.shape[0], x.shape[1]
+    b = x.shape[0]
     xg = x.reshape(b, groups, -1)
     n = xg.shape[-1]
     xf = xg.float()

@@ -16,7 +16,6 @@ import sys
 from pathlib import Path
 from typing import Dict, Optional
 
-import torch
 
 from lib_sdtoolkit.arch.layouts import LAYOUT_FILES
 from lib_sdtoolkit.samples import factory

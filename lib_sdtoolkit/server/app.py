@@ -1,7 +1,6 @@
 """The standalone web app: FastAPI with the toolkit's router and the gradio UI mounted at ``/``."""
 from __future__ import annotations
 
-from typing import Any
 
 from fastapi import FastAPI
 

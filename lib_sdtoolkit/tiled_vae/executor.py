@@ -45,7 +45,7 @@ import torch.nn.functional as F
 from ..errors import InvalidInputError, SdToolkitError
 from ..ops.groupnorm import (GNStats, full_group_stats, group_norm_apply, group_stats, merge_all, norm_affine,
                              write_tile)
-from .graph import AttnParams, Op, Program
+from .graph import AttnParams, Program
 
 Region = Tuple[int, int, int, int]  # y0, y1, x0, x1 (global coordinates at one resolution)
 

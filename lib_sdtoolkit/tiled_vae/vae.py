@@ -11,7 +11,6 @@ from __future__ import annotations
 import contextlib
 import io
 import re
-from dataclasses import dataclass
 from typing import Dict, Mapping, Optional, Tuple
 
 import numpy as np

@@ -10,7 +10,7 @@ import gradio as gr
 
 from ..errors import SdToolkitError
 from ..host import Host
-from .common import error_html, human_bytes, keep_value, model_choices, parse_choice
+from .common import error_html, human_bytes, model_choices, parse_choice
 
 log = logging.getLogger(__name__)
 

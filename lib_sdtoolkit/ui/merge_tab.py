@@ -8,7 +8,6 @@ the standalone app they are hidden."""
 from __future__ import annotations
 
 import html
-import json
 import logging
 from typing import Any, Dict, List, Optional, Tuple
 
