@@ -38,7 +38,18 @@ import shutil
 import uuid
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple, Union
+from typing import (
+    Any,
+    Callable,
+    Dict,
+    Iterable,
+    List,
+    Mapping,
+    Optional,
+    Sequence,
+    Tuple,
+    Union,
+)
 
 import torch
 
@@ -47,6 +58,7 @@ from .errors import InvalidInputError, SdToolkitError
 from .files import MODEL_SUFFIXES, open_model, tensor_bytes_view
 from .files.hash_cache import HashCache
 from .files.hashes import hash_file
+from .inspect import human_bytes
 
 PathLike = Union[str, "os.PathLike[str]"]
 ProgressFn = Callable[[int, int, str], None]
@@ -544,12 +556,6 @@ def dedup(paths: Sequence[PathLike], kind: str = "any", action: str = "report", 
     return DedupResult(rep, groups, acts, action)
 
 
-def human_bytes(n: float) -> str:
-    for unit in ("B", "KB", "MB", "GB", "TB"):
-        if abs(n) < 1024 or unit == "TB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
-        n /= 1024
-    return f"{n:.2f} TB"
 
 
 def table_rows(groups: Sequence[DupGroup]) -> List[List[Any]]:

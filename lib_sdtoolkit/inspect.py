@@ -7,11 +7,17 @@ from __future__ import annotations
 
 import argparse
 import json
-from typing import Any, Dict, List
+from typing import Any, Dict, List, Optional
 
 import torch
 
-from .arch import ArchInfo, detect, position_ids_key, position_ids_state, split_components
+from .arch import (
+    ArchInfo,
+    detect,
+    position_ids_key,
+    position_ids_state,
+    split_components,
+)
 from .files import open_model
 
 #: the component order used in reports
@@ -76,12 +82,16 @@ def inspect_file(path) -> Dict[str, Any]:
     return report
 
 
-def human_bytes(n: float) -> str:
-    for unit in ("B", "KB", "MB", "GB", "TB"):
-        if abs(n) < 1024 or unit == "TB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
-        n /= 1024
-    return f"{n:.2f} TB"
+def human_bytes(n: Optional[float]) -> str:
+    """Sizes for people, in binary units (``1.99 GiB``); ``""`` for None."""
+    if n is None:
+        return ""
+    size = float(n)
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(size) < 1024 or unit == "TiB":
+            return f"{int(size)} B" if unit == "B" else f"{size:.2f} {unit}"
+        size /= 1024
+    return f"{size:.2f} TiB"
 
 
 def format_report(rep: Dict[str, Any]) -> str:

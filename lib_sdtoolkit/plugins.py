@@ -30,3 +30,14 @@ def import_present(names: Iterable[str], what: str, strict: bool = False) -> Lis
                 raise
             log.exception("sdtoolkit: could not import %s; its %s is not available", modname, what)
     return found
+
+
+def load_file_module(path: str, name: str) -> ModuleType:
+    """Execute a Python file as a fresh module (for WebUI scripts, which the WebUI runs as unimportable modules
+    and which share helpers by path)."""
+    spec = importlib.util.spec_from_file_location(name, path)
+    if spec is None or spec.loader is None:
+        raise ImportError(f"cannot load {path}")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module

@@ -3,24 +3,16 @@
 Works under --nowebui too: there on_app_started gets demo=None and on_ui_tabs is never called, so nothing here
 depends on the UI. --sdtoolkit-no-api (preload.py) turns the routes off.
 """
-import importlib.util
 import os
 
 from modules import script_callbacks, shared
 
 import lib_sdtoolkit.server as sdt_server
+from lib_sdtoolkit.plugins import load_file_module
 
-
-def _webui_glue():
-    """scripts/sdtoolkit_webui_host.py, loaded by path (WebUI scripts are not importable by name)."""
-    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "sdtoolkit_webui_host.py")
-    spec = importlib.util.spec_from_file_location("sdtoolkit_webui_host", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-make_host = _webui_glue().make_host
+# shared WebUI glue (host over the WebUI's folders, the loaded model); scripts are not importable by name
+make_host = load_file_module(os.path.join(os.path.dirname(os.path.abspath(__file__)), "sdtoolkit_webui_host.py"),
+                             "sdtoolkit_webui_host").make_host
 
 
 def on_app_started(demo, app):

@@ -8,6 +8,7 @@ from typing import Iterable, List, Optional, Sequence, Tuple
 
 from ..errors import InvalidInputError, SdToolkitError
 from ..host import MODEL_KINDS, Host
+from ..inspect import human_bytes  # noqa: F401 - re-exported for the tabs
 
 _CHOICE = re.compile(r"^\[(\w+)\] (.+)$")
 
@@ -38,16 +39,6 @@ def resolve_input(host: Host, choice: Optional[str], path: Optional[str] = None)
         return host.resolve(name, kind)
     raise InvalidInputError("pick a model or type its path first")
 
-
-def human_bytes(n: Optional[int]) -> str:
-    if n is None:
-        return ""
-    size = float(n)
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if abs(size) < 1024 or unit == "GiB":
-            return f"{int(size)} B" if unit == "B" else f"{size:.2f} {unit}"
-        size /= 1024
-    return f"{size:.2f} GiB"
 
 
 def error_html(exc: BaseException) -> str:
