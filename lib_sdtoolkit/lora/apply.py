@@ -30,6 +30,7 @@ written; the others are applied and the result lists the errors (file and layer 
 """
 from __future__ import annotations
 
+import abc
 import contextlib
 import logging
 from dataclasses import dataclass, field
@@ -287,7 +288,7 @@ def _bias_ref(layer: BoundLayer, wref: ParamRef) -> Optional[ParamRef]:
     return ParamRef(wref.module, "bias", wref.rows) if isinstance(b, torch.Tensor) else None
 
 
-class _Base:
+class _Base(abc.ABC):
     def __init__(self, binding: ModelBinding, compute_device: Optional[torch.device] = None):
         self.binding = binding
         self.compute_device = compute_device
@@ -328,8 +329,9 @@ class _Base:
         self._step = step
         return self.set_networks(self._requested)
 
-    def set_networks(self, active: Sequence[ActiveNetwork]) -> ApplyResult:  # pragma: no cover - abstract
-        raise NotImplementedError
+    @abc.abstractmethod
+    def set_networks(self, active: Sequence[ActiveNetwork]) -> ApplyResult:
+        """Make exactly these networks active (patched weights or forward hooks)."""
 
 
 class LoraPatcher(_Base):
