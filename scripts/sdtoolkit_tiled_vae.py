@@ -19,7 +19,33 @@ log = logging.getLogger("sdtoolkit.tiled_vae")
 _guard = VAEPatchGuard()  # adapter-level state: the patch of the running generation
 
 
+def _user_stop():
+    """Interrupt or Skip pressed (``modules.shared_state.State`` flags)."""
+    state = getattr(shared, "state", None)
+    return bool(getattr(state, "interrupted", False) or getattr(state, "skipped", False))
+
+
+class _StopWatch:
+    """``should_stop`` of the tiled runs: True once Interrupt/Skip is pressed *during* a run. A request already
+    pending when a run starts is ignored: after an interrupted or skipped sampling the WebUI decodes the last
+    latent on purpose (the sampler returns it), and that decode must still give the image."""
+
+    def __init__(self):
+        self.pending_at_start = False
+
+    def start(self):
+        self.pending_at_start = _user_stop()
+
+    def __call__(self):
+        return _user_stop() and not self.pending_at_start
+
+
+_stop = _StopWatch()
+
+
 def _progress(done, total):
+    if done == 0:       # a tiled run starts (progress(0, total) comes first)
+        _stop.start()
     try:
         shared.state.textinfo = f"Tiled VAE: tile {done}/{total}"
     except Exception:
@@ -72,7 +98,7 @@ class Script(scripts.Script):
         if vae is None or not hasattr(vae, "decoder"):
             log.warning("Tiled VAE: this WebUI has no first_stage_model (Forge?); use its built-in tiled VAE")
             return
-        common = dict(fast=bool(fast), device=_device(device), progress=_progress, log=log.info)
+        common = dict(fast=bool(fast), device=_device(device), progress=_progress, should_stop=_stop, log=log.info)
         enc = TiledVAEConfig(tile_px=int(enc_tile) or None, **common)
         dec = TiledVAEConfig(tile_px=int(dec_tile) or None, **common)
         _guard.install(vae, enc, dec)

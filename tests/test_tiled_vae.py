@@ -254,3 +254,29 @@ def test_plan_reports_pixels_and_bounded_memory(vae32):
     assert "px" in small.describe() and small.tile_px % 8 == 0
     assert small.peak_estimate < big.peak_estimate
     assert small.total_tiles > big.total_tiles
+
+
+def test_should_stop_after_n_tiles_raises_and_returns_nothing(vae32):
+    from lib_sdtoolkit.errors import SdToolkitError
+    from lib_sdtoolkit.tiled_vae import TiledVAEInterrupted
+
+    z = vae32.post_quant_conv(_latent(16, 16, seed=4))
+    events, asked = [], []
+
+    def should_stop():
+        asked.append(len(events))
+        return len(events) > 3           # the user presses stop once 3 tiles are done
+
+    cfg = TiledVAEConfig(tile_px=32, progress=lambda d, t: events.append((d, t)), should_stop=should_stop)
+    out = None
+    with pytest.raises(TiledVAEInterrupted, match="interrupted after 3 of") as e:
+        out = tiled_decode(vae32.decoder, z, cfg)
+    assert isinstance(e.value, SdToolkitError) and out is None
+    total = events[0][1]
+    assert events == [(0, total), (1, total), (2, total), (3, total)] and total > 3   # stopped right there
+    assert asked[-1] == 4
+    # the same config without a stop request runs to the end (every tile reported once)
+    events.clear()
+    full = tiled_decode(vae32.decoder, z, TiledVAEConfig(tile_px=32, progress=lambda d, t: events.append(d),
+                                                         should_stop=lambda: False))
+    assert events == list(range(total + 1)) and full.shape[-1] == 128

@@ -148,3 +148,54 @@ def test_ui_builds_accordion(webui):
     assert len(comps) == 5 and comps[0].value is False
     from modules import scripts
     assert s.show(False) is scripts.AlwaysVisible
+
+
+def test_interrupt_mid_decode_stops_and_restores(webui):
+    from lib_sdtoolkit.tiled_vae import TiledVAEInterrupted
+
+    mod, processing, shared, model = webui
+    dec = model.first_stage_model.decoder
+    convs = []
+
+    def press_interrupt(m, args, out):  # the user presses Interrupt while the decoder runs (another thread)
+        convs.append(m)
+        if len(convs) == 3:
+            shared.state.interrupted = True
+
+    hook = dec.conv_in.register_forward_hook(press_interrupt)
+    texts = []
+    try:
+        p = _p(processing, shared, mod.Script(), lambda *a: _latent())
+        with pytest.raises(TiledVAEInterrupted, match="interrupted after"):
+            with closing(p):
+                processing.process_images(p)
+        texts.append(shared.state.textinfo)
+    finally:
+        hook.remove()
+        shared.state.interrupted = False
+    assert len(convs) == 3                                     # stopped at the next tile: no further tile ran
+    assert "forward" not in dec.__dict__ and "forward" not in model.first_stage_model.encoder.__dict__
+    assert texts[0].startswith("Tiled VAE: tile 3/")
+
+
+@pytest.mark.parametrize("flag", ["interrupted", "skipped"])
+def test_stop_pending_before_decode_still_decodes_the_last_latent(webui, flag):
+    # Interrupt/Skip pressed during sampling: the WebUI's sampler returns the last latent and decodes it on
+    # purpose; that decode must finish (only a press during the decode stops it)
+    mod, processing, shared, model = webui
+    z = _latent()
+    with torch.no_grad():
+        ref = model.decode_first_stage(z)
+
+    def sample(*a):
+        setattr(shared.state, flag, True)
+        return z
+
+    p = _p(processing, shared, mod.Script(), sample)
+    try:
+        with closing(p):
+            res = processing.process_images(p)
+    finally:
+        setattr(shared.state, flag, False)
+    assert torch.allclose(res.images[0], ref[0], atol=2e-5)
+    assert "forward" not in model.first_stage_model.decoder.__dict__

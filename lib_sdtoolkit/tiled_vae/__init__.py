@@ -45,6 +45,9 @@ class TiledVAEConfig:
         statistics passes). offload: keep full-size checkpoints in host RAM (default on CUDA): the device
         only holds the output and one tile, and the run recomputes almost nothing. upcast_on_nonfinite: on NaN/inf in fp16/bf16, rerun in float32 (else raise
         :class:`NonFiniteError`). device: run the network there for the call (e.g. "cuda"), then move it back.
+        progress(done, total): (0, total) at the start of each run, then after every tile. should_stop(): asked
+        after every tile and before every attention pass; True raises :class:`TiledVAEInterrupted` (nothing is
+        returned, a patched VAE stays patched until its guard/context restores it).
     """
 
     tile_px: Optional[int] = None

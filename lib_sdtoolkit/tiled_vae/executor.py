@@ -55,7 +55,7 @@ class NonFiniteError(SdToolkitError):
 
 
 class TiledVAEInterrupted(SdToolkitError):
-    """The caller asked to stop (``should_stop`` returned True)."""
+    """The caller asked to stop (``should_stop`` returned True); the run returns nothing."""
 
 
 # ------------------------------------------------------------------------------------------------------ shapes
@@ -327,6 +327,10 @@ class _Ckpt:
 
 @dataclass
 class RunOptions:
+    """``progress(done, total)``: ``(0, total)`` when a run starts, then after every tile. ``should_stop()``:
+    asked after every tile and before every full-image attention pass; True raises :class:`TiledVAEInterrupted`
+    (no partial output is returned)."""
+
     progress: Optional[Callable[[int, int], None]] = None
     should_stop: Optional[Callable[[], bool]] = None
     max_tiles_per_pass: Optional[int] = None   # benchmarking only: run a bounded sample of each pass (wrong output)
@@ -407,8 +411,12 @@ class _Runner:
         self.done += 1
         if self.opts.progress:
             self.opts.progress(self.done, self.plan.total_tiles)
-        if self.opts.should_stop and self.opts.should_stop():
-            raise TiledVAEInterrupted("tiled VAE interrupted")
+        self._check_stop()
+
+    def _check_stop(self) -> None:
+        if self.opts.should_stop is not None and self.opts.should_stop():
+            raise TiledVAEInterrupted(f"tiled {self.prog.kind} interrupted after {self.done} of "
+                                      f"{self.plan.total_tiles} tiles")
 
     def _set_stats(self, i: int, st: GNStats) -> None:
         op = self.prog.ops[i]
@@ -491,8 +499,11 @@ class _Runner:
     def run(self) -> torch.Tensor:
         self._dtype = self.x.dtype
         ck = _Ckpt(0, self.x, [])
+        if self.opts.progress:
+            self.opts.progress(0, self.plan.total_tiles)
         for step in self.plan.steps:
             if step.kind == "attn":
+                self._check_stop()
                 ck = self._attn(ck, step.start)
             elif step.kind == "stats":
                 self._stats_pass(ck, step)
