@@ -23,6 +23,11 @@ reload) everything is restored.
 
 Block weights (``lbw=``) and ``start=``/``stop=`` step ranges work in every tag we handle; step ranges are applied
 from an ``on_cfg_denoiser`` callback (only the layers of the networks switching on/off are rewritten).
+
+Infotext: where we handle ``<lora:...>`` (built-in disabled) we also write the built-in's ``Lora hashes: name:
+shorthash, ...`` (name as mentioned in the prompt without ``:``/``,``; 12 hex of ``sshs_model_hash`` or the
+addnet/AutoV3 hash; setting ``lora_add_hashes_to_infotext``, added with the built-in's default when it is absent),
+so Civitai and PNG-info readers see the same field whichever extension applied the LoRA.
 """
 import logging
 import os
@@ -33,7 +38,7 @@ from lib_sdtoolkit.errors import SdToolkitError
 from lib_sdtoolkit.lora.apply import ActiveNetwork, FunctionalLora, LoraPatcher, ModelBinding
 from lib_sdtoolkit.lora.blocks import load_user_presets, resolve_block_weights
 from lib_sdtoolkit.lora.network import load_network
-from lib_sdtoolkit.lora.registry import LoraRegistry
+from lib_sdtoolkit.lora.registry import LoraRegistry, network_shorthash
 from lib_sdtoolkit.lora.syntax import ExtraNetworkParams, request_from_params
 
 log = logging.getLogger("sdtoolkit.lora")
@@ -77,6 +82,8 @@ class SdToolkitLora(extra_networks.ExtraNetwork):
         self._model_id = None
         self._nets = {}
         self._ranged = False
+        self._hash_caches = None
+        self._shorthashes = {}
 
     @property
     def mode(self):
@@ -124,6 +131,7 @@ class SdToolkitLora(extra_networks.ExtraNetwork):
         arch = _arch_of(sd_model)
         presets = load_user_presets(getattr(shared.opts, "sdtoolkit_lbw_presets", None))
         active = []
+        mentioned = []
         for params in params_list:
             req = request_from_params(ExtraNetworkParams.from_items(list(params.items)), self.name)
             if req is None:
@@ -144,6 +152,7 @@ class SdToolkitLora(extra_networks.ExtraNetwork):
                 log.warning("%s: %s; generation goes on without it", req.tag, e)
                 continue
             active.append(ActiveNetwork(net, req.te, req.unet, req.dyn, bw, req.start, req.stop))
+            mentioned.append((req.name, entry, net.name))
         self._ranged = any(a.start is not None or a.stop is not None for a in active)
         patcher._step = 0 if self._ranged else None
         res = patcher.set_networks(active)
@@ -152,6 +161,40 @@ class SdToolkitLora(extra_networks.ExtraNetwork):
         if res.applied:
             p.extra_generation_params["SD Toolkit Lora"] = ", ".join(
                 f"{a.network.name}: {a.te:g}/{a.unet:g}" for a in active if a.network.name in res.applied)
+        if not self.functional and getattr(shared.opts, "lora_add_hashes_to_infotext", True):
+            self._add_hashes(p, [(n, e) for n, e, net_name in mentioned if net_name in res.applied])
+
+    def _add_hashes(self, p, applied):
+        """The built-in's "Lora hashes" (extra_networks_lora.py): kept across the hires pass of one p."""
+        if not getattr(p, "is_hr_pass", False) or not hasattr(p, "lora_hashes"):
+            p.lora_hashes = {}
+        for name, entry in applied:
+            short = self._shorthash(entry)
+            if short and name:
+                p.lora_hashes[name.translate(_NO_SEPARATORS)] = short
+        if p.lora_hashes:
+            p.extra_generation_params["Lora hashes"] = ", ".join(f"{k}: {v}" for k, v in p.lora_hashes.items())
+
+    def _shorthash(self, entry):
+        try:
+            st = entry.path.stat()
+        except OSError:
+            return None
+        key = (str(entry.path), st.st_size, st.st_mtime_ns)
+        if key not in self._shorthashes:
+            if self._hash_caches is None:
+                self._hash_caches = _hash_caches()
+            cache, webui = self._hash_caches
+            try:
+                short = network_shorthash(entry, cache, webui,
+                                          compute=not getattr(shared.cmd_opts, "no_hashing", False))
+            except (SdToolkitError, OSError) as e:
+                log.warning("Lora hashes: %s", e)
+                short = None
+            if short is None:
+                return None     # not cached: hashed when it becomes possible (e.g. the WebUI cached it)
+            self._shorthashes[key] = short
+        return self._shorthashes[key]
 
     def deactivate(self, p):
         pass  # weights stay patched until the next activate (the same set again costs nothing)
@@ -159,6 +202,23 @@ class SdToolkitLora(extra_networks.ExtraNetwork):
     def on_cfg_denoiser(self, params):
         if self._ranged and self.patcher is not None:
             self.patcher.set_step(int(params.sampling_step))
+
+
+_NO_SEPARATORS = str.maketrans("", "", ":,")
+
+
+def _hash_caches():
+    """(our hash cache, the WebUI's hash cache); either None where it cannot be opened."""
+    from modules import paths
+
+    from lib_sdtoolkit.files.hash_cache import HashCache, WebUIHashCache
+
+    try:
+        cache = HashCache()
+    except SdToolkitError as e:
+        log.warning("SD Toolkit hash cache unavailable (%s); LoRA hashes are computed each time", e)
+        cache = None
+    return cache, WebUIHashCache.from_webui_env(paths.data_path)
 
 
 network = None
@@ -175,6 +235,9 @@ def _register():
     network = SdToolkitLora("sdtlora", functional=builtin is not None)
     extra_networks.register_extra_network(network)
     if builtin is None:
+        if "lora_add_hashes_to_infotext" not in shared.opts.data_labels:   # normally the built-in's setting
+            shared.opts.add_option("lora_add_hashes_to_infotext", shared.OptionInfo(
+                True, "Add Lora hashes to infotext", section=("extra_networks", "Extra Networks")))
         extra_networks.register_extra_network_alias(network, "lora")
         extra_networks.register_extra_network_alias(network, "lyco")
         log.info("SD Toolkit: the built-in Lora extension is not active; <lora:...> and <lyco:...> are handled by "

@@ -402,3 +402,50 @@ def test_forge_registers_nothing_and_says_so(env, caplog):
                for m in msgs), msgs
     generate(env, "a cat <lora:style:1>")                                # the tag is just skipped
     assert_weights(env, {})
+
+
+def _autov3(path):
+    """The addnet/AutoV3 hash by hand: sha256 of the bytes after the 8-byte length and the JSON header."""
+    import hashlib
+
+    raw = Path(path).read_bytes()
+    return hashlib.sha256(raw[8 + int.from_bytes(raw[:8], "little"):]).hexdigest()
+
+
+def test_lora_hashes_infotext_like_the_builtin(env, monkeypatch, tmp_path):
+    from modules import hashes, shared
+
+    monkeypatch.setenv("SDTOOLKIT_CACHE_DIR", str(tmp_path / "sdt-cache"))
+    comma = env.lora_dir / "my,style.safetensors"                      # a name the infotext must escape
+    lora_file(comma, OTHER, 4)
+    tagged = env.lora_dir / "tagged.safetensors"                       # sshs_model_hash metadata wins
+    sd = {k: v for k, v in env.files["other"][1].items()}
+    save_safetensors(tagged, sd, metadata={"sshs_model_hash": "ABCDEF0123456789" * 4})
+    try:
+        start(env, with_builtin=False)
+        assert shared.opts.lora_add_hashes_to_infotext is True           # the built-in's setting, same default
+        p, _ = generate(env, "a cat <lora:style:0.8> <lora:my,style:0.5> <lora:tagged:0.1> <lora:missing:1>")
+        want = (f"style: {_autov3(env.lora_dir / 'style.safetensors')[:12]}, "
+                f"mystyle: {_autov3(comma)[:12]}, tagged: ABCDEF012345")
+        assert p.extra_generation_params["Lora hashes"] == want
+        # mirrored into the WebUI's own cache under its title: the WebUI would not hash the file again
+        assert hashes.sha256_from_cache(str(comma), "lora/my,style", use_addnet_hash=True) == _autov3(comma)
+        p, _ = generate(env, "x <lora:sub dir/other:1>")                 # the name as mentioned in the prompt
+        assert p.extra_generation_params["Lora hashes"] == \
+            f"sub dir/other: {_autov3(env.lora_dir / 'sub dir' / 'other.safetensors')[:12]}"
+        p, _ = generate(env, "x")
+        assert "Lora hashes" not in p.extra_generation_params
+        shared.opts.set("lora_add_hashes_to_infotext", False)
+        p, _ = generate(env, "x <lora:style:0.8>")
+        assert "Lora hashes" not in p.extra_generation_params and "SD Toolkit Lora" in p.extra_generation_params
+        shared.opts.set("lora_add_hashes_to_infotext", True)
+        # with the built-in active, <lora:> is its own (it writes the field) and our <sdtlora:> adds none
+        start(env, with_builtin=True)
+        p, _ = generate(env, "x <lora:style:0.8> <sdtlora:style:0.5>")
+        assert "Lora hashes" not in p.extra_generation_params
+    finally:
+        comma.unlink()
+        tagged.unlink()
+        start(env, with_builtin=False)
+        generate(env, "x")
+    assert_weights(env, {})

@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Dict, Iterable, List, Optional, Union
 
 from ..files import open_model
+from ..files.hash_cache import HashCache, WebUIHashCache, cached_hash_file, webui_title
 from ..errors import SdToolkitError
 
 PathLike = Union[str, "os.PathLike[str]"]
@@ -90,3 +91,54 @@ class LoraRegistry:
                 if e.hash and e.hash.lower().startswith(low):
                     return e
         return None
+
+
+#: hex digits of a network's short hash (the WebUI's ``NetworkOnDisk.shorthash``)
+SHORTHASH_LEN = 12
+
+
+def network_hash(entry: LoraEntry, cache: Optional[HashCache] = None, webui: Optional[WebUIHashCache] = None,
+                 compute: bool = True) -> Optional[str]:
+    """The hash the WebUI's Lora extension gives a network file (``NetworkOnDisk.hash``; the first
+    :data:`SHORTHASH_LEN` hex digits are its ``shorthash``), looked up in the WebUI's order:
+
+    1. ``sshs_model_hash`` metadata;
+    2. the WebUI's own hash cache (title ``lora/<file stem>``; ``hashes-addnet`` for ``.safetensors``,
+       ``hashes`` otherwise), trusted while the file is not newer;
+    3. computed (``compute=False``, as under the WebUI's ``--no-hashing``, stops before): AutoV3 (the addnet
+       hash: sha256 after the safetensors header) for ``.safetensors``, the full-file sha256 otherwise, through
+       our hash cache ``cache``, and mirrored into ``webui`` so the WebUI finds it without hashing again.
+
+    Returns None where no value is available (e.g. not hashed, or a ``.safetensors`` whose header is not one).
+    Raises ``SdToolkitError`` when the file cannot be read.
+    """
+    if entry.hash:
+        return entry.hash
+    addnet = entry.path.suffix.lower() == ".safetensors"
+    if webui is not None:
+        title = webui_title("lora", entry.path)
+        try:
+            v = webui.sha256(entry.path, title, addnet=addnet) if title is not None else None
+        except SdToolkitError:
+            v = None    # unreadable / no diskcache: hash it ourselves
+        if v:
+            return v
+    if not compute:
+        return None
+
+    def mirror(res) -> None:
+        if webui is not None:
+            try:
+                webui.record("lora", [res])
+            except SdToolkitError:
+                pass  # the WebUI's cache is a convenience; the value stands without it
+
+    res = cached_hash_file(entry.path, ["autov3"] if addnet else ["sha256"], cache, on_computed=mirror)
+    return res.autov3 if addnet else res.sha256
+
+
+def network_shorthash(entry: LoraEntry, cache: Optional[HashCache] = None, webui: Optional[WebUIHashCache] = None,
+                      compute: bool = True) -> Optional[str]:
+    """First :data:`SHORTHASH_LEN` hex digits of :func:`network_hash` (what "Lora hashes" infotext shows)."""
+    h = network_hash(entry, cache, webui, compute)
+    return h[:SHORTHASH_LEN] if h else None
