@@ -4,9 +4,12 @@ registration with and without a built-in Lora extension, and generations run thr
 
 The model is an SD1 ``sd_model`` with the WebUI's attribute layout around the REAL tiny ldm UNet and transformers CLIP
 from lib_sdtoolkit.samples.factory, hijacked as the WebUI hijacks it (the text encoder and its token embedding
-wrapped in ``.wrapped`` modules). Expected weights are computed here with plain torch from the published formula
-W' = W + mult · alpha/rank · up @ down, in float64, from the file's tensors and the key map of the reference
-(diffusers-style kohya names -> ldm modules), never from the library's own output."""
+wrapped in ``.wrapped`` modules). The SDXL test uses sgm's layout (``conditioner.embedders[0/1].wrapped``: CLIP-L
+in transformers, OpenCLIP-G as torch ``nn.MultiheadAttention`` blocks under OpenCLIP's names) around the factory's
+diffusers-built SDXL UNet (no sgm package here) at ``model.diffusion_model``. Expected weights are computed here
+with plain torch from the published formula W' = W + mult · alpha/rank · up @ down, in float64, from the file's
+tensors and the key map of the reference (diffusers-style kohya names -> ldm modules), never from the library's own
+output."""
 from __future__ import annotations
 
 import copy
@@ -449,3 +452,157 @@ def test_lora_hashes_infotext_like_the_builtin(env, monkeypatch, tmp_path):
         start(env, with_builtin=False)
         generate(env, "x")
     assert_weights(env, {})
+
+
+# ------------------------------------------------------------------ SDXL in the WebUI's layout (sgm + sd_hijack)
+class OpenCLIPResidualBlock(nn.Module):     # open_clip.transformer.ResidualAttentionBlock (ls_* are Identity)
+    def __init__(self, d, heads, mlp):
+        super().__init__()
+        self.ln_1 = nn.LayerNorm(d)
+        self.attn = nn.MultiheadAttention(d, heads)
+        self.ln_2 = nn.LayerNorm(d)
+        self.mlp = nn.Sequential()
+        self.mlp.add_module("c_fc", nn.Linear(d, mlp))
+        self.mlp.add_module("gelu", nn.GELU())
+        self.mlp.add_module("c_proj", nn.Linear(mlp, d))
+
+
+class OpenCLIPText(nn.Module):               # the text tower sgm's FrozenOpenCLIPEmbedder2 keeps as .model
+    def __init__(self, vocab, d, heads, mlp, layers, ctx=77):
+        super().__init__()
+        self.token_embedding = nn.Embedding(vocab, d)
+        self.positional_embedding = nn.Parameter(torch.empty(ctx, d))
+        self.transformer = nn.Module()
+        self.transformer.resblocks = nn.ModuleList(OpenCLIPResidualBlock(d, heads, mlp) for _ in range(layers))
+        self.ln_final = nn.LayerNorm(d)
+        self.text_projection = nn.Parameter(torch.empty(d, d))
+        self.logit_scale = nn.Parameter(torch.empty(()))
+
+
+class Embedder(nn.Module):   # sgm's FrozenCLIPEmbedder (.transformer) / FrozenOpenCLIPEmbedder2 (.model)
+    def __init__(self, **parts):
+        super().__init__()
+        for k, v in parts.items():
+            setattr(self, k, v)
+
+
+class WithCustomWords(nn.Module):            # modules/sd_hijack_clip.py: the embedder kept as .wrapped
+    def __init__(self, wrapped):
+        super().__init__()
+        self.wrapped = wrapped
+
+
+class Conditioner(nn.Module):                # sgm.modules.GeneralConditioner
+    def __init__(self, embedders):
+        super().__init__()
+        self.embedders = nn.ModuleList(embedders)
+
+
+class DiffusionEngine(nn.Module):            # sgm DiffusionEngine as the WebUI loads it (is_sdxl)
+    is_sdxl = True
+    is_sd2 = False
+    is_sd1 = False
+
+    def __init__(self, unet, conditioner, vae):
+        super().__init__()
+        self.model = DiffusionWrapper(unet)
+        self.conditioner = conditioner
+        self.first_stage_model = vae
+        self.scale_factor = 0.13025
+
+    def decode_first_stage(self, z):
+        return self.first_stage_model.decode(z / self.scale_factor)
+
+
+XL_UNET = "model.diffusion_model."
+XL_TE2 = "conditioner.embedders.1.wrapped.model.transformer.resblocks."
+#: kohya SDXL name -> (live parameter, rows of it or None, rank, alpha); the sgm -> diffusers module names written
+#: out by hand (input_blocks 4/5 = down_blocks.1, 7/8 = down_blocks.2, output_blocks 3-5 = up_blocks.1;
+#: resnet in_layers.2 = conv1) and te2's q/k/v as rows of OpenCLIP's fused in_proj_weight (d = 64)
+XL = {
+    "lora_unet_input_blocks_4_1_transformer_blocks_0_attn1_to_q":
+        (XL_UNET + "down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_q.weight", None, 4, 2.0),
+    "lora_unet_input_blocks_7_0_in_layers_2": (XL_UNET + "down_blocks.2.resnets.0.conv1.weight", None, 4, 4.0),
+    "lora_unet_middle_block_1_transformer_blocks_0_attn2_to_k":
+        (XL_UNET + "mid_block.attentions.0.transformer_blocks.0.attn2.to_k.weight", None, 2, 1.0),
+    "lora_unet_output_blocks_3_1_proj_out": (XL_UNET + "up_blocks.1.attentions.0.proj_out.weight", None, 4, 4.0),
+    "lora_te1_text_model_encoder_layers_0_self_attn_q_proj":
+        ("conditioner.embedders.0.wrapped.transformer.text_model.encoder.layers.0.self_attn.q_proj.weight",
+         None, 4, 4.0),
+    "lora_te2_text_model_encoder_layers_1_self_attn_k_proj":
+        (XL_TE2 + "1.attn.in_proj_weight", slice(64, 128), 4, 2.0),
+    "lora_te2_text_model_encoder_layers_1_self_attn_v_proj":
+        (XL_TE2 + "1.attn.in_proj_weight", slice(128, 192), 2, 2.0),
+    "lora_te2_text_model_encoder_layers_0_self_attn_out_proj": (XL_TE2 + "0.attn.out_proj.weight", None, 4, 4.0),
+    "lora_te2_text_model_encoder_layers_0_mlp_fc1": (XL_TE2 + "0.mlp.c_fc.weight", None, 4, 4.0),
+}
+
+
+def test_sdxl_lora_in_the_webui_layout_exact_and_restored(env):
+    from modules import processing, shared
+    from lib_sdtoolkit.samples import factory
+
+    mods = factory.build_modules("SDXL", "tiny", seed=0)
+    sd = factory.build_state_dict("SDXL", "tiny", 0)
+    g_cfg = mods["text_encoder_2"].config
+    g = OpenCLIPText(g_cfg.vocab_size, g_cfg.hidden_size, g_cfg.num_attention_heads, g_cfg.intermediate_size,
+                     g_cfg.num_hidden_layers)
+    pre = "conditioner.embedders.1.model."
+    g.load_state_dict({k[len(pre):]: v for k, v in sd.items() if k.startswith(pre)}, strict=True)
+    te1 = mods["text_encoder"]
+    te1.text_model.embeddings.token_embedding = EmbeddingsWithFixes(te1.text_model.embeddings.token_embedding)
+    model = DiffusionEngine(mods["unet"], Conditioner([WithCustomWords(Embedder(transformer=te1)),
+                                                       WithCustomWords(Embedder(model=g))]), mods["vae"]).eval()
+    live = dict(model.named_parameters())
+    base = {k: v.detach().clone() for k, v in live.items()}
+
+    gen = torch.Generator().manual_seed(11)
+    lsd = {}
+    for name, (param, rows, rank, alpha) in XL.items():
+        w = live[param][rows] if rows is not None else live[param]
+        down = (rank, *w.shape[1:]) if w.dim() == 4 else (rank, w.shape[1])
+        up = (w.shape[0], rank, 1, 1) if w.dim() == 4 else (w.shape[0], rank)
+        lsd[f"{name}.lora_down.weight"] = torch.randn(down, generator=gen) * 0.3
+        lsd[f"{name}.lora_up.weight"] = torch.randn(up, generator=gen) * 0.3
+        lsd[f"{name}.alpha"] = torch.tensor(alpha)
+    path = save_safetensors(env.lora_dir / "xl.safetensors", lsd,
+                            metadata={"ss_base_model_version": "sdxl_base_v1-0"})
+
+    want = {k: v.double() for k, v in base.items()}                   # W + m * alpha/rank * up @ down, float64
+    for name, (param, rows, rank, alpha) in XL.items():
+        m = 0.7 if name.startswith("lora_te") else 0.9
+        up = lsd[f"{name}.lora_up.weight"].double().reshape(-1, rank)
+        down = lsd[f"{name}.lora_down.weight"].double().reshape(rank, -1)
+        tgt = want[param][rows] if rows is not None else want[param]
+        tgt += m * alpha / rank * (up @ down).reshape(tgt.shape)
+    changed = {XL[n][0] for n in XL}
+
+    old = shared.sd_model
+    shared.sd_model = model
+    try:
+        start(env, with_builtin=False)
+        seen = {}
+
+        def sample(*a, **k):
+            seen.update({n: t.detach().clone() for n, t in model.named_parameters()})
+            return torch.zeros(1, 4, 4, 4)
+
+        p = processing.StableDiffusionProcessingTxt2Img(model, None, (), prompt="a cat <lora:xl:0.7:0.9>", steps=1)
+        p.sample = sample
+        processing.process_images(p)
+        assert p.extra_generation_params["SD Toolkit Lora"] == "xl: 0.7/0.9"
+        for k, v in seen.items():                                     # what the sampler saw
+            if k in changed:
+                torch.testing.assert_close(v, want[k].float(), rtol=1e-6, atol=1e-6, msg=k)
+                assert not torch.equal(v, base[k]), k
+            else:
+                assert torch.equal(v, base[k]), k
+        p = processing.StableDiffusionProcessingTxt2Img(model, None, (), prompt="a cat", steps=1)
+        p.sample = sample
+        processing.process_images(p)
+        assert all(torch.equal(t, base[k]) for k, t in model.named_parameters())   # bit-identical again
+    finally:
+        path.unlink()
+        _unload()
+        shared.sd_model = old
+    assert all(torch.equal(t, base[k]) for k, t in model.named_parameters())

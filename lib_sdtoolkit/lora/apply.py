@@ -129,8 +129,17 @@ class ModelBinding:
 
         The WebUI's hijack wraps the text encoders (``cond_stage_model`` / ``conditioner.embedders.N`` become
         ``...WithCustomWords`` modules holding the original as ``.wrapped``, and ``token_embedding`` an
-        ``EmbeddingsWithFixes`` with ``.wrapped``): ``wrapped`` path components are dropped to get the key."""
+        ``EmbeddingsWithFixes`` with ``.wrapped``): ``wrapped`` path components are dropped to get the key.
+
+        A diffusers ``UNet2DConditionModel`` sitting where the ldm/sgm UNet belongs (``model.diffusion_model``,
+        e.g. an SDXL model assembled from diffusers parts) is bound through the diffusers -> ldm key map."""
         b = cls(arch)
+        unet = dict(model.named_modules()).get("model.diffusion_model") if not prefix else None
+        if unet is not None and not hasattr(unet, "input_blocks") and hasattr(unet, "down_blocks"):
+            b._add_module(model, lambda n: None if n.startswith("model.diffusion_model.")
+                          else (unwrap_name(n), None))
+            b.add_unet(unet)
+            return b
         b._add_module(model, lambda n: (prefix + unwrap_name(n), None))
         return b
 
