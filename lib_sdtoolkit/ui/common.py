@@ -2,9 +2,10 @@
 from __future__ import annotations
 
 import html
+import inspect
 import re
 from pathlib import Path
-from typing import Iterable, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tuple
 
 from ..errors import InvalidInputError, SdToolkitError
 from ..host import MODEL_KINDS, Host
@@ -39,6 +40,17 @@ def resolve_input(host: Host, choice: Optional[str], path: Optional[str] = None)
         return host.resolve(name, kind)
     raise InvalidInputError("pick a model or type its path first")
 
+
+
+def supported_kwargs(component: Callable[..., Any], **kwargs: Any) -> Dict[str, Any]:
+    """The keyword arguments that ``component``'s constructor names explicitly (feature detection across gradio
+    versions): e.g. ``gr.LinePlot`` takes ``tooltip``/``width`` in gradio 3.41 but only warns about them (deprecated,
+    ignored) in 4.40, where they fall into ``**kwargs``."""
+    try:
+        params = inspect.signature(component).parameters
+    except (TypeError, ValueError):
+        return kwargs
+    return {k: v for k, v in kwargs.items() if k in params and params[k].kind is not inspect.Parameter.VAR_KEYWORD}
 
 
 def error_html(exc: BaseException) -> str:

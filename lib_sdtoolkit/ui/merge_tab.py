@@ -15,7 +15,7 @@ import gradio as gr
 
 from ..errors import SdToolkitError
 from ..host import Host
-from .common import error_html, keep_value
+from .common import error_html, keep_value, supported_kwargs
 
 log = logging.getLogger(__name__)
 
@@ -218,8 +218,8 @@ def build(host: Host) -> None:
                                     value="", elem_id="sdtoolkit_merge_base_alpha")
         blocks = gr.Textbox(label="Block ratios: 25 (SD1/SD2: IN00..IN11, M00, OUT00..OUT11) or 19 (SDXL) values, "
                                   "optionally BASE first", value="", elem_id="sdtoolkit_merge_blocks")
-        plot = gr.LinePlot(x="slot", y="ratio", tooltip=["block", "ratio"], title="Share of B per block",
-                           elem_id="sdtoolkit_merge_plot", height=220, width=600)
+        plot = gr.LinePlot(x="slot", y="ratio", title="Share of B per block", elem_id="sdtoolkit_merge_plot",
+                           height=220, **supported_kwargs(gr.LinePlot, tooltip=["block", "ratio"], width=600))
         plot_msg = gr.Markdown(elem_id="sdtoolkit_merge_plot_msg")
     with gr.Row():
         dtype = gr.Radio(label="Output dtype", choices=["fp16", "bf16", "fp32"], value="fp16",
