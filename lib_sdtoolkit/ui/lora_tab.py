@@ -45,7 +45,7 @@ def do_extract(host: Host, tuned: str, base: str, output: str, rank: float, conv
         out_dir = host.output_dir("lora")
         out_dir.mkdir(parents=True, exist_ok=True)
         out = out_dir / _out_name(output)
-        tick = (lambda d, t: progress(d / max(t, 1), desc="extracting")) if progress else None
+        tick = (lambda d, t: progress(d / max(t, 1), desc="extracting")) if progress is not None else None
         res = extract_lora(host.resolve(tuned, "checkpoint"), host.resolve(base, "checkpoint"), out, rank=int(rank),
                            conv_rank=int(conv_rank) or None, clamp_quantile=float(clamp), device=device,
                            overwrite=overwrite, progress=tick)
@@ -64,7 +64,7 @@ def do_bake(host: Host, ckpt: str, loras: str, output: str, overwrite: bool, pro
             raise InvalidInputError("give one LoRA per line as NAME[:MULT]")
         resolved = [(host.resolve(n, "lora"), m) for n, m in items]
         out = host.output_dir("checkpoint") / _out_name(output)
-        tick = (lambda d, t: progress(d / max(t, 1), desc="baking")) if progress else None
+        tick = (lambda d, t: progress(d / max(t, 1), desc="baking")) if progress is not None else None
         res = bake(host.resolve(ckpt, "checkpoint"), resolved, out, overwrite=overwrite, progress=tick)
         host.refresh("checkpoint")
     except SdToolkitError as exc:
