@@ -402,7 +402,7 @@ class WebUIHost(FolderHost):
                  controlnet_dirs: Iterable[Optional[PathLike]] = (), output_dir: Optional[PathLike] = None,
                  settings: Optional[MutableMapping[str, Any]] = None, progress_sink: Optional[ProgressSink] = None,
                  refreshers: Optional[Mapping[str, Callable[[], Any]]] = None, forge: bool = False,
-                 model_hooks: Optional[ModelHooks] = None) -> None:
+                 model_hooks: Optional[ModelHooks] = None, webui_data_dir: Optional[PathLike] = None) -> None:
         root = _norm(models_path)
         dirs = {
             "checkpoint": [root / "Stable-diffusion", *ckpt_dirs],
@@ -415,6 +415,8 @@ class WebUIHost(FolderHost):
                          refreshers=refreshers, models_root=root)
         self.name = "forge" if forge else "webui"
         self.model_hooks = model_hooks
+        #: the WebUI's data folder: its hash cache (``cache/``, ``cache.json``) lives there
+        self.webui_data_dir = _norm(webui_data_dir) if webui_data_dir else None
 
 
 def webui_host_from(paths: Any, cmd_opts: Any, opts: Any = None, extension_dir: Optional[PathLike] = None,
@@ -440,7 +442,8 @@ def webui_host_from(paths: Any, cmd_opts: Any, opts: Any = None, extension_dir: 
     settings = getattr(opts, "data", None) if opts is not None else None
     return WebUIHost(models_path, ckpt_dirs=ckpt, vae_dirs=vae, lora_dirs=lora, controlnet_dirs=cn,
                      output_dir=opt("sdtoolkit_output_dir"), settings=settings, progress_sink=progress_sink,
-                     refreshers=refreshers, forge=forge, model_hooks=model_hooks)
+                     refreshers=refreshers, forge=forge, model_hooks=model_hooks,
+                     webui_data_dir=getattr(paths, "data_path", None))
 
 
 __all__ = [

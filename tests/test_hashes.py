@@ -384,3 +384,26 @@ def test_api_hash_and_path_restrictions(api):
         assert r.status_code == 403, (bad, r.text)
     assert client.post("/sdtoolkit/v1/hash", json={"paths": ["nope.safetensors"]}).status_code == 404
     assert client.post("/sdtoolkit/v1/hash", json={"paths": ["a.safetensors"], "algos": ["md5"]}).status_code == 422
+
+
+def test_webui_host_mirrors_hashes_into_its_own_data_dir(tmp_path, fixture_files, monkeypatch):
+    """The WebUI host knows its data folder (paths.data_path): hashes from the tab/API land in that WebUI's cache,
+    found by the WebUI's own lookup; nothing global decides where."""
+    from types import SimpleNamespace
+
+    from lib_sdtoolkit.dedup import hash_for_host
+    from lib_sdtoolkit.host import webui_host_from
+
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))  # our own cache goes to a fresh place too
+    data = tmp_path / "webui-data"
+    ckdir = data / "models" / "Stable-diffusion"
+    ckdir.mkdir(parents=True)
+    (data / "cache").mkdir()
+    ck = ckdir / "model.safetensors"
+    shutil.copy(fixture_files["vae"], ck)
+    host = webui_host_from(SimpleNamespace(models_path=str(data / "models"), data_path=str(data)),
+                           SimpleNamespace())
+    assert host.webui_data_dir == data
+    hash_for_host(host, ["model.safetensors"], "checkpoint")
+    _cache, hashes_mod = _webui_modules(data)
+    assert hashes_mod.sha256_from_cache(str(ck), "checkpoint/model.safetensors") == _independent(ck)["sha256"]

@@ -356,13 +356,10 @@ class WebUIHashCache:
 def webui_cache_for_host(host: Any) -> Optional[WebUIHashCache]:
     """The WebUI cache that belongs to a host, or None.
 
-    Looks for ``host.webui_data_dir`` (a WebUI host), ``host.webui_dir`` (a ``StandaloneHost`` built on a WebUI
-    folder, whose data dir is that folder) and then ``$SDTOOLKIT_WEBUI_DATA_DIR`` (set by the WebUI adapter
-    ``scripts/sdtoolkit_hashes.py``).
+    Looks for ``host.webui_data_dir`` (a WebUI host: the WebUI's data folder) and ``host.webui_dir`` (a
+    ``StandaloneHost`` built on a WebUI folder, whose data dir is that folder).
     """
     d = getattr(host, "webui_data_dir", None) or getattr(host, "webui_dir", None)
-    if not d and getattr(host, "name", "") in ("webui", "forge"):
-        d = os.environ.get("SDTOOLKIT_WEBUI_DATA_DIR")
     if not d:
         return None
     return WebUIHashCache.from_webui_env(d)

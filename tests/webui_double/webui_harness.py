@@ -39,7 +39,22 @@ class WebUIDouble:
         os.makedirs(os.path.join(self.data_dir, "models"), exist_ok=True)
         paths_internal.set_data_dir(self.data_dir)
         errors.reported.clear()
+        self._fresh_process_state()
         self.parser = None
+
+    def _fresh_process_state(self) -> None:
+        """A WebUI process starts with its own data dir: module-level state computed at import from an earlier
+        double's data dir (the hash cache's folder and open diskcache handles) is reset as a new process has it."""
+        cache = sys.modules.get("modules.cache")
+        if cache is not None:
+            for c in list(cache.caches.values()):
+                try:
+                    c.close()
+                except Exception:  # noqa: BLE001 - best effort, as at process exit
+                    pass
+            cache.caches.clear()
+            cache.cache_filename = os.environ.get("SD_WEBUI_CACHE_FILE", os.path.join(self.data_dir, "cache.json"))
+            cache.cache_dir = os.environ.get("SD_WEBUI_CACHE_DIR", os.path.join(self.data_dir, "cache"))
 
     # 1.1 launch.py: run_extensions_installers
     def run_installer(self, env: Optional[dict] = None) -> "subprocess.CompletedProcess[str]":
