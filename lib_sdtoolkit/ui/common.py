@@ -23,6 +23,23 @@ def model_choices(host: Host, kinds: Sequence[str] = MODEL_KINDS) -> List[str]:
     return out
 
 
+def model_picker(host: Host, kinds: Sequence[str], prefix: str):
+    """The model picker the tabs share: a dropdown of ``kinds``, a Refresh button, and a path box that takes
+    precedence (resolve both with :func:`resolve_input`). Returns ``(dropdown, refresh_button, path_box)``;
+    element ids are ``sdtoolkit_<prefix>_model|refresh|path``."""
+    import gradio as gr
+
+    choices = model_choices(host, kinds)
+    with gr.Row(elem_classes=["sdtoolkit-picker"]):
+        model = gr.Dropdown(label="Model", choices=choices, value=choices[0] if choices else None,
+                            elem_id=f"sdtoolkit_{prefix}_model", scale=5)
+        refresh = gr.Button("Refresh", elem_id=f"sdtoolkit_{prefix}_refresh", elem_classes=["sdtoolkit-tool"],
+                            scale=1, min_width=90)
+    path = gr.Textbox(label="...or a name / path under the model folders (takes precedence)", lines=1,
+                      elem_id=f"sdtoolkit_{prefix}_path")
+    return model, refresh, path
+
+
 def parse_choice(choice: str) -> Tuple[Optional[str], str]:
     """``"[vae] x.safetensors"`` -> ``("vae", "x.safetensors")``; anything else -> ``(None, choice)``."""
     m = _CHOICE.match(choice.strip())

@@ -8,8 +8,8 @@ from typing import Any, List, Tuple
 import gradio as gr
 
 from ..errors import SdToolkitError
-from ..host import Host
-from .common import error_html, human_bytes, keep_value, model_choices, resolve_input
+from ..host import MODEL_KINDS, Host
+from .common import error_html, human_bytes, keep_value, model_choices, model_picker, resolve_input
 
 log = logging.getLogger(__name__)
 
@@ -64,17 +64,11 @@ def build(host: Host) -> None:
         gr.Markdown(
             "No models found in "
             + ", ".join(f"`{d}`" for d in host.all_model_dirs())
-            + ". Create a small generated sample library (tiny SD1/SD2/SDXL checkpoints, a VAE, a LoRA and a "
-              "ControlNet with the real key layouts) to try the toolkit at once.",
+            + ". Create a small generated sample library (tiny SD1.5 and SDXL checkpoints, a VAE and a "
+              "byte-identical copy of it, and a LoRA, all with the real key layouts) to try the toolkit at once.",
             elem_classes=["sdtoolkit-hint"])
         sample_btn = gr.Button("Create sample library", elem_id="sdtoolkit_inspect_sample")
-    with gr.Row(elem_classes=["sdtoolkit-picker"]):
-        model = gr.Dropdown(label="Model", choices=choices, value=choices[0] if choices else None,
-                            elem_id="sdtoolkit_inspect_model", scale=5)
-        refresh_btn = gr.Button("Refresh", elem_id="sdtoolkit_inspect_refresh", elem_classes=["sdtoolkit-tool"],
-                                scale=1, min_width=90)
-    path = gr.Textbox(label="...or a name / path under the model folders (takes precedence)", lines=1,
-                      elem_id="sdtoolkit_inspect_path")
+    model, refresh_btn, path = model_picker(host, MODEL_KINDS, "inspect")
     run_btn = gr.Button("Inspect", variant="primary", elem_id="sdtoolkit_inspect_run")
     status = gr.HTML(elem_id="sdtoolkit_inspect_status")
     arch = gr.HTML(elem_id="sdtoolkit_inspect_arch")

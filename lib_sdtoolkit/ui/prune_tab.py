@@ -10,7 +10,7 @@ import gradio as gr
 
 from ..errors import SdToolkitError
 from ..host import Host
-from .common import error_html, human_bytes, keep_value, model_choices, parse_choice, resolve_input
+from .common import error_html, human_bytes, keep_value, model_choices, model_picker, parse_choice, resolve_input
 
 log = logging.getLogger(__name__)
 
@@ -85,14 +85,7 @@ def run_prune(host: Host, choice: Optional[str], path: Optional[str], only: List
 
 
 def build(host: Host) -> None:
-    choices = model_choices(host, ("checkpoint", "vae"))
-    with gr.Row(elem_classes=["sdtoolkit-picker"]):
-        model = gr.Dropdown(label="Model", choices=choices, value=choices[0] if choices else None,
-                            elem_id="sdtoolkit_prune_model", scale=5)
-        refresh_btn = gr.Button("Refresh", elem_id="sdtoolkit_prune_refresh", elem_classes=["sdtoolkit-tool"],
-                                scale=1, min_width=90)
-    path = gr.Textbox(label="...or a name / path under the model folders (takes precedence)", lines=1,
-                      elem_id="sdtoolkit_prune_path")
+    model, refresh_btn, path = model_picker(host, ("checkpoint", "vae"), "prune")
     with gr.Row():
         only = gr.CheckboxGroup(COMPONENT_CHOICES, label="Keep only (none ticked: every component; only vae: a "
                                                          "standalone VAE file)", elem_id="sdtoolkit_prune_only")
