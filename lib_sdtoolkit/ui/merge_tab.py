@@ -103,12 +103,7 @@ def run_merge(host: Host, *values: Any, progress: Any = None) -> Tuple[str, str,
         body = ui_body(*values)
         if not body["model_a"] or not body["model_b"]:
             raise SdToolkitError("pick model A and model B")
-
-        def tick(done: int, total: int, key: str) -> None:
-            if progress is not None and total:
-                progress(done / total, desc=f"merging {done}/{total}")
-
-        report = merge_for_host(host, body, progress=tick)
+        report = merge_for_host(host, body, progress=_tick(progress))
         lines = _report_lines(report) + [f"Output: {report['output']}"]
         ok = (f'<div class="sdtoolkit-ok">Saved <b>{html.escape(report["name"])}</b>; it is in the checkpoint '
               f'list now.</div>')
