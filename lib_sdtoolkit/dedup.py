@@ -24,10 +24,17 @@ Content hash (``sdt-content-v1``), computed from the tensors, not the file:
 4. Each tensor gives a line ``name<TAB>dtype<TAB>shape<TAB>blake3(bytes)``; the lines are sorted by name and
    the sha256 of their concatenation is the content hash. The same is done per component (``components``), so
    the VAE baked into a checkpoint has the same ``components["vae"]`` as the standalone VAE file.
+5. ``exact``: the same formula over the *exact* values: each floating tensor is written in the narrowest of
+   fp16, fp32, fp64 that holds every one of its values bit for bit (so an fp16 file and its fp32 upcast agree,
+   an fp32 file and its fp16 rounding do not). Files with the same content hash but different ``exact`` hashes
+   are *near duplicates* (equal only after fp16 rounding): reported, labelled, never acted on.
 
-The scan uses ``files.hash_cache.HashCache``: a second scan of an unchanged folder reads no file data.
-Actions never delete: ``hardlink`` replaces byte duplicates (on one filesystem only) by hard links to the kept
-copy; ``move`` moves duplicates into another folder. Nothing runs unless asked for explicitly.
+The scan uses ``files.hash_cache.HashCache``: a second scan of an unchanged folder reads no file data. The cache
+only speeds up the report: actions never trust it. Actions never delete: ``hardlink`` replaces byte duplicates (on
+one filesystem only) by hard links to the kept copy, after comparing both files byte for byte at that moment;
+``move`` moves duplicates with bit-identical weights (compared tensor by tensor at that moment) into another
+folder, never a symbolic link (moving it would free nothing) and never a file other links in the scanned folders
+point to. Nothing runs unless asked for explicitly.
 """
 from __future__ import annotations
 
@@ -35,7 +42,7 @@ import contextlib
 import hashlib
 import os
 import shutil
-import uuid
+import stat
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import (
@@ -58,6 +65,7 @@ from .errors import InvalidInputError, SdToolkitError
 from .files import MODEL_SUFFIXES, open_model, tensor_bytes_view
 from .files.hash_cache import HashCache
 from .files.hashes import hash_file
+from .files.writer import temp_name
 from .inspect import human_bytes
 
 PathLike = Union[str, "os.PathLike[str]"]
@@ -89,6 +97,7 @@ class ContentHash:
     kept_keys: int = 0
     dropped_keys: int = 0
     version: str = CONTENT_VERSION
+    exact: Optional[str] = None
 
     def to_dict(self) -> Dict[str, Any]:
         return asdict(self)
@@ -129,6 +138,44 @@ def canonical_tensor(name: str, t: torch.Tensor) -> torch.Tensor:
     return t
 
 
+def _same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
+    return a.shape == b.shape and torch.equal(a.contiguous().reshape(-1).view(torch.uint8),
+                                              b.contiguous().reshape(-1).view(torch.uint8))
+
+
+def exact_tensor(name: str, t: torch.Tensor, rounded: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """The tensor's exact values in the narrowest of fp16 / fp32 / fp64 that holds all of them bit for bit
+    (ints, bools and position_ids as :func:`canonical_tensor`)."""
+    if name.endswith("position_ids") or not t.dtype.is_floating_point:
+        return canonical_tensor(name, t)
+    if t.numel() == 0:
+        return t.to(torch.float16)
+    for dt in (torch.float16, torch.float32):
+        if t.dtype == dt:
+            return t
+        c = rounded if (dt == torch.float16 and rounded is not None) else t.to(dt)
+        if _same_bits(c.to(t.dtype), t):
+            return c
+    return t.to(torch.float64)
+
+
+def same_values(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Bit-identical values: same dtype -> same bytes; else both widened to a dtype that holds each exactly
+    (fp32 for fp16/bf16/fp32, fp64 with an fp64 or an integer on one side, int64 for integers)."""
+    if a.shape != b.shape:
+        return False
+    if a.dtype != b.dtype:
+        fa, fb = a.dtype.is_floating_point, b.dtype.is_floating_point
+        if fa and fb:
+            common = torch.float64 if torch.float64 in (a.dtype, b.dtype) else torch.float32
+        elif fa or fb:
+            common = torch.float64
+        else:
+            common = torch.int64
+        a, b = a.to(common), b.to(common)
+    return _same_bits(a, b)
+
+
 def _tensor_digest(t: torch.Tensor) -> str:
     import blake3
 
@@ -150,21 +197,27 @@ def content_hash(path: PathLike, progress: Optional[Callable[[int, int], None]] 
         info = detect(infos)
         names = canonical_names(infos, info)
         lines: Dict[str, List[str]] = {}
+        exact_lines: List[str] = []
         total = len(names)
         for i, key in enumerate(r.keys()):
             if key not in names:
                 continue
             comp, name = names[key]
-            t = canonical_tensor(name, r.get(key))
+            raw = r.get(key)
+            t = canonical_tensor(name, raw)
             line = f"{comp}/{name}\t{str(t.dtype).replace('torch.', '')}\t{list(t.shape)}\t{_tensor_digest(t)}"
             lines.setdefault(comp, []).append(line)
-            del t
+            x = exact_tensor(name, raw, t)
+            exact_lines.append(f"{comp}/{name}\t{str(x.dtype).replace('torch.', '')}\t{list(x.shape)}\t"
+                               f"{_tensor_digest(x)}")
+            del t, x, raw
             if progress is not None:
                 progress(i + 1, total)
     all_lines = [ln for ls in lines.values() for ln in ls]
     return ContentHash(hash=_combine(all_lines) if all_lines else None, architecture=info.architecture,
                        components={c: _combine(ls) for c, ls in sorted(lines.items())},
-                       kept_keys=len(all_lines), dropped_keys=len(infos) - len(all_lines))
+                       kept_keys=len(all_lines), dropped_keys=len(infos) - len(all_lines),
+                       exact=_combine(exact_lines) if exact_lines else None)
 
 
 # ------------------------------------------------------------------------------------------------ scanning
@@ -183,6 +236,9 @@ class ScannedFile:
     content: Optional[str] = None
     components: Dict[str, str] = field(default_factory=dict)
     cached: bool = False
+    exact: Optional[str] = None
+    ctime_ns: int = 0
+    link: Optional[str] = None  # where the symbolic link at ``path`` points, when it is one
 
     @property
     def name(self) -> str:
@@ -265,11 +321,12 @@ def scan(paths: Sequence[PathLike], kind: str = "any", cache: Optional[HashCache
             continue
         entry = (cache.lookup(p, st) if cache is not None else None) or {}
         content = entry.get("content") if isinstance(entry.get("content"), dict) else None
-        if content is not None and content.get("version") != CONTENT_VERSION:
+        if content is not None and (content.get("version") != CONTENT_VERSION or "exact" not in content):
             content = None
         sha = (entry.get("hashes") or {}).get("sha256")
         arch = content.get("architecture") if content else entry.get("architecture")
-        f = ScannedFile(str(p), st.st_size, st.st_mtime_ns, st.st_ino, st.st_dev, st.st_nlink)
+        f = ScannedFile(str(p), st.st_size, st.st_mtime_ns, st.st_ino, st.st_dev, st.st_nlink,
+                        ctime_ns=st.st_ctime_ns, link=os.readlink(p) if os.path.islink(p) else None)
         read = False
         try:
             if arch is None:
@@ -298,7 +355,7 @@ def scan(paths: Sequence[PathLike], kind: str = "any", cache: Optional[HashCache
                     content = ch.to_dict()
                     parts["content"] = content
                 st2 = os.stat(p)
-                if (st2.st_size, st2.st_mtime_ns, st2.st_ino) != (st.st_size, st.st_mtime_ns, st.st_ino):
+                if _stat_key(st2) != _stat_key(st):
                     raise _Changed()
                 if cache is not None:
                     cache.store(p, st, **parts)
@@ -316,6 +373,7 @@ def scan(paths: Sequence[PathLike], kind: str = "any", cache: Optional[HashCache
             report.read_files += int(read)
         f.sha256 = sha
         f.content = content.get("hash")
+        f.exact = content.get("exact")
         f.components = dict(content.get("components") or {})
         report.files.append(f)
     if progress is not None:
@@ -325,6 +383,26 @@ def scan(paths: Sequence[PathLike], kind: str = "any", cache: Optional[HashCache
 
 class _Changed(Exception):
     pass
+
+
+def _stat_key(st: os.stat_result) -> Tuple[int, int, int, int, int]:
+    return (st.st_size, st.st_mtime_ns, st.st_ino, st.st_dev, st.st_ctime_ns)
+
+
+def symlinks_under(paths: Sequence[PathLike]) -> Dict[str, List[str]]:
+    """``{real path: [symbolic links to it]}`` for the model-file links under ``paths`` (recursive)."""
+    out: Dict[str, List[str]] = {}
+    for raw in paths:
+        p = Path(os.fspath(raw))
+        if not p.is_dir():
+            continue
+        for root, dirs, files in os.walk(p, followlinks=True):
+            dirs[:] = [d for d in dirs if not d.startswith(".")]
+            for fn in files:
+                fp = os.path.join(root, fn)
+                if fn.lower().endswith(MODEL_SUFFIXES) and os.path.islink(fp):
+                    out.setdefault(os.path.realpath(fp), []).append(fp)
+    return out
 
 
 # ------------------------------------------------------------------------------------------------ grouping
@@ -337,7 +415,8 @@ def keeper_sort_key(path: str) -> Tuple[int, int, str, str]:
 
 @dataclass
 class DupGroup:
-    """Files holding the same weights. ``match``: ``bytes`` (all byte-identical) or ``content``."""
+    """Files holding the same weights. ``match``: ``bytes`` (all byte-identical), ``content`` (bit-identical
+    weights, different files) or ``near`` (some only equal after fp16 rounding: near duplicates, never moved)."""
 
     match: str
     key: str
@@ -345,6 +424,7 @@ class DupGroup:
     byte_sets: List[List[str]]  # paths grouped by sha256 (keeper's set first)
     gain_bytes: int
     kind: str
+    exact_sets: List[List[str]] = field(default_factory=list)  # paths grouped by exact weights (keeper's first)
 
     @property
     def keeper(self) -> ScannedFile:
@@ -357,7 +437,7 @@ class DupGroup:
     def to_dict(self) -> Dict[str, Any]:
         return {"match": self.match, "key": self.key, "kind": self.kind, "keeper": self.keeper.path,
                 "duplicates": [f.path for f in self.duplicates], "files": [f.to_dict() for f in self.files],
-                "byte_sets": self.byte_sets, "gain_bytes": self.gain_bytes,
+                "byte_sets": self.byte_sets, "exact_sets": self.exact_sets, "gain_bytes": self.gain_bytes,
                 "size": self.keeper.size}
 
 
@@ -391,10 +471,14 @@ def find_duplicates(files: Sequence[ScannedFile]) -> List[DupGroup]:
         for f in members:
             shas.setdefault(f.sha256 or f.path, []).append(f.path)
         byte_sets = sorted(shas.values(), key=lambda ps: (members[0].path not in ps, keeper_sort_key(ps[0])))
-        match = "bytes" if len(shas) == 1 else "content"
+        exacts: Dict[str, List[str]] = {}
+        for f in members:
+            exacts.setdefault(f.exact or f.sha256 or f.path, []).append(f.path)
+        exact_sets = sorted(exacts.values(), key=lambda ps: (members[0].path not in ps, keeper_sort_key(ps[0])))
+        match = "bytes" if len(shas) == 1 else ("content" if len(exacts) == 1 else "near")
         kinds = {f.kind for f in members}
         groups.append(DupGroup(match, key, members, byte_sets, _gain(members),
-                               kinds.pop() if len(kinds) == 1 else "mixed"))
+                               kinds.pop() if len(kinds) == 1 else "mixed", exact_sets))
     groups.sort(key=lambda g: (-g.gain_bytes, g.keeper.path))
     return groups
 
@@ -422,19 +506,91 @@ def _unchanged(f: ScannedFile) -> Optional[str]:
     return None
 
 
+_CHUNK = 8 << 20
+
+
+def verify_same_bytes(a: PathLike, b: PathLike) -> Optional[str]:
+    """Compare two files byte for byte from open descriptors, now; None when identical, else why not.
+
+    Each file is ``fstat``-ed before and after the compare (size, mtime, ctime, inode): a file that changes while
+    it is compared is not called identical; the path must still name the descriptor's file afterwards.
+    """
+    try:
+        with open(a, "rb", buffering=0) as fa, open(b, "rb", buffering=0) as fb:
+            sa0, sb0 = os.fstat(fa.fileno()), os.fstat(fb.fileno())
+            if not (stat.S_ISREG(sa0.st_mode) and stat.S_ISREG(sb0.st_mode)):
+                return "not a regular file"
+            if sa0.st_size != sb0.st_size:
+                return "the files differ (size)"
+            left = sa0.st_size
+            while left > 0:
+                x, y = fa.read(min(_CHUNK, left)), fb.read(min(_CHUNK, left))
+                if x != y:
+                    return "the files' bytes differ"
+                if not x:
+                    return "a file got shorter while it was compared"
+                left -= len(x)
+            if fa.read(1) or fb.read(1):
+                return "a file grew while it was compared"
+            sa1, sb1 = os.fstat(fa.fileno()), os.fstat(fb.fileno())
+            pa, pb = os.stat(a), os.stat(b)
+    except OSError as e:
+        return f"cannot compare: {e.strerror or e}"
+    if _stat_key(sa0) != _stat_key(sa1) or _stat_key(sb0) != _stat_key(sb1):
+        return "a file changed while it was compared"
+    if (pa.st_ino, pa.st_dev) != (sa1.st_ino, sa1.st_dev) or (pb.st_ino, pb.st_dev) != (sb1.st_ino, sb1.st_dev):
+        return "a file was replaced while it was compared"
+    return None
+
+
+def verify_same_weights(keeper: PathLike, dup: PathLike) -> Optional[str]:
+    """Compare the kept tensors of two model files value by value (bit-identical, see :func:`same_values`), now;
+    None when identical, else why not. Both files are ``stat``-ed before and after."""
+    try:
+        s0 = (_stat_key(os.stat(keeper)), _stat_key(os.stat(dup)))
+        with open_model(keeper) as rk, open_model(dup) as rd:
+            nk = {v: k for k, v in canonical_names(rk.infos(), detect(rk.infos())).items()}
+            nd = {v: k for k, v in canonical_names(rd.infos(), detect(rd.infos())).items()}
+            if set(nk) != set(nd):
+                return "the files do not hold the same tensors"
+            for cname in sorted(nk):
+                ta, tb = rk.get(nk[cname]), rd.get(nd[cname])
+                if cname[1].endswith("position_ids"):
+                    ta, tb = canonical_tensor(cname[1], ta), canonical_tensor(cname[1], tb)
+                if not same_values(ta, tb):
+                    return (f"weights differ in {cname[0]}/{cname[1]} (equal at most after fp16 rounding): "
+                            "not bit-identical")
+                del ta, tb
+        s1 = (_stat_key(os.stat(keeper)), _stat_key(os.stat(dup)))
+    except SdToolkitError as e:
+        return f"cannot compare: {e.message}"
+    except OSError as e:
+        return f"cannot compare: {e.strerror or e}"
+    if s0 != s1:
+        return "a file changed while it was compared"
+    return None
+
+
 def _hardlink(keeper: ScannedFile, dup: ScannedFile) -> ActionResult:
     if (keeper.dev, keeper.ino) == (dup.dev, dup.ino):
         return ActionResult(dup.path, "skipped", keeper.path, "already a hard link of the kept file")
     if keeper.dev != dup.dev:
         return ActionResult(dup.path, "skipped", keeper.path, "on another filesystem; a hard link is impossible")
     for f in (keeper, dup):
+        if os.path.islink(f.path):
+            return ActionResult(dup.path, "skipped", keeper.path, f"{f.path}: a symbolic link; not linked")
         why = _unchanged(f)
         if why:
             return ActionResult(dup.path, "skipped", keeper.path, f"{f.path}: {why}")
     d = Path(dup.path)
-    tmp = d.with_name(f".{d.name}.{uuid.uuid4().hex[:8]}.link.tmp")
+    tmp = temp_name(d)
     try:
         os.link(keeper.path, tmp)
+        # the cache said "same bytes"; only the bytes themselves, compared now, may replace a file
+        why = verify_same_bytes(keeper.path, dup.path)
+        if why:
+            os.unlink(tmp)
+            return ActionResult(dup.path, "skipped", keeper.path, f"not linked: {why}")
         os.replace(tmp, d)
     except OSError as e:
         with contextlib.suppress(OSError):
@@ -447,28 +603,41 @@ def _free_target(folder: Path, name: str) -> Path:
     t = folder / name
     stem, suffix = os.path.splitext(name)
     n = 1
-    while t.exists():
+    while os.path.lexists(t):
         t = folder / f"{stem} ({n}){suffix}"
         n += 1
     return t
 
 
-def _move(dup: ScannedFile, to: Path) -> ActionResult:
+def _move(keeper: ScannedFile, dup: ScannedFile, to: Path,
+          links: Optional[Mapping[str, List[str]]] = None) -> ActionResult:
+    if dup.link is not None or os.path.islink(dup.path):
+        return ActionResult(dup.path, "skipped", None, f"a symbolic link (to {dup.link or os.readlink(dup.path)}): "
+                                                       "moving it frees nothing and would copy its target; not moved")
+    others = [p for p in (links or {}).get(os.path.realpath(dup.path), []) if p != dup.path]
+    if others:
+        return ActionResult(dup.path, "skipped", None, f"symbolic links point to it ({', '.join(others[:3])}): "
+                                                       "moving it would leave them dangling; not moved")
     why = _unchanged(dup)
     if why:
         return ActionResult(dup.path, "skipped", None, why)
+    why = verify_same_bytes(keeper.path, dup.path) and verify_same_weights(keeper.path, dup.path)
+    if why:
+        return ActionResult(dup.path, "skipped", keeper.path, f"not moved: {why}")
     target = _free_target(to, dup.name)
     try:
-        if os.stat(to).st_dev == dup.dev:
+        if os.stat(to).st_dev == os.lstat(dup.path).st_dev:
             os.rename(dup.path, target)  # same filesystem: atomic, no copy
         else:
-            tmp = target.with_name(f".{target.name}.{uuid.uuid4().hex[:8]}.tmp")
+            st0 = os.stat(dup.path)
+            tmp = temp_name(target)
             try:
-                shutil.copy2(dup.path, tmp)
+                shutil.copyfile(dup.path, tmp, follow_symlinks=False)
+                shutil.copystat(dup.path, tmp)
                 with open(tmp, "rb+") as fh:
                     os.fsync(fh.fileno())
-                if os.path.getsize(tmp) != dup.size:
-                    raise OSError("the copy has the wrong size")
+                if os.path.getsize(tmp) != dup.size or _stat_key(os.stat(dup.path)) != _stat_key(st0):
+                    raise OSError("the file changed while it was copied")
                 os.replace(tmp, target)
             except BaseException:
                 with contextlib.suppress(OSError):
@@ -480,13 +649,18 @@ def _move(dup: ScannedFile, to: Path) -> ActionResult:
     return ActionResult(dup.path, "moved", str(target))
 
 
-def apply_action(groups: Sequence[DupGroup], action: str, to: Optional[PathLike] = None) -> List[ActionResult]:
+def apply_action(groups: Sequence[DupGroup], action: str, to: Optional[PathLike] = None,
+                 links: Optional[Mapping[str, List[str]]] = None,
+                 allowed: Optional[Callable[[str], Optional[str]]] = None) -> List[ActionResult]:
     """Run ``hardlink`` or ``move`` on the duplicates of ``groups`` (``report`` does nothing).
 
     ``hardlink``: inside each set of byte-identical files, every copy but the preferred one becomes a hard link
-    to it (same filesystem only); weight-only duplicates are listed as skipped (their bytes differ, a link would
-    change the file). ``move``: every duplicate (all but the group's keeper) is moved into ``to``; names that
-    exist there get `` (1)``, `` (2)``... Never deletes anything.
+    to it (same filesystem only), once the two files compared equal byte for byte right then; weight-only
+    duplicates are listed as skipped (their bytes differ, a link would change the file). ``move``: every
+    duplicate whose weights are bit-identical to the keeper's (checked from the tensors right then; near
+    duplicates equal only after fp16 rounding are skipped) is moved into ``to``; names that exist there get
+    `` (1)``, `` (2)``... Symbolic links, and files that ``links`` (``{real path: [links]}``) says are pointed to,
+    are not moved. ``allowed(path)`` returns why a file may not be touched (None: it may). Never deletes anything.
     """
     if action not in ACTIONS:
         raise InvalidInputError(f"unknown action '{action}' (expected one of {', '.join(ACTIONS)})")
@@ -500,8 +674,17 @@ def apply_action(groups: Sequence[DupGroup], action: str, to: Optional[PathLike]
         if not dest.is_dir():
             raise InvalidInputError("the --to folder does not exist", dest)
         for g in groups:
+            keeper_set = set(g.exact_sets[0]) if g.exact_sets else {g.keeper.path}
             for f in g.duplicates:
-                results.append(_move(f, dest))
+                why = allowed(f.path) if allowed is not None else None
+                if why:
+                    results.append(ActionResult(f.path, "skipped", None, why))
+                elif f.path not in keeper_set and f.sha256 != g.keeper.sha256:
+                    results.append(ActionResult(f.path, "skipped", g.keeper.path,
+                                                "near duplicate: the weights are equal only after fp16 rounding, "
+                                                "not bit-identical; not moved"))
+                else:
+                    results.append(_move(g.keeper, f, dest, links))
         return results
     if to is not None:
         raise InvalidInputError("--to is only for --action move")
@@ -511,8 +694,11 @@ def apply_action(groups: Sequence[DupGroup], action: str, to: Optional[PathLike]
             members = sorted((by_path[p] for p in bs), key=lambda f: keeper_sort_key(f.path))
             keeper = members[0]
             for dup in members[1:]:
-                results.append(_hardlink(keeper, dup))
-        if g.match == "content":
+                why = next((w for w in ((allowed(x.path) if allowed is not None else None)
+                                        for x in (keeper, dup)) if w), None)
+                results.append(ActionResult(dup.path, "skipped", keeper.path, why) if why
+                               else _hardlink(keeper, dup))
+        if g.match != "bytes":
             for bs in g.byte_sets[1:]:
                 results.append(ActionResult(bs[0], "skipped", g.keeper.path,
                                             "same weights but different bytes: not linked (use --action move)"))
@@ -540,7 +726,8 @@ class DedupResult:
 
 
 def dedup(paths: Sequence[PathLike], kind: str = "any", action: str = "report", to: Optional[PathLike] = None,
-          cache: Optional[HashCache] = None, progress: Optional[ProgressFn] = None) -> DedupResult:
+          cache: Optional[HashCache] = None, progress: Optional[ProgressFn] = None,
+          allowed: Optional[Callable[[str], Optional[str]]] = None) -> DedupResult:
     """Scan, group and (only when ``action`` says so) act. The ``to`` folder is never scanned."""
     if action not in ACTIONS:
         raise InvalidInputError(f"unknown action '{action}' (expected one of {', '.join(ACTIONS)})")
@@ -552,7 +739,8 @@ def dedup(paths: Sequence[PathLike], kind: str = "any", action: str = "report", 
         raise InvalidInputError("the --to folder does not exist", to)
     rep = scan(paths, kind, cache, progress, exclude=[to] if to is not None else [])
     groups = find_duplicates(rep.files)
-    acts = apply_action(groups, action, to)
+    links = symlinks_under(paths) if action == "move" else None
+    acts = apply_action(groups, action, to, links, allowed)
     return DedupResult(rep, groups, acts, action)
 
 
@@ -577,7 +765,8 @@ def format_report(res: DedupResult) -> str:
     if not res.groups:
         lines.append(f"no duplicates among {len(res.scan.files)} files")
     for i, g in enumerate(res.groups, 1):
-        what = "identical bytes" if g.match == "bytes" else "same weights, different files"
+        what = {"bytes": "identical bytes", "content": "same weights, different files"}.get(
+            g.match, "near duplicates: equal only after fp16 rounding (never moved)")
         lines.append(f"[{i}] {what} ({g.kind}), {human_bytes(g.gain_bytes)} to gain")
         for j, f in enumerate(g.files):
             role = "keep" if j == 0 else "dup "
@@ -704,7 +893,10 @@ def hash_for_host(host: Any, paths: Sequence[str], kind: Optional[str] = None,
             webui.close()
     if progress is not None:
         progress(1.0, "done")
-    return {"results": results, "problems": problems, "webui_cache_entries": written}
+    out = {"results": results, "problems": problems, "webui_cache_entries": written}
+    if cache.warning:
+        out["cache_warning"] = cache.warning
+    return out
 
 
 def dedup_for_host(host: Any, body: Mapping[str, Any],
@@ -723,24 +915,44 @@ def dedup_for_host(host: Any, body: Mapping[str, Any],
     folders = resolve_folders(host, body.get("folders"), kind)
     to = None
     if action == "move":
-        if not body.get("to"):
+        if body.get("to") is None:
             raise InvalidInputError("action 'move' needs 'to' (a folder under the model folders)")
-        to = resolve_folders(host, [str(body["to"])], kind, create=True)[0]  # relative: inside the kind's folder
+        from .host import MODEL_KINDS
+        from .outputs import resolve_output_folder
+
+        k = "checkpoint" if kind == "any" else kind
+        dirs = [d for kk in ([k] + [x for x in MODEL_KINDS if x != k]) for d in host.model_dirs(kk)]
+        if not dirs:
+            raise InvalidInputError(f"no folder is configured for {k} models")
+        # relative: inside the kind's first model folder; its real place must be a configured folder
+        to = resolve_output_folder(host, str(body["to"]), k, create=True, base=dirs[0])
     elif body.get("to"):
         raise InvalidInputError("'to' is only for action 'move'")
     cache = host_cache(host)
+
+    def allowed(path: str) -> Optional[str]:
+        from .errors import AccessDeniedError
+        from .outputs import check_inside
+
+        try:
+            check_inside(host, path, what="file")
+        except AccessDeniedError:
+            return "its real folder is outside the configured model folders (reached through a symlink); not touched"
+        return None
 
     def tick(i: int, n: int, name: str) -> None:
         if progress is not None:
             progress(i / n if n else 1.0, f"scanning {os.path.basename(name)}" if name else "done")
     try:
-        res = dedup(folders, kind, action, to, cache, tick)
+        res = dedup(folders, kind, action, to, cache, tick, allowed=allowed if action != "report" else None)
     finally:
         cache.close()
     if action != "report":
         host.refresh(None)
     out = res.to_dict()
     out["folders"] = [str(f) for f in folders]
+    if cache.warning:
+        out["cache_warning"] = cache.warning
     out["table"] = {"headers": TABLE_HEADERS, "rows": table_rows(res.groups)}
     return out
 

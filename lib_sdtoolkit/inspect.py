@@ -134,6 +134,14 @@ def format_report(rep: Dict[str, Any]) -> str:
 # ------------------------------------------------------------------------------------------------ CLI
 
 def _cmd(args: argparse.Namespace) -> int:
+    import os
+    import sys
+
+    from .files.writer import sweep_stale_temps
+
+    folders = {os.path.abspath(p) if os.path.isdir(p) else os.path.dirname(os.path.abspath(p)) for p in args.files}
+    for removed in sweep_stale_temps(sorted(folders)):
+        print(f"removed a stale temporary file left by a killed write: {removed}", file=sys.stderr)
     reports = [inspect_file(p) for p in args.files]
     if args.json:
         print(json.dumps(reports[0] if len(reports) == 1 else reports, indent=2))

@@ -254,31 +254,11 @@ def kind_of_path(host: Any, path: PathLike) -> Optional[str]:
 
 def resolve_output(host: Any, raw: str, kind: str) -> Path:
     """An output name from a client: a relative path without ``..`` inside ``host.output_dir(kind)``, or an
-    absolute path inside one of the model folders. Anything else is refused (403)."""
-    import re
+    absolute path inside one of the model folders; its real folder (symlinks followed) must be inside one too.
+    Anything else is refused (403). The one rule every output follows: :func:`lib_sdtoolkit.outputs.resolve_output`."""
+    from .outputs import resolve_output as _resolve
 
-    from .errors import AccessDeniedError
-    from .files import MODEL_SUFFIXES
-
-    raw = (raw or "").strip()
-    if not raw:
-        raise InvalidInputError("give an output file name")
-    parts = re.split(r"[\\/]+", raw)
-    if ".." in parts:
-        raise AccessDeniedError("'..' is not allowed in an output path", path=raw)
-    if os.path.isabs(raw) or raw.startswith("~"):
-        cand = Path(os.path.normpath(os.path.abspath(os.path.expanduser(raw))))
-        if kind_of_path(host, cand) is None:
-            raise AccessDeniedError("the output is outside the configured model folders", path=raw)
-    else:
-        base = Path(os.path.normpath(os.path.abspath(host.output_dir(kind))))
-        base.mkdir(parents=True, exist_ok=True)
-        cand = Path(os.path.normpath(base / raw))
-        if not str(cand).startswith(str(base).rstrip(os.sep) + os.sep):
-            raise AccessDeniedError("the output is outside the configured model folders", path=raw)
-    if not cand.name.lower().endswith(MODEL_SUFFIXES) or cand.suffix.lower() == ".bin":
-        raise InvalidInputError("the output must end in .safetensors, .ckpt, .pt or .pth", cand)
-    return cand
+    return _resolve(host, raw, kind, suffixes=(".safetensors", ".ckpt", ".pt", ".pth"))
 
 
 def prune_for_host(host: Any, body: Dict[str, Any], progress: Optional[Callable[[int, int], None]] = None

@@ -106,7 +106,10 @@ def test_scan_groups_and_keeper(folder, tmp_path):
     assert sorted(names) == sorted(["animevae.safetensors", "orangemix.vae.safetensors", "Anything-V3.0.vae.pt",
                                     "anime-fp16.safetensors"])
     assert names[0] == "animevae.safetensors"  # .safetensors first, then the shortest name
-    assert g.match == "content"
+    assert g.match == "near"  # the fp16 copy holds the same weights only after fp16 rounding
+    assert sorted(Path(p).name for p in g.exact_sets[0]) == ["Anything-V3.0.vae.pt", "animevae.safetensors",
+                                                             "orangemix.vae.safetensors"]
+    assert [Path(p).name for p in g.exact_sets[1]] == ["anime-fp16.safetensors"]
     assert sorted(Path(p).name for p in g.byte_sets[0]) == ["animevae.safetensors", "orangemix.vae.safetensors"]
     assert g.gain_bytes == sum(f.size for f in g.files[1:])
     assert [Path(p.path).name for p in res.scan.problems] == ["broken.safetensors"]
@@ -185,14 +188,16 @@ def test_move_needs_to_and_moves_without_deleting(folder, tmp_path, capsys):
     out = json.loads(capsys.readouterr().out)
     assert rc == 2  # broken.safetensors is reported
     moved = sorted(Path(a["target"]).name for a in out["actions"] if a["action"] == "moved")
-    assert moved == sorted(["orangemix.vae.safetensors", "Anything-V3.0.vae.pt", "anime-fp16.safetensors"])
+    assert moved == sorted(["orangemix.vae.safetensors", "Anything-V3.0.vae.pt"])
+    near = [a for a in out["actions"] if a["action"] == "skipped"]
+    assert [Path(a["path"]).name for a in near] == ["anime-fp16.safetensors"] and "fp16 rounding" in near[0]["reason"]
     assert (folder / "animevae.safetensors").exists()
     after = sorted(hashlib.sha256(p.read_bytes()).hexdigest()
                    for root in (folder, dest) for p in root.rglob("*") if p.is_file())
     assert after == before  # every byte still somewhere
-    # report mode touches nothing and finds no duplicates left
+    # report mode touches nothing; only the near duplicate is left, labelled as such
     rc = main(["dedup", str(folder), "--kind", "vae", "--cache", cache])
-    assert "no duplicates" in capsys.readouterr().out
+    assert "near duplicates" in capsys.readouterr().out
 
 
 def test_kind_filter_and_checkpoint_dedup(fixture_files, tmp_path):
@@ -206,7 +211,7 @@ def test_kind_filter_and_checkpoint_dedup(fixture_files, tmp_path):
         assert [Path(f.path).name for f in only_vae.files] == ["vae.safetensors"] and only_vae.skipped_kind == 2
         ck = dedup([d], "checkpoint", cache=cache)
     assert len(ck.groups) == 1 and ck.groups[0].keeper.name == "model.safetensors"
-    assert ck.groups[0].match == "content"
+    assert ck.groups[0].match == "near"  # an fp32 file and its fp16 copy
 
 
 def test_api_dedup_requires_confirm_and_stays_inside(tmp_path, folder, monkeypatch):

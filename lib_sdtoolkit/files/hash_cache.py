@@ -2,8 +2,13 @@
 
 ``HashCache``: our cache, one SQLite file (stdlib ``sqlite3``; default ``$SDTOOLKIT_CACHE_DIR/hashes.sqlite`` or
 ``~/.cache/sd-toolkit/hashes.sqlite``). An entry is keyed by the file's real path and is valid only while the
-file's size and mtime (nanoseconds; and inode where the OS gives one) are unchanged, so a second scan of an
-unchanged folder only ``stat``s files and reads no file data. An entry holds a JSON object with independent parts
+file's size, mtime, ctime (nanoseconds; ctime cannot be set back by ``touch``/``utime``, so ``rsync -t``,
+``cp -p``, ``tar x`` over a file invalidate its entry) and inode are unchanged, so a second scan of an unchanged
+folder only ``stat``s files and reads no file data. The cache speeds up reports only: no destructive action
+trusts it (``dedup`` compares the files themselves before it links or moves anything).
+
+The cache never stops hashing: a damaged database is moved aside (``hashes.sqlite.corrupt-<time>``) and a new one
+started; a cache that cannot be written (read-only file or folder) is not used, with a ``warning``. An entry holds a JSON object with independent parts
 (``hashes``: the algorithms computed so far; ``content``: the canonical content hash of ``dedup``), merged as
 they come. A file that changed while it was hashed is never stored (``cached_hash_file`` reports it).
 
@@ -30,9 +35,11 @@ only for the folder backend.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import sqlite3
 import threading
+import time
 from pathlib import Path
 from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tuple, Union
 
@@ -42,7 +49,9 @@ from .writer import atomic_path
 
 PathLike = Union[str, "os.PathLike[str]"]
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
+
+log = logging.getLogger(__name__)
 
 
 def default_cache_dir() -> Path:
@@ -57,33 +66,117 @@ def _key(path: PathLike) -> str:
     return os.path.realpath(os.fspath(path))
 
 
-def _stat_ok(row: Tuple[int, int, int], st: os.stat_result) -> bool:
-    size, mtime_ns, ino = row
-    if size != st.st_size or mtime_ns != st.st_mtime_ns:
+def _stat_ok(row: Tuple[int, int, int, int], st: os.stat_result) -> bool:
+    size, mtime_ns, ino, ctime_ns = row
+    if size != st.st_size or mtime_ns != st.st_mtime_ns or ctime_ns != st.st_ctime_ns:
         return False
     return not (ino and st.st_ino and ino != st.st_ino)
 
 
+def _full_key(st: os.stat_result) -> Tuple[int, int, int, int]:
+    return (st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino)
+
+
+_COLS = "size, mtime_ns, ino, ctime_ns, data"
+
+
 class HashCache:
-    """SQLite cache of per-file facts, valid while (size, mtime_ns, inode) are unchanged. Thread-safe."""
+    """SQLite cache of per-file facts, valid while (size, mtime_ns, ctime_ns, inode) are unchanged. Thread-safe.
+
+    Never raises for the cache's own troubles: ``warning`` says why it is not used (``enabled`` False), and a
+    damaged database is moved aside and rebuilt (``warning`` says where the old one went)."""
 
     def __init__(self, path: Optional[PathLike] = None) -> None:
         p = Path(path) if path is not None else default_cache_dir() / "hashes.sqlite"
         if p.is_dir():
             p = p / "hashes.sqlite"
-        try:
-            p.parent.mkdir(parents=True, exist_ok=True)
-            self._db = sqlite3.connect(str(p), timeout=30, check_same_thread=False, isolation_level=None)
-            self._db.execute("PRAGMA journal_mode=WAL")
-            self._db.execute("PRAGMA synchronous=NORMAL")
-            self._db.execute("CREATE TABLE IF NOT EXISTS files (path TEXT PRIMARY KEY, size INTEGER NOT NULL, "
-                             "mtime_ns INTEGER NOT NULL, ino INTEGER NOT NULL, data TEXT NOT NULL)")
-            self._db.execute("CREATE TABLE IF NOT EXISTS meta (k TEXT PRIMARY KEY, v TEXT)")
-            self._db.execute("INSERT OR IGNORE INTO meta VALUES ('schema', ?)", (str(SCHEMA_VERSION),))
-        except (OSError, sqlite3.Error) as e:
-            raise ModelFileError(f"cannot open the hash cache: {e}", p) from None
         self.path = p
         self._lock = threading.Lock()
+        self._db: Optional[sqlite3.Connection] = None
+        self.warning: Optional[str] = None
+        try:
+            self._db = self._open(p)
+        except (OSError, sqlite3.Error) as e:
+            self._trouble(e)
+
+    # ---- opening, damage, read-only ------------------------------------------------------------------------
+    @staticmethod
+    def _open(p: Path) -> sqlite3.Connection:
+        p.parent.mkdir(parents=True, exist_ok=True)
+        db = sqlite3.connect(str(p), timeout=30, check_same_thread=False, isolation_level=None)
+        try:
+            db.execute("PRAGMA journal_mode=WAL")
+            db.execute("PRAGMA synchronous=NORMAL")
+            ok = db.execute("PRAGMA quick_check").fetchone()
+            if not ok or ok[0] != "ok":
+                raise sqlite3.DatabaseError(f"database disk image is malformed ({ok[0] if ok else '?'})")
+            cols = [r[1] for r in db.execute("PRAGMA table_info(files)")]
+            if cols and "ctime_ns" not in cols:  # schema 1: entries without ctime cannot be trusted
+                db.execute("DROP TABLE files")
+            db.execute("CREATE TABLE IF NOT EXISTS files (path TEXT PRIMARY KEY, size INTEGER NOT NULL, "
+                       "mtime_ns INTEGER NOT NULL, ino INTEGER NOT NULL, ctime_ns INTEGER NOT NULL, "
+                       "data TEXT NOT NULL)")
+            db.execute("CREATE TABLE IF NOT EXISTS meta (k TEXT PRIMARY KEY, v TEXT)")
+            db.execute("INSERT OR REPLACE INTO meta VALUES ('schema', ?)", (str(SCHEMA_VERSION),))
+        except BaseException:
+            db.close()
+            raise
+        return db
+
+    @staticmethod
+    def _damaged(e: BaseException) -> bool:
+        m = str(e).lower()
+        return isinstance(e, sqlite3.DatabaseError) and ("malformed" in m or "not a database" in m
+                                                         or "corrupt" in m)
+
+    def _disable(self, e: BaseException) -> None:
+        self._close_db()
+        self.warning = f"hash cache {self.path} not used ({e}); hashing without a cache"
+        log.warning(self.warning)
+
+    def _set_aside(self, e: BaseException) -> None:
+        """The database is damaged: move it (and its WAL/SHM files) aside and start a new one."""
+        self._close_db()
+        aside = self.path.with_name(f"{self.path.name}.corrupt-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}")
+        try:
+            for suffix in ("", "-wal", "-shm"):
+                src = Path(str(self.path) + suffix)
+                if src.exists():
+                    os.replace(src, Path(str(aside) + suffix))
+            self._db = self._open(self.path)
+        except (OSError, sqlite3.Error) as e2:
+            self._disable(e2)
+            return
+        self.warning = f"hash cache {self.path} was damaged ({e}); moved to {aside.name}, rebuilt"
+        log.warning(self.warning)
+
+    def _trouble(self, e: BaseException) -> None:
+        """An error while using the database (caller holds the lock)."""
+        if self._damaged(e):
+            self._set_aside(e)
+        else:
+            self._disable(e)
+
+    def _close_db(self) -> None:
+        db, self._db = self._db, None
+        if db is not None:
+            try:
+                db.close()
+            except sqlite3.Error:
+                pass
+
+    @property
+    def enabled(self) -> bool:
+        return self._db is not None
+
+    def _fetch(self, key: str) -> Optional[tuple]:
+        if self._db is None:
+            return None
+        try:
+            return self._db.execute(f"SELECT {_COLS} FROM files WHERE path=?", (key,)).fetchone()
+        except sqlite3.Error as e:
+            self._trouble(e)
+            return None
 
     # ---- raw entries -----------------------------------------------------------------------------------
     def lookup(self, path: PathLike, st: Optional[os.stat_result] = None) -> Optional[Dict[str, Any]]:
@@ -94,12 +187,11 @@ class HashCache:
             except OSError:
                 return None
         with self._lock:
-            row = self._db.execute("SELECT size, mtime_ns, ino, data FROM files WHERE path=?",
-                                   (_key(path),)).fetchone()
-        if row is None or not _stat_ok(row[:3], st):
+            row = self._fetch(_key(path))
+        if row is None or not _stat_ok(row[:4], st):
             return None
         try:
-            data = json.loads(row[3])
+            data = json.loads(row[4])
         except ValueError:
             return None
         return data if isinstance(data, dict) else None
@@ -108,11 +200,13 @@ class HashCache:
         """Merge ``parts`` (``hashes=...``, ``content=...``) into the entry of ``path`` as of ``st``."""
         key = _key(path)
         with self._lock:
-            row = self._db.execute("SELECT size, mtime_ns, ino, data FROM files WHERE path=?", (key,)).fetchone()
+            if self._db is None:
+                return
+            row = self._fetch(key)
             data: Dict[str, Any] = {}
-            if row is not None and _stat_ok(row[:3], st):
+            if row is not None and _stat_ok(row[:4], st):
                 try:
-                    data = json.loads(row[3]) or {}
+                    data = json.loads(row[4]) or {}
                 except ValueError:
                     data = {}
             for k, v in parts.items():
@@ -120,25 +214,39 @@ class HashCache:
                     data[k] = {**data[k], **v}
                 else:
                     data[k] = v
-            self._db.execute("INSERT OR REPLACE INTO files VALUES (?, ?, ?, ?, ?)",
-                             (key, st.st_size, st.st_mtime_ns, st.st_ino or 0, json.dumps(data)))
+            if self._db is None:
+                return
+            try:
+                self._db.execute(f"INSERT OR REPLACE INTO files (path, {_COLS}) VALUES (?, ?, ?, ?, ?, ?)",
+                                 (key, st.st_size, st.st_mtime_ns, st.st_ino or 0, st.st_ctime_ns,
+                                  json.dumps(data)))
+            except sqlite3.Error as e:
+                self._trouble(e)
+
+    def _run(self, sql: str, args: Any = (), many: bool = False) -> list:
+        with self._lock:
+            if self._db is None:
+                return []
+            try:
+                cur = self._db.executemany(sql, args) if many else self._db.execute(sql, args)
+                return cur.fetchall()
+            except sqlite3.Error as e:
+                self._trouble(e)
+                return []
 
     def forget(self, path: PathLike) -> None:
-        with self._lock:
-            self._db.execute("DELETE FROM files WHERE path=?", (_key(path),))
+        self._run("DELETE FROM files WHERE path=?", (_key(path),))
 
     def prune_missing(self) -> int:
         """Drop entries whose file no longer exists. Returns how many."""
-        with self._lock:
-            paths = [r[0] for r in self._db.execute("SELECT path FROM files")]
+        paths = [r[0] for r in self._run("SELECT path FROM files")]
         gone = [p for p in paths if not os.path.exists(p)]
-        with self._lock:
-            self._db.executemany("DELETE FROM files WHERE path=?", [(p,) for p in gone])
+        self._run("DELETE FROM files WHERE path=?", [(p,) for p in gone], many=True)
         return len(gone)
 
     def __len__(self) -> int:
-        with self._lock:
-            return int(self._db.execute("SELECT COUNT(*) FROM files").fetchone()[0])
+        rows = self._run("SELECT COUNT(*) FROM files")
+        return int(rows[0][0]) if rows else 0
 
     # ---- hashes -----------------------------------------------------------------------------------------
     def get_hashes(self, path: PathLike, algos: Optional[Iterable[str]] = None,
@@ -161,25 +269,26 @@ class HashCache:
         return res
 
     def put_hashes(self, res: FileHashes, st: Optional[os.stat_result] = None) -> bool:
-        """Store a result unless the file changed while (or since) it was hashed. Returns whether stored."""
+        """Store a result unless the file changed while (or since) it was hashed. Returns whether stored.
+
+        ``st``: the file's ``stat`` taken before it was hashed; the entry is stored only when the file's stat now
+        is the same (size, mtime, ctime, inode), so a change during or after the hashing is never cached."""
         if res.changed:
             return False
+        try:
+            now = os.stat(res.path)
+        except OSError:
+            return False
         if st is None:
-            try:
-                st = os.stat(res.path)
-            except OSError:
-                return False
-        if st.st_size != res.size or st.st_mtime_ns != res.mtime_ns:
+            st = now
+        if now.st_size != res.size or now.st_mtime_ns != res.mtime_ns or _full_key(now) != _full_key(st):
             return False
         self.store(res.path, st, hashes=res.values())
         return True
 
     def close(self) -> None:
         with self._lock:
-            try:
-                self._db.close()
-            except sqlite3.Error:
-                pass
+            self._close_db()
 
     def __enter__(self) -> "HashCache":
         return self
@@ -198,6 +307,7 @@ def cached_hash_file(path: PathLike, algos: Optional[Iterable[str]] = None, cach
     WebUI's cache).
     """
     wanted = normalize_algos(algos)
+    st = None
     if cache is not None:
         try:
             st = os.stat(path)
@@ -211,7 +321,7 @@ def cached_hash_file(path: PathLike, algos: Optional[Iterable[str]] = None, cach
     res = hash_file(path, wanted, progress=progress)
     if not res.changed:
         if cache is not None:
-            cache.put_hashes(res)
+            cache.put_hashes(res, st)
         if on_computed is not None:
             on_computed(res)
     return res

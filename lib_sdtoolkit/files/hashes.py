@@ -241,8 +241,9 @@ def _lanes(sinks: List[_Sink]) -> List[List[_Sink]]:
 
 # ------------------------------------------------------------------------------------------------ the pass
 
-def _stat_key(st: os.stat_result) -> Tuple[int, int, int, int]:
-    return (st.st_size, st.st_mtime_ns, st.st_ino, st.st_dev)
+def _stat_key(st: os.stat_result) -> Tuple[int, int, int, int, int]:
+    # ctime too: a write whose mtime was set back (rsync -t, cp -p, touch -d) still moves ctime
+    return (st.st_size, st.st_mtime_ns, st.st_ino, st.st_dev, st.st_ctime_ns)
 
 
 def hash_file(path: PathLike, algos: Optional[Iterable[str]] = None, chunk_size: int = DEFAULT_CHUNK,

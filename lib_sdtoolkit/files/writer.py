@@ -1,8 +1,11 @@
 """Atomic, streaming writers.
 
-Every output goes to a temporary file beside the target (``NAME.<random>.tmp``), is fsynced, and only then
-renamed into place; on any error the temporary file is removed, so no partial output ever appears and an
-existing file is never touched unless ``overwrite`` was asked for. Inputs are never overwritten.
+Every output goes to a temporary file beside the target (``NAME.<pid>.<8 hex>.tmp``, ``pid`` = the writing
+process), is fsynced, and only then renamed into place; on any error the temporary file is removed, so no partial
+output ever appears and an existing file is never touched unless ``overwrite`` was asked for. Inputs are never
+overwritten. A writer killed outright (``kill -9``, power loss) cannot remove its temporary file: the next write
+into that folder (and ``inspect``, ``serve`` start) removes the files of exactly that pattern whose writer pid is
+no longer running (:func:`sweep_stale_temps`).
 
 ``StreamingSafetensorsWriter`` knows every tensor's name, dtype and shape up front (the callers do: a merge
 or a prune knows its output layout from the inputs' headers), writes the header first and then each tensor
@@ -15,10 +18,12 @@ import contextlib
 import errno
 import json
 import os
+import re
+import stat
 import threading
 import uuid
 from pathlib import Path
-from typing import Any, Dict, Iterable, Iterator, Mapping, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, Iterable, Iterator, List, Mapping, Optional, Sequence, Tuple, Union
 
 import torch
 
@@ -27,6 +32,73 @@ from .reader import TORCH_TO_ST, TensorInfo, dtype_size
 
 PathLike = Union[str, "os.PathLike[str]"]
 SpecLike = Union[TensorInfo, Tuple[str, torch.dtype, Sequence[int]]]
+
+
+#: ``<target name>.<pid>.<8 hex>.tmp``: the only names :func:`sweep_stale_temps` ever removes
+TEMP_RE = re.compile(r"^(?P<target>.+)\.(?P<pid>[1-9][0-9]{0,9})\.(?P<tag>[0-9a-f]{8})\.tmp$")
+
+
+def temp_name(target: PathLike) -> Path:
+    """A fresh temporary path beside ``target``, carrying this process's pid."""
+    t = Path(target)
+    return t.with_name(f"{t.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
+
+
+def pid_alive(pid: int) -> bool:
+    """Whether a process ``pid`` exists on this machine (one we may not signal counts as alive)."""
+    if pid <= 0:
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OSError):
+        return True
+    return True
+
+
+def sweep_stale_temps(folders: Iterable[PathLike], recursive: bool = False) -> List[Path]:
+    """Remove our temporary outputs whose writer is gone; returns the removed paths.
+
+    Only regular files (not links) whose name is exactly ``<name>.<pid>.<8 hex>.tmp`` with ``pid`` not running
+    (and not this process) are removed; anything else is left alone. Unreadable folders are skipped.
+    """
+    removed: List[Path] = []
+    seen = set()
+    me = os.getpid()
+    for folder in folders:
+        if folder is None:
+            continue
+        top = Path(folder)
+        walker = os.walk(top) if recursive else [(str(top), [], None)]
+        for root, dirs, files in walker:
+            if recursive:
+                dirs[:] = [d for d in dirs if not d.startswith(".")]
+            key = os.path.realpath(root)
+            if key in seen:
+                continue
+            seen.add(key)
+            if files is None:
+                try:
+                    files = os.listdir(root)
+                except OSError:
+                    continue
+            for fn in files:
+                m = TEMP_RE.match(fn)
+                if m is None:
+                    continue
+                pid = int(m.group("pid"))
+                if pid == me or pid_alive(pid):
+                    continue
+                p = Path(root) / fn
+                try:
+                    if not stat.S_ISREG(os.lstat(p).st_mode):
+                        continue
+                    os.unlink(p)
+                except OSError:
+                    continue
+                removed.append(p)
+    return removed
 
 
 def _same_file(a: Path, b: Path) -> bool:
@@ -63,8 +135,11 @@ def _fsync_dir(d: Path) -> None:
 
 
 def _os_error(e: OSError, path: Path) -> SdToolkitError:
-    if e.errno == errno.ENOSPC:
+    if e.errno in (errno.ENOSPC, errno.EDQUOT):
         return ModelFileError("disk full while writing; the partial output was removed", path)
+    if e.errno == errno.EFBIG:
+        return ModelFileError("the file grew past the largest size this filesystem (or a file size limit) allows; "
+                              "the partial output was removed", path)
     return ModelFileError(f"cannot write: {e.strerror or e}", path)
 
 
@@ -74,7 +149,8 @@ def atomic_path(target: PathLike, overwrite: bool = False) -> Iterator[Path]:
     t = Path(target)
     if t.exists() and not overwrite:
         raise OutputExistsError("the output exists (pass overwrite to replace it)", t)
-    tmp = t.with_name(f"{t.name}.{uuid.uuid4().hex[:8]}.tmp")
+    sweep_stale_temps([t.parent])
+    tmp = temp_name(t)
     try:
         yield tmp
         with open(tmp, "rb+") as fh:
@@ -259,8 +335,27 @@ def save_ckpt(path: PathLike, state_dict: Mapping[str, torch.Tensor], extra: Opt
     if extra:
         obj.update(extra)
     with atomic_path(path, overwrite) as tmp:
-        torch.save(obj, str(tmp))
+        try:
+            with open(tmp, "wb") as fh:
+                torch.save(obj, fh)
+                fh.flush()
+        except RuntimeError as e:
+            # torch's zip writer turns a failed write (disk full, file too large) into a RuntimeError
+            raise _write_failed(e, tmp) from None
     return Path(path)
+
+
+def _write_failed(e: RuntimeError, tmp: Path) -> OSError:
+    """The OSError behind a failed ``torch.save`` (its message hides the errno)."""
+    for cause in (e.__cause__, e.__context__):
+        if isinstance(cause, OSError):
+            return cause
+    try:
+        free = os.statvfs(tmp.parent).f_bavail
+    except OSError:
+        free = None
+    code = errno.ENOSPC if free == 0 or "write" in str(e).lower() else errno.EIO
+    return OSError(code, str(e))
 
 
 def save_state_dict(path: PathLike, state_dict: Mapping[str, torch.Tensor],

@@ -3,6 +3,7 @@ streamed key by key from the input into :class:`lib_sdtoolkit.files.StreamingSaf
 from __future__ import annotations
 
 import json
+import math
 import os
 from pathlib import Path
 from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
@@ -35,6 +36,13 @@ def bake(checkpoint: PathLike, loras: Sequence[Tuple[PathLike, float]], out: Pat
     """Write ``out`` = ``checkpoint`` with ``loras`` [(path, multiplier)] merged in. Returns a summary."""
     if not loras:
         raise InvalidInputError("no LoRA given to bake")
+    for p, m in loras:
+        try:
+            ok = isinstance(m, (int, float)) and not isinstance(m, bool) and math.isfinite(float(m))
+        except (TypeError, ValueError, OverflowError):
+            ok = False
+        if not ok:
+            raise InvalidInputError(f"the multiplier must be a finite number, got {m!r}", p)
     outp = check_output_path(out, [checkpoint, *[p for p, _ in loras]], overwrite)
     if outp.suffix.lower() != ".safetensors":
         raise InvalidInputError("the baked checkpoint is written as .safetensors", outp)

@@ -10,6 +10,7 @@ disables it. Layers that are identical in both files are skipped.
 from __future__ import annotations
 
 import json
+import math
 import os
 from pathlib import Path
 from typing import Callable, Dict, List, Optional, Tuple, Union
@@ -78,6 +79,11 @@ def extract_lora(tuned: PathLike, base: PathLike, out: PathLike, rank: int = 32,
     """Write ``out`` (.safetensors) and return a summary (layers, rank, arch, skipped)."""
     if rank < 1 or (conv_rank is not None and conv_rank < 1):
         raise InvalidInputError("rank and conv-rank must be >= 1")
+    if clamp_quantile is not None and not (isinstance(clamp_quantile, (int, float))
+                                           and math.isfinite(float(clamp_quantile)) and float(clamp_quantile) > 0):
+        raise InvalidInputError(f"clamp quantile must be a finite number > 0 (1 = off), got {clamp_quantile!r}")
+    if not (isinstance(min_diff, (int, float)) and math.isfinite(float(min_diff))):
+        raise InvalidInputError(f"min_diff must be a finite number, got {min_diff!r}")
     if dtype not in DTYPES:
         raise InvalidInputError(f"dtype must be one of {', '.join(DTYPES)}")
     outp = check_output_path(out, [tuned, base], overwrite)

@@ -6,7 +6,6 @@ WebUI lists the new file. Both faces call :func:`merge_for_host`, so they produc
 """
 from __future__ import annotations
 
-import re
 from pathlib import Path
 from typing import Any, Dict, Mapping, Optional
 
@@ -14,7 +13,6 @@ from ..errors import InvalidInputError
 from .engine import Progress, merge_files
 from .recipe import MergeRecipe
 
-_BAD_NAME = re.compile(r"[\\/\x00]|^\.|\.\.")
 OUTPUT_SUFFIXES = (".safetensors", ".ckpt")
 
 
@@ -26,15 +24,12 @@ def default_output_name(recipe: MergeRecipe) -> str:
 
 
 def output_path(host: Any, name: Optional[str], recipe: MergeRecipe) -> Path:
-    """A plain file name inside the host's checkpoint output folder (no folders, no ``..``)."""
-    name = (name or "").strip() or default_output_name(recipe)
-    if _BAD_NAME.search(name):
-        raise InvalidInputError(f"output name {name!r} must be a plain file name (no folders, no '..')")
-    if not name.lower().endswith(OUTPUT_SUFFIXES):
-        name += ".safetensors"
-    folder = Path(host.output_dir("checkpoint"))
-    folder.mkdir(parents=True, exist_ok=True)
-    return folder / name
+    """A plain file name inside the host's checkpoint output folder (no folders, no ``..``; the real folder must
+    be a configured one: :func:`lib_sdtoolkit.outputs.resolve_output`)."""
+    from ..outputs import resolve_output
+
+    return resolve_output(host, name, "checkpoint", plain=True, suffixes=OUTPUT_SUFFIXES, add_suffix=".safetensors",
+                          default=default_output_name(recipe))
 
 
 def recipe_for_host(host: Any, body: Mapping[str, Any]) -> MergeRecipe:

@@ -73,6 +73,10 @@ def ensure_models(host: StandaloneHost, sample: bool, stdin: Optional[TextIO] = 
 
 def serve(args: argparse.Namespace) -> int:
     host = make_host(args)
+    from ..outputs import sweep_host_temps
+
+    for removed in sweep_host_temps(host):
+        print(f"removed a stale temporary file left by a killed write: {removed}", file=sys.stderr)
     ensure_models(host, args.sample)
     from .app import create_app
 

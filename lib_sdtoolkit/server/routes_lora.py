@@ -39,12 +39,10 @@ class BakeBody(BaseModel):
     overwrite: bool = False
 
 
-def _plain_name(name: str) -> str:
-    if not name or Path(name).name != name or name in (".", ".."):
-        raise InvalidInputError(f"output must be a plain file name, not {name!r}")
-    if not name.lower().endswith(".safetensors"):
-        name += ".safetensors"
-    return name
+def _output(host: Host, name: str, kind: str) -> Path:
+    from ..outputs import resolve_output
+
+    return resolve_output(host, name, kind, plain=True, suffixes=(".safetensors",), add_suffix=".safetensors")
 
 
 def register(router: APIRouter, host: Host) -> None:
@@ -66,9 +64,7 @@ def register(router: APIRouter, host: Host) -> None:
 
         tuned = host.resolve(body.tuned, "checkpoint")
         base = host.resolve(body.base, "checkpoint")
-        out_dir = host.output_dir("lora")
-        out_dir.mkdir(parents=True, exist_ok=True)
-        out = out_dir / _plain_name(body.output)
+        out = _output(host, body.output, "lora")
         tick = host.progress_callback("lora extract")
         res = extract_lora(tuned, base, out, rank=body.rank, conv_rank=body.conv_rank,
                            clamp_quantile=body.clamp_quantile, device=body.device, dtype=body.dtype,
@@ -83,8 +79,7 @@ def register(router: APIRouter, host: Host) -> None:
 
         ckpt = host.resolve(body.checkpoint, "checkpoint")
         loras = [(host.resolve(i.lora, "lora"), i.multiplier) for i in body.loras]
-        out_dir = host.output_dir("checkpoint")
-        out = out_dir / _plain_name(body.output)
+        out = _output(host, body.output, "checkpoint")
         tick = host.progress_callback("lora bake")
         res = bake(ckpt, loras, out, overwrite=body.overwrite, progress=lambda d, t: tick(d, t))
         host.refresh("checkpoint")

@@ -20,11 +20,10 @@ def _names(host: Host, kind: str) -> List[str]:
     return [host.display_name(p, kind) for p in host.list_models(kind)]
 
 
-def _out_name(name: str) -> str:
-    name = (name or "").strip()
-    if not name or Path(name).name != name:
-        raise InvalidInputError(f"output must be a plain file name, not {name!r}")
-    return name if name.lower().endswith(".safetensors") else name + ".safetensors"
+def _output(host: Host, name: str, kind: str) -> Path:
+    from ..outputs import resolve_output
+
+    return resolve_output(host, name, kind, plain=True, suffixes=(".safetensors",), add_suffix=".safetensors")
 
 
 def do_inspect(host: Host, name: Optional[str]) -> str:
@@ -42,9 +41,7 @@ def do_extract(host: Host, tuned: str, base: str, output: str, rank: float, conv
     from ..lora.extract import extract_lora
 
     try:
-        out_dir = host.output_dir("lora")
-        out_dir.mkdir(parents=True, exist_ok=True)
-        out = out_dir / _out_name(output)
+        out = _output(host, output, "lora")
         tick = (lambda d, t: progress(d / max(t, 1), desc="extracting")) if progress is not None else None
         res = extract_lora(host.resolve(tuned, "checkpoint"), host.resolve(base, "checkpoint"), out, rank=int(rank),
                            conv_rank=int(conv_rank) or None, clamp_quantile=float(clamp), device=device,
@@ -63,7 +60,7 @@ def do_bake(host: Host, ckpt: str, loras: str, output: str, overwrite: bool, pro
         if not items:
             raise InvalidInputError("give one LoRA per line as NAME[:MULT]")
         resolved = [(host.resolve(n, "lora"), m) for n, m in items]
-        out = host.output_dir("checkpoint") / _out_name(output)
+        out = _output(host, output, "checkpoint")
         tick = (lambda d, t: progress(d / max(t, 1), desc="baking")) if progress is not None else None
         res = bake(host.resolve(ckpt, "checkpoint"), resolved, out, overwrite=overwrite, progress=tick)
         host.refresh("checkpoint")
