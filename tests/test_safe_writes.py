@@ -32,13 +32,13 @@ def _sha(p: Path) -> str:
     return hashlib.sha256(Path(p).read_bytes()).hexdigest()
 
 
-def _rewrite_keeping_size_and_mtime(p: Path) -> None:
+def _rewrite_keeping_size_and_mtime(p: Path, flip: int = 0x5A) -> None:
     """Change bytes inside a tensor of a safetensors file, then put size and mtime back (rsync -t, cp -p, tar x)."""
     st = os.stat(p)
     data = bytearray(p.read_bytes())
     n = int.from_bytes(data[:8], "little")
     pos = 8 + n + 64  # inside the first tensor's data
-    data[pos:pos + 16] = bytes((b ^ 0x5A) for b in data[pos:pos + 16])
+    data[pos:pos + 16] = bytes((b ^ flip) for b in data[pos:pos + 16])
     p.write_bytes(bytes(data))
     os.utime(p, ns=(st.st_atime_ns, st.st_mtime_ns))
     st2 = os.stat(p)
@@ -66,11 +66,13 @@ def test_hardlink_never_trusts_a_cache_fooled_by_utime(twins, tmp_path):
     _rewrite_keeping_size_and_mtime(b)
     new_bytes = b.read_bytes()
     with HashCache(cache_path) as cache:
-        res = cached_hash_file(b, ["sha256"], cache)  # `hash` must not answer the stale value
-        assert res.source != "cache" and res.sha256 == _sha(b) != old_sha
         run = dedup([twins], "vae", action="hardlink", cache=cache)
     assert not [a for a in run.actions if a.action == "hardlinked"]
     assert b.read_bytes() == new_bytes and not os.path.samefile(twins / "a.safetensors", b)
+    _rewrite_keeping_size_and_mtime(b, 0x33)  # and once more, now that the scan above cached the new bytes
+    with HashCache(cache_path) as cache:
+        res = cached_hash_file(b, ["sha256"], cache)  # `hash` must not answer the stale value
+        assert res.source != "cache" and res.sha256 == _sha(b) != old_sha
 
 
 def test_hardlink_refuses_a_file_changed_between_scan_and_action(twins, tmp_path):
@@ -165,10 +167,10 @@ def test_move_keeps_a_file_that_differs_by_one_ulp(tmp_path, fixture_files):
     dest = tmp_path / "dups"
     dest.mkdir()
     res = dedup([d], "vae", action="move", to=dest)
-    assert res.groups and res.groups[0].match == "near"
-    assert [a.action for a in res.actions] == ["skipped"] and "fp16 rounding" in res.actions[0].reason
     assert (d / "a_ulp.safetensors").exists() and list(dest.iterdir()) == []
     assert torch.equal(load_state_dict(d / "a_ulp.safetensors")[k], w)
+    assert [a.action for a in res.actions] == ["skipped"] and "fp16 rounding" in res.actions[0].reason
+    assert res.groups and res.groups[0].match == "near"  # reported, labelled as a near duplicate
 
 
 def test_move_never_turns_a_link_into_a_copy(tmp_path, fixture_files):
@@ -231,7 +233,6 @@ def _client(host):
 
 
 def test_outputs_through_a_symlinked_folder_are_refused(linked_host, tmp_path, monkeypatch):
-    from lib_sdtoolkit.outputs import resolve_output
     from lib_sdtoolkit.prune import resolve_output as prune_output
 
     monkeypatch.setenv("SDTOOLKIT_CACHE_DIR", str(tmp_path / "cache"))
@@ -246,6 +247,8 @@ def test_outputs_through_a_symlinked_folder_are_refused(linked_host, tmp_path, m
     r = c.post("/sdtoolkit/v1/dedup", json={"kind": "vae", "action": "move", "to": "linkdir", "confirm": True})
     assert r.status_code == 403, r.text
     assert list(outside.iterdir()) == []
+    from lib_sdtoolkit.outputs import resolve_output
+
     for kind in ("checkpoint", "vae"):
         with pytest.raises(Exception) as e:
             resolve_output(host, "linkdir/z.safetensors", kind)
@@ -317,7 +320,8 @@ _WRITER = textwrap.dedent("""
 
 
 def test_killed_writer_temp_files_are_swept(fixture_files, tmp_path, capsys):
-    from lib_sdtoolkit.files.writer import TEMP_RE
+    import re
+
     from lib_sdtoolkit.host import StandaloneHost
 
     host = StandaloneHost(models_dir=tmp_path / "models", create=True)
@@ -334,7 +338,7 @@ def test_killed_writer_temp_files_are_swept(fixture_files, tmp_path, capsys):
         p.stdout.close()
     temps = [f for f in vae_dir.iterdir() if f.name != "out.safetensors"]
     assert len(temps) == 1 and not out.exists()
-    m = TEMP_RE.match(temps[0].name)
+    m = re.match(r"^(?P<target>.+)\.(?P<pid>\d+)\.[0-9a-f]{8}\.tmp$", temps[0].name)  # OUT.<pid>.<hex>.tmp
     assert m and int(m.group("pid")) == p.pid and m.group("target") == "out.safetensors"
     assert temps[0].stat().st_size > 0
     stale = temps[0]
