@@ -82,11 +82,11 @@ def resolve_output(host: Any, raw: Optional[str], kind: str, *, plain: bool = Fa
         raise InvalidInputError("give an output file name")
     if "\x00" in name:
         raise InvalidInputError(f"{name!r}: the output name contains a NUL byte")
+    if plain and (len(re.split(r"[\\/]+", name)) != 1 or name.startswith(".") or name.startswith("~")):
+        raise InvalidInputError(f"output {name!r} must be a plain file name (no folders, no '..', no leading '.')")
     parts = [x for x in re.split(r"[\\/]+", name) if x]
     if ".." in parts:
         raise AccessDeniedError("'..' is not allowed in an output path", path=name)
-    if plain and (len(re.split(r"[\\/]+", name)) != 1 or name.startswith(".") or name.startswith("~")):
-        raise InvalidInputError(f"output {name!r} must be a plain file name (no folders, no '..', no leading '.')")
     if add_suffix and not name.lower().endswith(tuple(s.lower() for s in suffixes)):
         name += add_suffix
     if os.path.isabs(name) or name.startswith("~"):
