@@ -270,6 +270,15 @@ def test_dedup_to_bad_names_are_clean_errors(linked_host, tmp_path, monkeypatch)
         assert 400 <= r.status_code < 500, (bad, r.status_code, r.text)
         assert "detail" in r.json()
     assert (host.model_dirs("vae")[0] / "v.safetensors").is_file()
+    # a duplicate reached through a symlinked folder that leads outside is reported, never replaced
+    w = outside / "w.safetensors"
+    shutil.copy(host.model_dirs("vae")[0] / "v.safetensors", w)
+    r = c.post("/sdtoolkit/v1/dedup", json={"kind": "vae", "action": "hardlink", "confirm": True})
+    assert r.status_code == 200, r.text
+    acts = {Path(a["path"]).name: a for a in r.json()["actions"]}
+    assert acts["v2.safetensors"]["action"] == "hardlinked"
+    assert acts["w.safetensors"]["action"] == "skipped" and "outside" in acts["w.safetensors"]["reason"]
+    assert os.stat(w).st_nlink == 1
 
 
 # ------------------------------------------------------------------------------------------------ NaN / Inf

@@ -9,7 +9,6 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Dict, Mapping, Optional
 
-from ..errors import InvalidInputError
 from .engine import Progress, merge_files
 from .recipe import MergeRecipe
 

@@ -11,7 +11,6 @@ from typing import List, Optional
 from fastapi import APIRouter
 from pydantic import BaseModel
 
-from ..errors import InvalidInputError
 from ..host import Host
 
 
