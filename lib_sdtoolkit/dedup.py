@@ -609,6 +609,26 @@ def _free_target(folder: Path, name: str) -> Path:
     return t
 
 
+def _place(src: Path, folder: Path, name: str) -> Path:
+    """Move ``src`` into ``folder`` as ``name`` (same filesystem) without ever replacing a file that is there or
+    appears meanwhile: link then unlink (a taken name gets the next `` (n)``); rename where links are not
+    supported."""
+    for _ in range(1000):
+        target = _free_target(folder, name)
+        try:
+            os.link(src, target, follow_symlinks=False)
+        except FileExistsError:
+            continue
+        except OSError:
+            if os.path.lexists(target):
+                raise
+            os.rename(src, target)
+            return target
+        os.unlink(src)
+        return target
+    raise OSError(f"no free name for {name} in {folder}")
+
+
 def _move(keeper: ScannedFile, dup: ScannedFile, to: Path,
           links: Optional[Mapping[str, List[str]]] = None) -> ActionResult:
     if dup.link is not None or os.path.islink(dup.path):
@@ -627,7 +647,7 @@ def _move(keeper: ScannedFile, dup: ScannedFile, to: Path,
     target = _free_target(to, dup.name)
     try:
         if os.stat(to).st_dev == os.lstat(dup.path).st_dev:
-            os.rename(dup.path, target)  # same filesystem: atomic, no copy
+            target = _place(Path(dup.path), to, dup.name)  # same filesystem: no copy
         else:
             st0 = os.stat(dup.path)
             tmp = temp_name(target)
@@ -638,7 +658,7 @@ def _move(keeper: ScannedFile, dup: ScannedFile, to: Path,
                     os.fsync(fh.fileno())
                 if os.path.getsize(tmp) != dup.size or _stat_key(os.stat(dup.path)) != _stat_key(st0):
                     raise OSError("the file changed while it was copied")
-                os.replace(tmp, target)
+                target = _place(tmp, to, dup.name)
             except BaseException:
                 with contextlib.suppress(OSError):
                     tmp.unlink()
