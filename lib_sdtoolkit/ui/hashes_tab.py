@@ -45,6 +45,8 @@ def run_hashes(host: Host, picked: List[str], progress: Any = None) -> Tuple[str
     if res["webui_cache_entries"]:
         msg += f'; {res["webui_cache_entries"]} entries written to the WebUI hash cache'
     msg += "</div>"
+    if res.get("cache_warning"):
+        msg += f'<div class="sdtoolkit-warning">{html.escape(res["cache_warning"])}</div>'
     for p in res["problems"]:
         msg += error_html(SdToolkitError(f'{p["path"]}: {p["reason"]}'))
     return msg, rows, res
@@ -54,6 +56,8 @@ def _summary(res: Dict[str, Any]) -> str:
     n = len(res["groups"])
     out = (f'<div class="sdtoolkit-ok">{res["files_scanned"]} files scanned ({res["files_read"]} read, the rest '
            f'from the cache): {n} duplicate groups, {human_bytes(res["gain_bytes"])} to gain</div>')
+    if res.get("cache_warning"):
+        out += f'<div class="sdtoolkit-warning">{html.escape(res["cache_warning"])}</div>'
     for p in res["problems"]:
         out += error_html(SdToolkitError(f'{p["path"]}: {p["reason"]}'))
     for a in res.get("actions", []):
