@@ -259,10 +259,12 @@ def resolve_output(host: Any, raw: str, kind: str) -> Path:
 
     from .errors import AccessDeniedError
     from .files import MODEL_SUFFIXES
+    from .validate import check_path_text
 
     raw = (raw or "").strip()
     if not raw:
         raise InvalidInputError("give an output file name")
+    check_path_text(raw, "output path")
     parts = re.split(r"[\\/]+", raw)
     if ".." in parts:
         raise AccessDeniedError("'..' is not allowed in an output path", path=raw)

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any, Dict, Mapping, Optional
 
 from ..errors import InvalidInputError
+from ..validate import check_path_text
 from .engine import Progress, merge_files
 from .recipe import MergeRecipe
 
@@ -28,6 +29,7 @@ def default_output_name(recipe: MergeRecipe) -> str:
 def output_path(host: Any, name: Optional[str], recipe: MergeRecipe) -> Path:
     """A plain file name inside the host's checkpoint output folder (no folders, no ``..``)."""
     name = (name or "").strip() or default_output_name(recipe)
+    check_path_text(name, "output name")
     if _BAD_NAME.search(name):
         raise InvalidInputError(f"output name {name!r} must be a plain file name (no folders, no '..')")
     if not name.lower().endswith(OUTPUT_SUFFIXES):

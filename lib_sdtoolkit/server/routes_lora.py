@@ -13,6 +13,7 @@ from pydantic import BaseModel
 
 from ..errors import InvalidInputError
 from ..host import Host
+from ..validate import check_path_text
 
 
 class ExtractBody(BaseModel):
@@ -40,6 +41,7 @@ class BakeBody(BaseModel):
 
 
 def _plain_name(name: str) -> str:
+    check_path_text(name, "output")
     if not name or Path(name).name != name or name in (".", ".."):
         raise InvalidInputError(f"output must be a plain file name, not {name!r}")
     if not name.lower().endswith(".safetensors"):

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import math
 import re
 from typing import Dict, Mapping, Optional, Tuple
 
@@ -165,4 +166,12 @@ def read_latent(path: str) -> Tuple[torch.Tensor, bool, Optional[float]]:
         raise InvalidInputError(f"latent must be [B, C, h, w], got {tuple(t.shape)}", path, LATENT_KEY)
     scaled = meta.get("sdtoolkit.latent_scaled", "true").lower() != "false"
     f = meta.get("sdtoolkit.scaling_factor")
-    return t, scaled, (float(f) if f else None)
+    if f:
+        try:
+            f = float(f)
+        except (TypeError, ValueError):
+            f = float("nan")
+        if not math.isfinite(f) or f == 0:
+            raise InvalidInputError(f"metadata sdtoolkit.scaling_factor {meta.get('sdtoolkit.scaling_factor')!r} "
+                                    f"is not a finite non-zero number", path)
+    return t, scaled, (f if f else None)

@@ -10,6 +10,7 @@ import gradio as gr
 
 from ..errors import InvalidInputError, SdToolkitError
 from ..host import Host
+from ..validate import check_path_text
 from .common import error_html
 
 TITLE = "LoRA tools"
@@ -22,6 +23,7 @@ def _names(host: Host, kind: str) -> List[str]:
 
 def _out_name(name: str) -> str:
     name = (name or "").strip()
+    check_path_text(name, "output")
     if not name or Path(name).name != name:
         raise InvalidInputError(f"output must be a plain file name, not {name!r}")
     return name if name.lower().endswith(".safetensors") else name + ".safetensors"
