@@ -9,6 +9,7 @@ from __future__ import annotations
 import base64
 import binascii
 import io
+import math
 import os
 import tempfile
 from typing import Any, List, Optional
@@ -35,7 +36,9 @@ class DecodeRequest(BaseModel):
 
 
 #: tile_size bounds (image pixels); 0 / null = chosen by the planner
-MIN_TILE_PX, MAX_TILE_PX = 64, 4096
+MIN_TILE_PX, MAX_TILE_PX = 8, 4096
+#: tiles one decode may be cut into (a tiny tile_size on a large latent would mean hours of work)
+MAX_TILES = 4096
 
 
 def _latent_from_list(data: List[Any]) -> "Any":
@@ -114,6 +117,12 @@ def decode_request(host: Host, req: DecodeRequest) -> dict:
         if factor == 0:
             raise InvalidInputError("latent_safetensors_b64: sdtoolkit.scaling_factor must not be 0")
     lat = check_latent(lat)
+    if req.tile_size and not req.full:
+        t = max(1, req.tile_size // 8)
+        n = math.ceil(lat.shape[2] / t) * math.ceil(lat.shape[3] / t)
+        if n > MAX_TILES:
+            raise InvalidInputError(f"tile_size {req.tile_size} cuts this {lat.shape[3] * 8}x{lat.shape[2] * 8} image "
+                                    f"into {n} tiles (at most {MAX_TILES}); use a larger tile_size or null")
     vae = load_vae(str(vae_path), device=device)
     lat = check_latent(lat, int(vae.post_quant_conv.in_channels))
     if factor:
