@@ -20,6 +20,7 @@ from torch import nn
 
 from ..errors import ArchitectureError, InvalidInputError, ModelFileError
 from ..files import open_model, save_safetensors
+from ..validate import check_device
 from . import TiledVAEConfig, tiled_decode, tiled_encode
 
 SD_SCALE = 0.18215
@@ -80,6 +81,8 @@ def _as_ldm_vae_dict(sd: Dict[str, torch.Tensor], path: str) -> Dict[str, torch.
 def load_vae(path: str, device: str = "cpu", dtype: torch.dtype = torch.float32, sdxl: Optional[bool] = None,
              scaling_factor: Optional[float] = None) -> VAEModel:
     """Load an SD VAE from a VAE file or a checkpoint (safetensors / ckpt, via ``open_model``)."""
+    if isinstance(device, str):
+        device = check_device(device)  # 'cuda' without CUDA, a typo: a clear 422, before the file is read
     with open_model(path) as r:
         keys = [k for k in r.keys() if k.startswith(VAE_PREFIX) or k.startswith(
             ("encoder.", "decoder.", "quant_conv.", "post_quant_conv."))]
