@@ -817,6 +817,7 @@ def resolve_folders(host: Any, folders: Optional[Sequence[str]], kind: str = "an
 
     from .errors import AccessDeniedError
     from .host import MODEL_KINDS
+    from .validate import check_path_text
 
     kinds = list(MODEL_KINDS) if kind in ("any", None) else [kind]
     roots: List[Path] = []
@@ -833,6 +834,7 @@ def resolve_folders(host: Any, folders: Optional[Sequence[str]], kind: str = "an
         raw = str(raw or "").strip()
         if not raw:
             continue
+        check_path_text(raw, "folder")
         if ".." in re.split(r"[\\/]+", raw):
             raise AccessDeniedError("'..' is not allowed in a folder path", path=raw)
         if os.path.isabs(raw) or raw.startswith("~"):

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any, Callable, Dict, Iterable, List, Mapping, MutableMapping, Optional, Sequence, Union
 
 from .errors import AccessDeniedError, FileNotFound, InvalidInputError, ModelFileError
+from .validate import check_path_text
 
 PathLike = Union[str, "os.PathLike[str]"]
 
@@ -193,6 +194,7 @@ class Host(ABC):
             raise InvalidInputError("no model path given")
         if "\x00" in raw:
             raise InvalidInputError(f"{raw!r}: model path contains a NUL byte")
+        check_path_text(raw, "model path")  # NAME_MAX / PATH_MAX / unencodable text: 422, not an OSError
         raw = _TITLE_HASH.sub("", raw)
         kinds = [kind] if kind else list(MODEL_KINDS)
         folders = [_norm(d) for k in kinds for d in self.model_dirs(k)]

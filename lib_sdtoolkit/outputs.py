@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any, Iterable, List, Optional, Sequence, Union
 
 from .errors import AccessDeniedError, InvalidInputError
+from .validate import check_path_text
 
 PathLike = Union[str, "os.PathLike[str]"]
 
@@ -80,8 +81,7 @@ def resolve_output(host: Any, raw: Optional[str], kind: str, *, plain: bool = Fa
         name = default
     if not name:
         raise InvalidInputError("give an output file name")
-    if "\x00" in name:
-        raise InvalidInputError(f"{name!r}: the output name contains a NUL byte")
+    check_path_text(name, "output name")
     if plain and (len(re.split(r"[\\/]+", name)) != 1 or name.startswith(".") or name.startswith("~")):
         raise InvalidInputError(f"output {name!r} must be a plain file name (no folders, no '..', no leading '.')")
     parts = [x for x in re.split(r"[\\/]+", name) if x]
@@ -116,8 +116,7 @@ def resolve_output_folder(host: Any, raw: Optional[str], kind: str, create: bool
     name = str(raw if raw is not None else "").strip()
     if not name:
         raise InvalidInputError("give a folder name for 'to' (it must not be empty or blank)")
-    if "\x00" in name:
-        raise InvalidInputError(f"{name!r}: the folder name contains a NUL byte")
+    check_path_text(name, "folder name")
     if ".." in re.split(r"[\\/]+", name):
         raise AccessDeniedError("'..' is not allowed in a folder path", path=name)
     if os.path.isabs(name) or name.startswith("~"):

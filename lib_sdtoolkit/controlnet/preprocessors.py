@@ -19,6 +19,7 @@ import base64
 import binascii
 import io
 import math
+import struct
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
@@ -26,6 +27,7 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from ..errors import InvalidInputError
+from ..validate import MAX_IMAGE_PIXELS, MAX_IMAGE_SIDE, MAX_OUTPUT_PIXELS, finite
 from .unit import ResizeMode
 
 Image.MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS  # keep PIL's decompression-bomb guard
@@ -61,6 +63,8 @@ def decode_image(data: Any, what: str = "image") -> np.ndarray:
         raise InvalidInputError(f"no {what} given")
     if isinstance(data, np.ndarray):
         arr = data
+        if arr.ndim >= 2:
+            check_image_size(int(arr.shape[1]), int(arr.shape[0]), what)
         if arr.dtype != np.uint8:
             if np.issubdtype(arr.dtype, np.floating) and arr.size and float(np.nanmax(arr)) <= 1.0:
                 arr = (np.nan_to_num(arr) * 255.0).round()
@@ -84,18 +88,36 @@ def decode_image(data: Any, what: str = "image") -> np.ndarray:
             raise InvalidInputError(f"{what} is empty")
         try:
             img = Image.open(io.BytesIO(bytes(data)))
+            check_image_size(img.width, img.height, what)  # from the header, before the pixels are decoded
             img.load()
-        except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
-            raise InvalidInputError(f"{what} is not an image ({type(e).__name__}: {e})") from None
-        except Image.DecompressionBombError as e:
+        except Image.DecompressionBombError as e:  # before OSError/ValueError: PIL's bomb guard
             raise InvalidInputError(f"{what} is too large: {e}") from None
+        except (UnidentifiedImageError, OSError, SyntaxError, ValueError, EOFError, struct.error) as e:
+            raise InvalidInputError(f"{what} is not an image ({type(e).__name__}: {e})") from None
         return _pil_to_np(img, what)
     raise InvalidInputError(f"{what} must be an image or base64 string, got {type(data).__name__}")
 
 
+def check_image_size(width: int, height: int, what: str = "image") -> None:
+    """Refuse an image with no pixels or more than ``MAX_IMAGE_PIXELS`` / ``MAX_IMAGE_SIDE`` (422)."""
+    if width <= 0 or height <= 0:
+        raise InvalidInputError(f"{what} has no pixels (size {width}x{height})")
+    if width * height > MAX_IMAGE_PIXELS or max(width, height) > MAX_IMAGE_SIDE:
+        raise InvalidInputError(f"{what} is too large ({width}x{height}; at most {MAX_IMAGE_PIXELS} pixels and "
+                                f"{MAX_IMAGE_SIDE} on a side)")
+
+
+def check_output_size(width: int, height: int, what: str = "image", resolution: Optional[float] = None) -> None:
+    """Refuse a map a preprocessor would make larger than ``MAX_OUTPUT_PIXELS`` (a thin image scaled up so its
+    short side is the resolution: 10000x1 at 2048 would be 20480000x2048)."""
+    if width * height > MAX_OUTPUT_PIXELS or max(width, height) > MAX_IMAGE_SIDE:
+        at = f" at resolution {resolution:g}" if resolution is not None else ""
+        raise InvalidInputError(f"{what}{at} would make a {width}x{height} map (at most {MAX_OUTPUT_PIXELS} pixels "
+                                f"and {MAX_IMAGE_SIDE} on a side); use a lower resolution or a less elongated image")
+
+
 def _pil_to_np(img: Image.Image, what: str) -> np.ndarray:
-    if img.width == 0 or img.height == 0:
-        raise InvalidInputError(f"{what} has no pixels (size {img.width}x{img.height})")
+    check_image_size(img.width, img.height, what)
     if img.mode not in ("RGB", "RGBA", "L"):
         img = img.convert("RGBA" if "A" in img.getbands() or img.mode == "P" else "RGB")
     return hwc3(np.asarray(img, dtype=np.uint8).copy())
@@ -126,13 +148,21 @@ def _pad64(x: int) -> int:
     return int(math.ceil(float(x) / 64.0) * 64 - x)
 
 
+def _scaled_size(h: int, w: int, k: float, resolution: float) -> Tuple[int, int]:
+    if not math.isfinite(k) or k <= 0:
+        raise InvalidInputError(f"resolution must be a positive finite number, got {resolution!r}")
+    h_t, w_t = max(1, int(round(h * k))), max(1, int(round(w * k)))
+    check_output_size(w_t + _pad64(w_t), h_t + _pad64(h_t), f"a {w}x{h} image", resolution)
+    return h_t, w_t
+
+
 def resize_image_with_pad(img: np.ndarray, resolution: float) -> Tuple[np.ndarray, Callable[[np.ndarray], np.ndarray]]:
     """Scale so the short side is ``resolution``, pad right/bottom (edge values) to a multiple of 64; returns the
     padded image and a function cutting a result back to the scaled size (upstream's resize_image_with_pad)."""
     img = hwc3(img)
     h_raw, w_raw = img.shape[:2]
     k = float(resolution) / float(min(h_raw, w_raw))
-    h_t, w_t = max(1, int(round(h_raw * k))), max(1, int(round(w_raw * k)))
+    h_t, w_t = _scaled_size(h_raw, w_raw, k, resolution)
     img = resize_uint8(img, w_t, h_t, "cubic" if k > 1 else "area")
     padded = np.pad(img, [[0, _pad64(h_t)], [0, _pad64(w_t)], [0, 0]], mode="edge")
 
@@ -163,16 +193,18 @@ def gaussian_blur(img: np.ndarray, sigma: float) -> np.ndarray:
     squeeze = x.ndim == 2
     if squeeze:
         x = x[:, :, None]
-    import torch
-
-    t = torch.from_numpy(np.ascontiguousarray(x.transpose(2, 0, 1)))[:, None]  # C,1,H,W
-    kt = torch.from_numpy(k)
-    # BORDER_REFLECT_101 == numpy/torch "reflect"; numpy handles pads longer than the image
+    # separable, as shifted-slice sums: memory O(H*W) (torch's CPU float64 conv2d unfolds the image ksize times,
+    # 6.5 GB per channel for a 2048x8192 map at sigma 6)
+    # BORDER_REFLECT_101 == numpy "reflect"; numpy handles pads longer than the image
     xp = np.pad(x, [[r, r], [r, r], [0, 0]], mode="reflect")
-    t = torch.from_numpy(np.ascontiguousarray(xp.transpose(2, 0, 1)))[:, None]
-    t = torch.nn.functional.conv2d(t, kt.view(1, 1, 1, -1))
-    t = torch.nn.functional.conv2d(t, kt.view(1, 1, -1, 1))
-    out = t[:, 0].numpy().transpose(1, 2, 0)
+    h, w = x.shape[:2]
+    tmp = np.zeros((h + 2 * r, w, x.shape[2]), np.float64)
+    for i in range(ksize):
+        tmp += k[i] * xp[:, i:i + w]
+    del xp
+    out = np.zeros((h, w, x.shape[2]), np.float64)
+    for i in range(ksize):
+        out += k[i] * tmp[i:i + h]
     if squeeze:
         out = out[:, :, 0]
     if is_u8:
@@ -324,18 +356,23 @@ class Preprocessor:
 
     def __call__(self, image: Any, resolution: float = -1, slider_1: float = -1, slider_2: float = -1,
                  seed: Optional[int] = None) -> np.ndarray:
+        res = _in_range(resolution, self.resolution, "processor_res")
+        a = _in_range(slider_1, self.slider_1, "threshold_a")
+        b = _in_range(slider_2, self.slider_2, "threshold_b")
         img = decode_image(image)
-        res = _in_range(resolution, self.resolution)
-        a = _in_range(slider_1, self.slider_1)
-        b = _in_range(slider_2, self.slider_2)
         out = self.fn(img, res=res, a=a, b=b, seed=seed)
         return hwc3(np.ascontiguousarray(out))
 
 
-def _in_range(v: Optional[float], s: Optional[Slider]) -> float:
+def _in_range(v: Optional[float], s: Optional[Slider], name: str = "value") -> float:
+    """``v`` when inside the slider's range; the slider's default when out of range or unset (upstream sends -1
+    for "default"); NaN / Inf / non-numbers are refused (422)."""
+    if v is None:
+        return float(s.value) if s is not None else -1.0
+    v = finite(v, name)
     if s is None:
-        return float(v) if v is not None else -1.0
-    if v is None or v < s.minimum or v > s.maximum:
+        return v
+    if v < s.minimum or v > s.maximum:
         return float(s.value)
     return float(v)
 
@@ -363,7 +400,8 @@ def _p_threshold(img, res, a, **kw):
 def _p_color(img, res, **kw):
     h, w = img.shape[:2]
     k = float(res) / float(min(h, w))
-    img = resize_uint8(img, int(round(w * k)), int(round(h * k)))
+    h_t, w_t = _scaled_size(h, w, k, res)
+    img = resize_uint8(img, w_t, h_t)
     h, w = img.shape[:2]
     small = resize_uint8(img, max(1, w // 64), max(1, h // 64), "cubic")
     return resize_uint8(small, w, h, "nearest")

@@ -3,7 +3,6 @@ streamed key by key from the input into :class:`lib_sdtoolkit.files.StreamingSaf
 from __future__ import annotations
 
 import json
-import math
 import os
 from pathlib import Path
 from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
@@ -16,6 +15,10 @@ from ..files import StreamingSafetensorsWriter, check_output_path, open_model
 from . import formats
 from .network import BoundLayer, Network, check_shapes, load_network
 from .names import base_arch
+from ..validate import finite
+
+#: largest |multiplier| a bake accepts (the WebUI's slider goes to 2; scripts use up to ~10)
+MAX_MULTIPLIER = 100.0
 
 PathLike = Union[str, "os.PathLike[str]"]
 
@@ -36,13 +39,8 @@ def bake(checkpoint: PathLike, loras: Sequence[Tuple[PathLike, float]], out: Pat
     """Write ``out`` = ``checkpoint`` with ``loras`` [(path, multiplier)] merged in. Returns a summary."""
     if not loras:
         raise InvalidInputError("no LoRA given to bake")
-    for p, m in loras:
-        try:
-            ok = isinstance(m, (int, float)) and not isinstance(m, bool) and math.isfinite(float(m))
-        except (TypeError, ValueError, OverflowError):
-            ok = False
-        if not ok:
-            raise InvalidInputError(f"the multiplier must be a finite number, got {m!r}", p)
+    for p, m in loras:  # a NaN / Inf multiplier would write a checkpoint full of NaN
+        finite(m, f"multiplier of {Path(p).name}", -MAX_MULTIPLIER, MAX_MULTIPLIER)
     outp = check_output_path(out, [checkpoint, *[p for p, _ in loras]], overwrite)
     if outp.suffix.lower() != ".safetensors":
         raise InvalidInputError("the baked checkpoint is written as .safetensors", outp)

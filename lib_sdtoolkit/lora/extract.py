@@ -21,6 +21,7 @@ from ..arch import detect, keymaps
 from ..errors import ArchitectureError, InvalidInputError
 from ..files import StreamingSafetensorsWriter, check_output_path, open_model
 from .names import base_arch
+from ..validate import check_device, finite
 
 PathLike = Union[str, "os.PathLike[str]"]
 _ATTN = ("attn1", "attn2", ".ff.", "proj_in", "proj_out", "self_attn", "attn.in_proj", "attn.out_proj", ".mlp.")
@@ -86,6 +87,9 @@ def extract_lora(tuned: PathLike, base: PathLike, out: PathLike, rank: int = 32,
         raise InvalidInputError(f"min_diff must be a finite number, got {min_diff!r}")
     if dtype not in DTYPES:
         raise InvalidInputError(f"dtype must be one of {', '.join(DTYPES)}")
+    if clamp_quantile is not None:
+        clamp_quantile = finite(clamp_quantile, "clamp_quantile", 0.0, 1.0)
+    device = check_device(device)
     outp = check_output_path(out, [tuned, base], overwrite)
     if outp.suffix.lower() != ".safetensors":
         raise InvalidInputError("the extracted LoRA is written as .safetensors", outp)

@@ -17,6 +17,7 @@ from fastapi import APIRouter, Body
 
 from ..errors import InvalidInputError
 from ..host import Host
+from ..validate import MAX_DETECT_IMAGES, finite
 
 log = logging.getLogger(__name__)
 
@@ -106,6 +107,12 @@ def register(router: APIRouter, host: Host) -> None:
         images = list(controlnet_input_images or []) or list(controlnet_images or [])
         if not images:
             raise InvalidInputError("No image selected")
+        if len(images) > MAX_DETECT_IMAGES:
+            raise InvalidInputError(f"at most {MAX_DETECT_IMAGES} images per request, got {len(images)}")
+        for name, v in (("controlnet_processor_res", controlnet_processor_res),
+                        ("controlnet_threshold_a", controlnet_threshold_a),
+                        ("controlnet_threshold_b", controlnet_threshold_b)):
+            finite(v, name)  # NaN / Inf: 422 (out of range falls back to the slider's default, as upstream)
         out = []
         for i, b64 in enumerate(images):
             img = P.decode_image(b64, what=f"controlnet_input_images[{i}]")

@@ -21,6 +21,7 @@ from fastapi import APIRouter
 from pydantic import BaseModel
 
 from ..host import Host
+from ..validate import check_device
 
 PATH = "/sdtoolkit/v1/merge"
 
@@ -64,6 +65,7 @@ def register(router: APIRouter, host: Host) -> None:
     def merge(body: MergeBody) -> dict:
         from ..merge.service import merge_for_host  # imported per call: keeps the router cheap to build
 
+        body.device = check_device(body.device)
         return merge_for_host(host, _dump(body))
 
     @router.get(PATH + "/presets")

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import math
 import re
 from typing import Dict, Mapping, Optional, Tuple
 
@@ -19,6 +20,7 @@ from torch import nn
 
 from ..errors import ArchitectureError, InvalidInputError, ModelFileError
 from ..files import open_model, save_safetensors
+from ..validate import check_device
 from . import TiledVAEConfig, tiled_decode, tiled_encode
 
 SD_SCALE = 0.18215
@@ -79,6 +81,8 @@ def _as_ldm_vae_dict(sd: Dict[str, torch.Tensor], path: str) -> Dict[str, torch.
 def load_vae(path: str, device: str = "cpu", dtype: torch.dtype = torch.float32, sdxl: Optional[bool] = None,
              scaling_factor: Optional[float] = None) -> VAEModel:
     """Load an SD VAE from a VAE file or a checkpoint (safetensors / ckpt, via ``open_model``)."""
+    if isinstance(device, str):
+        device = check_device(device)  # 'cuda' without CUDA, a typo: a clear 422, before the file is read
     with open_model(path) as r:
         keys = [k for k in r.keys() if k.startswith(VAE_PREFIX) or k.startswith(
             ("encoder.", "decoder.", "quant_conv.", "post_quant_conv."))]
@@ -165,4 +169,12 @@ def read_latent(path: str) -> Tuple[torch.Tensor, bool, Optional[float]]:
         raise InvalidInputError(f"latent must be [B, C, h, w], got {tuple(t.shape)}", path, LATENT_KEY)
     scaled = meta.get("sdtoolkit.latent_scaled", "true").lower() != "false"
     f = meta.get("sdtoolkit.scaling_factor")
-    return t, scaled, (float(f) if f else None)
+    if f:
+        try:
+            f = float(f)
+        except (TypeError, ValueError):
+            f = float("nan")
+        if not math.isfinite(f) or f == 0:
+            raise InvalidInputError(f"metadata sdtoolkit.scaling_factor {meta.get('sdtoolkit.scaling_factor')!r} "
+                                    f"is not a finite non-zero number", path)
+    return t, scaled, (f if f else None)
