@@ -373,6 +373,94 @@ def test_bad_files_warn_and_generation_goes_on(env, caplog):
     assert_weights(env, {})
 
 
+def test_missing_lora_is_reported_with_its_tag_under_the_image(env, caplog):
+    """Issue 10 defect 5: a <lora:name> that does not exist was ignored silently (and the console named it
+    <sdtlora:...>). Now: the tag as written in the console, and the built-in's "Lora not found" comment, which the
+    WebUI shows under the image (Processed.comments)."""
+    caplog.set_level(logging.WARNING)
+    start(env, with_builtin=False)
+    p, seen = generate(env, "a cat <lora:nosuch:0.8> <lyco:gone:1> <sdtlora:absent:1> <lora:style:0.8>")
+    msgs = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+    assert any(m.startswith("<lora:nosuch:0.8>: no LoRA named 'nosuch'") for m in msgs), msgs
+    assert any(m.startswith("<lyco:gone:1>: no LoRA named 'gone'") for m in msgs), msgs
+    assert any(m.startswith("<sdtlora:absent:1>: no LoRA named 'absent'") for m in msgs), msgs
+    assert not any("<sdtlora:nosuch" in m or "<sdtlora:gone" in m for m in msgs), msgs
+    assert seen["processed"].comments == "Lora not found: nosuch, gone\nSD Toolkit Lora not found: absent\n"
+    assert_weights(env, expected(env.base, env.files["style"][1], STYLE, 0.8, 0.8))   # the rest still applies
+    p, seen = generate(env, "a cat")
+    assert seen["processed"].comments == ""                             # per generation
+    # beside the built-in: its <lora> reports itself (same message), our <sdtlora> adds ours
+    start(env, with_builtin=True)
+    p, seen = generate(env, "a cat <lora:nosuch:1> <sdtlora:absent:1>")
+    assert seen["processed"].comments == "Lora not found: nosuch\nSD Toolkit Lora not found: absent\n"
+    generate(env, "x")
+    assert_weights(env, {})
+
+
+def test_builtin_disabled_we_provide_its_cards_page_and_api(env):
+    """Issue 10 defect 6: with the built-in Lora disabled, its "Lora" cards page and GET /sdapi/v1/loras +
+    POST /sdapi/v1/refresh-loras disappeared. We provide them, with the built-in's item fields and JSON; beside the
+    built-in we add neither (one page, one route)."""
+    from fastapi.testclient import TestClient
+    from modules import ui_extra_networks
+
+    def lora_pages():
+        return [pg for pg in ui_extra_networks.extra_pages if pg.title == "Lora"]
+
+    def routes(app, path):
+        return [r for r in app.routes if getattr(r, "path", None) == path]
+
+    mod, builtin = start(env, with_builtin=True)
+    assert len(lora_pages()) == 1 and mod.page is None
+    theirs = lora_pages()[0]
+    theirs.refresh()
+    their_items = {i["name"]: i for i in theirs.list_items()}
+    app = env.webui.start_app()
+    assert len(routes(app, "/sdapi/v1/loras")) == 1 and len(routes(app, "/sdapi/v1/refresh-loras")) == 1
+    their_json = sorted(TestClient(app).get("/sdapi/v1/loras").json(), key=lambda x: x["path"])
+
+    mod, builtin = start(env, with_builtin=False)
+    assert builtin is None and lora_pages() == [mod.page]
+    ours = mod.page
+    assert (ours.name, ours.extra_networks_tabname, ours.allow_prompt, ours.allow_negative_prompt) == \
+        (theirs.name, theirs.extra_networks_tabname, theirs.allow_prompt, theirs.allow_negative_prompt)
+    ours.refresh()
+    our_items = {i["name"]: i for i in ours.list_items()}
+    assert set(our_items) == set(their_items) >= {"style", "other"}
+    assert our_items["style"]["prompt"] == '"<lora:style:" + opts.extra_networks_default_multiplier + ">"'
+    for name, item in their_items.items():
+        mine = our_items[name]
+        assert set(mine) == set(item), name
+        for k in ("filename", "prompt", "negative_prompt", "metadata", "local_preview", "description", "preview",
+                  "sd_version"):
+            assert mine[k] == item[k], (name, k)
+        assert mine["search_terms"][0] == item["search_terms"][0]
+    # a card's preferred weight and activation text, from the user-metadata sidecar the editor writes
+    sidecar = env.lora_dir / "style.json"
+    sidecar.write_text('{"preferred weight": 0.6, "activation text": "in style"}')
+    try:
+        assert ours.create_item("style", 0)["prompt"] == theirs.create_item("style", 0)["prompt"] == \
+            '"<lora:style:" + 0.6 + ">" + " in style"'
+    finally:
+        sidecar.unlink()
+
+    app = env.webui.start_app()
+    assert len(routes(app, "/sdapi/v1/loras")) == 1 and len(routes(app, "/sdapi/v1/refresh-loras")) == 1
+    client = TestClient(app)
+    got = client.get("/sdapi/v1/loras")
+    assert got.status_code == 200
+    assert sorted(got.json(), key=lambda x: x["path"]) == their_json
+    new = env.lora_dir / "fresh.safetensors"
+    lora_file(new, OTHER, 7)
+    try:
+        r = client.post("/sdapi/v1/refresh-loras")
+        assert r.status_code == 200 and r.json() is None
+        assert "fresh" in {x["name"] for x in client.get("/sdapi/v1/loras").json()}
+    finally:
+        new.unlink()
+        client.post("/sdapi/v1/refresh-loras")
+
+
 def test_step_range_and_unload(env):
     start(env, with_builtin=False)
     key = UNET + "input_blocks.1.1.transformer_blocks.0.attn1.to_q.weight"
