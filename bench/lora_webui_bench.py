@@ -123,7 +123,7 @@ def build_model(width: str):
     return LatentDiffusion(unet, te).eval()
 
 
-def run(width: str, builtin: bool, rank: int, latent: int) -> None:
+def run(width: str, builtin: bool, rank: int, latent: int, baseline: bool = False) -> float:
     from webui_harness import WebUIDouble
     from modules import extra_networks, processing, script_callbacks, scripts, shared, ui_extra_networks
 
@@ -197,7 +197,9 @@ def run(width: str, builtin: bool, rank: int, latent: int) -> None:
     tag = "lora" if not builtin else "sdtlora"
     steps = [f"a photo <{tag}:a:1>", "a photo <lora:b:1>", f"a photo <{tag}:a:1>",
              f"a photo <lora:b:1> <{tag}:a:0.5>", f"a photo <{tag}:b:1>", "a photo"]
-    worst_extra = 0
+    if baseline:        # the same sequence without our tags: what the built-in alone costs
+        steps = [" ".join(w for w in s.split() if not w.startswith(f"<{tag}:")) for s in steps]
+    worst_extra = worst = 0
     for prompt in steps:
         gc.collect()
         reset_peak()
@@ -205,33 +207,51 @@ def run(width: str, builtin: bool, rank: int, latent: int) -> None:
         peak = status_kb("VmHWM") * 1024 - rss0
         now = status_kb("VmRSS") * 1024 - rss0
         bb, ok = builtin_backup(), ours_kept()
-        extra = peak - bb
-        worst_extra = max(worst_extra, extra)
+        worst_extra = max(worst_extra, peak - bb)
+        worst = max(worst, peak)
         print(f"  {prompt:42s} peak +{mib(peak)}  after +{mib(now)}  builtin backup {mib(bb)}  ours kept {mib(ok)}"
-              f"  mode {ours.network.mode}")
-    if builtin:
-        print(f"beside the built-in: worst (peak growth - built-in backup) = {mib(worst_extra)}; target (factors + "
-              f"largest ΔW) = {mib(factors + largest)}; ratio {worst_extra / (factors + largest):.2f}")
+              f"  mode {ours.network.mode if ours.network is not None else '-'}", flush=True)
+    if baseline:
+        print(f"built-in alone (no <sdtlora>): peak growth {mib(worst)}", flush=True)
+    elif builtin:
+        print(f"beside the built-in: peak growth {mib(worst)}; worst (peak - built-in backup) {mib(worst_extra)}; "
+              f"target for <sdtlora>: factors + largest ΔW = {mib(factors + largest)}", flush=True)
     else:
-        print(f"built-in disabled: worst peak growth {mib(worst_extra)} = {worst_extra / touched:.2f}x the touched "
-              f"weights ({mib(touched)})")
+        print(f"built-in disabled: peak growth {mib(worst)} = {worst / touched:.2f}x the touched weights "
+              f"({mib(touched)})", flush=True)
     script_callbacks.script_unloaded_callback()
+    return worst
 
 
 def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--width", default="full", choices=["full", "mid"])
-    ap.add_argument("--builtin", default="both", choices=["on", "off", "both"])
+    ap.add_argument("--builtin", default="both", choices=["on", "off", "baseline", "both"],
+                    help="on: <lora>+<sdtlora> beside the built-in; baseline: the same without <sdtlora>; off: the "
+                         "built-in disabled; both: on + baseline (in parallel, one process each) + off")
     ap.add_argument("--rank", type=int, default=64)
     ap.add_argument("--latent", type=int, default=16, help="latent side of the one UNet step per generation")
     a = ap.parse_args()
     if a.builtin == "both":      # one process each: peak RSS is per process
-        for b in ("on", "off"):
-            subprocess.run([sys.executable, __file__, "--width", a.width, "--builtin", b, "--rank", str(a.rank),
-                            "--latent", str(a.latent)], check=True)
+        out = {}
+        cmd = [sys.executable, __file__, "--width", a.width, "--rank", str(a.rank), "--latent", str(a.latent)]
+        procs = {b: subprocess.Popen(cmd + ["--builtin", b], stdout=subprocess.PIPE, text=True)
+                 for b in ("on", "baseline")}
+        for b, pr in procs.items():
+            text, _ = pr.communicate()
+            print(text, end="")
+            last = [ln for ln in text.splitlines() if ln.startswith("peak growth bytes ")]
+            if pr.returncode != 0 or not last:
+                print(f"the {b} run failed (exit {pr.returncode})", flush=True)
+                return 1
+            out[b] = float(last[-1].split()[-1])
+        print(f"<sdtlora> beside the built-in adds {mib(out['on'] - out['baseline'])} of peak RSS over the built-in "
+              f"alone", flush=True)
+        subprocess.run(cmd + ["--builtin", "off"], check=True)
         return 0
     torch.set_num_threads(max(1, min(4, os.cpu_count() or 1)))
-    run(a.width, a.builtin == "on", a.rank, a.latent)
+    worst = run(a.width, a.builtin in ("on", "baseline"), a.rank, a.latent, baseline=a.builtin == "baseline")
+    print(f"peak growth bytes {worst}", flush=True)
     return 0
 
 
