@@ -40,6 +40,7 @@ so Civitai and PNG-info readers see the same field whichever extension applied t
 import json
 import logging
 import os
+import sqlite3
 
 from modules import extra_networks, script_callbacks, shared
 
@@ -279,7 +280,7 @@ class SdToolkitLora(extra_networks.ExtraNetwork):
             try:
                 short = network_shorthash(entry, cache, webui,
                                           compute=not getattr(shared.cmd_opts, "no_hashing", False))
-            except (SdToolkitError, OSError) as e:
+            except (SdToolkitError, OSError, sqlite3.Error) as e:   # the infotext field is a convenience
                 log.warning("Lora hashes: %s", e)
                 short = None
             if short is None:

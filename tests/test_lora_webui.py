@@ -148,6 +148,8 @@ MODEL_SHAPES = {}
 
 @pytest.fixture(scope="module")
 def env(tmp_path_factory):
+    mp = pytest.MonkeyPatch()                       # our hash cache in this test's own folder, never a shared one
+    mp.setenv("SDTOOLKIT_CACHE_DIR", str(tmp_path_factory.mktemp("sdt-cache")))
     from webui_harness import WebUIDouble
     from lib_sdtoolkit.samples import factory
 
@@ -178,6 +180,7 @@ def env(tmp_path_factory):
     yield types.SimpleNamespace(webui=w, model=model, base=base, files=files, builtin_dir=BUILTIN_LORA,
                                 lora_dir=lora_dir, ref=ref)
     _unload()                       # the built-in's torch patches off before other test modules run
+    mp.undo()
     torch.set_num_threads(n)
     shared.sd_model = old
 
@@ -312,11 +315,12 @@ def test_before_ui_runs_in_reverse_order_like_the_webui(env):
     script_callbacks.clear_callbacks()
 
 
-def test_lora_and_sdtlora_mixed_over_generations_beside_the_builtin(env):
+def test_lora_and_sdtlora_mixed_over_generations_beside_the_builtin(env, caplog):
     """The built-in merges <lora> into the weights lazily from its own backup; <sdtlora> must add its deltas on
     top in every generation, whatever ran before (issue 10 defect 1: after a <lora>, <sdtlora> did nothing)."""
     from modules import extra_networks
 
+    caplog.set_level(logging.INFO, logger="sdtoolkit.lora")
     mod, _ = start(env, with_builtin=True)
     net = mod.network
     assert extra_networks.extra_network_registry["lora"] is not net
@@ -355,6 +359,10 @@ def test_lora_and_sdtlora_mixed_over_generations_beside_the_builtin(env):
             assert all(t.numel() < live[k].numel() for k, t in kept)
     assert seen["eps"].abs().max() > 0
     assert_weights(env, {})                                             # plain prompt: bit-identical base
+    # the log says what happens (it said "the built-in Lora extension is not active" while it was)
+    msgs = [r.getMessage() for r in caplog.records if r.name == "sdtoolkit.lora"]
+    assert any("the built-in Lora extension handles <lora:...>" in m for m in msgs), msgs
+    assert not any("no built-in Lora extension is active" in m or "is not active" in m for m in msgs), msgs
 
 
 def test_bad_files_warn_and_generation_goes_on(env, caplog):
