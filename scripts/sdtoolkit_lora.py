@@ -2,17 +2,25 @@
 
 How it coexists with the WebUI's built-in Lora extension (``<lora:...>`` must act exactly once per generation):
 
-* one network object, registered as ``sdtlora`` (``<sdtlora:name:te:unet:dyn:lbw=...:start=..:stop=..>``), in
-  ``on_before_ui`` - which runs after the built-in's own ``on_before_ui`` (built-in extensions load first);
-* built-in Lora extension disabled (nothing registered ``lora`` by then): the same object is also the alias of
-  ``lora`` and ``lyco``, so ``<lora:...>``, ``<lyco:...>`` and ``<sdtlora:...>`` in one prompt reach one
-  ``activate`` call and one set of patches. Weights are patched in place (exact restore, only changed layers
-  rewritten, the same set again costs nothing);
-* built-in enabled: ``<lora:...>``/``<lyco:...>`` stay the built-in's (we never see them, so nothing is applied
-  twice) and only ``<sdtlora:...>`` is ours. The built-in merges its networks into the weights lazily, at each
-  module's next forward, from a backup it takes the first time it merges; writing weights in place under it
-  would get our delta copied into its backup (or wiped by its restore). So in that case our network runs in
-  functional mode: forward hooks add Σ m·ΔW·x, no weight is written, and both extensions compose;
+* one network object, registered as ``sdtlora`` (``<sdtlora:name:te:unet:dyn:lbw=...:start=..:stop=..>``) in
+  ``on_before_ui``, and as the alias of ``lora`` and ``lyco`` where no one holds those names yet. The WebUI runs
+  ``on_before_ui`` callbacks in REVERSE registration order, so ours runs BEFORE the built-in Lora extension's
+  (built-in extensions load first); the built-in's ``register_extra_network('lora')`` then takes precedence over
+  our alias (the registry wins over aliases) and its ``lyco`` alias replaces ours. Nothing is decided at
+  registration: which mode we run in is decided at every activation from the real state of the built-in;
+* built-in Lora extension not active (no one else registered ``lora``): ``<lora:...>``, ``<lyco:...>`` and
+  ``<sdtlora:...>`` in one prompt reach one ``activate`` call and one set of patches. Weights are patched in place
+  (exact restore, only changed layers rewritten, the same set again costs nothing). We then also provide what the
+  built-in would: its "Lora" extra-networks page (cards inserting ``<lora:alias:weight>``) and its API routes
+  ``GET /sdapi/v1/loras`` / ``POST /sdapi/v1/refresh-loras`` (same JSON);
+* built-in active: ``<lora:...>``/``<lyco:...>`` are the built-in's (we never see them) and only ``<sdtlora:...>``
+  is ours. The built-in merges its networks into the weights lazily, at each module's next forward, from a CPU
+  backup it keeps, and restores from that backup; writing weights in place under it would be wiped by its restore
+  (or copied into its backup). So our network runs as forward hooks: out + Σ m·ΔW·x with LoRA factors only
+  (``up(down(x))``, no full ΔW kept), no weight written, and the two extensions compose;
+* a network that cannot be found is reported with the tag the user wrote, in the console and where the WebUI
+  shows extra-network errors (``sd_hijack.model_hijack.comments``, shown under the image): the built-in's
+  ``Lora not found: name`` for ``<lora>``/``<lyco>``, ``SD Toolkit Lora not found: name`` for ``<sdtlora>``;
 * Forge (``modules_forge`` importable): the model's weights belong to Forge's patchers, so no network is
   registered at all and the log says so; Forge's own ``<lora:...>`` works there. The toolkit tab (extract / bake /
   inspect) and the HTTP routes work on Forge as everywhere.
@@ -29,8 +37,10 @@ shorthash, ...`` (name as mentioned in the prompt without ``:``/``,``; 12 hex of
 addnet/AutoV3 hash; setting ``lora_add_hashes_to_infotext``, added with the built-in's default when it is absent),
 so Civitai and PNG-info readers see the same field whichever extension applied the LoRA.
 """
+import json
 import logging
 import os
+import sqlite3
 
 from modules import extra_networks, script_callbacks, shared
 
@@ -73,21 +83,99 @@ def _arch_of(sd_model):
     return "SD1"
 
 
+def _builtin_network():
+    """The network someone else registered as ``lora`` (the built-in Lora extension), or None: read at every
+    activation, it is the real state, whatever order the ``on_before_ui`` callbacks ran in."""
+    reg = extra_networks.extra_network_registry.get("lora")
+    return reg if reg is not None and reg is not network else None
+
+
+def _builtin_loaded():
+    """Whether the built-in Lora extension's script is loaded in this run of the scripts (its ``on_before_ui``
+    callback is registered): known before its ``on_before_ui`` has run, which is after ours."""
+    for c in script_callbacks.callback_map.get("callbacks_before_ui", []):
+        parts = os.path.normpath(str(getattr(c, "script", ""))).split(os.sep)
+        if len(parts) >= 4 and parts[-4:-1] == ["extensions-builtin", "Lora", "scripts"]:
+            return True
+    return False
+
+
+def _registry():
+    global _lora_registry
+    if _lora_registry is None:
+        _lora_registry = LoraRegistry(_lora_dirs())
+    return _lora_registry
+
+
+_lora_registry = None
+
+
+def _tags_by_params(p):
+    """id(params) -> the tag name the user wrote (``lora``, ``lyco``, ``sdtlora``): the WebUI hands one merged list
+    to the network registered under several names, but keeps the parsed prompt's ``{tag: [params...]}`` on p."""
+    out = {}
+    for attr in ("extra_network_data", "hr_extra_network_data"):
+        data = getattr(p, attr, None)
+        if isinstance(data, dict):
+            for tag, lst in data.items():
+                for prm in lst or []:
+                    out.setdefault(id(prm), tag)
+    return out
+
+
+def _report_not_found(missing):
+    """Where the WebUI shows extra-network errors: the built-in's ``Lora not found: a, b`` comment (shown under the
+    image) for <lora>/<lyco>, ours for <sdtlora>; console/gradio warnings per the built-in's settings."""
+    from modules import sd_hijack
+
+    lora = [n for tag, n in missing if tag != "sdtlora"]
+    ours = [n for tag, n in missing if tag == "sdtlora"]
+    for names, label in ((lora, "Lora"), (ours, "SD Toolkit Lora")):
+        if not names:
+            continue
+        msg = f"{label} not found: {', '.join(names)}"
+        sd_hijack.model_hijack.comments.append(msg)
+        if getattr(shared.opts, "lora_not_found_gradio_warning", False):
+            try:
+                import gradio as gr
+
+                gr.Warning(msg)
+            except Exception:  # noqa: BLE001 - outside a gradio request there is no one to warn
+                pass
+
+
 class SdToolkitLora(extra_networks.ExtraNetwork):
     def __init__(self, name="sdtlora", functional=False):
         super().__init__(name)
         self.functional = functional
-        self.registry = None
         self.patcher = None
         self._model_id = None
         self._nets = {}
         self._ranged = False
         self._hash_caches = None
         self._shorthashes = {}
+        self._logged_mode = None
+
+    @property
+    def registry(self):
+        return _registry()
 
     @property
     def mode(self):
         return "functional" if self.functional else "in-place"
+
+    def _decide_mode(self):
+        """Functional (forward hooks) while another extension owns ``<lora>`` (the built-in merges into the weights
+        lazily and restores them from its own backup), in place otherwise."""
+        self.functional = _builtin_network() is not None
+        if self._logged_mode != self.mode:
+            self._logged_mode = self.mode
+            if self.functional:
+                log.info("SD Toolkit: the built-in Lora extension handles <lora:...>; SD Toolkit handles "
+                         "<sdtlora:...> as forward hooks (LoRA factors only, no weight written)")
+            else:
+                log.info("SD Toolkit: no built-in Lora extension is active; <lora:...>, <lyco:...> and "
+                         "<sdtlora:...> are handled by SD Toolkit (in-place patching, exact restore)")
 
     def _patcher_for(self, sd_model):
         if self._model_id != id(sd_model) or isinstance(self.patcher, LoraPatcher) == self.functional:
@@ -125,15 +213,17 @@ class SdToolkitLora(extra_networks.ExtraNetwork):
             return
         if not params_list and self.patcher is None:
             return                      # nothing asked, nothing applied: no binding, no folder scan
+        self._decide_mode()
         patcher = self._patcher_for(sd_model)
-        if self.registry is None and params_list:
-            self.registry = LoraRegistry(_lora_dirs())
         arch = _arch_of(sd_model)
         presets = load_user_presets(getattr(shared.opts, "sdtoolkit_lbw_presets", None))
+        tags = _tags_by_params(p) if params_list else {}
         active = []
         mentioned = []
+        missing = []
         for params in params_list:
-            req = request_from_params(ExtraNetworkParams.from_items(list(params.items)), self.name)
+            tag = tags.get(id(params), self.name)
+            req = request_from_params(ExtraNetworkParams.from_items(list(params.items)), tag)
             if req is None:
                 continue
             for w in req.warnings:
@@ -144,6 +234,7 @@ class SdToolkitLora(extra_networks.ExtraNetwork):
                 entry = self.registry.find(req.name)
             if entry is None:
                 log.warning("%s: no LoRA named %r; generation goes on without it", req.tag, req.name)
+                missing.append((tag, req.name))
                 continue
             try:
                 net = self._network(entry, arch)
@@ -153,6 +244,8 @@ class SdToolkitLora(extra_networks.ExtraNetwork):
                 continue
             active.append(ActiveNetwork(net, req.te, req.unet, req.dyn, bw, req.start, req.stop))
             mentioned.append((req.name, entry, net.name))
+        if missing:
+            _report_not_found(missing)
         self._ranged = any(a.start is not None or a.stop is not None for a in active)
         patcher._step = 0 if self._ranged else None
         res = patcher.set_networks(active)
@@ -163,7 +256,6 @@ class SdToolkitLora(extra_networks.ExtraNetwork):
                 f"{a.network.name}: {a.te:g}/{a.unet:g}" for a in active if a.network.name in res.applied)
         if not self.functional and getattr(shared.opts, "lora_add_hashes_to_infotext", True):
             self._add_hashes(p, [(n, e) for n, e, net_name in mentioned if net_name in res.applied])
-
     def _add_hashes(self, p, applied):
         """The built-in's "Lora hashes" (extra_networks_lora.py): kept across the hires pass of one p."""
         if not getattr(p, "is_hr_pass", False) or not hasattr(p, "lora_hashes"):
@@ -188,7 +280,7 @@ class SdToolkitLora(extra_networks.ExtraNetwork):
             try:
                 short = network_shorthash(entry, cache, webui,
                                           compute=not getattr(shared.cmd_opts, "no_hashing", False))
-            except (SdToolkitError, OSError) as e:
+            except (SdToolkitError, OSError, sqlite3.Error) as e:   # the infotext field is a convenience
                 log.warning("Lora hashes: %s", e)
                 short = None
             if short is None:
@@ -222,29 +314,144 @@ def _hash_caches():
 
 
 network = None
+#: our "Lora" extra-networks page, registered only where the built-in Lora extension is not loaded
+page = None
 
 
 def _register():
-    global network
+    global network, page
     if IS_FORGE:
         log.warning(FORGE_MESSAGE)
         return
-    builtin = extra_networks.extra_network_registry.get("lora")
     if network is not None:
         network.unload()
-    network = SdToolkitLora("sdtlora", functional=builtin is not None)
+    network = SdToolkitLora("sdtlora")
     extra_networks.register_extra_network(network)
-    if builtin is None:
-        if "lora_add_hashes_to_infotext" not in shared.opts.data_labels:   # normally the built-in's setting
-            shared.opts.add_option("lora_add_hashes_to_infotext", shared.OptionInfo(
-                True, "Add Lora hashes to infotext", section=("extra_networks", "Extra Networks")))
-        extra_networks.register_extra_network_alias(network, "lora")
-        extra_networks.register_extra_network_alias(network, "lyco")
-        log.info("SD Toolkit: the built-in Lora extension is not active; <lora:...> and <lyco:...> are handled by "
-                 "SD Toolkit (in-place patching)")
-    else:
-        log.info("SD Toolkit: the built-in Lora extension handles <lora:...>; SD Toolkit handles <sdtlora:...> in "
-                 "functional mode (forward hooks) so the two never write the same weights")
+    # aliases only where no one holds the name: the built-in's before_ui runs after ours and takes "lora" (as a
+    # registered network, which wins over an alias) and "lyco"; were it to run first, we leave its names alone
+    for alias in ("lora", "lyco"):
+        if alias not in extra_networks.extra_network_registry and alias not in extra_networks.extra_network_aliases:
+            extra_networks.register_extra_network_alias(network, alias)
+    if "lora_add_hashes_to_infotext" not in shared.opts.data_labels:   # normally the built-in's setting
+        shared.opts.add_option("lora_add_hashes_to_infotext", shared.OptionInfo(
+            True, "Add Lora hashes to infotext", section=("extra_networks", "Extra Networks")))
+    page = None
+    if not _builtin_loaded() and _builtin_network() is None:
+        try:
+            from modules import ui_extra_networks
+
+            page = _make_page(ui_extra_networks)
+            ui_extra_networks.register_page(page)
+        except ImportError as e:
+            log.warning("SD Toolkit: no Lora cards page (%s)", e)
+
+
+def _on_app_started(demo, app):
+    """The built-in's ``GET /sdapi/v1/loras`` and ``POST /sdapi/v1/refresh-loras`` where it is not there."""
+    if IS_FORGE or network is None or _builtin_network() is not None or _builtin_loaded():
+        return
+    if any(getattr(r, "path", None) == "/sdapi/v1/loras" for r in getattr(app, "routes", [])):
+        return
+    @app.get("/sdapi/v1/loras")
+    async def get_loras():
+        return [_lora_json(e) for e in _registry().entries]
+
+    @app.post("/sdapi/v1/refresh-loras")
+    async def refresh_loras():
+        _registry().refresh()
+        return None
+
+
+def _webui_metadata(entry):
+    """The metadata as the WebUI reads it (``read_metadata_from_safetensors``): values starting with ``{`` are
+    decoded JSON."""
+    out = {}
+    for k, v in entry.metadata.items():
+        out[k] = v
+        if isinstance(v, str) and v[0:1] == "{":
+            try:
+                out[k] = json.loads(v)
+            except ValueError:
+                pass
+    return out
+
+
+def _lora_json(entry):
+    """One item of the built-in's ``GET /sdapi/v1/loras``: name (file stem), alias (``ss_output_name`` or the
+    name), path, metadata."""
+    return {"name": entry.name, "alias": entry.alias or entry.name, "path": str(entry.path),
+            "metadata": _webui_metadata(entry)}
+
+
+def _alias_for_prompt(entry):
+    """The built-in's ``NetworkOnDisk.get_alias()``: the file name where the setting asks for it or the alias is
+    ambiguous (two files with one ``ss_output_name``) or forbidden, else the alias."""
+    alias = entry.alias or entry.name
+    if getattr(shared.opts, "lora_preferred_name", "Alias from file") == "Filename" or \
+            alias.lower() in ("none", "addams"):
+        return entry.name
+    if alias != entry.name and sum(1 for e in _registry().entries if (e.alias or e.name) == alias) > 1:
+        return entry.name
+    return alias
+
+
+def _make_page(ui_extra_networks):
+    """The built-in's "Lora" extra-networks page (cards tab) over our registry: each card inserts
+    ``<lora:ALIAS:preferred weight or opts.extra_networks_default_multiplier>`` and its activation text."""
+    quote_js = ui_extra_networks.quote_js
+
+    class ExtraNetworksPageLora(ui_extra_networks.ExtraNetworksPage):
+        def __init__(self):
+            super().__init__("Lora")
+            self.allow_negative_prompt = True
+
+        def refresh(self):
+            _registry().refresh()
+
+        def create_item(self, name, index=None, enable_filter=True):
+            entry = next((e for e in _registry().entries if e.name == name), None)
+            if entry is None:
+                return None
+            path = os.path.splitext(str(entry.path))[0]
+            search_terms = [self.search_terms_from_path(str(entry.path))]
+            if entry.hash:
+                search_terms.append(entry.hash)
+            ver = entry.metadata.get("ss_base_model_version", "")
+            sd_version = ("SDXL" if ver.startswith("sdxl_") else "SD2" if entry.metadata.get("ss_v2") == "True"
+                          else "SD1" if entry.metadata else "Unknown")
+            item = {
+                "name": name,
+                "filename": str(entry.path),
+                "shorthash": (entry.hash or "")[:12],
+                "preview": self.find_preview(path),
+                "description": self.find_description(path),
+                "search_terms": search_terms,
+                "local_preview": f"{path}.{shared.opts.samples_format}",
+                "metadata": _webui_metadata(entry),
+                "sort_keys": {"default": index, **self.get_sort_keys(str(entry.path))},
+                "sd_version": sd_version,
+            }
+            self.read_user_metadata(item)
+            activation_text = item["user_metadata"].get("activation text")
+            preferred_weight = item["user_metadata"].get("preferred weight", 0.0)
+            item["prompt"] = (quote_js(f"<lora:{_alias_for_prompt(entry)}:") + " + "
+                              + (str(preferred_weight) if preferred_weight else "opts.extra_networks_default_multiplier")
+                              + " + " + quote_js(">"))
+            if activation_text:
+                item["prompt"] += " + " + quote_js(" " + activation_text)
+            item["negative_prompt"] = quote_js(item["user_metadata"].get("negative text", ""))
+            return item
+
+        def list_items(self):
+            for index, entry in enumerate(list(_registry().entries)):
+                item = self.create_item(entry.name, index)
+                if item is not None:
+                    yield item
+
+        def allowed_directories_for_previews(self):
+            return [d for d in _lora_dirs() if d]
+
+    return ExtraNetworksPageLora()
 
 
 def _on_cfg_denoiser(params):
@@ -258,5 +465,6 @@ def _on_unloaded():
 
 
 script_callbacks.on_before_ui(_register)
+script_callbacks.on_app_started(_on_app_started)
 script_callbacks.on_cfg_denoiser(_on_cfg_denoiser)
 script_callbacks.on_script_unloaded(_on_unloaded)

@@ -380,7 +380,8 @@ def test_webui_host_reads_the_webui_dirs(webui, tmp_path):
     models = Path(paths.models_path)
     assert h.model_dirs("checkpoint") == [models / "Stable-diffusion", tmp_path / "ckpt"]
     assert h.model_dirs("vae") == [models / "VAE", tmp_path / "vae"]
-    assert h.model_dirs("lora") == [models / "Lora"]
+    # the built-in Lora's preload.py (run for every built-in extension) adds --lora-dir and --lyco-dir-backcompat
+    assert h.model_dirs("lora") == [models / "Lora", models / "LyCORIS"]
     assert h.settings is shared.opts.data
 
 

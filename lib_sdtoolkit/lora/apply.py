@@ -577,19 +577,64 @@ class LoraPatcher(_Base):
 
 # --------------------------------------------------------------------------------------------------- functional
 
-class FunctionalLora(_Base):
-    """Adds Σ m·ΔW in the forward pass through forward hooks; weights are never written.
+@dataclass
+class _Term:
+    """One network's contribution to one parameter, as the forward hooks compute it."""
 
-    Linear, Conv1d/2d, GroupNorm, LayerNorm targets are supported; an ``nn.MultiheadAttention`` (OpenCLIP's fused
-    attention) is recomputed with W+ΔW inside its hook (its out_proj is used by the attention call directly, so it
-    is handled there too). ΔW is kept per module in the module's dtype (cached per signature)."""
+    layer: BoundLayer
+    mult: float
+    dyn: Optional[int]
+    rows: Optional[slice]
+    #: (up (out, r), down (r, in·k·k), scale·mult) for a plain LoRA/LoCon layer run as two small products; None
+    #: where ΔW is computed inside the forward (other types, DoRA, CP, bias deltas, grouped convs)
+    lowrank: Optional[Tuple[torch.Tensor, torch.Tensor, float]] = None
+
+
+_HOOKABLE = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.GroupNorm, nn.LayerNorm)
+
+
+class FunctionalLora(_Base):
+    """Adds Σ m·ΔW·x in the forward pass through forward hooks; weights are never written, so it composes with
+    whoever owns the weights (the WebUI's built-in Lora extension merges its own networks into them lazily).
+
+    Memory: the hooks keep the LoRA factors (fp32 on the parameter's device) and never a full ΔW. A plain LoRA/LoCon
+    layer of an ``nn.Linear``/``nn.Conv1d``/``nn.Conv2d`` (groups 1, zero padding) runs as two small products,
+    ``up(down(x))``; every other case (LoHa, LoKr, full, IA3, norm, DoRA, CP LoCon, bias deltas, grouped convs) computes
+    its ΔW inside the forward from the file's tensors, one layer at a time, and frees it. An ``nn.MultiheadAttention``
+    (OpenCLIP's fused attention) is recomputed with W+ΔW inside its hook (its out_proj is used by the attention call
+    directly, so it is handled there too; ΔW of that one layer is the temporary). Types whose ΔW depends on the
+    weight (DoRA, IA3) see the original weight: the built-in Lora extension's CPU backup of the module where it has
+    merged networks into it (``network_weights_backup``), else the parameter itself."""
 
     def __init__(self, binding: ModelBinding, compute_device: Optional[torch.device] = None):
         super().__init__(binding, compute_device)
-        self._deltas: Dict[int, Dict[str, Tuple[torch.Tensor, Optional[torch.Tensor]]]] = {}
+        self._terms: Dict[int, Dict[str, List[_Term]]] = {}
         self._sig: Dict[Tuple[int, str], tuple] = {}
         self._hooks: Dict[int, Any] = {}
         self._modules: Dict[int, nn.Module] = {}
+        self._factors: Dict[tuple, Tuple[torch.Tensor, torch.Tensor, float]] = {}
+
+    @property
+    def kept_bytes(self) -> int:
+        """Bytes of the tensors the hooks keep alive between forwards: the LoRA factors (each counted once)."""
+        seen: Dict[Tuple[int, int], int] = {}
+        for per in self._terms.values():
+            for terms in per.values():
+                for t in terms:
+                    if t.lowrank is not None:
+                        for x in t.lowrank[:2]:
+                            seen[(x.data_ptr(), x.numel())] = x.numel() * x.element_size()
+        return sum(seen.values())
+
+    def kept_tensors(self) -> List[Tuple[Tuple[int, str], torch.Tensor]]:
+        """((id(module), attr), tensor) for every tensor the hooks keep (for accounting)."""
+        out = []
+        for mid, per in self._terms.items():
+            for attr, terms in per.items():
+                for t in terms:
+                    if t.lowrank is not None:
+                        out += [((mid, attr), x) for x in t.lowrank[:2]]
+        return out
 
     def set_networks(self, active: Sequence[ActiveNetwork]) -> ApplyResult:
         self._requested = list(active)
@@ -611,39 +656,51 @@ class FunctionalLora(_Base):
                 self._build(k, ref, contribs)
                 self._sig[k] = sig
                 result.touched += 1
+        live = {(c[0], c[1].weights.name, c[3]) for _, contribs in groups.values() for c in contribs}
+        for fk in [fk for fk in self._factors if fk[:3] not in live]:
+            del self._factors[fk]
         self._last_key = key if not result.errors else None
         return result
 
-    def _build(self, k: Tuple[int, str], ref: ParamRef, contribs: List[_Contribution]) -> None:
-        param = ref.tensor
-        dev = self.compute_device or param.device
-        dw_acc = torch.zeros(param.shape, dtype=torch.float32, device=dev)
-        db_acc: Optional[torch.Tensor] = None
-        for _, layer, mult, dyn, rows in contribs:
-            base = param.detach() if rows is None else param.detach()[rows]
-            dw, db = formats.compute_delta(layer.weights, base, dyn, device=dev)
-            (dw_acc if rows is None else dw_acc[rows]).add_(dw, alpha=mult)
-            if db is not None:
-                if db_acc is None:
-                    n = param.shape[0]
-                    db_acc = torch.zeros(n, dtype=torch.float32, device=dev)
-                (db_acc if rows is None else db_acc[rows]).add_(db.to(dev), alpha=mult)
+    def _lowrank(self, ref: ParamRef, c: _Contribution) -> Optional[Tuple[torch.Tensor, torch.Tensor, float]]:
+        net_id, layer, mult, dyn, rows = c
         mod = ref.module
-        self._deltas.setdefault(id(mod), {})[ref.attr] = (
-            dw_acc.to(param.dtype), db_acc.to(param.dtype) if db_acc is not None else None)
+        param = ref.tensor
+        if isinstance(mod, nn.Linear):
+            if rows is not None or ref.attr != "weight":
+                return None
+        elif isinstance(mod, (nn.Conv1d, nn.Conv2d)):
+            if mod.groups != 1 or mod.padding_mode != "zeros" or ref.attr != "weight":
+                return None
+        elif not (isinstance(mod, nn.MultiheadAttention) and ref.attr == "in_proj_weight"):
+            return None
+        dev = self.compute_device or param.device
+        fk = (net_id, layer.weights.name, dyn, str(dev))
+        if fk not in self._factors:
+            fac = formats.lowrank_factors(layer.weights, dyn, dev)
+            if fac is None:
+                return None
+            self._factors[fk] = fac
+        up, down, s = self._factors[fk]
+        return up, down, s * mult
+
+    def _build(self, k: Tuple[int, str], ref: ParamRef, contribs: List[_Contribution]) -> None:
+        terms = [_Term(c[1], c[2], c[3], c[4], self._lowrank(ref, c)) for c in contribs]
+        mod = ref.module
+        self._terms.setdefault(id(mod), {})[ref.attr] = terms
         parent = self.binding.mha_parent.get(id(mod))
         self._install(parent if parent is not None else mod)
 
     def _drop(self, k: Tuple[int, str]) -> None:
         mid, attr = k
-        d = self._deltas.get(mid)
+        d = self._terms.get(mid)
         if d is not None:
             d.pop(attr, None)
             if not d:
-                del self._deltas[mid]
+                del self._terms[mid]
                 parent = self.binding.mha_parent.get(mid)
                 hid = id(parent) if parent is not None else mid
-                if hid not in self._deltas and not (parent is not None and id(parent.out_proj) in self._deltas):
+                if hid not in self._terms and not (parent is not None and id(parent.out_proj) in self._terms):
                     h = self._hooks.pop(hid, None)
                     if h is not None:
                         h.remove()
@@ -655,7 +712,7 @@ class FunctionalLora(_Base):
             return
         if isinstance(mod, nn.MultiheadAttention):
             h = mod.register_forward_hook(self._mha_hook, with_kwargs=True)
-        elif isinstance(mod, (nn.Linear, nn.Conv1d, nn.Conv2d, nn.GroupNorm, nn.LayerNorm)):
+        elif isinstance(mod, _HOOKABLE):
             h = mod.register_forward_hook(self._hook)
         else:
             # out_proj of an MultiheadAttention is a NonDynamicallyQuantizableLinear (an nn.Linear): handled above
@@ -663,29 +720,79 @@ class FunctionalLora(_Base):
         self._hooks[id(mod)] = h
         self._modules[id(mod)] = mod
 
-    def _hook(self, mod: nn.Module, args: tuple, out: torch.Tensor) -> torch.Tensor:
-        d = self._deltas.get(id(mod), {})
-        dw, db = d.get("weight", (None, None))
-        if dw is None:
-            return out
-        x = args[0]
+    # -- the maths inside the forward
+    @staticmethod
+    def _original(mod: nn.Module, attr: str, owner: Optional[nn.Module] = None) -> torch.Tensor:
+        """The weight before anyone merged networks into it: the built-in Lora's CPU backup where it has one."""
+        param = getattr(mod, attr)
+        bk = getattr(owner if owner is not None else mod, "network_weights_backup", None)
+        if isinstance(bk, tuple):
+            bk = bk[0] if attr == "in_proj_weight" else bk[1] if owner is not None else None
+        if isinstance(bk, torch.Tensor) and tuple(bk.shape) == tuple(param.shape):
+            return bk
+        return param.detach()
+
+    def _delta(self, mod: nn.Module, attr: str, terms: List[_Term], dev: torch.device,
+               owner: Optional[nn.Module] = None) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+        """Σ m·ΔW (fp32) of one parameter, and the bias delta: the one layer's temporary."""
+        param = getattr(mod, attr)
+        dw = torch.zeros(param.shape, dtype=torch.float32, device=dev)
+        db: Optional[torch.Tensor] = None
+        base: Optional[torch.Tensor] = None
+        for t in terms:
+            target = dw if t.rows is None else dw[t.rows]
+            if t.lowrank is not None:
+                up, down, a = t.lowrank
+                target.view(target.shape[0], -1).addmm_(up, down, alpha=a)
+                continue
+            if base is None:
+                base = self._original(mod, attr, owner)
+            d, b = formats.compute_delta(t.layer.weights, base if t.rows is None else base[t.rows], t.dyn, device=dev)
+            target.add_(d, alpha=t.mult)
+            del d
+            if b is not None:
+                if db is None:
+                    db = torch.zeros(param.shape[0], dtype=torch.float32, device=dev)
+                (db if t.rows is None else db[t.rows]).add_(b.to(dev), alpha=t.mult)
+        return dw, db
+
+    def _term_out(self, mod: nn.Module, t: _Term, x: torch.Tensor) -> torch.Tensor:
+        """ΔW_t·x for one term of a Linear/Conv/Norm module, in fp32."""
+        if t.lowrank is not None:
+            up, down, a = t.lowrank
+            if isinstance(mod, nn.Linear):
+                return F.linear(F.linear(x, down), up).mul_(a)
+            w = mod.weight
+            conv = F.conv2d if isinstance(mod, nn.Conv2d) else F.conv1d
+            kdown = down.view(down.shape[0], *w.shape[1:])
+            kup = up.view(up.shape[0], up.shape[1], *([1] * (w.dim() - 2)))
+            return conv(conv(x, kdown, None, mod.stride, mod.padding, mod.dilation), kup).mul_(a)
+        dw, db = self._delta(mod, "weight", [t], x.device)
         if isinstance(mod, nn.Linear):
-            return out + F.linear(x, dw, db)
+            return F.linear(x, dw, db)
         if isinstance(mod, nn.Conv2d):
-            return out + F.conv2d(x, dw, db, mod.stride, mod.padding, mod.dilation, mod.groups)
+            return F.conv2d(x, dw, db, mod.stride, mod.padding, mod.dilation, mod.groups)
         if isinstance(mod, nn.Conv1d):
-            return out + F.conv1d(x, dw, db, mod.stride, mod.padding, mod.dilation, mod.groups)
+            return F.conv1d(x, dw, db, mod.stride, mod.padding, mod.dilation, mod.groups)
         if isinstance(mod, nn.GroupNorm):
-            return out + F.group_norm(x, mod.num_groups, dw, db, mod.eps)
-        if isinstance(mod, nn.LayerNorm):
-            return out + F.layer_norm(x, mod.normalized_shape, dw, db, mod.eps)
-        return out
+            return F.group_norm(x, mod.num_groups, dw, db, mod.eps)
+        return F.layer_norm(x, mod.normalized_shape, dw, db, mod.eps)
+
+    def _hook(self, mod: nn.Module, args: tuple, out: torch.Tensor) -> torch.Tensor:
+        terms = self._terms.get(id(mod), {}).get("weight")
+        if not terms:
+            return out
+        x = args[0].to(torch.float32)
+        extra: Optional[torch.Tensor] = None
+        for t in terms:
+            y = self._term_out(mod, t, x)
+            extra = y if extra is None else extra.add_(y)
+        return out + extra.to(out.dtype)
 
     def _mha_hook(self, mod: nn.MultiheadAttention, args: tuple, kwargs: dict, out: Any) -> Any:
-        d = self._deltas.get(id(mod), {})
-        dw, db = d.get("in_proj_weight", (None, None))
-        odw, odb = self._deltas.get(id(mod.out_proj), {}).get("weight", (None, None))
-        if dw is None and odw is None:
+        t_in = self._terms.get(id(mod), {}).get("in_proj_weight")
+        t_out = self._terms.get(id(mod.out_proj), {}).get("weight")
+        if not t_in and not t_out:
             return out
         names = ("query", "key", "value", "key_padding_mask", "need_weights", "attn_mask", "average_attn_weights",
                  "is_causal")
@@ -694,10 +801,20 @@ class FunctionalLora(_Base):
         q, k, v = a["query"], a["key"], a["value"]
         if mod.batch_first:
             q, k, v = (t.transpose(0, 1) for t in (q, k, v))
-        w_in = mod.in_proj_weight + dw if dw is not None else mod.in_proj_weight
-        b_in = mod.in_proj_bias + db if (db is not None and mod.in_proj_bias is not None) else mod.in_proj_bias
-        w_out = mod.out_proj.weight + odw if odw is not None else mod.out_proj.weight
-        b_out = mod.out_proj.bias + odb if (odb is not None and mod.out_proj.bias is not None) else mod.out_proj.bias
+        w_in, b_in = mod.in_proj_weight, mod.in_proj_bias
+        if t_in:
+            dw, db = self._delta(mod, "in_proj_weight", t_in, w_in.device)
+            w_in = w_in + dw.to(w_in.dtype)
+            if db is not None and b_in is not None:
+                b_in = b_in + db.to(b_in.dtype)
+            del dw, db
+        w_out, b_out = mod.out_proj.weight, mod.out_proj.bias
+        if t_out:
+            dw, db = self._delta(mod.out_proj, "weight", t_out, w_out.device, owner=mod)
+            w_out = w_out + dw.to(w_out.dtype)
+            if db is not None and b_out is not None:
+                b_out = b_out + db.to(b_out.dtype)
+            del dw, db
         res = F.multi_head_attention_forward(
             q, k, v, mod.embed_dim, mod.num_heads, w_in, b_in, mod.bias_k, mod.bias_v, mod.add_zero_attn,
             mod.dropout, w_out, b_out, training=mod.training,
@@ -710,11 +827,12 @@ class FunctionalLora(_Base):
         return o, wts
 
     def remove(self) -> None:
-        """Remove every hook and cached delta."""
+        """Remove every hook and the factors they keep."""
         for h in self._hooks.values():
             h.remove()
         self._hooks.clear()
-        self._deltas.clear()
+        self._terms.clear()
+        self._factors.clear()
         self._sig.clear()
         self._modules.clear()
         self._last_key = None

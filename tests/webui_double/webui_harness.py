@@ -69,9 +69,13 @@ class WebUIDouble:
     def preload(self, argv: Sequence[str] = ()) -> Any:
         from modules import cmd_args, script_loading, shared
 
+        from modules import paths_internal
+
         parser = cmd_args.make_parser()
         script_loading.preload_extensions(os.path.dirname(self.extension_dir), parser,
                                           extension_list=[os.path.basename(self.extension_dir)])
+        # then every built-in extension's preload.py, enabled or not (the built-in Lora adds --lora-dir)
+        script_loading.preload_extensions(paths_internal.extensions_builtin_dir, parser)
         args = parser.parse_args(list(argv))  # unknown flag -> SystemExit(2), as in the WebUI
         shared.parser = parser
         shared.cmd_opts = args

@@ -1,4 +1,6 @@
 """Double of modules/extra_networks.py (reference section 3)."""
+import json
+import os
 import re
 from collections import defaultdict
 
@@ -19,6 +21,22 @@ def register_extra_network(extra_network):
 
 def register_extra_network_alias(extra_network, alias):
     extra_network_aliases[alias] = extra_network
+
+
+def get_user_metadata(filename, lister=None):
+    """The card's user metadata: the ``<file without extension>.json`` sidecar the metadata editor writes."""
+    if filename is None:
+        return {}
+    basename, ext = os.path.splitext(filename)
+    metadata_filename = basename + ".json"
+    metadata = {}
+    try:
+        if os.path.exists(metadata_filename):
+            with open(metadata_filename, "r", encoding="utf8") as file:
+                metadata = json.load(file)
+    except Exception as e:
+        errors.display(e, f"reading extra network user metadata from {metadata_filename}")
+    return metadata
 
 
 class ExtraNetworkParams:

@@ -15,18 +15,23 @@ Extra networks (added for the LoRA adapter), per batch in ``process_images_inner
 ``extra_networks.activate(p, p.extra_network_data)`` unless ``p.disable_extra_networks``;
 ``p.scripts.process_batch``; ``p.setup_conds()`` (the text encoder runs on the stripped prompts:
 ``sd_model.get_learned_conditioning``, without the WebUI's prompt-schedule parsing and cache); sampling; decoding;
-after the batch loop ``extra_networks.deactivate(p, p.extra_network_data)`` when there was any. Double only: a
+after the batch loop ``extra_networks.deactivate(p, p.extra_network_data)`` when there was any.
+Comments: ``model_hijack.clear_comments()`` before the prompts are set up; after ``setup_conds`` every
+``model_hijack.comments`` entry goes to ``p.comment(text)`` (``p.comments``), and ``Processed.comments`` joins them
+one per line: what the UI shows under the image (``plaintext_to_html(processed.comments, classname="comments")``). Double only: a
 generation built with ``prompt=None`` (the VAE-hook tests) skips the prompt/extra-network steps.
 """
 import torch
 
 from modules import extra_networks
+from modules.sd_hijack import model_hijack
 
 
 class Processed:
     def __init__(self, p, images_list, info=""):
         self.images = images_list
         self.info = info
+        self.comments = "".join(f"{comment}\n" for comment in getattr(p, "comments", {}))
 
 
 class StableDiffusionProcessing:
@@ -45,6 +50,10 @@ class StableDiffusionProcessing:
         self.prompts = self.negative_prompts = self.seeds = self.subseeds = None
         self.extra_network_data = None
         self.iteration = 0
+        self.comments = {}
+
+    def comment(self, text):
+        self.comments[text] = 1
 
     def setup_prompts(self):
         self.all_prompts = [self.prompt] * self.batch_size
@@ -117,6 +126,7 @@ def process_images_inner(p):
 
 
 def _process_images_inner_prompted(p):
+    model_hijack.clear_comments()
     p.setup_prompts()
     if p.scripts is not None:
         p.scripts.process(p)
@@ -137,6 +147,9 @@ def _process_images_inner_prompted(p):
             if p.scripts is not None:
                 p.scripts.process_batch(p, batch_number=n, prompts=p.prompts, seeds=p.seeds, subseeds=p.subseeds)
             p.setup_conds()
+            p.extra_generation_params.update(model_hijack.extra_generation_params)
+            for comment in model_hijack.comments:
+                p.comment(comment)
             samples = p.sample(conditioning=p.c, unconditional_conditioning=p.uc, seeds=p.seeds, subseeds=p.subseeds,
                                subseed_strength=0, prompts=p.prompts)
             decoded += decode_latent_batch(p.sd_model, samples, target_device="cpu")

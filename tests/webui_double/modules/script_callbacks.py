@@ -1,5 +1,8 @@
 """Double of modules/script_callbacks.py (reference section 2). Callbacks are named
-``<extension>/<file>/<category>[/<name>]``; exceptions in callbacks are reported and swallowed."""
+``<extension>/<file>/<category>[/<name>]``; exceptions in callbacks are reported and swallowed. Callbacks run in
+registration order (scripts load built-in extensions first), except ``before_ui`` and ``script_unloaded``, which
+the WebUI runs in reverse registration order (A1111 1.10 modules/script_callbacks.py). metadata.ini ordering and
+``prioritized_callbacks_*`` are not doubled."""
 import dataclasses
 import inspect
 import os
@@ -93,9 +96,10 @@ def report_exception(c, job):
     errors.report(f"Error executing callback {job} for {c.script}", exc_info=True)
 
 
-def _run(category, *args, collect=False):
+def _run(category, *args, collect=False, reverse=False):
     res = []
-    for c in callback_map[f"callbacks_{category}"]:
+    callbacks = callback_map[f"callbacks_{category}"]
+    for c in (list(reversed(callbacks)) if reverse else list(callbacks)):
         try:
             out = c.callback(*args)
             if collect:
@@ -126,11 +130,13 @@ def ui_settings_callback():
 
 
 def before_ui_callback():
-    _run("before_ui")
+    # the WebUI runs these two in REVERSE registration order (``for c in reversed(ordered_callbacks(...))``): an
+    # extension's before_ui runs before those of the built-in extensions loaded ahead of it
+    _run("before_ui", reverse=True)
 
 
 def script_unloaded_callback():
-    _run("script_unloaded")
+    _run("script_unloaded", reverse=True)
 
 
 def before_reload_callback():

@@ -4,7 +4,8 @@
 model's CLIP keys read ``cond_stage_model.wrapped.transformer.text_model.embeddings.token_embedding.wrapped.weight``;
 SDXL: each ``conditioner.embedders[i]`` likewise. ``undo_hijack(m)`` restores the plain ldm/sgm tree (the WebUI
 does it before loading weights and hijacks again afterwards: sd_models.load_model / reload_model_weights).
-Textual-inversion fixes and attention optimisations are not modelled (they do not change keys)."""
+Textual-inversion fixes and attention optimisations are not modelled (they do not change keys). ``comments`` /
+``clear_comments()`` as in the WebUI (cleared at the start of each generation)."""
 import torch
 
 
@@ -43,6 +44,14 @@ class StableDiffusionModelHijack:
     def __init__(self):
         self.layers = None
         self.clip = None
+        #: messages shown under the image (processing copies them into ``p.comment``); the built-in Lora adds
+        #: "Lora not found: ..." here
+        self.comments = []
+        self.extra_generation_params = {}
+
+    def clear_comments(self):
+        self.comments = []
+        self.extra_generation_params = {}
 
     def hijack(self, m):
         conditioner = getattr(m, "conditioner", None)

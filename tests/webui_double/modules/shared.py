@@ -12,6 +12,12 @@ options_templates.update(options_section(("sd", "Stable Diffusion", "sd"), {
     "sd_model_checkpoint": OptionInfo(None, "Stable Diffusion checkpoint"),
     "sd_vae": OptionInfo("Automatic", "SD VAE"),
 }))
+options_templates.update(options_section(("saving-images", "Saving images/grids", "saving"), {
+    "samples_format": OptionInfo("png", "File format for images"),
+}))
+options_templates.update(options_section(("extra_networks", "Extra Networks", "sd"), {
+    "extra_networks_default_multiplier": OptionInfo(1.0, "Default multiplier for extra networks"),
+}))
 opts = Options(options_templates, set())
 
 sd_model = None
