@@ -278,6 +278,9 @@ class ScriptRunner:
     def process_batch(self, p, **kwargs):
         self._dispatch("process_batch", p, **kwargs)
 
+    def after_extra_networks_activate(self, p, **kwargs):
+        self._dispatch("after_extra_networks_activate", p, **kwargs)
+
     def postprocess_batch(self, p, images, **kwargs):
         self._dispatch("postprocess_batch", p, *(), images=images, **kwargs)
 
