@@ -71,7 +71,8 @@ def page(app_url):
             pg = browser.new_page()
             pg.set_default_timeout(TIMEOUT_MS)
             PAGE_ERRORS.clear()
-            pg.on("pageerror", lambda exc: PAGE_ERRORS.append(str(exc)))
+            # the message and the stack (which names the script file that threw)
+            pg.on("pageerror", lambda exc: PAGE_ERRORS.append(f"{exc}\n{getattr(exc, 'stack', '')}"))
             pg.goto(app_url)
             yield pg
         finally:
