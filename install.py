@@ -7,11 +7,15 @@ transformers, ...): those come from the WebUI.
 """
 import launch
 
-#: (name checked with launch.is_installed, pip requirement)
+#: (name checked with launch.is_installed, pip requirement). Every third-party package our code imports at run
+#: time is either pinned by the WebUI (A1111 1.10.1 requirements_versions.txt or a dependency of a pin) or listed
+#: here; tests/test_install.py walks the imports and checks it. blake3 is not pinned by the WebUI: without it the
+#: BLAKE3 file hash is left out with a message (the dedup content hash uses hashlib only).
 REQUIREMENTS = (
     ("safetensors", "safetensors>=0.4.2"),
     ("einops", "einops"),
     ("tqdm", "tqdm"),
+    ("blake3", "blake3>=0.3"),
 )
 #: the WebUI owns these; installing them from an extension breaks installs
 NEVER_INSTALL = frozenset({"torch", "torchvision", "xformers", "gradio", "transformers", "fastapi", "pydantic",

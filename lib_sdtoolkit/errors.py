@@ -63,3 +63,11 @@ class AccessDeniedError(SdToolkitError):
     """A path outside the configured model folders (API)."""
 
     http_status = 403
+
+
+class MissingDependencyError(SdToolkitError):
+    """An optional Python package a feature needs is not installed; the message names it and how to install it.
+    The rest of the toolkit keeps working. 424 (Failed Dependency): the request was fine, this install lacks a
+    package."""
+
+    http_status = 424

@@ -229,3 +229,30 @@ if not EXTERNAL:
             for _, m in getattr(self, "_maps", []) or []:
                 processed.images.append(Image.fromarray(m))
             self._maps = []
+
+
+if not EXTERNAL:
+    class SdToolkitControlNetClientCompat(scripts.Script):
+        """A selectable script titled "controlnet m2m", the name sd-webui-controlnet's movie-to-movie script has.
+
+        API clients detect ControlNet by that name in ``/sdapi/v1/scripts``: ``webuiapi`` then sends
+        ``"ControlNet": {"args": []}`` on every call without units. Without it, webuiapi sends nothing on such a
+        call -- and because its ``alwayson_scripts={}`` default dict is shared between calls, the units of the
+        previous call are sent again, so ControlNet stuck to every later generation. Chosen in the Script
+        dropdown it runs a plain generation (SD Toolkit has no movie-to-movie)."""
+
+        def title(self):
+            return "controlnet m2m"
+
+        def show(self, is_img2img):
+            return True
+
+        def ui(self, is_img2img):
+            gr.Markdown("SD Toolkit has no ControlNet movie-to-movie: this entry exists so that API clients "
+                        "(webuiapi) recognise the ControlNet units. Running it makes a normal generation; set units "
+                        "in the ControlNet (SD Toolkit) accordion.")
+            return []
+
+        def run(self, p, *args):
+            from modules import processing
+            return processing.process_images(p)

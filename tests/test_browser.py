@@ -28,6 +28,10 @@ pytestmark = pytest.mark.skipif(not os.path.exists(CHROMIUM),
                                 reason=f"{CHROMIUM} is missing (apt-get install chromium; .ci/run does it)")
 
 
+#: uncaught exceptions thrown by scripts in the page (``page.on("pageerror")``), for the whole module
+PAGE_ERRORS: list = []
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -66,6 +70,9 @@ def page(app_url):
         try:
             pg = browser.new_page()
             pg.set_default_timeout(TIMEOUT_MS)
+            PAGE_ERRORS.clear()
+            # the message and the stack (which names the script file that threw)
+            pg.on("pageerror", lambda exc: PAGE_ERRORS.append(f"{exc}\n{getattr(exc, 'stack', '')}"))
             pg.goto(app_url)
             yield pg
         finally:
@@ -108,3 +115,65 @@ def test_browser_inspect_flow(page):
     text = _inspect(page, ".sdtoolkit-error")
     assert "'..' is not allowed" in text
     assert page.locator("#sdtoolkit_inspect_arch .sdtoolkit-error").count() == 1
+
+
+# --------------------------------------------------------------------------------------------- sub-tab actions
+def _open_tab(page, title: str) -> None:
+    page.locator("#sdtoolkit_tabs > div.tab-nav button", has_text=title).first.click()
+
+
+def _headers(page, elem_id: str) -> list:
+    return [h.strip() for h in page.locator(f"#{elem_id} thead th").all_inner_texts()]
+
+
+def _body_cells(page, elem_id: str) -> list:
+    return [c.strip() for c in page.locator(f"#{elem_id} tbody td").all_inner_texts()]
+
+
+def test_sub_tab_actions_keep_table_headers_and_throw_no_page_errors(page):
+    """Issue 10, defect 9: after an error the Hashes and Dedup tables lost their headers, Inspect and Prune showed a
+    placeholder ``0`` row, and page errors were reported during sub-tab actions. Every sub-tab is opened and each
+    table-producing action is run into an error; the tables keep their headers with no rows, and the page throws
+    nothing (any uncaught exception from the page's scripts is collected with page.on("pageerror"))."""
+    from lib_sdtoolkit.dedup import TABLE_HEADERS as DEDUP_HEADERS
+    from lib_sdtoolkit.ui.hashes_tab import HASH_HEADERS
+    from lib_sdtoolkit.ui.inspect_tab import TABLE_HEADERS as INSPECT_HEADERS
+    from lib_sdtoolkit.ui.prune_tab import PLAN_HEADERS
+
+    page.wait_for_selector("#sdtoolkit_tabs")
+    titles = [t.strip() for t in page.locator("#sdtoolkit_tabs > div.tab-nav button").all_inner_texts()]
+    assert {"Merge", "Inspect", "Prune & inspect", "Hashes & dedup"} <= set(titles), titles
+    for title in titles:                                   # every sub-tab opens without a page error
+        _open_tab(page, title)
+        page.wait_for_timeout(150)
+
+    _open_tab(page, "Inspect")                              # never inspected: headers, no placeholder row
+    page.wait_for_selector("#sdtoolkit_inspect_components thead th")
+
+    _open_tab(page, "Prune & inspect")
+    assert _headers(page, "sdtoolkit_prune_plan") == PLAN_HEADERS
+    assert _body_cells(page, "sdtoolkit_prune_plan") in ([], [""] * len(PLAN_HEADERS))
+    assert "0" not in _body_cells(page, "sdtoolkit_prune_plan")
+    page.fill("#sdtoolkit_prune_path textarea", "../nope.safetensors")
+    page.click("#sdtoolkit_prune_inspect")
+    page.wait_for_selector("#sdtoolkit_prune_summary .sdtoolkit-error")
+    assert _headers(page, "sdtoolkit_prune_plan") == PLAN_HEADERS
+    assert "0" not in _body_cells(page, "sdtoolkit_prune_plan")
+
+    _open_tab(page, "Hashes & dedup")
+    page.wait_for_selector("#sdtoolkit_hashes_table thead th")
+    page.click("#sdtoolkit_hashes_run")                     # nothing picked: an error
+    page.wait_for_selector("#sdtoolkit_hashes_status .sdtoolkit-error")
+    assert _headers(page, "sdtoolkit_hashes_table") == HASH_HEADERS
+    page.fill("#sdtoolkit_dedup_folders textarea", "../outside")
+    page.click("#sdtoolkit_dedup_scan")
+    page.wait_for_selector("#sdtoolkit_dedup_status .sdtoolkit-error")
+    assert _headers(page, "sdtoolkit_dedup_table") == list(DEDUP_HEADERS)
+
+    _open_tab(page, "Inspect")
+    page.fill("#sdtoolkit_inspect_path textarea", "../../nope.safetensors")
+    _inspect(page, ".sdtoolkit-error")
+    assert _headers(page, "sdtoolkit_inspect_components") == INSPECT_HEADERS
+    assert "0" not in _body_cells(page, "sdtoolkit_inspect_components")
+    page.wait_for_timeout(300)
+    assert PAGE_ERRORS == []

@@ -390,6 +390,80 @@ def test_tile_colorfix_through_generation(webui):
         assert not torch.allclose(c["out"], eps.float(), rtol=1e-2, atol=1e-2)  # the fix changed the output
 
 
+def test_webuiapi_calls_without_units_apply_none(webui, monkeypatch):
+    """Issue 10, defect 4: through the PyPI ``webuiapi`` client, ``txt2img(controlnet_units=[u])`` then a plain
+    ``txt2img()`` must apply no unit. webuiapi's ``alwayson_scripts={}`` default is one dict shared by all calls; it
+    resets ControlNet (``"ControlNet": {"args": []}``) only when ``/sdapi/v1/scripts`` lists "controlnet m2m".
+    The WebUI double's own /sdapi/v1 routes serve the requests over HTTP (uvicorn), filling the script args a
+    request does not name with the defaults of the scripts' UI components, as the WebUI's API does."""
+    webuiapi = pytest.importorskip("webuiapi")
+    uvicorn = pytest.importorskip("uvicorn")
+    import socket
+    import threading
+    import time
+
+    from PIL import Image
+    from modules import processing, scripts
+    from modules.api import api as webui_api
+
+    model = webui["model"]
+
+    def sample(self, conditioning, unconditional_conditioning, seeds, subseeds, subseed_strength, prompts):
+        return _make_sampler(model, webui["cond"], webui["uncond"])(conditioning, unconditional_conditioning,
+                                                                   seeds, subseeds, subseed_strength, prompts)
+
+    monkeypatch.setattr(processing.StableDiffusionProcessingTxt2Img, "sample", sample, raising=False)
+    monkeypatch.setattr(scripts, "scripts_txt2img", webui["runner"])
+    monkeypatch.setattr(scripts, "scripts_img2img", scripts.ScriptRunner())
+    webui_api._ensure_ui(scripts.scripts_img2img, True)
+    app = webui["w"].start_app(None, api=True)
+    with socket.socket() as so:
+        so.bind(("127.0.0.1", 0))
+        port = so.getsockname()[1]
+    srv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    th = threading.Thread(target=srv.run, daemon=True)
+    th.start()
+    try:
+        for _ in range(400):
+            if srv.started:
+                break
+            time.sleep(0.05)
+        assert srv.started
+        client = webuiapi.WebUIApi(host="127.0.0.1", port=port)
+        listed = client.get_scripts()
+        assert "controlnet m2m" in listed["txt2img"] and "controlnet m2m" in listed["img2img"]
+        assert client.has_controlnet
+        unit = webuiapi.ControlNetUnit(image=Image.fromarray(_canny_source()), module="canny",
+                                       model=_model_title(webui), weight=0.7, processor_res=128, threshold_a=100,
+                                       threshold_b=200, guidance_start=0.25, guidance_end=0.6,
+                                       resize_mode="Crop and Resize")
+        calls = model.model.calls
+
+        def run(units):
+            calls.clear()
+            kw = {"controlnet_units": units} if units else {}
+            r = client.txt2img(prompt="", width=128, height=128, steps=STEPS, **kw)
+            assert len(calls) == STEPS and len(r.images) >= 1
+            return r, [c["hooked"] for c in calls]
+
+        for round_ in range(2):
+            r, hooked = run([unit])
+            assert all(hooked), round_                                    # the unit hooked the UNet
+            assert "control_tiny_canny" in r.info["extra_generation_params"]["ControlNet"]
+            r, hooked = run(None)                                         # then a call without units
+            assert not any(hooked), round_
+            assert "ControlNet" not in r.info["extra_generation_params"]
+            for c in calls:                                               # the plain UNet, not a stale hint
+                assert torch.allclose(c["out"], _reference(webui, c, None), atol=3e-5)
+        # a unit sent as disabled, and an explicit empty list, apply nothing either
+        unit.enabled = False
+        assert not any(run([unit])[1])
+        assert not any(run(None)[1])
+    finally:
+        srv.should_exit = True
+        th.join(10)
+
+
 def test_conflicting_extension_registers_nothing(webui, tmp_path):
     """Runs last: it reloads the scripts with sd-webui-controlnet present."""
     from fastapi.testclient import TestClient
@@ -408,6 +482,7 @@ def test_conflicting_extension_registers_nothing(webui, tmp_path):
         runner = scripts.ScriptRunner()
         runner.initialize_scripts(False)
         assert "controlnet" not in [s.title().lower() for s in runner.scripts]
+        assert "controlnet m2m" not in [s.title().lower() for s in runner.scripts]  # the real one registers it
         assert "sd-webui-controlnet" in shared.opts.data["sdtoolkit_controlnet_external"]
         c = TestClient(w.start_app(None))
         assert c.get("/controlnet/version").status_code == 404

@@ -513,6 +513,64 @@ def test_metadata_in_the_webui_format(models, tmp_path):
     assert json.loads(_meta(out2)["sd_merge_recipe"])["preset"] == "GRAD_V"
 
 
+#: the recipe fields A1111 1.10's merger writes (modules/extras.py run_modelmerger, ``merge_recipe``)
+WEBUI_RECIPE_FIELDS = {"type", "primary_model_hash", "secondary_model_hash", "tertiary_model_hash", "interp_method",
+                       "multiplier", "save_as_half", "custom_name", "config_source", "bake_in_vae", "discard_weights",
+                       "is_inpainting", "is_instruct_pix2pix"}
+
+
+def test_inputs_metadata_is_carried_forward_as_the_webui_merger_does(tmp_path):
+    """Issue 10, defect 8. The rule, read from A1111 1.10 modules/extras.py ``run_modelmerger`` with its UI
+    defaults ("Save metadata" and "Copy metadata from merged models" on):
+    metadata = {}; update it with A's metadata, then B's, then C's; metadata["format"] = "pt";
+    metadata["sd_merge_recipe"] = json(recipe); sd_merge_models = {}; for A, B, C in turn:
+    sd_merge_models[sha256] = {"name", "legacy_hash", "sd_merge_recipe": the input's own recipe (decoded, as
+    CheckpointInfo.metadata holds JSON objects) or None}, then sd_merge_models.update(the input's sd_merge_models);
+    metadata["sd_merge_models"] = json(sd_merge_models). Our fields are added to the recipe, never replace these."""
+    from lib_sdtoolkit.samples import factory
+
+    parent_sha = "ab" * 32
+    parent_models = {parent_sha: {"name": "parent.safetensors", "legacy_hash": "12345678", "sd_merge_recipe": None}}
+    a_recipe = {"type": "webui", "interp_method": "Weighted sum", "multiplier": 0.25}
+    metas = {
+        "A": {"modelspec.title": "Model A", "ss_base_model_version": "sd_v1", "shared": "from A",
+              "sd_merge_recipe": json.dumps(a_recipe), "sd_merge_models": json.dumps(parent_models)},
+        "B": {"modelspec.title": "Model B", "shared": "from B", "b_only": "kept"},
+        "C": {"c_only": "x", "shared": "from C", "format": "pt"},
+    }
+    paths = {n: factory.write_checkpoint(tmp_path / f"{n}.safetensors", "SD1", seed=i + 1, metadata=metas[n])
+             for i, n in enumerate("ABC")}
+    out = tmp_path / "merged.safetensors"
+    merge_files(MergeRecipe(str(paths["A"]), str(paths["B"]), str(paths["C"]), method="add_difference", alpha=0.5),
+                out)
+    meta = _meta(out)
+
+    expected: Dict[str, str] = {}
+    for n in "ABC":
+        expected.update(metas[n])
+    expected["format"] = "pt"
+    for k, v in expected.items():
+        if k not in ("sd_merge_recipe", "sd_merge_models"):
+            assert meta.get(k) == v, k
+    rec = json.loads(meta["sd_merge_recipe"])
+    assert WEBUI_RECIPE_FIELDS <= set(rec)
+    assert (rec["primary_model_hash"], rec["secondary_model_hash"], rec["tertiary_model_hash"]) == \
+        tuple(_sha(paths[n]) for n in "ABC")
+
+    def decoded(v):
+        return json.loads(v) if isinstance(v, str) and v.startswith("{") else v
+
+    want_models: Dict[str, object] = {}
+    for n in "ABC":
+        p = paths[n]
+        legacy = hashlib.sha256(Path(p).read_bytes()[0x100000:0x110000]).hexdigest()[:8]
+        want_models[_sha(p)] = {"name": p.name, "legacy_hash": legacy,
+                                "sd_merge_recipe": decoded(metas[n].get("sd_merge_recipe"))}
+        want_models.update(decoded(metas[n].get("sd_merge_models")) or {})
+    assert json.loads(meta["sd_merge_models"]) == want_models
+    assert set(meta) == set(expected) | {"sd_merge_recipe", "sd_merge_models"}
+
+
 # ---------------------------------------------------------------------------------------------- bad input
 def test_bad_input_is_refused_before_writing(models, tmp_path):
     m = models["SD1"]

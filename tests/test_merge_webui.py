@@ -219,7 +219,7 @@ def test_save_current_merge_through_the_tab_equals_the_cli_and_is_listed(env, tm
     from lib_sdtoolkit.cli import main
     from modules import sd_models
 
-    assert "saved.safetensors" not in sd_models.checkpoints_list
+    assert "saved.safetensors" not in sd_models.checkpoint_aliases
     merge = _find_fn(env["demo"], "sdtoolkit_merge_in_memory")
     assert merge("A.safetensors", "B.safetensors", "", "weighted_sum", 0.3, 0.2, "", "", "fp16", False, False,
                  "None", "", 0, "cpu", False, "", False, progress=_NoProgress())[2] is not None
@@ -230,7 +230,7 @@ def test_save_current_merge_through_the_tab_equals_the_cli_and_is_listed(env, tm
     saved = env["ck"] / "saved.safetensors"
     assert Path(report["output"]) == saved and saved.is_file()
     # the checkpoint refresher ran: the WebUI's list has the file, and the tab's dropdowns offer it
-    assert sd_models.checkpoints_list.get("saved.safetensors") == str(saved)
+    assert sd_models.checkpoint_aliases["saved.safetensors"].filename == str(saved)
     assert "saved.safetensors" in out[3]["choices"] and out[3]["value"] == "A.safetensors"
 
     cli_out = tmp_path / "saved.safetensors"                      # same stem: same custom_name in the metadata
@@ -269,7 +269,7 @@ def test_api_in_memory_save_current_and_restore(env):
 
     r = c.post(MERGE + "/save-current", json={"output": "api_saved"})
     assert r.status_code == 200, r.text
-    assert r.json()["name"] == "api_saved.safetensors" and "api_saved.safetensors" in sd_models.checkpoints_list
+    assert r.json()["name"] == "api_saved.safetensors" and "api_saved.safetensors" in sd_models.checkpoint_aliases
     got = load_file(str(env["ck"] / "api_saved.safetensors"))
     assert torch.equal(got[TOKEN_EMB], _ws(A[TOKEN_EMB], B[TOKEN_EMB], 0.6).to(torch.float16))
     r = c.post(MERGE + "/save-current", json={"output": "api_saved.safetensors"})
@@ -362,3 +362,76 @@ def test_weights_do_not_change_while_a_generation_holds_the_queue_lock(env):
     t.join(timeout=120)
     assert answers and answers[0].status_code == 200, answers
     assert torch.equal(_plain_state(model)[k], _ws(A[k], B[k], 0.9).to(torch.float16))
+
+
+class _SamplingReached(Exception):
+    """Raised by the test sampler: everything before sampling (before_process, the WebUI's checkpoint reload,
+    process) ran; what the loaded weights are is all these tests need."""
+
+
+def _generate_until_sampling(model) -> None:
+    """A txt2img generation as the WebUI runs it (process_images: scripts' before_process, then
+    reload_model_weights() on the checkpoint the option names), stopped when it starts sampling."""
+    from contextlib import closing
+
+    from modules import processing, scripts
+    from modules.api import api
+
+    runner = scripts.scripts_txt2img
+    api._ensure_ui(runner, False)
+    p = processing.StableDiffusionProcessingTxt2Img(model, runner, api.init_default_script_args(runner))
+
+    def sample(*a, **k):
+        raise _SamplingReached()
+
+    p.sample = sample
+    with closing(p), pytest.raises(_SamplingReached):
+        processing.process_images(p)
+
+
+def test_options_and_checkpoint_info_name_the_merged_model_until_restore(env):
+    """Issue 10, defect 7: after an in-memory merge /sdapi/v1/options named the original checkpoint. A1111 names the
+    model it loads in the sd_model_checkpoint option (load_model_weights writes the checkpoint's title there), and
+    every generation reloads the checkpoint that option names (select_checkpoint via checkpoint_aliases)."""
+    from modules import sd_models, shared
+
+    c, model, A, B = env["client"], env["model"], env["A"], env["B"]
+    api = TestClient(env["w"].start_app(env["demo"], api=True))
+    a_title = api.get("/sdapi/v1/options").json()["sd_model_checkpoint"]
+    assert sd_models.checkpoint_aliases[a_title].filename == str(env["a"])
+    k = "model.diffusion_model.out.2.weight"
+
+    r = c.post(MERGE, json=dict(model_a="A", model_b="B", alpha=0.4, in_memory=True))
+    assert r.status_code == 200, r.text
+    title = api.get("/sdapi/v1/options").json()["sd_model_checkpoint"]
+    ci = model.sd_checkpoint_info
+    assert title == ci.title == f"{r.json()['name']}.safetensors [{r.json()['sha256'][:10]}]" != a_title
+    assert title in [m["title"] for m in api.get("/sdapi/v1/sd-models").json()]
+    merged = _ws(A[k], B[k], 0.4).to(torch.float16)
+
+    n_loads = len(env["loaded_calls"])
+    _generate_until_sampling(model)                                   # the option resolves to the merged weights
+    assert torch.equal(_plain_state(model)[k], merged) and len(env["loaded_calls"]) == n_loads
+    assert shared.opts.data["sd_model_checkpoint"] == title and model.sd_checkpoint_info is ci
+
+    sd_models.list_models()                                           # "refresh checkpoints" drops the stand-in
+    assert title not in sd_models.checkpoint_aliases
+    _generate_until_sampling(model)                                   # ... and a generation does not fall back
+    assert torch.equal(_plain_state(model)[k], merged) and len(env["loaded_calls"]) == n_loads
+    assert sd_models.checkpoint_aliases[title] is ci
+
+    r = c.post(MERGE + "/restore-loaded")
+    assert r.status_code == 200, r.text
+    assert api.get("/sdapi/v1/options").json()["sd_model_checkpoint"] == model.sd_checkpoint_info.title
+    assert sd_models.checkpoint_aliases[model.sd_checkpoint_info.title].filename == str(env["a"])
+    assert title not in sd_models.checkpoint_aliases and title not in sd_models.checkpoints_list
+    assert torch.equal(_plain_state(model)[k], A[k].half())
+
+    # merged again, then the user loads B: the merge's name leaves the list with it
+    assert c.post(MERGE, json=dict(model_a="A", model_b="B", alpha=0.7, in_memory=True)).status_code == 200
+    title2 = shared.opts.data["sd_model_checkpoint"]
+    assert title2 in sd_models.checkpoints_list
+    sd_models.reload_model_weights(model, sd_models.CheckpointInfo(str(env["b"])))
+    assert shared.opts.data["sd_model_checkpoint"].startswith("B.safetensors")
+    assert title2 not in sd_models.checkpoints_list and title2 not in sd_models.checkpoint_aliases
+    sd_models.reload_model_weights(model, sd_models.CheckpointInfo(str(env["a"])))

@@ -26,7 +26,7 @@ from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple, Union
 import torch
 from torch import nn
 
-from ..errors import ArchitectureError, ModelFileError
+from ..errors import ArchitectureError, MissingDependencyError, ModelFileError
 
 log = logging.getLogger(__name__)
 
@@ -335,7 +335,13 @@ def _build_ldm(sd: Dict[str, torch.Tensor], path: str, overrides: Optional[Mappi
 
 def _build_diffusers(sd: Dict[str, torch.Tensor], path: str, overrides: Optional[Mapping[str, Any]],
                      gap: bool) -> ControlModel:
-    from diffusers import ControlNetModel
+    try:
+        from diffusers import ControlNetModel
+    except ImportError:
+        raise MissingDependencyError("this ControlNet (SDXL, or a diffusers layout without an ldm equivalent) needs "
+                                     "the Python package 'diffusers', which is not installed here; the A1111 WebUI "
+                                     "does not ship it: pip install diffusers into the WebUI's venv",
+                                     path=path) from None
 
     cfg = guess_diffusers_config({k: v.shape for k, v in sd.items()})
     family = cfg.pop("family")

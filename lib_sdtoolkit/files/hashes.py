@@ -10,7 +10,10 @@ What each one is (the WebUI's and Civitai's definitions):
 * ``autov3``: the addnet / kohya hash: sha256 of a safetensors file's bytes after the 8-byte length and the JSON
   header (the full 64 hex digits; the WebUI's Lora shorthash is its first 12). ``None`` for files that are not
   safetensors.
-* ``blake3``: BLAKE3 of the whole file (PyPI ``blake3``), 64 hex digits.
+* ``blake3``: BLAKE3 of the whole file (PyPI ``blake3``), 64 hex digits. Optional: the WebUI does not pin the
+  ``blake3`` package (our install.py installs it). Without it the default set and ``all`` leave BLAKE3 out
+  (:func:`blake3_available`), and asking for it by name raises :class:`MissingDependencyError` (a 4xx on the API)
+  with the pip command, so hashing and dedup keep working.
 * ``crc32``: the standard CRC-32 (IEEE 802.3, the one ``zlib.crc32`` computes) of the whole file, 8 hex digits.
 
 Speed: the file is read once with ``readinto`` into a few reused 8 MiB buffers; the hashes run in worker threads
@@ -35,7 +38,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tuple, Union
 
-from ..errors import FileNotFound, InvalidInputError, ModelFileError
+from ..errors import FileNotFound, InvalidInputError, MissingDependencyError, ModelFileError
 
 PathLike = Union[str, "os.PathLike[str]"]
 ProgressFn = Callable[[int, int], None]
@@ -54,10 +57,31 @@ AUTOV1_LENGTH = 0x10000
 _THREAD_MIN_BYTES = 32 << 20
 
 
+BLAKE3_MISSING = ("the BLAKE3 hash needs the Python package 'blake3', which is not installed here "
+                  "(pip install blake3; inside the WebUI, SD Toolkit's install.py installs it at the next start)")
+
+
+def blake3_available() -> bool:
+    """Whether the optional ``blake3`` package imports (looked up each call: an install takes effect at once)."""
+    try:
+        import blake3  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def available_algorithms() -> Tuple[str, ...]:
+    """:data:`ALGORITHMS` less those whose package is missing (only ``blake3`` is optional)."""
+    return ALGORITHMS if blake3_available() else tuple(a for a in ALGORITHMS if a != "blake3")
+
+
 def normalize_algos(algos: Optional[Iterable[str]]) -> Tuple[str, ...]:
-    """Validate ``--algo`` values (``all`` or names/aliases, comma lists allowed) into :data:`ALGORITHMS` order."""
+    """Validate ``--algo`` values (``all`` or names/aliases, comma lists allowed) into :data:`ALGORITHMS` order.
+
+    ``None`` (the default) and ``all`` mean every *available* algorithm; naming ``blake3`` without the package
+    raises :class:`MissingDependencyError`."""
     if algos is None:
-        return ALGORITHMS
+        return available_algorithms()
     wanted = set()
     for a in algos:
         for part in str(a).split(","):
@@ -65,7 +89,7 @@ def normalize_algos(algos: Optional[Iterable[str]]) -> Tuple[str, ...]:
             if not p:
                 continue
             if p == "all":
-                wanted.update(ALGORITHMS)
+                wanted.update(available_algorithms())
                 continue
             if p not in ALGO_ALIASES:
                 raise InvalidInputError(
@@ -73,6 +97,8 @@ def normalize_algos(algos: Optional[Iterable[str]]) -> Tuple[str, ...]:
             wanted.add(ALGO_ALIASES[p])
     if not wanted:
         raise InvalidInputError("no hash algorithm given")
+    if "blake3" in wanted and not blake3_available():
+        raise MissingDependencyError(BLAKE3_MISSING)
     return tuple(a for a in ALGORITHMS if a in wanted)
 
 
@@ -195,7 +221,10 @@ class _Blake3(_Sink):
     name = "blake3"
 
     def __init__(self) -> None:
-        import blake3  # PyPI blake3 (Rust bindings); releases the GIL on large updates
+        try:
+            import blake3  # PyPI blake3 (Rust bindings); releases the GIL on large updates
+        except ImportError:
+            raise MissingDependencyError(BLAKE3_MISSING) from None
 
         self.h = blake3.blake3()
 

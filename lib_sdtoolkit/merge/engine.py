@@ -470,8 +470,22 @@ def _decode(meta: Mapping[str, str], key: str) -> Any:
 def build_metadata(recipe: MergeRecipe, sources: Dict[str, _Source], hashes: Dict[str, Tuple[str, str]],
                    arch: ArchInfo, output: Optional[Path], names: Optional[Dict[str, str]] = None,
                    report: Optional[MergeReport] = None) -> Dict[str, str]:
-    """The WebUI merger's metadata (``format``, ``sd_merge_recipe``, ``sd_merge_models``) plus our recipe."""
+    """The metadata the WebUI's merger writes (A1111 1.10 modules/extras.py ``run_modelmerger`` with its defaults
+    "Save metadata" and "Copy metadata from merged models"), with our recipe fields added:
+
+    1. the metadata of A, then B, then C, copied as they are (a later input wins a key both have);
+    2. ``format`` = ``pt``;
+    3. ``sd_merge_recipe``: the recipe (the WebUI's fields, then ours), JSON;
+    4. ``sd_merge_models``: for each input in A, B, C order, ``{sha256: {name, legacy_hash, sd_merge_recipe (the
+       input's own recipe, or None)}}`` followed by the input's own ``sd_merge_models`` (its parents), JSON.
+
+    Only string values are copied (a safetensors header holds nothing else)."""
     names = names or {}
+    copied: Dict[str, str] = {}
+    for n in ("A", "B", "C"):
+        src = sources.get(n)
+        if src is not None:
+            copied.update({k: v for k, v in (src.metadata or {}).items() if isinstance(k, str) and isinstance(v, str)})
     sha = {n: (hashes.get(n) or (None, None))[0] for n in ("A", "B", "C", "VAE")}
     rec: Dict[str, Any] = {
         "type": "sd-toolkit",
@@ -512,7 +526,8 @@ def build_metadata(recipe: MergeRecipe, sources: Dict[str, _Source], hashes: Dic
         parents = _decode(src.metadata, "sd_merge_models")
         if isinstance(parents, dict):
             models.update(parents)
-    return {"format": "pt", "sd_merge_recipe": json.dumps(rec), "sd_merge_models": json.dumps(models)}
+    copied.update({"format": "pt", "sd_merge_recipe": json.dumps(rec), "sd_merge_models": json.dumps(models)})
+    return copied
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -234,14 +234,24 @@ def build_ldm_unet(arch: str = "SD1", width: str = "tiny", variant: Optional[str
         return UNetModel(**cfg.ldm_unet).eval()
 
 
+def _diffusers() -> Any:
+    """The ``diffusers`` package: the diffusers-layout builders need it; A1111 1.10.1 does not ship it."""
+    try:
+        import diffusers
+    except ImportError:
+        from lib_sdtoolkit.errors import MissingDependencyError
+
+        raise MissingDependencyError("diffusers-layout sample models need the Python package 'diffusers', which "
+                                     "is not installed here (pip install diffusers)") from None
+    return diffusers
+
+
 def build_diffusers_unet(arch: str = "SD1", width: str = "tiny", variant: Optional[str] = None,
                          device: Optional[Union[str, torch.device]] = None) -> nn.Module:
     """diffusers ``UNet2DConditionModel`` with the block structure of ``arch`` (default init)."""
-    from diffusers import UNet2DConditionModel
-
     cfg = get_config(arch, width, variant)
     with _device_ctx(device):
-        return UNet2DConditionModel(**cfg.diffusers_unet).eval()
+        return _diffusers().UNet2DConditionModel(**cfg.diffusers_unet).eval()
 
 
 def build_ldm_vae(width: str = "tiny", device: Optional[Union[str, torch.device]] = None) -> LdmAutoencoderKL:
@@ -253,11 +263,9 @@ def build_ldm_vae(width: str = "tiny", device: Optional[Union[str, torch.device]
 
 def build_diffusers_vae(width: str = "tiny", device: Optional[Union[str, torch.device]] = None) -> nn.Module:
     """diffusers ``AutoencoderKL`` equivalent to :func:`build_ldm_vae`."""
-    from diffusers import AutoencoderKL
-
     cfg = get_config("VAE", width)
     with _device_ctx(device):
-        return AutoencoderKL(**cfg.diffusers_vae).eval()
+        return _diffusers().AutoencoderKL(**cfg.diffusers_vae).eval()
 
 
 def build_text_encoder(spec: TextEncoderSpec, device: Optional[Union[str, torch.device]] = None) -> nn.Module:

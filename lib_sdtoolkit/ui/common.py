@@ -70,6 +70,16 @@ def supported_kwargs(component: Callable[..., Any], **kwargs: Any) -> Dict[str, 
     return {k: v for k, v in kwargs.items() if k in params and params[k].kind is not inspect.Parameter.VAR_KEYWORD}
 
 
+def empty_table(headers: Sequence[str]) -> Any:
+    """A table value with the column headers and no rows, for a ``gr.Dataframe`` (gradio 3.41 and 4.x).
+
+    Returning ``[]`` instead makes gradio 3.41 cut the headers down to the width of the first row, i.e. to none;
+    leaving the initial value at None shows one placeholder row (``0`` in a number column)."""
+    import pandas as pd
+
+    return pd.DataFrame(columns=list(headers))
+
+
 def error_html(exc: BaseException) -> str:
     kind = "Error" if isinstance(exc, SdToolkitError) else type(exc).__name__
     return f'<div class="sdtoolkit-error"><b>{html.escape(kind)}:</b> {html.escape(str(exc))}</div>'

@@ -10,7 +10,7 @@ import gradio as gr
 
 from ..errors import SdToolkitError
 from ..host import Host
-from .common import error_html, human_bytes, model_choices, parse_choice
+from .common import empty_table, error_html, human_bytes, model_choices, parse_choice
 
 log = logging.getLogger(__name__)
 
@@ -19,11 +19,18 @@ ELEM_ID = "hashes"
 HASH_HEADERS = ["file", "AutoV2", "SHA256", "AutoV1", "AutoV3", "BLAKE3", "CRC32", "from"]
 
 
-def run_hashes(host: Host, picked: List[str], progress: Any = None) -> Tuple[str, List[List[Any]], Any]:
+def _dedup_headers() -> List[str]:
+    from ..dedup import TABLE_HEADERS
+
+    return list(TABLE_HEADERS)
+
+
+def run_hashes(host: Host, picked: List[str], progress: Any = None) -> Tuple[str, Any, Any]:
     from ..dedup import hash_for_host
+    from ..files.hashes import BLAKE3_MISSING, blake3_available
 
     if not picked:
-        return error_html(SdToolkitError("pick one or more models first")), [], None
+        return error_html(SdToolkitError("pick one or more models first")), empty_table(HASH_HEADERS), None
     try:
         names: List[str] = []
         kinds = set()
@@ -35,21 +42,23 @@ def run_hashes(host: Host, picked: List[str], progress: Any = None) -> Tuple[str
         tick = (lambda f, d: progress(f, desc=d)) if progress is not None else None
         res = hash_for_host(host, names, kind, None, tick)
     except SdToolkitError as exc:
-        return error_html(exc), [], None
+        return error_html(exc), empty_table(HASH_HEADERS), None
     except Exception as exc:
         log.exception("sdtoolkit: hashing failed")
-        return error_html(exc), [], None
+        return error_html(exc), empty_table(HASH_HEADERS), None
     rows = [[r["name"], r.get("autov2"), r.get("sha256"), r.get("autov1"), r.get("autov3") or "",
-             r.get("blake3"), r.get("crc32"), r.get("source")] for r in res["results"]]
+             r.get("blake3") or "", r.get("crc32"), r.get("source")] for r in res["results"]]
     msg = f'<div class="sdtoolkit-ok">{len(rows)} files hashed'
     if res["webui_cache_entries"]:
         msg += f'; {res["webui_cache_entries"]} entries written to the WebUI hash cache'
     msg += "</div>"
     if res.get("cache_warning"):
         msg += f'<div class="sdtoolkit-warning">{html.escape(res["cache_warning"])}</div>'
+    if not blake3_available():
+        msg += f'<div class="sdtoolkit-warn">BLAKE3 left out: {html.escape(BLAKE3_MISSING)}</div>'
     for p in res["problems"]:
         msg += error_html(SdToolkitError(f'{p["path"]}: {p["reason"]}'))
-    return msg, rows, res
+    return msg, (rows or empty_table(HASH_HEADERS)), res
 
 
 def _summary(res: Dict[str, Any]) -> str:
@@ -76,11 +85,11 @@ def run_dedup(host: Host, kind: str, folders: str, action: str = "report", to: O
         tick = (lambda f, d: progress(f, desc=d)) if progress is not None else None
         res = dedup_for_host(host, body, tick)
     except SdToolkitError as exc:
-        return error_html(exc), [], None
+        return error_html(exc), empty_table(_dedup_headers()), None
     except Exception as exc:
         log.exception("sdtoolkit: dedup failed")
-        return error_html(exc), [], None
-    return _summary(res), res["table"]["rows"], res
+        return error_html(exc), empty_table(_dedup_headers()), None
+    return _summary(res), res["table"]["rows"] or empty_table(_dedup_headers()), res
 
 
 def build(host: Host) -> None:
@@ -96,7 +105,8 @@ def build(host: Host) -> None:
                                 scale=1, min_width=90)
     hash_btn = gr.Button("Compute hashes", variant="primary", elem_id="sdtoolkit_hashes_run")
     hash_status = gr.HTML(elem_id="sdtoolkit_hashes_status")
-    hash_table = gr.Dataframe(headers=HASH_HEADERS, interactive=False, elem_id="sdtoolkit_hashes_table",
+    hash_table = gr.Dataframe(value=empty_table(HASH_HEADERS), headers=HASH_HEADERS, interactive=False,
+                              elem_id="sdtoolkit_hashes_table",
                               label="Hashes (AutoV2 is what the WebUI shows; AutoV3 only for .safetensors)")
 
     gr.Markdown("### Duplicates")
@@ -107,7 +117,8 @@ def build(host: Host) -> None:
                              lines=1, elem_id="sdtoolkit_dedup_folders", scale=3)
     scan_btn = gr.Button("Scan for duplicates", variant="primary", elem_id="sdtoolkit_dedup_scan")
     dedup_status = gr.HTML(elem_id="sdtoolkit_dedup_status")
-    dedup_table = gr.Dataframe(headers=TABLE_HEADERS, interactive=False, elem_id="sdtoolkit_dedup_table",
+    dedup_table = gr.Dataframe(value=empty_table(TABLE_HEADERS), headers=TABLE_HEADERS, interactive=False,
+                               elem_id="sdtoolkit_dedup_table",
                                label="Duplicate groups (keep = the copy that stays)")
     with gr.Row():
         link_btn = gr.Button("Replace byte duplicates with hard links...", elem_id="sdtoolkit_dedup_hardlink")

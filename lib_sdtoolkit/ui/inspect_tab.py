@@ -9,7 +9,7 @@ import gradio as gr
 
 from ..errors import SdToolkitError
 from ..host import MODEL_KINDS, Host
-from .common import error_html, human_bytes, keep_value, model_choices, model_picker, resolve_input
+from .common import empty_table, error_html, human_bytes, keep_value, model_choices, model_picker, resolve_input
 
 log = logging.getLogger(__name__)
 
@@ -51,10 +51,10 @@ def run_inspect(host: Host, choice: str, path: str) -> Tuple[str, Any, str, Any]
         return (architecture_html(report, host.display_name(target)), components_rows(report),
                 format_report(report), report)
     except SdToolkitError as exc:
-        return error_html(exc), [["(error)", 0, ""]], str(exc), None
+        return error_html(exc), empty_table(TABLE_HEADERS), str(exc), None
     except Exception as exc:  # a bug, not bad input: still show it instead of a silent spinner
         log.exception("sdtoolkit: inspect failed")
-        return error_html(exc), [["(error)", 0, ""]], f"{type(exc).__name__}: {exc}", None
+        return error_html(exc), empty_table(TABLE_HEADERS), f"{type(exc).__name__}: {exc}", None
 
 
 def build(host: Host) -> None:
@@ -72,7 +72,7 @@ def build(host: Host) -> None:
     run_btn = gr.Button("Inspect", variant="primary", elem_id="sdtoolkit_inspect_run")
     status = gr.HTML(elem_id="sdtoolkit_inspect_status")
     arch = gr.HTML(elem_id="sdtoolkit_inspect_arch")
-    table = gr.Dataframe(headers=TABLE_HEADERS, datatype=["str", "number", "str"], interactive=False,
+    table = gr.Dataframe(value=empty_table(TABLE_HEADERS), headers=TABLE_HEADERS, datatype=["str", "number", "str"], interactive=False,
                          elem_id="sdtoolkit_inspect_components", label="Components")
     with gr.Accordion("Full report", open=True):
         report_text = gr.Textbox(lines=18, max_lines=60, show_label=False, interactive=False,

@@ -10,7 +10,8 @@ import gradio as gr
 
 from ..errors import SdToolkitError
 from ..host import Host
-from .common import error_html, human_bytes, keep_value, model_choices, model_picker, parse_choice, resolve_input
+from .common import (empty_table, error_html, human_bytes, keep_value, model_choices, model_picker, parse_choice,
+                     resolve_input)
 
 log = logging.getLogger(__name__)
 
@@ -39,7 +40,7 @@ def preview(host: Host, choice: Optional[str], path: Optional[str], only: List[s
         target = resolve_input(host, choice, path)
         rep = inspect_file(target)
     except SdToolkitError as exc:
-        return error_html(exc), [["(error)", 0, "", ""]], gr.update()
+        return error_html(exc), empty_table(PLAN_HEADERS), gr.update()
     rows: List[List[Any]] = []
     for comp, info in rep.get("components", {}).items():
         kept = "yes" if not only or comp in only else "no"
@@ -98,7 +99,7 @@ def build(host: Host) -> None:
         bare = gr.Checkbox(False, label="Bare keys (strip the component prefix)", elem_id="sdtoolkit_prune_bare")
     inspect_btn = gr.Button("Inspect", elem_id="sdtoolkit_prune_inspect")
     summary = gr.HTML(elem_id="sdtoolkit_prune_summary")
-    plan = gr.Dataframe(headers=PLAN_HEADERS, datatype=["str", "number", "str", "str"], interactive=False,
+    plan = gr.Dataframe(value=empty_table(PLAN_HEADERS), headers=PLAN_HEADERS, datatype=["str", "number", "str", "str"], interactive=False,
                         elem_id="sdtoolkit_prune_plan", label="What pruning keeps")
     with gr.Row():
         output = gr.Textbox(label="Output file name (written beside the models of its kind)", lines=1,

@@ -7,6 +7,7 @@
     w.load_scripts()                  # exec scripts/*.py like modules/scripts.py (section 1.4)
     demo, tabs = w.create_ui()        # before_ui, ui_settings, ui_tabs -> gr.TabItem per tab (section 1.6)
     app = w.start_app(demo)           # FastAPI + app_started_callback(demo, app); start_app(None) = --nowebui
+    app = w.start_app(demo, api=True) # with the WebUI's own /sdapi/v1 routes (--api), mounted first as create_api
 """
 from __future__ import annotations
 
@@ -104,12 +105,17 @@ class WebUIDouble:
                         interface.render()
         return demo, interfaces
 
-    # 1.6 app_started_callback(demo, app); demo is None under --nowebui
-    def start_app(self, demo: Any = None) -> Any:
+    # 1.6 create_api(app) with --api / --nowebui, then app_started_callback(demo, app); demo is None under --nowebui
+    def start_app(self, demo: Any = None, api: bool = False) -> Any:
         from fastapi import FastAPI
         from modules import script_callbacks
 
         app = FastAPI()
+        if api:
+            from modules.api.api import Api
+            from modules.call_queue import queue_lock
+
+            Api(app, queue_lock)
         script_callbacks.app_started_callback(demo, app)
         return app
 

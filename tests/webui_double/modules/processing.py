@@ -23,7 +23,7 @@ generation built with ``prompt=None`` (the VAE-hook tests) skips the prompt/extr
 """
 import torch
 
-from modules import extra_networks
+from modules import extra_networks, sd_models, shared
 from modules.sd_hijack import model_hijack
 
 
@@ -32,6 +32,14 @@ class Processed:
         self.images = images_list
         self.info = info
         self.comments = "".join(f"{comment}\n" for comment in getattr(p, "comments", {}))
+        self.extra_generation_params = dict(getattr(p, "extra_generation_params", {}) or {})
+
+    def js(self):
+        import json
+
+        return json.dumps({"extra_generation_params": {k: str(v) for k, v in self.extra_generation_params.items()},
+                           "sd_model_name": getattr(getattr(shared.sd_model, "sd_checkpoint_info", None),
+                                                    "model_name", None)})
 
 
 class StableDiffusionProcessing:
@@ -54,6 +62,8 @@ class StableDiffusionProcessing:
 
     def comment(self, text):
         self.comments[text] = 1
+        self.override_settings = {}
+        self.is_api = False
 
     def setup_prompts(self):
         self.all_prompts = [self.prompt] * self.batch_size
@@ -103,6 +113,13 @@ def decode_latent_batch(model, batch, target_device=None, check_for_nans=False):
 def process_images(p):
     if p.scripts is not None:
         p.scripts.before_process(p)
+    # A1111: unless the request overrides it with a known checkpoint, (re)load the checkpoint the
+    # sd_model_checkpoint option names (select_checkpoint; a same-file early return keeps the loaded weights).
+    # Double only: skipped for bare test models that were never loaded through sd_models.load_model_weights.
+    if getattr(shared.sd_model, "sd_model_checkpoint", None) is not None and sd_models.checkpoints_list:
+        if sd_models.checkpoint_aliases.get(p.override_settings.get("sd_model_checkpoint")) is None:
+            p.override_settings.pop("sd_model_checkpoint", None)
+            sd_models.reload_model_weights()
     try:
         res = process_images_inner(p)
     finally:

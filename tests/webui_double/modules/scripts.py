@@ -154,6 +154,11 @@ def load_scripts():
         finally:
             sys.path = syspath
             current_basedir = paths.script_path
+    # as A1111 1.10: fresh runners for the txt2img / img2img tabs (their scripts are initialised by create_ui, or
+    # by the API on its first request)
+    global scripts_txt2img, scripts_img2img
+    scripts_txt2img = ScriptRunner()
+    scripts_img2img = ScriptRunner()
     return modules_loaded
 
 
@@ -242,6 +247,17 @@ class ScriptRunner:
         self.setup_ui_for_section(None, self.selectable_scripts)
         return self.inputs
 
+    def run(self, p, *args):
+        """The selectable script chosen by ``args[0]`` (1-based; 0 = none) runs with its own slice of the args."""
+        script_index = args[0]
+        if script_index == 0 or script_index is None:
+            return None
+        script = self.selectable_scripts[script_index - 1]
+        if script is None:
+            return None
+        script_args = args[script.args_from:script.args_to]
+        return script.run(p, *script_args)
+
     def _dispatch(self, name, p, *extra, **kwargs):
         for script in self.alwayson_scripts:
             try:
@@ -261,6 +277,9 @@ class ScriptRunner:
 
     def process_batch(self, p, **kwargs):
         self._dispatch("process_batch", p, **kwargs)
+
+    def after_extra_networks_activate(self, p, **kwargs):
+        self._dispatch("after_extra_networks_activate", p, **kwargs)
 
     def postprocess_batch(self, p, images, **kwargs):
         self._dispatch("postprocess_batch", p, *(), images=images, **kwargs)

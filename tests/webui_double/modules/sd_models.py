@@ -1,14 +1,21 @@
-"""Double of modules/sd_models.py: the checkpoint list (files under models/Stable-diffusion and --ckpt-dir)."""
+"""Double of modules/sd_models.py (A1111 1.10): the checkpoint list (files under models/Stable-diffusion and
+--ckpt-dir) as ``checkpoints_list`` (title -> CheckpointInfo) and ``checkpoint_aliases`` (every id -> info), both
+cleared and refilled by ``list_models``; ``select_checkpoint`` (the ``sd_model_checkpoint`` option looked up in the
+aliases, else the first checkpoint, printing "not found; loading fallback"); loading weights writes the loaded
+checkpoint's title into the ``sd_model_checkpoint`` option, as ``load_model_weights`` does."""
 import os
+import sys
 
 from modules import paths, shared
 
 checkpoints_list = {}
+checkpoint_aliases = {}
 model_dir = "Stable-diffusion"
 
 
 def list_models():
     checkpoints_list.clear()
+    checkpoint_aliases.clear()
     dirs = [os.path.join(paths.models_path, model_dir), shared.cmd_opts.ckpt_dir]
     for d in dirs:
         if not d or not os.path.isdir(d):
@@ -16,9 +23,26 @@ def list_models():
         for root, _, files in os.walk(d):
             for fn in sorted(files):
                 if fn.lower().endswith((".ckpt", ".safetensors")) and not fn.lower().endswith((".vae.ckpt", ".vae.safetensors")):
-                    full = os.path.join(root, fn)
-                    checkpoints_list[os.path.relpath(full, d)] = full
+                    CheckpointInfo(os.path.join(root, fn)).register()
     return checkpoints_list
+
+
+def checkpoint_tiles(use_short=False):
+    return [x.short_title if use_short else x.title for x in checkpoints_list.values()]
+
+
+def select_checkpoint():
+    """The checkpoint the ``sd_model_checkpoint`` option names, else the first listed one (fallback)."""
+    model_checkpoint = shared.opts.sd_model_checkpoint
+    checkpoint_info = checkpoint_aliases.get(model_checkpoint, None)
+    if checkpoint_info is not None:
+        return checkpoint_info
+    if len(checkpoints_list) == 0:
+        raise FileNotFoundError("No checkpoints found")
+    checkpoint_info = next(iter(checkpoints_list.values()))
+    if model_checkpoint is not None:
+        print(f"Checkpoint {model_checkpoint} not found; loading fallback {checkpoint_info.title}", file=sys.stderr)
+    return checkpoint_info
 
 
 # ---- loading weights into the current model (A1111 1.10 sd_models.py, reference sections 2 and 5) -------------
@@ -46,15 +70,39 @@ class CheckpointInfo:
         self.sha256 = hashes.sha256_from_cache(self.filename, f"checkpoint/{name}")
         self.shorthash = self.sha256[0:10] if self.sha256 else None
         self.title = name if self.shorthash is None else f"{name} [{self.shorthash}]"
+        self.short_title = self.name_for_extra if self.shorthash is None else f"{self.name_for_extra} [{self.shorthash}]"
         self.ids = [self.model_name, self.title, name, self.name_for_extra]
+        if self.shorthash:
+            self.ids += [self.shorthash, self.sha256, f"{self.name} [{self.shorthash}]",
+                         f"{self.name_for_extra} [{self.shorthash}]"]
         self.metadata = {}
+
+    def register(self):
+        checkpoints_list[self.title] = self
+        for id in self.ids:
+            checkpoint_aliases[id] = self
 
     def calculate_shorthash(self):
         from modules import hashes
 
         self.sha256 = hashes.sha256(self.filename, f"checkpoint/{self.name}")
-        self.shorthash = self.sha256[0:10] if self.sha256 else None
+        if self.sha256 is None:
+            return None
+        shorthash = self.sha256[0:10]
+        if self.shorthash == shorthash:
+            return self.shorthash
+        self.shorthash = shorthash
+        if self.shorthash not in self.ids:
+            self.ids += [self.shorthash, self.sha256, f"{self.name} [{self.shorthash}]",
+                         f"{self.name_for_extra} [{self.shorthash}]"]
+        old_title = self.title
         self.title = f"{self.name} [{self.shorthash}]"
+        self.short_title = f"{self.name_for_extra} [{self.shorthash}]"
+        if old_title in checkpoints_list:  # replace_key: the entry keeps its place under the new title
+            items = [(self.title if k == old_title else k, v) for k, v in checkpoints_list.items()]
+            checkpoints_list.clear()
+            checkpoints_list.update(items)
+        self.register()
         return self.shorthash
 
 
@@ -78,6 +126,7 @@ def read_state_dict(checkpoint_file, print_global_state=False, map_location=None
 def load_model_weights(model, checkpoint_info, state_dict, timer=None):
     """``load_state_dict(strict=False)`` (values cast into the model's own dtype), then the checkpoint attributes."""
     sd_model_hash = checkpoint_info.calculate_shorthash()
+    shared.opts.data["sd_model_checkpoint"] = checkpoint_info.title
     model.load_state_dict(state_dict, strict=False)
     model.sd_model_hash = sd_model_hash
     model.sd_model_checkpoint = checkpoint_info.filename
@@ -86,11 +135,12 @@ def load_model_weights(model, checkpoint_info, state_dict, timer=None):
 
 
 def reload_model_weights(sd_model=None, info=None, forced_reload=False):
-    """Same-file early return unless ``forced_reload``; else undo the hijack, load the file's weights into the
-    current model, hijack again and fire the model-loaded callbacks."""
+    """``info`` or the checkpoint the option names (:func:`select_checkpoint`); same-file early return unless
+    ``forced_reload``; else undo the hijack, load the file's weights into the current model (which writes its title
+    into the option), hijack again and fire the model-loaded callbacks."""
     from modules import script_callbacks, sd_hijack
 
-    checkpoint_info = info
+    checkpoint_info = info or select_checkpoint()
     if not sd_model:
         sd_model = shared.sd_model
     if sd_model is not None and sd_model.sd_model_checkpoint == checkpoint_info.filename and not forced_reload:
@@ -100,5 +150,4 @@ def reload_model_weights(sd_model=None, info=None, forced_reload=False):
     load_model_weights(sd_model, checkpoint_info, state_dict)
     sd_hijack.model_hijack.hijack(sd_model)
     script_callbacks.model_loaded_callback(sd_model)
-    shared.opts.data["sd_model_checkpoint"] = checkpoint_info.title
     return sd_model
