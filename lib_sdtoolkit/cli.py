@@ -34,8 +34,14 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+_PARSER: Optional[argparse.ArgumentParser] = None
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    parser = build_parser()
+    global _PARSER
+    if _PARSER is None:  # built once per process: argparse spends ~0.1 s building ours, parse_args keeps no state
+        _PARSER = build_parser()
+    parser = _PARSER
     args = parser.parse_args(list(argv) if argv is not None else None)
     if not getattr(args, "func", None):
         parser.print_help()

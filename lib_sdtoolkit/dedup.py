@@ -369,6 +369,10 @@ def scan(paths: Sequence[PathLike], kind: str = "any", cache: Optional[HashCache
         except OSError as e:
             report.problems.append(ScanProblem(str(p), f"cannot read: {e.strerror or e}"))
             continue
+        except Exception as e:  # noqa: BLE001 - one odd file must not abort the scan of the whole folder
+            first = (str(e).splitlines() or [""])[0][:200]
+            report.problems.append(ScanProblem(str(p), f"skipped, unexpected {type(e).__name__}: {first}"))
+            continue
         finally:
             report.read_files += int(read)
         f.sha256 = sha

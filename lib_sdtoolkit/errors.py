@@ -11,20 +11,27 @@ from typing import Optional, Union
 PathLike = Union[str, "os.PathLike[str]"]
 
 
+def _one_line(text: str) -> str:
+    """Control characters (a newline in a file name or in a library's message) escaped: an error is one line."""
+    if text.isprintable():
+        return text
+    return "".join(c if c.isprintable() or c == " " else repr(c)[1:-1] for c in text)
+
+
 class SdToolkitError(Exception):
     """Base class. ``http_status`` is what the API answers with."""
 
     http_status = 400
 
     def __init__(self, message: str, path: Optional[PathLike] = None, key: Optional[str] = None):
-        self.message = message
+        self.message = _one_line(message)
         self.path = os.fspath(path) if path is not None else None
         self.key = key
         parts = []
         if self.path is not None:
-            parts.append(f"{self.path}")
+            parts.append(_one_line(f"{self.path}"))
         if key is not None:
-            parts.append(f"key '{key}'")
+            parts.append(f"key '{_one_line(str(key))}'")
         prefix = ": ".join(parts)
         super().__init__(f"{prefix}: {message}" if prefix else message)
 

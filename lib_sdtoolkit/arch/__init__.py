@@ -143,7 +143,12 @@ def detect(shapes: Mapping[str, Any]) -> ArchInfo:
     variant = None
     first = shapes.get(UNET_PREFIX + "input_blocks.0.0.weight")
     if first is not None:
-        cin = _shape(first)[1]
+        fshape = _shape(first)
+        if len(fshape) != 4:  # a UNet's first layer is a 2-D conv [out, in, k, k]; anything else is not a UNet
+            return ArchInfo("unknown", notes=[
+                f"the first UNet conv ({UNET_PREFIX}input_blocks.0.0.weight) has shape {list(fshape)}, not "
+                f"[out, in, k, k]: not a UNet this tool knows"])
+        cin = fshape[1]
         variant = {9: "inpainting", 8: "instruct-pix2pix", 5: "depth"}.get(cin)
     prefixes = dict(_PREFIXES[arch])
     if variant == "depth":

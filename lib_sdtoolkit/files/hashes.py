@@ -38,7 +38,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tuple, Union
 
-from ..errors import FileNotFound, InvalidInputError, MissingDependencyError, ModelFileError
+from ..errors import InvalidInputError, MissingDependencyError, ModelFileError
+from .regular import open_regular
 
 PathLike = Union[str, "os.PathLike[str]"]
 ProgressFn = Callable[[int, int], None]
@@ -287,14 +288,7 @@ def hash_file(path: PathLike, algos: Optional[Iterable[str]] = None, chunk_size:
     p = Path(path)
     if chunk_size < 4096:
         raise InvalidInputError("chunk_size must be at least 4096 bytes")
-    try:
-        fh = open(p, "rb", buffering=0)
-    except FileNotFoundError:
-        raise FileNotFound("no such file", p) from None
-    except IsADirectoryError:
-        raise ModelFileError("is a directory, not a file", p) from None
-    except OSError as e:
-        raise ModelFileError(f"cannot read: {e.strerror or e}", p) from None
+    fh = open_regular(p, buffering=0)  # a FIFO or a device (endless bytes) is refused before it can block
     with fh:
         st0 = os.fstat(fh.fileno())
         size = st0.st_size
@@ -433,11 +427,9 @@ def sha256_file(path: PathLike, progress: Optional[ProgressFn] = None) -> str:
 def legacy_model_hash(path: PathLike) -> str:
     """AutoV1 alone (reads only 64 KiB): the WebUI's old 8-hex ``model_hash``."""
     try:
-        with open(path, "rb") as fh:
+        with open_regular(path) as fh:
             fh.seek(AUTOV1_OFFSET)
             return hashlib.sha256(fh.read(AUTOV1_LENGTH)).hexdigest()[:8]
-    except FileNotFoundError:
-        raise FileNotFound("no such file", path) from None
     except OSError as e:
         raise ModelFileError(f"cannot read: {e.strerror or e}", path) from None
 

@@ -9,15 +9,31 @@
   other top-level fields as string metadata.
 
 The format is sniffed from the first bytes, not trusted from the suffix.
+
+Bad input never escapes as the library's own exception: whatever ``json``, ``struct``, ``zipfile``, ``pickle``,
+``torch.load`` or ``safetensors`` raise becomes a ``ModelFileError`` naming the file. Limits (documented sanity
+bounds, far above real files; an SDXL checkpoint has ~2.5k tensors, a Flux all-in-one ~1.7k, big LoRAs ~10k):
+
+* :data:`MAX_TENSORS` tensors per file (more is refused before the header is parsed);
+* :data:`MAX_HEADER_BYTES` of safetensors header, nested at most :data:`MAX_HEADER_DEPTH` levels (the format
+  needs 3);
+* non-tensor checkpoint fields are kept as metadata strings of at most :data:`MAX_FIELD_CHARS` characters, shown
+  :data:`MAX_FIELD_DEPTH` levels deep (deeper parts are summarised), at most :data:`MAX_FIELDS` of them.
+
+Only regular files are opened (``files.regular``): a FIFO, a device, a socket or a symlink loop is refused before
+any read.
 """
 from __future__ import annotations
 
 import abc
+import io
 import json
 import math
 import os
 import pickle
+import re
 import struct
+import warnings
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,7 +41,8 @@ from typing import Any, Dict, Iterator, List, Mapping, Optional, Tuple, Union
 
 import torch
 
-from ..errors import FileNotFound, ModelFileError, UnsafeFileError
+from ..errors import ModelFileError, SdToolkitError, UnsafeFileError
+from .regular import check_regular, open_regular
 
 PathLike = Union[str, "os.PathLike[str]"]
 
@@ -51,10 +68,63 @@ TORCH_TO_ST: Dict[torch.dtype, str] = {v: k for k, v in ST_DTYPES.items()}
 MODEL_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".pth", ".bin")
 #: a safetensors header larger than this is refused (the format's own limit is 100 MB)
 MAX_HEADER_BYTES = 100_000_000
+#: more tensors than this in one file is refused (10x the largest real LoRA; a 1M-tensor header would take
+#: tens of seconds and gigabytes to parse)
+MAX_TENSORS = 100_000
+#: JSON nesting allowed in a safetensors header (the format itself needs 3: header / entry / shape list)
+MAX_HEADER_DEPTH = 16
+#: non-tensor checkpoint fields: levels shown, characters kept per field, fields kept
+MAX_FIELD_DEPTH = 8
+MAX_FIELD_CHARS = 65536
+MAX_FIELDS = 1000
+#: a checkpoint's pickle (not its tensor data) larger than this is refused: torch's weights_only unpickler runs
+#: in Python at ~10-40 us per opcode (an SDXL checkpoint's pickle is ~0.3 MB)
+MAX_PICKLE_BYTES = 16 << 20
+#: the pickle's stack may not hold more than this (pickle batches 1000 dict items, i.e. ~2000 stack entries;
+#: a list nested 200k deep pushes 200k and would take the unpickler minutes)
+MAX_PICKLE_STACK = 10_000
+
+_DTYPE_SIZE: Dict[torch.dtype, int] = {}
 
 
 def dtype_size(dtype: torch.dtype) -> int:
-    return torch.empty((), dtype=dtype).element_size()
+    size = _DTYPE_SIZE.get(dtype)
+    if size is None:
+        size = _DTYPE_SIZE[dtype] = torch.empty((), dtype=dtype).element_size()
+    return size
+
+
+def one_line(text: str, limit: int = 300) -> str:
+    """A library's error text as one short line (control characters escaped)."""
+    line = " ".join(str(text).split())
+    line = "".join(c if c.isprintable() else repr(c)[1:-1] for c in line)
+    return line if len(line) <= limit else line[: limit - 3] + "..."
+
+
+_JSON_STRING = re.compile(rb'"[^"\\]*(?:\\.[^"\\]*)*"', re.S)
+
+
+_NOT_BRACKETS = bytes(b for b in range(256) if b not in b"[]{}")
+
+
+def json_depth(raw: bytes) -> int:
+    """The deepest ``[``/``{`` nesting of a JSON text (strings ignored), without recursion."""
+    import numpy as np
+
+    brackets = _JSON_STRING.sub(b"", raw).translate(None, _NOT_BRACKETS)
+    if not brackets:
+        return 0
+    a = np.frombuffer(brackets, dtype=np.uint8)
+    step = ((a == 0x5B) | (a == 0x7B)).astype(np.int32) * 2 - 1
+    return int(np.cumsum(step).max())
+
+
+def _valid_text(s: str) -> bool:
+    try:
+        s.encode("utf-8")
+        return True
+    except UnicodeEncodeError:
+        return False
 
 
 @dataclass(frozen=True)
@@ -83,7 +153,7 @@ class ModelReader(abc.ABC):
 
     def __init__(self, path: Path):
         self.path = path
-        self.file_size = path.stat().st_size
+        self.file_size = check_regular(path).st_size
         self.metadata: Dict[str, str] = {}
         self._infos: Dict[str, TensorInfo] = {}
 
@@ -141,15 +211,31 @@ def parse_safetensors_header(path: Path, file_size: int, fh) -> Tuple[int, Dict[
         raise ModelFileError("truncated safetensors file (shorter than its 8-byte header length)", path)
     (n,) = struct.unpack("<Q", head)
     if n == 0 or n > MAX_HEADER_BYTES:
-        raise ModelFileError(f"not a safetensors file (header length {n} is not plausible)", path)
+        raise ModelFileError(f"not a safetensors file (header length {n} is not plausible; at most "
+                             f"{MAX_HEADER_BYTES} bytes are accepted)", path)
     if 8 + n > file_size:
         raise ModelFileError(
             f"truncated safetensors file: header says {n} header bytes but the file has only {file_size - 8}", path)
     raw = fh.read(n)
+    if len(raw) != n:
+        raise ModelFileError(f"truncated safetensors file: could read only {len(raw)} of {n} header bytes", path)
+    if raw[:1] != b"{":
+        raise ModelFileError("not a safetensors file (the header does not start with '{')", path)
+    # refuse before parsing what would be slow or deep to parse (counts and depth run in C / numpy)
+    count = raw.count(b'"data_offsets"')
+    if count > MAX_TENSORS:
+        raise ModelFileError(f"the header lists {count} tensors; at most {MAX_TENSORS} are accepted (real models "
+                             f"have a few thousand)", path)
+    depth = json_depth(raw)
+    if depth > MAX_HEADER_DEPTH:
+        raise ModelFileError(f"not a safetensors file (the header JSON is nested {depth} levels deep; at most "
+                             f"{MAX_HEADER_DEPTH} are accepted)", path)
     try:
         header = json.loads(raw.decode("utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ModelFileError(f"not a safetensors file (header is not JSON: {e})", path) from None
+        raise ModelFileError(f"not a safetensors file (header is not JSON: {one_line(str(e), 120)})", path) from None
+    except RecursionError:  # pragma: no cover - the depth check above comes first
+        raise ModelFileError("not a safetensors file (the header JSON is nested too deeply)", path) from None
     if not isinstance(header, dict):
         raise ModelFileError("not a safetensors file (header is not a JSON object)", path)
     data_start = 8 + n
@@ -157,26 +243,38 @@ def parse_safetensors_header(path: Path, file_size: int, fh) -> Tuple[int, Dict[
     meta_raw = header.pop("__metadata__", None) or {}
     if not isinstance(meta_raw, dict):
         raise ModelFileError("safetensors __metadata__ is not an object", path)
-    metadata = {str(k): v if isinstance(v, str) else json.dumps(v) for k, v in meta_raw.items()}
+    metadata: Dict[str, str] = {}
+    for k, v in meta_raw.items():
+        v = v if isinstance(v, str) else json.dumps(v)
+        if not (_valid_text(k) and _valid_text(v)):
+            raise ModelFileError("safetensors __metadata__ holds text that is not valid Unicode (a lone "
+                                 "surrogate escape)", path)
+        metadata[k] = v
+    if len(header) > MAX_TENSORS:  # pragma: no cover - counted above (an entry without data_offsets is refused)
+        raise ModelFileError(f"the header lists {len(header)} tensors; at most {MAX_TENSORS} are accepted", path)
     infos: List[TensorInfo] = []
     for name, spec in header.items():
+        if not _valid_text(name):
+            raise ModelFileError(f"a tensor name is not valid Unicode ({ascii(name)[:80]})", path)
         if not isinstance(spec, dict):
             raise ModelFileError("header entry is not an object", path, name)
-        dt = ST_DTYPES.get(spec.get("dtype"))
+        dt_name = spec.get("dtype")
+        dt = ST_DTYPES.get(dt_name) if isinstance(dt_name, str) else None
         if dt is None:
-            raise ModelFileError(f"unknown dtype {spec.get('dtype')!r} in header", path, name)
+            raise ModelFileError(f"unknown dtype {one_line(json.dumps(dt_name), 60)} in header", path, name)
         shape = spec.get("shape")
         offs = spec.get("data_offsets")
-        if (not isinstance(shape, list) or not all(isinstance(s, int) and s >= 0 for s in shape)):
-            raise ModelFileError(f"bad shape {shape!r} in header", path, name)
-        if (not isinstance(offs, list) or len(offs) != 2 or not all(isinstance(o, int) for o in offs)
+        if not isinstance(shape, list) or not all(type(s) is int and s >= 0 for s in shape):
+            raise ModelFileError(f"bad shape {one_line(json.dumps(shape), 80)} in header", path, name)
+        if (not isinstance(offs, list) or len(offs) != 2 or not all(type(o) is int for o in offs)
                 or not 0 <= offs[0] <= offs[1]):
-            raise ModelFileError(f"bad data_offsets {offs!r} in header", path, name)
-        nbytes = int(math.prod(shape)) * dtype_size(dt)
+            raise ModelFileError(f"bad data_offsets {one_line(json.dumps(offs), 80)} in header", path, name)
+        nbytes = math.prod(shape) * dtype_size(dt)
         if offs[1] - offs[0] != nbytes:
+            shown = one_line(str(shape), 80)
             raise ModelFileError(
-                f"header lies: shape {shape} of {spec['dtype']} needs {nbytes} bytes but data_offsets span "
-                f"{offs[1] - offs[0]}", path, name)
+                f"header lies: shape {shown} of {dt_name} needs {nbytes if nbytes < 10**30 else 'too many'} bytes "
+                f"but data_offsets span {offs[1] - offs[0]}", path, name)
         if offs[1] > data_size:
             raise ModelFileError(
                 f"truncated or lying file: tensor data ends at byte {data_start + offs[1]} but the file has "
@@ -196,7 +294,7 @@ class SafetensorsReader(ModelReader):
 
     def __init__(self, path: Path):
         super().__init__(path)
-        with open(path, "rb") as fh:
+        with open_regular(path) as fh:
             self.data_start, self._infos, self.metadata = parse_safetensors_header(path, self.file_size, fh)
         self._handle = None
 
@@ -204,25 +302,33 @@ class SafetensorsReader(ModelReader):
         if self._handle is None:
             from safetensors import safe_open
 
+            check_regular(self.path)
             try:
                 self._handle = safe_open(str(self.path), framework="pt", device="cpu")
             except Exception as e:  # safetensors raises its own error types
-                raise ModelFileError(f"cannot open safetensors file: {e}", self.path) from None
+                raise ModelFileError(f"cannot open safetensors file: {one_line(str(e))}", self.path) from None
         return self._handle
 
     def get(self, key: str) -> torch.Tensor:
         self.info(key)
+        handle = self._open()
         try:
-            return self._open().get_tensor(key)
+            return handle.get_tensor(key)
         except Exception as e:
-            raise ModelFileError(f"cannot read tensor: {e}", self.path, key) from None
+            raise ModelFileError(f"cannot read tensor: {one_line(str(e))}", self.path, key) from None
 
     def read_raw(self, key: str) -> bytes:
         """The tensor's bytes as stored (no dtype conversion)."""
         info = self.info(key)
-        with open(self.path, "rb") as fh:
-            fh.seek(info.offset)
-            return fh.read(info.nbytes)
+        try:
+            with open_regular(self.path) as fh:
+                fh.seek(info.offset)
+                data = fh.read(info.nbytes)
+        except OSError as e:
+            raise ModelFileError(f"cannot read: {e.strerror or e}", self.path, key) from None
+        if len(data) != info.nbytes:
+            raise ModelFileError("the file got shorter while it was read", self.path, key)
+        return data
 
     def close(self) -> None:
         self._handle = None
@@ -259,19 +365,118 @@ def _unsafe_globals(path: Path) -> List[str]:
         return []
 
 
+class _Summary:
+    """Bounded, recursion-limited JSON rendering of a non-tensor checkpoint field."""
+
+    def __init__(self) -> None:
+        self.out: List[str] = []
+        self.size = 0
+
+    def emit(self, text: str) -> None:
+        if self.size <= MAX_FIELD_CHARS:
+            self.out.append(text)
+            self.size += len(text)
+
+    def walk(self, value: Any, depth: int) -> None:
+        if self.size > MAX_FIELD_CHARS:
+            return
+        if isinstance(value, str):
+            self.emit(json.dumps(value[:MAX_FIELD_CHARS]))
+        elif value is None or isinstance(value, (bool, int)):
+            self.emit(json.dumps(value))
+        elif isinstance(value, float):
+            self.emit(json.dumps(value) if math.isfinite(value) else json.dumps(str(value)))
+        elif isinstance(value, torch.Tensor):
+            self.emit(json.dumps(value.item()) if value.numel() == 1 and not value.is_complex()
+                      else json.dumps(f"<Tensor {list(value.shape)}>"))
+        elif isinstance(value, (list, tuple, dict)):
+            kind = type(value).__name__
+            if depth >= MAX_FIELD_DEPTH:
+                self.emit(json.dumps(f"<{kind} nested deeper than {MAX_FIELD_DEPTH} levels>"))
+                return
+            items = value.items() if isinstance(value, dict) else value
+            self.emit("{" if isinstance(value, dict) else "[")
+            for i, item in enumerate(items):
+                if self.size > MAX_FIELD_CHARS:
+                    break
+                if i:
+                    self.emit(", ")
+                if isinstance(value, dict):
+                    k, v = item
+                    self.emit(json.dumps(k if isinstance(k, str) else str(k)[:200]) + ": ")
+                    self.walk(v, depth + 1)
+                else:
+                    self.walk(item, depth + 1)
+            self.emit("}" if isinstance(value, dict) else "]")
+        else:
+            self.emit(json.dumps(f"<{type(value).__name__}>"))
+
+    def text(self) -> str:
+        s = "".join(self.out)
+        return s if len(s) <= MAX_FIELD_CHARS else s[:MAX_FIELD_CHARS] + "...(cut)"
+
+
 def _stringify(value: Any) -> Optional[str]:
+    """A non-tensor checkpoint field as a metadata string (bounded in depth and size; never recursive beyond
+    :data:`MAX_FIELD_DEPTH`)."""
     if isinstance(value, str):
-        return value
-    if isinstance(value, (int, float, bool)) or value is None:
-        return json.dumps(value)
-    if isinstance(value, torch.Tensor) and value.numel() == 1:
-        return json.dumps(value.item())
-    if isinstance(value, (list, tuple, dict)):
-        try:
-            return json.dumps(value, default=lambda o: f"<{type(o).__name__}>")
-        except (TypeError, ValueError):
-            return None
+        return value if len(value) <= MAX_FIELD_CHARS else value[:MAX_FIELD_CHARS] + "...(cut)"
+    if isinstance(value, (int, float, bool, list, tuple, dict, torch.Tensor)) or value is None:
+        s = _Summary()
+        s.walk(value, 0)
+        return s.text()
     return f"<{type(value).__name__}>"
+
+
+def _scan_pickle(stream, path: Path) -> None:
+    """Walk one pickle's opcodes (no object is built) and refuse a stack higher than :data:`MAX_PICKLE_STACK`.
+
+    Stops at the pickle's STOP, leaving ``stream`` after it. Raises ``ModelFileError`` for corrupt opcodes."""
+    import pickletools
+
+    depth = 0
+    marks: List[int] = []
+    try:
+        for op, _arg, _pos in pickletools.genops(stream):
+            before, after = op.stack_before, op.stack_after
+            if op.name == "MARK":
+                marks.append(depth)
+                continue
+            if pickletools.markobject in before:
+                base = marks.pop() if marks else 0
+                depth = base - before.index(pickletools.markobject) + len(after)
+            else:
+                depth += len(after) - len(before)
+            if depth > MAX_PICKLE_STACK or len(marks) > MAX_PICKLE_STACK:
+                raise ModelFileError(f"the checkpoint's pickle stacks more than {MAX_PICKLE_STACK} objects (a "
+                                     f"structure nested that deep); refused, real checkpoints stay near 2000", path)
+    except SdToolkitError:
+        raise
+    except Exception as e:  # noqa: BLE001 - pickletools raises ValueError/EOFError... on bytes that are no pickle
+        raise ModelFileError(f"corrupt checkpoint (its pickle does not parse: {one_line(str(e), 160)})",
+                             path) from None
+
+
+def _precheck_pickle(path: Path, zipped: bool) -> None:
+    """Bound the pickle of a checkpoint before ``torch.load`` runs it: size and nesting."""
+    if zipped:
+        with zipfile.ZipFile(path) as zf:
+            names = [i for i in zf.infolist() if i.filename == "data.pkl" or i.filename.endswith("/data.pkl")]
+            if not names:
+                return  # torch.load says what is missing
+            info = names[0]
+            if info.file_size > MAX_PICKLE_BYTES:
+                raise ModelFileError(f"the checkpoint's pickle is {info.file_size} bytes; at most "
+                                     f"{MAX_PICKLE_BYTES} are accepted", path)
+            _scan_pickle(io.BytesIO(zf.read(info)), path)
+        return
+    with open_regular(path) as fh:
+        # legacy format: magic number, protocol version, system info, then the object; tensor data follows
+        for _ in range(4):
+            start = fh.tell()
+            _scan_pickle(fh, path)
+            if fh.tell() - start > MAX_PICKLE_BYTES:
+                raise ModelFileError(f"the checkpoint's pickle is over {MAX_PICKLE_BYTES} bytes; refused", path)
 
 
 class CkptReader(ModelReader):
@@ -293,12 +498,15 @@ class CkptReader(ModelReader):
         for k, v in sd.items():
             if isinstance(v, torch.Tensor):
                 self._tensors[str(k)] = v
-            else:
+            elif len(extra) < MAX_FIELDS:
                 extra[f"state_dict.{k}"] = v
-        for k, v in extra.items():
+        if len(self._tensors) > MAX_TENSORS:
+            raise ModelFileError(f"the checkpoint holds {len(self._tensors)} tensors; at most {MAX_TENSORS} are "
+                                 f"accepted", path)
+        for k, v in list(extra.items())[:MAX_FIELDS]:
             s = _stringify(v)
             if s is not None:
-                self.metadata[str(k)] = s
+                self.metadata[str(k)[:200]] = s
         self._infos = {
             k: TensorInfo(k, t.dtype, tuple(t.shape), t.numel() * t.element_size(), None)
             for k, t in self._tensors.items()
@@ -306,75 +514,116 @@ class CkptReader(ModelReader):
 
     @staticmethod
     def _load(path: Path) -> Any:
-        zipped = zipfile.is_zipfile(path)
         try:
-            with torch.serialization.safe_globals(_ALLOWED_GLOBALS):
-                return torch.load(str(path), map_location="cpu", weights_only=True, mmap=zipped)
+            check_regular(path)
+            zipped = zipfile.is_zipfile(path)
+            _precheck_pickle(path, zipped)
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # torch warns about odd pickle protocols on stderr
+                with torch.serialization.safe_globals(_ALLOWED_GLOBALS):
+                    return torch.load(str(path), map_location="cpu", weights_only=True, mmap=zipped)
+        except SdToolkitError:
+            raise
         except pickle.UnpicklingError as e:
             msg = str(e)
+            if "unsupported operand" in msg.lower():  # weights_only met an opcode byte that is no opcode
+                raise ModelFileError(f"corrupt checkpoint (unpickling failed: {one_line(_first(msg), 200)})",
+                                     path) from None
             if "Weights only load failed" in msg or "Unsupported global" in msg or "unsupported" in msg.lower():
-                names = _unsafe_globals(path) if zipped else []
+                names = _unsafe_globals(path) if _is_zip(path) else []
                 what = f" ({', '.join(names[:5])})" if names else ""
                 raise UnsafeFileError(
                     "refused: this pickle would import or run code" + what +
                     "; only plain tensors load with weights_only=True. Convert it to .safetensors with a trusted tool.",
                     path) from None
-            raise ModelFileError(f"not a PyTorch checkpoint (unpickling failed: {msg.splitlines()[0][:200]})",
+            raise ModelFileError(f"not a PyTorch checkpoint (unpickling failed: {one_line(_first(msg), 200)})",
                                  path) from None
-        except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError, OSError, AttributeError, KeyError) as e:
-            first = (str(e).splitlines() or [type(e).__name__])[0][:200]
-            if isinstance(e, EOFError) or "truncat" in first.lower() or "central directory" in first.lower():
-                raise ModelFileError(f"truncated or corrupt checkpoint ({first})", path) from None
-            raise ModelFileError(f"not a readable PyTorch checkpoint ({first})", path) from None
+        except MemoryError:
+            raise ModelFileError("not enough memory to load this checkpoint (or it claims an absurd size)",
+                                 path) from None
+        except RecursionError:
+            raise ModelFileError("corrupt checkpoint (nested too deeply to load)", path) from None
+        except Exception as e:  # noqa: BLE001 - torch.load raises whatever the corrupt bytes lead to
+            first = one_line(_first(str(e)) or type(e).__name__, 200)
+            if isinstance(e, (EOFError, struct.error)) or "truncat" in first.lower() \
+                    or "central directory" in first.lower():
+                raise ModelFileError(f"truncated or corrupt checkpoint ({type(e).__name__}: {first})", path) from None
+            raise ModelFileError(f"not a readable PyTorch checkpoint ({type(e).__name__}: {first})", path) from None
 
     def get(self, key: str) -> torch.Tensor:
         self.info(key)
-        return self._tensors[key].clone()
+        try:
+            return self._tensors[key].clone()
+        except Exception as e:  # noqa: BLE001 - an mmap-backed storage whose bytes are gone
+            raise ModelFileError(f"cannot read tensor: {one_line(str(e))}", self.path, key) from None
 
     def close(self) -> None:
         self._tensors = {}
 
 
+def _is_zip(path: Path) -> bool:
+    try:
+        return zipfile.is_zipfile(path)
+    except Exception:  # noqa: BLE001 - zipfile raises BadZipFile, struct.error... on corrupt end records
+        return False
+
+
+def _first(msg: str) -> str:
+    """The telling line of a library's message (torch's weights_only errors put it after a long preamble)."""
+    for line in msg.splitlines():
+        if "WeightsUnpickler error:" in line:
+            return line.split("WeightsUnpickler error:", 1)[1].strip()
+    return (msg.splitlines() or [""])[0]
+
+
 def _sniff(path: Path) -> str:
-    with open(path, "rb") as fh:
+    with open_regular(path) as fh:
         head = fh.read(16)
     if head[:4] == b"PK\x03\x04":
         return "ckpt"
     if len(head) >= 9 and head[8:9] == b"{":
         return "safetensors"
-    if head[:1] == b"\x80":  # legacy (non-zip) pickle protocol 2+
-        return "ckpt"
     suffix = path.suffix.lower()
     if suffix == ".safetensors":
         return "safetensors"
+    if len(head) >= 9:
+        # a safetensors file whose header does not start with '{' (invalid, refused by the header parser) must
+        # not be handed to torch.load because its length's first byte happens to be 0x80
+        n = int.from_bytes(head[:8], "little")
+        if 0 < n <= MAX_HEADER_BYTES and head[8:9] in (b" ", b"\t", b"\r", b"\n", b"["):
+            return "safetensors"
+    if head[:1] == b"\x80" and head[1:2] in (b"\x02", b"\x03", b"\x04", b"\x05"):  # legacy pickle, protocol 2+
+        return "ckpt"
     if suffix in (".ckpt", ".pt", ".pth", ".bin"):
         return "ckpt"
     return "unknown"
 
 
 def open_model(path: PathLike) -> ModelReader:
-    """Open a model file lazily. Raises ``ModelFileError`` (with the path and the reason) on bad input."""
+    """Open a model file lazily. Raises ``ModelFileError`` (with the path and the reason) on bad input, whatever
+    the library underneath raised."""
     p = Path(path)
-    if not p.exists():
-        raise FileNotFound("no such file", p)
-    if p.is_dir():
-        raise ModelFileError("is a directory, not a model file", p)
-    try:
-        size = p.stat().st_size
-    except OSError as e:
-        raise ModelFileError(f"cannot read: {e.strerror}", p) from None
-    if size == 0:
+    st = check_regular(p)  # missing, a folder, a FIFO, a device, a socket, a symlink loop: refused here
+    if st.st_size == 0:
         raise ModelFileError("empty file", p)
     try:
         kind = _sniff(p)
+        if kind == "safetensors":
+            reader: ModelReader = SafetensorsReader(p)
+        elif kind == "ckpt":
+            reader = CkptReader(p)
+        else:
+            raise ModelFileError("not a model file (neither safetensors nor a PyTorch checkpoint)", p)
+    except SdToolkitError:
+        raise
     except OSError as e:
-        raise ModelFileError(f"cannot read: {e.strerror}", p) from None
-    if kind == "safetensors":
-        reader: ModelReader = SafetensorsReader(p)
-    elif kind == "ckpt":
-        reader = CkptReader(p)
-    else:
-        raise ModelFileError("not a model file (neither safetensors nor a PyTorch checkpoint)", p)
+        raise ModelFileError(f"cannot read: {e.strerror or one_line(str(e))}", p) from None
+    except MemoryError:
+        raise ModelFileError("not enough memory to read this file", p) from None
+    except RecursionError:
+        raise ModelFileError("malformed file (nested too deeply)", p) from None
+    except Exception as e:  # noqa: BLE001 - last net: a reader bug must still name the file, not crash the caller
+        raise ModelFileError(f"malformed file ({type(e).__name__}: {one_line(str(e), 200)})", p) from None
     if len(reader) == 0:
         raise ModelFileError("holds no tensors", p)
     return reader

@@ -107,7 +107,10 @@ def _same_file(a: Path, b: Path) -> bool:
             return os.path.samefile(a, b)
     except OSError:
         pass
-    return a.resolve() == b.resolve()
+    try:
+        return a.resolve() == b.resolve()
+    except (OSError, RuntimeError):  # Python < 3.13 raises RuntimeError for a symlink loop
+        return os.path.realpath(a) == os.path.realpath(b)
 
 
 def check_output_path(out: PathLike, inputs: Iterable[Optional[PathLike]] = (), overwrite: bool = False) -> Path:

@@ -85,10 +85,11 @@ def _load(args):
 
 
 def _decode(args) -> int:
-    from .vae import decode, read_latent, to_pil
+    from .vae import check_latent, decode, read_latent, to_pil
     out = check_output_path(args.output, [args.latent, args.vae], args.overwrite)
     lat, scaled, factor = read_latent(args.latent)
     vae = _load(args)
+    check_latent(vae, lat, args.latent)
     if factor and not args.scaling_factor:
         vae.scaling_factor = factor
     cfg, bar = _cfg(args, "decode")

@@ -56,7 +56,9 @@ def infer_ddconfig(sd: Mapping[str, torch.Tensor]) -> Tuple[Dict, int]:
         embed = sd["post_quant_conv.weight"].shape[1]
         double_z = sd["encoder.conv_out.weight"].shape[0] == 2 * z
     except KeyError as e:
-        raise ArchitectureError(f"not an SD VAE: key {e.args[0]} missing") from None
+        hint = (" (an SD3/Flux-style VAE without quant convs is not supported yet)"
+                if e.args and "quant_conv" in str(e.args[0]) else "")
+        raise ArchitectureError(f"not an SD VAE: key {e.args[0]} missing{hint}") from None
     levels = sorted({int(m.group(1)) for k in sd for m in [re.match(r"encoder\.down\.(\d+)\.", k)] if m})
     nrb = len({int(m.group(1)) for k in sd for m in [re.match(r"encoder\.down\.0\.block\.(\d+)\.", k)] if m})
     mult = [sd[f"encoder.down.{i}.block.0.conv2.weight"].shape[0] // ch for i in levels]
@@ -94,10 +96,22 @@ def load_vae(path: str, device: str = "cpu", dtype: torch.dtype = torch.float32,
             is_sdxl = detect(r.infos()).architecture.startswith("SDXL")
         sd = {k: r.get(k) for k in keys}
     sd = _as_ldm_vae_dict(sd, path)
-    cfg, embed = infer_ddconfig(sd)
+    try:
+        cfg, embed = infer_ddconfig(sd)
+    except ArchitectureError as e:
+        if e.path is None:
+            raise ArchitectureError(e.message, path) from None
+        raise
+    except (IndexError, ZeroDivisionError, ValueError, TypeError) as e:  # shapes of the wrong rank or size
+        raise ArchitectureError(f"not an SD VAE: its tensor shapes do not fit ({type(e).__name__}: {e})",
+                                path) from None
     factor = scaling_factor or (SDXL_SCALE if is_sdxl else SD_SCALE)
-    vae = VAEModel(cfg, embed, factor, source=str(path))
-    missing, unexpected = vae.load_state_dict(sd, strict=False)
+    try:
+        vae = VAEModel(cfg, embed, factor, source=str(path))
+        missing, unexpected = vae.load_state_dict(sd, strict=False)
+    except (RuntimeError, ValueError, TypeError, IndexError, ZeroDivisionError) as e:
+        first = (str(e).splitlines() or [""])[0][:200]
+        raise ArchitectureError(f"not an SD VAE this tool can build ({type(e).__name__}: {first})", path) from None
     missing = [k for k in missing if not k.endswith("num_batches_tracked")]
     if missing:
         raise ArchitectureError(f"VAE weights incomplete: {len(missing)} missing, e.g. {missing[0]}", path)
@@ -110,6 +124,7 @@ def decode(vae: nn.Module, latent: torch.Tensor, cfg: Optional[TiledVAEConfig] =
            scaled: bool = True) -> torch.Tensor:
     """Image tensor in [-1, 1] from a latent (``scaled``: multiplied by the model's scaling factor, as samplers
     produce it). ``full`` runs the decoder as is; otherwise tiled with ``cfg``."""
+    check_latent(vae, latent)
     factor = getattr(vae, "scaling_factor", SD_SCALE)
     dt = next(vae.parameters()).dtype
     dev = next(vae.parameters()).device
@@ -159,22 +174,53 @@ def save_latent(path: str, latent: torch.Tensor, scaled: bool, factor: float, ov
 
 
 def read_latent(path: str) -> Tuple[torch.Tensor, bool, Optional[float]]:
-    """(latent, scaled, factor from the file or None). Files without our metadata count as scaled."""
+    """(latent, scaled, factor from the file or None). Files without our metadata count as scaled.
+
+    Refused with the file named: no tensor ``latent``, a tensor that is not [B, C, h, w] floats with B, h, w >= 1,
+    or a ``sdtoolkit.scaling_factor`` that is not a finite number > 0. The channel count is checked against the
+    VAE by :func:`check_latent` (4 for SD1/SD2/SDXL VAEs)."""
     with open_model(path) as r:
         if LATENT_KEY not in r:
             raise ModelFileError(f"no tensor '{LATENT_KEY}' (a latent file holds one tensor 'latent' [1,4,h,w])", path)
+        info = r.info(LATENT_KEY)
+        if len(info.shape) != 4:
+            raise InvalidInputError(f"latent must be [B, C, h, w], got {list(info.shape)}", path, LATENT_KEY)
+        if min(info.shape) < 1:
+            raise InvalidInputError(f"latent {list(info.shape)} is empty", path, LATENT_KEY)
+        if not info.dtype.is_floating_point:
+            raise InvalidInputError(f"latent must hold floats, not {str(info.dtype).replace('torch.', '')}",
+                                    path, LATENT_KEY)
         t = r.get(LATENT_KEY)
         meta = r.metadata or {}
-    if t.ndim != 4:
-        raise InvalidInputError(f"latent must be [B, C, h, w], got {tuple(t.shape)}", path, LATENT_KEY)
-    scaled = meta.get("sdtoolkit.latent_scaled", "true").lower() != "false"
+    scaled = meta.get("sdtoolkit.latent_scaled", "true").strip().lower() != "false"
     f = meta.get("sdtoolkit.scaling_factor")
-    if f:
+    factor: Optional[float] = None
+    if f is not None and f.strip():
         try:
-            f = float(f)
-        except (TypeError, ValueError):
-            f = float("nan")
-        if not math.isfinite(f) or f == 0:
-            raise InvalidInputError(f"metadata sdtoolkit.scaling_factor {meta.get('sdtoolkit.scaling_factor')!r} "
-                                    f"is not a finite non-zero number", path)
-    return t, scaled, (f if f else None)
+            factor = float(f)
+        except ValueError:
+            factor = None
+        if factor is None or not math.isfinite(factor) or factor <= 0:
+            raise InvalidInputError(f"metadata sdtoolkit.scaling_factor {f[:40]!r} is not a finite number > 0 "
+                                    f"(0.18215 for SD1/SD2, 0.13025 for SDXL)", path)
+    return t, scaled, factor
+
+
+def latent_channels(vae: nn.Module) -> Optional[int]:
+    """The channel count of the latents ``vae`` decodes (its post_quant_conv's input), None if unknown."""
+    conv = getattr(vae, "post_quant_conv", None)
+    return int(conv.in_channels) if isinstance(conv, nn.Conv2d) else None
+
+
+def check_latent(vae: nn.Module, latent: torch.Tensor, path: Optional[str] = None) -> None:
+    """Refuse a latent this VAE cannot decode, saying what it can (raises ``InvalidInputError``)."""
+    if latent.ndim != 4 or min(latent.shape) < 1:
+        raise InvalidInputError(f"latent must be [B, C, h, w] with no empty axis, got {list(latent.shape)}", path)
+    want = latent_channels(vae)
+    got = int(latent.shape[1])
+    if want is not None and got != want:
+        src = getattr(vae, "source", "") or "this VAE"
+        also = (" (16-channel latents come from SD3/Flux VAEs, which this tool does not load yet)"
+                if got == 16 and want == 4 else "")
+        raise InvalidInputError(f"the latent has {got} channels but the VAE {src} decodes {want}-channel latents"
+                                f"{also}", path)
