@@ -21,9 +21,10 @@ How it coexists with the WebUI's built-in Lora extension (``<lora:...>`` must ac
 * a network that cannot be found is reported with the tag the user wrote, in the console and where the WebUI
   shows extra-network errors (``sd_hijack.model_hijack.comments``, shown under the image): the built-in's
   ``Lora not found: name`` for ``<lora>``/``<lyco>``, ``SD Toolkit Lora not found: name`` for ``<sdtlora>``;
-* Forge (``modules_forge`` importable): the model's weights belong to Forge's patchers, so no network is
-  registered at all and the log says so; Forge's own ``<lora:...>`` works there. The toolkit tab (extract / bake /
-  inspect) and the HTTP routes work on Forge as everywhere.
+* Forge (``modules_forge`` importable): the model's weights belong to Forge's patchers, so nothing is registered
+  here; scripts/sdtoolkit_forge_lora.py registers ``<sdtlora:...>`` through Forge's own LoRA patcher and Forge's
+  ``<lora:...>`` stays Forge's. The toolkit tab (extract / bake / inspect) and the HTTP routes work on Forge as
+  everywhere.
 
 Weights changed by someone else after we patched them (a checkpoint loaded into the same model object) are
 detected from the tensors' version counters and never "restored" over the new weights. On script unload (UI
@@ -60,9 +61,6 @@ try:
 except ImportError:
     IS_FORGE = False
 
-FORGE_MESSAGE = ("SD Toolkit LoRA: Forge detected. Forge's patchers own the model weights, so SD Toolkit does NOT "
-                 "register a LoRA network here: <sdtlora:...> is unavailable and <lora:...> is handled by Forge's own "
-                 "Lora support. The SD Toolkit LoRA tab and API (extract / bake / inspect) work.")
 #: networks kept parsed in memory (by path + mtime), most recently used last
 CACHE_SIZE = 8
 
@@ -321,8 +319,7 @@ page = None
 def _register():
     global network, page
     if IS_FORGE:
-        log.warning(FORGE_MESSAGE)
-        return
+        return  # scripts/sdtoolkit_forge_lora.py: <sdtlora> through Forge's patcher; <lora> is Forge's
     if network is not None:
         network.unload()
     network = SdToolkitLora("sdtlora")

@@ -4,9 +4,15 @@ When enabled, ``shared.sd_model.first_stage_model.encoder/decoder`` get tiled ``
 ``process`` (before the img2img init-image encode and every decode of this generation) and lose them in
 ``postprocess``. Restoration also happens when the generation fails or is interrupted: ``p.close`` (which the
 WebUI calls in a ``finally`` via ``contextlib.closing(p)`` for UI and API generations) is wrapped for this ``p``,
-and ``before_process`` of the next generation removes any patch left behind. Forge has no ``first_stage_model``
-and ships its own tiled VAE: the accordion then says so and does nothing.
+and ``before_process`` of the next generation removes any patch left behind.
+
+Forge / Forge Neo: the model has no ``first_stage_model`` (it is None there); the VAE is
+``shared.sd_model.forge_objects.vae.first_stage_model``, an ldm-layout ``encoder``/``decoder`` pair that Forge's
+``VAE.decode``/``encode`` call, so the same patch works on it. Forge's own tiled VAE ("Never OOM Integrated" ->
+"Enabled for VAE (always tiled)", ``memory_management.VAE_ALWAYS_TILED``) averages three overlapping tilings, an
+approximation; with ours enabled it is bypassed for the generation (ours replaces it, exact), and the log says so.
 """
+import importlib.util
 import logging
 
 import gradio as gr
@@ -16,6 +22,10 @@ from modules.ui_components import InputAccordion
 from lib_sdtoolkit.tiled_vae import TiledVAEConfig, VAEPatchGuard
 
 log = logging.getLogger("sdtoolkit.tiled_vae")
+IS_FORGE = importlib.util.find_spec("modules_forge") is not None
+FORGE_NOTE = ("Forge: while this is on it replaces Forge's VAE decode/encode for the generation (SD1/SD2/SDXL-style "
+              "VAEs; other model families say so and use the normal VAE), and Forge's approximate tiled VAE "
+              "(Never OOM Integrated -> Enabled for VAE) is bypassed.")
 _guard = VAEPatchGuard()  # adapter-level state: the patch of the running generation
 
 
@@ -52,6 +62,28 @@ def _progress(done, total):
         pass
 
 
+def _vae_of(model):
+    """The ldm-layout VAE module (A1111: ``first_stage_model``; Forge: ``forge_objects.vae.first_stage_model``)."""
+    vae = getattr(model, "first_stage_model", None)
+    if vae is None:
+        fo = getattr(model, "forge_objects", None)
+        vae = getattr(getattr(fo, "vae", None), "first_stage_model", None)
+    return vae if vae is not None and hasattr(vae, "decoder") and hasattr(vae, "encoder") else None
+
+
+def _bypass_forge_tiling():
+    """Forge's approximate tiled VAE would call our (exact) decoder once per tile of its three tilings: turn it off
+    for this generation (Never OOM sets the flag again from its checkbox at the next generation's ``process``)."""
+    try:
+        from backend import memory_management
+    except ImportError:
+        return
+    if getattr(memory_management, "VAE_ALWAYS_TILED", False):
+        memory_management.VAE_ALWAYS_TILED = False
+        log.warning("Tiled VAE: Forge's approximate tiled VAE (Never OOM) is bypassed for this generation; "
+                    "SD Toolkit's exact Tiled VAE replaces it")
+
+
 def _device(choice):
     if choice == "GPU":
         import torch
@@ -72,6 +104,8 @@ class Script(scripts.Script):
         with InputAccordion(False, label="Tiled VAE (exact)", elem_id=self.elem_id("enabled")) as enabled:
             gr.Markdown("Decodes/encodes tile by tile with the statistics of the whole image: same result as a "
                         "full decode, bounded memory. Tile sizes in image pixels; 0 = chosen from free memory.")
+            if IS_FORGE:
+                gr.Markdown(FORGE_NOTE, elem_classes=["sdtoolkit-forge-note"])
             with gr.Row():
                 enc_tile = gr.Slider(0, 4096, value=0, step=64, label="Encoder tile size (px)",
                                      elem_id=self.elem_id("encoder_tile"))
@@ -93,10 +127,14 @@ class Script(scripts.Script):
         _guard.restore()
         if not enabled:
             return
-        model = getattr(shared, "sd_model", None)
-        vae = getattr(model, "first_stage_model", None)
-        if vae is None or not hasattr(vae, "decoder"):
-            log.warning("Tiled VAE: this WebUI has no first_stage_model (Forge?); use its built-in tiled VAE")
+        model = getattr(p, "sd_model", None) or getattr(shared, "sd_model", None)
+        vae = _vae_of(model)
+        if vae is None:
+            msg = (f"Tiled VAE (exact): not available for this model ({type(model).__name__}: no ldm-layout VAE "
+                   "encoder/decoder); the generation uses the normal VAE")
+            log.warning(msg)
+            if callable(getattr(p, "comment", None)):
+                p.comment(msg)
             return
         common = dict(fast=bool(fast), device=_device(device), progress=_progress, should_stop=_stop, log=log.info)
         enc = TiledVAEConfig(tile_px=int(enc_tile) or None, **common)
@@ -113,6 +151,10 @@ class Script(scripts.Script):
             p.close = close_and_restore
         p.extra_generation_params["Tiled VAE"] = (
             f"enc {int(enc_tile) or 'auto'}, dec {int(dec_tile) or 'auto'}{', fast' if fast else ''}")
+
+    def process_batch(self, p, enabled=False, *args, **kwargs):
+        if enabled and _guard.active:
+            _bypass_forge_tiling()   # after every script's process(): Never OOM sets its flag there
 
     def postprocess(self, p, processed, *args):
         _guard.restore()

@@ -517,7 +517,9 @@ def test_checkpoint_loaded_into_the_same_model_is_not_overwritten(env):
     assert_weights(env, {})
 
 
-def test_forge_registers_nothing_and_says_so(env, caplog):
+def test_forge_a1111_network_registers_nothing(env, caplog):
+    """On Forge the A1111 adapter stays out of the way: <sdtlora> goes through Forge's patcher instead
+    (scripts/sdtoolkit_forge_lora.py; tests/test_forge_lora_bridge.py) and <lora> is Forge's own."""
     from modules import extra_networks
 
     caplog.set_level(logging.INFO)
@@ -532,10 +534,7 @@ def test_forge_registers_nothing_and_says_so(env, caplog):
         del sys.modules["modules_forge"]
     assert mod.IS_FORGE and mod.network is None
     assert extra_networks.extra_network_registry == {} and extra_networks.extra_network_aliases == {}
-    msgs = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
-    assert any("Forge detected" in m and "<sdtlora:...> is unavailable" in m and "extract / bake / inspect" in m
-               for m in msgs), msgs
-    generate(env, "a cat <lora:style:1>")                                # the tag is just skipped
+    generate(env, "a cat <lora:style:1>")                                # not ours on Forge: skipped here
     assert_weights(env, {})
 
 

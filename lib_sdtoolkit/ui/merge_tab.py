@@ -17,6 +17,11 @@ from ..errors import SdToolkitError
 from ..host import Host
 from .common import error_html, keep_value, supported_kwargs
 
+#: what the Merge tab says on Forge, where the three loaded-model buttons are not offered
+FORGE_NO_LIVE_MERGE = ("**Merge into the loaded model** (and *Save current merge* / *Restore loaded model*) is not "
+                       "available on Forge: Forge's patchers own the loaded model's weights. Merge to a file here, "
+                       "then pick the new file in Forge's checkpoint list.")
+
 log = logging.getLogger(__name__)
 
 TITLE = "Merge"
@@ -240,6 +245,8 @@ def build(host: Host) -> None:
         mem_btn = gr.Button("Merge into loaded model (no file)", visible=live, elem_id="sdtoolkit_merge_in_memory")
         save_cur_btn = gr.Button("Save current merge", visible=live, elem_id="sdtoolkit_merge_save_current")
         restore_btn = gr.Button("Restore loaded model", visible=live, elem_id="sdtoolkit_merge_restore")
+    if not live and getattr(host, "name", "") == "forge":
+        gr.Markdown(FORGE_NO_LIVE_MERGE, elem_id="sdtoolkit_merge_forge_note")
     status = gr.HTML(elem_id="sdtoolkit_merge_status")
     report_text = gr.Textbox(label="Report", lines=6, interactive=False, elem_id="sdtoolkit_merge_report")
     with gr.Accordion("JSON", open=False):

@@ -1,0 +1,168 @@
+"""Our networks as weight patches for a ComfyUI-style model patcher (Forge's ``backend/patcher``).
+
+Forge owns the model's weights: a LoRA there is a set of *patches* keyed by the patcher's parameter names, added to a
+clone of the UNet / CLIP patcher (``patcher.clone().add_patches(filename=..., patches={key: value}, strength_patch=s)``)
+and merged into the weights by the patcher's own loader, which keeps the backup and restores it when the set of
+patches changes. A patch value ``(type, payload)`` whose type is not built in is computed by
+``extra_weight_calculators[type](weight_fp32, strength, payload)`` (Forge ``backend/patcher/lora.py``).
+
+This module builds those patches from a parsed :class:`~lib_sdtoolkit.lora.network.Network` and computes them with
+the same maths as :mod:`lib_sdtoolkit.lora.apply` (``formats.lowrank_factors`` / ``formats.compute_delta``), so every
+format we read works there, with the multiplier of each layer - te/unet weight x its ``lbw=`` block weight - folded
+into the payload: per-layer strength is something one ``add_patches`` call (one strength for all its keys) cannot
+carry. Nothing here imports the host; the host's key map (kohya name -> patcher key) is passed in.
+
+What a patcher cannot carry: ``start=``/``stop=`` step ranges (the patcher merges once per sampling pass, not per
+step) - :func:`build_patches` leaves them to the caller to report.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Dict, List, Mapping, Optional, Sequence, Tuple
+
+import torch
+
+from ..arch import keymaps
+from . import formats
+from .apply import ActiveNetwork
+from .formats import LayerWeights
+from .names import base_arch, lora_names
+from .network import BoundLayer
+
+#: the patch type we register with the patcher
+PATCH_TYPE = "sdtoolkit"
+
+
+@dataclass(frozen=True)
+class LayerPatch:
+    """One network module on one patcher parameter: ``weight += strength * multiplier * ΔW`` (or the bias delta)."""
+
+    weights: LayerWeights
+    multiplier: float
+    dyn: Optional[int] = None
+    #: set for a bias patch: the shape of the module's weight (the bias delta is computed against it)
+    bias_of_shape: Optional[Tuple[int, ...]] = None
+
+
+def apply_patch(weight: torch.Tensor, strength: float, patch: LayerPatch) -> torch.Tensor:
+    """Add the patch to ``weight`` (the patcher's fp32 working copy, changed in place and returned)."""
+    m = float(strength) * patch.multiplier
+    if m == 0.0:
+        return weight
+    lw = patch.weights
+    if patch.bias_of_shape is not None:
+        # the bias delta of every format depends only on the module's own factors; compute_delta shapes ΔW
+        # against a weight of the module's shape, so it gets zeros of that shape (one layer's worth, freed here)
+        base = torch.zeros(patch.bias_of_shape, dtype=torch.float32, device=weight.device)
+        _, db = formats.compute_delta(lw, base, patch.dyn, device=weight.device)
+        del base
+        if db is not None:
+            weight.add_(db.reshape(weight.shape).to(weight.dtype), alpha=m)
+        return weight
+    fac = formats.lowrank_factors(lw, patch.dyn, weight.device) if weight.dim() > 1 else None
+    if fac is not None:
+        up, down, s = fac
+        w2 = weight.view(weight.shape[0], -1)
+        if tuple(w2.shape) != (up.shape[0], down.shape[1]):
+            raise ValueError(f"{lw.name}: factors {list(up.shape)} x {list(down.shape)} do not fit "
+                             f"{list(weight.shape)}")
+        w2.addmm_(up.to(weight.dtype), down.to(weight.dtype), alpha=s * m)
+        return weight
+    dw, _ = formats.compute_delta(lw, weight, patch.dyn, device=weight.device)
+    weight.add_(dw.to(weight.dtype), alpha=m)
+    return weight
+
+
+def kohya_names_by_target(arch: str) -> Dict[Tuple[str, Optional[int]], List[str]]:
+    """(checkpoint module, qkv index) -> the kohya module names a LoRA loader knows it by (text encoders: HF CLIP
+    paths; UNet: ldm and diffusers paths)."""
+    out: Dict[Tuple[str, Optional[int]], List[str]] = {}
+    for name, t in lora_names(base_arch(arch)).items():
+        out.setdefault((t.module, t.qkv_index), []).append(name)
+    for name, t in keymaps.kohya_lora_names(base_arch(arch)).items():
+        lst = out.setdefault((t.module, t.qkv_index), [])
+        if name not in lst:
+            lst.append(name)
+    return out
+
+
+def patcher_key(layer: BoundLayer, arch: str, key_map: Mapping[str, str],
+                names: Optional[Mapping[Tuple[str, Optional[int]], List[str]]] = None) -> Optional[str]:
+    """The patcher parameter (``diffusion_model.input_blocks.1.1.proj_in.weight``,
+    ``clip_l.transformer.text_model.encoder.layers.0.self_attn.q_proj.weight``) a layer lands on, looked up in the
+    host's ``key_map`` (kohya name -> parameter, as the host's own LoRA loader builds it); None when the host has no
+    such parameter."""
+    t = layer.target
+    if t.component == "unet" and t.module.startswith(keymaps.UNET_PREFIX) and t.qkv_index is None:
+        local = t.module[len(keymaps.UNET_PREFIX):]
+        k = key_map.get("lora_unet_" + local.replace(".", "_"))
+        if k is not None:
+            return k
+    if names is None:
+        names = kohya_names_by_target(arch)
+    for name in names.get((t.module, t.qkv_index), ()):
+        k = key_map.get(name)
+        if k is not None:
+            return k
+    return None
+
+
+@dataclass
+class PatchSet:
+    """The patches of one network: ``unet`` / ``clip`` = {patcher key: (PATCH_TYPE, LayerPatch)}; ``identifier`` is
+    unique for everything that changes the weights (file, mtime, multipliers, dyn, block weights), because the
+    patcher re-merges only when the identifiers of its patch sets change."""
+
+    identifier: str
+    unet: Dict[str, tuple]
+    clip: Dict[str, tuple]
+    unmatched: List[str]
+
+
+def build_patches(a: ActiveNetwork, arch: str, unet_keys: Mapping[str, str], clip_keys: Mapping[str, str],
+                  param_shape: Callable[[str], Optional[Tuple[int, ...]]]) -> PatchSet:
+    """Patches of one active network for the UNet and CLIP patchers. Layers whose multiplier is 0 are left out;
+    layers the host's models do not have are listed in ``unmatched`` (module names of the file). ``param_shape(key)``
+    gives the shape of a patcher parameter (None if there is none): bias deltas go to the module's ``.bias``."""
+    names = kohya_names_by_target(arch)
+    unet: Dict[str, tuple] = {}
+    clip: Dict[str, tuple] = {}
+    unmatched: List[str] = []
+    for layer in a.network.layers:
+        m = a.multiplier(layer)
+        is_te = layer.component.startswith("text_encoder")
+        key = patcher_key(layer, arch, clip_keys if is_te else unet_keys, names)
+        if key is None:
+            unmatched.append(layer.weights.name)
+            continue
+        if m == 0.0:
+            continue
+        dest = clip if is_te else unet
+        dest[key] = (PATCH_TYPE, LayerPatch(layer.weights, m, a.dyn))
+        if _has_bias_delta(layer.weights) and key.endswith(".weight"):
+            bkey = key[:-len(".weight")] + ".bias"
+            wshape = param_shape(key)
+            if wshape is not None and param_shape(bkey) is not None:
+                dest[bkey] = (PATCH_TYPE, LayerPatch(layer.weights, m, a.dyn, tuple(wshape)))
+    n = a.network
+    bw = "" if a.block_weights is None else ",".join(f"{k}={v:g}" for k, v in sorted(a.block_weights.items()))
+    ident = (f"sdtoolkit:{n.path}:{n.mtime}:te={a.te:g}:unet={a.unet:g}:dyn={a.dyn}:lbw={bw}")
+    return PatchSet(ident, unet, clip, unmatched)
+
+
+def _has_bias_delta(lw: LayerWeights) -> bool:
+    return "bias" in lw.t or "diff_b" in lw.t or "b_norm" in lw.t
+
+
+def unavailable_options(a: ActiveNetwork) -> List[str]:
+    """The options of a request a patcher cannot carry (reported to the user, never silently dropped)."""
+    out = []
+    if a.start is not None:
+        out.append(f"start={a.start}")
+    if a.stop is not None:
+        out.append(f"stop={a.stop}")
+    return out
+
+
+__all__ = ["PATCH_TYPE", "LayerPatch", "PatchSet", "apply_patch", "build_patches", "patcher_key",
+           "unavailable_options"]
