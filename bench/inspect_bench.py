@@ -2,7 +2,7 @@
 
     python bench/inspect_bench.py [--size tiny|mid|full] [--rounds 3] [--file PATH] [--no-cold]
 
-The file: a full-size SD1.5 fp16 checkpoint (mid/full; shared with the merge bench, ``bench/models_merge``) or the
+The file: a full-size SD1.5 fp16 checkpoint (mid/full; in ``bench/models_inspect``) or the
 tiny-width one (tiny), random weights with the real keys. ``--file`` uses a file of yours instead.
 
 Sides, equal work -- read the header and list the keys (ours also detects the architecture and sums components):
@@ -75,8 +75,11 @@ def main(argv=None) -> int:
     else:
         import merge_bench
 
-        d = C.bench_dir("models_merge")
-        path = merge_bench.ensure_models(d, "SD1.5", "SD1", "tiny" if args.size == "tiny" else "full", log)[0]
+        # its own file (not the merge bench's inputs), so that running both at once does not warm or evict the
+        # other's files
+        d = C.bench_dir("models_inspect")
+        path = merge_bench.ensure_models(d, "SD1.5", "SD1", "tiny" if args.size == "tiny" else "full", log,
+                                       n=1)[0]
     log(f"machine: {C.machine_facts(path.parent)}")
     env = C.torch_free_env()
     keys = {}

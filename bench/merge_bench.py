@@ -120,8 +120,8 @@ def compare(a: str, b: str, outs: dict) -> dict:
 
 
 # ----------------------------------------------------------------------------------------------- driver
-def ensure_models(d: Path, label: str, arch: str, width: str, log) -> tuple:
-    paths = (d / f"{label}-{width}-a.safetensors", d / f"{label}-{width}-b.safetensors")
+def ensure_models(d: Path, label: str, arch: str, width: str, log, n: int = 2) -> tuple:
+    paths = (d / f"{label}-{width}-a.safetensors", d / f"{label}-{width}-b.safetensors")[:n]
     for seed, p in enumerate(paths):
         if not p.exists():
             t = time.perf_counter()
