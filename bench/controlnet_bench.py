@@ -1,12 +1,13 @@
 """ControlNet hook overhead: per-step time of a full-width SD1.5 UNet alone, with one and with two units.
 
-    python bench/controlnet_bench.py [--repeats 3] [--latent 64] [--threads N]   (loaded machine: --threads 1)
+    python bench/controlnet_bench.py [--size tiny|mid|full] [--rounds 3] [--latent 64] [--width tiny|full]
+                                     [--threads N]   (loaded machine: --threads 1)
 
 CPU, fp32, random weights (timing does not depend on the values), batch 1, 64x64 latents (512x512 images).
 The four cases (UNet alone, ControlNet forward alone, UNet + 1 unit, UNet + 2 units) run interleaved, one of each
-per round, so load drifting on a shared machine hits them alike. Each call is timed twice: process CPU time (all
-threads; barely moved by other processes taking cores, the figure the ratios use) and wall time; per case the
-minimum over the rounds is kept. On a loaded machine prefer ``--threads 1``: idle-spinning worker threads of a
+per round (the order rotating each round), so load drifting on a shared machine hits them alike. Each call is timed twice: process CPU time (all
+threads; barely moved by other processes taking cores, the figure the ratios use) and wall time; the printout keeps
+per case the minimum over the rounds, the run_all row the median [min-max] of the per-round ratios. On a loaded machine prefer ``--threads 1``: idle-spinning worker threads of a
 descheduled peer are what inflates CPU time. Hook overhead = (hooked step - UNet alone - k ControlNet
 forwards) / (k ControlNet forwards). Target: <= 5 %.
 """
@@ -21,6 +22,9 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import _common as C  # noqa: E402
 
 from lib_sdtoolkit.controlnet.cldm import ControlNet  # noqa: E402
 from lib_sdtoolkit.controlnet.hook import HookUnit, UnetHook  # noqa: E402
@@ -34,12 +38,17 @@ def run_rounds(cases, rounds):
         fn()
     cpu = {name: [] for name in cases}
     wall = {name: [] for name in cases}
-    for _ in range(rounds):
-        for name, fn in cases.items():
+    names = list(cases)
+    loads = []
+    for r in range(rounds):
+        loads.append(C.load1())
+        for name in names[r % len(names):] + names[:r % len(names)]:  # the order rotates each round
+            fn = cases[name]
             c0, t0 = time.process_time(), time.perf_counter()
             fn()
             wall[name].append(time.perf_counter() - t0)
             cpu[name].append(time.process_time() - c0)
+    print(f"load average at each round: {', '.join(f'{x:.2f}' for x in loads)}", flush=True)
     return cpu, wall
 
 
@@ -81,13 +90,18 @@ def hook_arithmetic(n: int, repeats: int = 20) -> dict:
 
 def main() -> int:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--latent", type=int, default=64)
+    ap.add_argument("--repeats", type=int, default=None, help="same as --rounds")
+    ap.add_argument("--latent", type=int, default=None, help="latent size (default by --size: 16, 32, 64)")
+    ap.add_argument("--width", default=None, choices=["tiny", "full"], help="UNet width (default by --size)")
+    C.size_arg(ap)
     ap.add_argument("--threads", type=int, default=0)
     ap.add_argument("--cn-seconds", type=float, default=0.0,
                     help="with --hook-only: a measured ControlNet forward time to express the hook's work against")
     ap.add_argument("--hook-only", action="store_true", help="only the hook's own arithmetic (no full models)")
     args = ap.parse_args()
+    args.repeats = args.repeats or args.rounds
+    args.latent = args.latent or {"tiny": 16, "mid": 32, "full": 64}[args.size]
+    width = args.width or ("tiny" if args.size == "tiny" else "full")
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.hook_only:
@@ -97,8 +111,8 @@ def main() -> int:
             rel = f" = {v / (k * args.cn_seconds) * 100:.2f}% of {k} ControlNet forward(s)" if args.cn_seconds else ""
             print(f"hook's own work, {k} unit(s): {v * 1000:.1f} ms CPU per step{rel}")
         return 0
-    cfg = factory.get_config("SD1", "full")
-    unet = factory.build_ldm_unet("SD1", "full")
+    cfg = factory.get_config("SD1", width)
+    unet = factory.build_ldm_unet("SD1", width)
     kw = {k: v for k, v in cfg.ldm_unet.items() if k not in ("image_size", "out_channels", "use_spatial_transformer")}
     cn = ControlNet(hint_channels=3, **kw).eval()
     model = ControlModel(cn, "SD1", "ldm", "bench", kw["context_dim"], kw["model_channels"])
@@ -136,6 +150,19 @@ def main() -> int:
     for k, v in ha.items():
         print(f"hook's own work, {k} unit(s): {v * 1000:.1f} ms CPU per step = {v / (k * t_cn) * 100:.2f}% of the "
               "ControlNet forwards (measured directly, with free model outputs)")
+    rows = []
+    check = "same inputs on every case (overhead: no output comparison)"
+    cmd = f"python bench/controlnet_bench.py --width {width} --latent {n} --rounds {args.repeats}"
+    for k in (1, 2):
+        # per round: hooked step / (UNet alone + k ControlNet forwards), process CPU seconds
+        rs = [h / (u + k * c) for h, u, c in zip(cpu[k], cpu["unet"], cpu["cn"])]
+        m = C.med_min_max(rs)
+        rows.append(C.Row(f"controlnet {width} latent {n}", f"UNet + {k} unit(s) vs UNet + {k} ControlNet forward(s), "
+                          "process CPU", f"{C.fmt_mmm(cpu[k])}", f"{C.fmt_mmm([u + k * c for u, c in zip(cpu['unet'], cpu['cn'])])}",
+                          C.fmt_ratio(rs), check, "in RAM", cmd,
+                          f"hook overhead <= 5%: {'met' if m[0] <= 1.05 else 'missed'} (median {100 * (m[0] - 1):+.1f}%)",
+                          ""))
+    C.emit_rows(rows, args.rows)
     print("raw cpu s per round:", {str(k): [round(v, 2) for v in vs] for k, vs in cpu.items()})
     print("raw wall s per round:", {str(k): [round(v, 2) for v in vs] for k, vs in wall.items()})
     return 0

@@ -1,93 +1,143 @@
-"""How fast and how lean is `inspect` on a full-size SD1.5 checkpoint?
+"""Inspect benchmark: ours vs a lazy ``safetensors.safe_open`` header + keys read (and, named as such, a full load).
 
-    python bench/inspect_bench.py [--file PATH]      (without --file a full-size SD1.5 fp16 file is generated)
+    python bench/inspect_bench.py [--size tiny|mid|full] [--rounds 3] [--file PATH] [--no-cold]
 
-Each measurement runs in its own process so peak RSS is its own. Printed: wall time and peak RSS above the
-process's baseline (torch imported; the peak is reset through /proc/self/clear_refs) for (a) our header read + detection + report, (b) the naive way that
-loads the whole state dict (``safetensors.torch.load_file``), and their ratios.
+The file: a full-size SD1.5 fp16 checkpoint (mid/full; in ``bench/models_inspect``) or the
+tiny-width one (tiny), random weights with the real keys. ``--file`` uses a file of yours instead.
+
+Sides, equal work -- read the header and list the keys (ours also detects the architecture and sums components):
+
+* ours: ``python -m lib_sdtoolkit inspect FILE --json``;
+* safe_open (lazy): ``safe_open(FILE, "np")``, ``list(keys())``, ``metadata()`` -- the strongest baseline: it reads
+  the header only;
+* full load (separately, named as such -- a different job): ``safetensors.torch.load_file(FILE)`` and a
+  ``clone()`` of every tensor (safetensors >= 0.8 ``load_file`` alone is lazy, memory-mapped).
+
+Whole commands (``python -m ...`` / ``python -c ...``, start-up included) and in-process (each side in its own child
+process that has imported torch and lib_sdtoolkit first; time and peak RSS above that baseline, the peak reset
+through ``/proc/self/clear_refs``). Alternated rounds, warm cache (file read before each run) and cold (evicted
+with ``posix_fadvise(DONTNEED)`` before each run; residency printed). Check: the key counts agree. No writes.
 """
 from __future__ import annotations
 
 import argparse
 import json
-import os
-import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import _common as C  # noqa: E402
+
+LAZY = ("import sys; from safetensors import safe_open\n"
+        "with safe_open(sys.argv[1], 'np') as f:\n    keys = list(f.keys()); meta = f.metadata()\n"
+        "print(len(keys))")
+FULL = ("import sys; from safetensors.torch import load_file\n"
+        "sd = {k: v.clone() for k, v in load_file(sys.argv[1]).items()}\nprint(len(sd))")
 
 CHILD = r"""
-import json, resource, sys, time
-sys.path.insert(0, sys.argv[3])
-import torch  # baseline: the interpreter with torch loaded
+import json, sys, time
+sys.path.insert(0, sys.argv[3]); sys.path.insert(0, sys.argv[3] + "/bench")
+import torch  # the same baseline on every side: interpreter + torch + lib_sdtoolkit
 import lib_sdtoolkit.inspect as insp
+from safetensors import safe_open
 from safetensors.torch import load_file
-
-def status_mb(field):
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1]) / 1024
-
+import _common as C
 path, mode = sys.argv[1], sys.argv[2]
-with open("/proc/self/clear_refs", "w") as f:  # reset the peak (VmHWM) to the current RSS
-    f.write("5")
-base = status_mb("VmRSS")
+C.reset_peak_rss()
+base = C.status_mb("VmRSS")
 t = time.perf_counter()
 if mode == "ours":
-    rep = insp.inspect_file(path)
-    what = rep["architecture"] + " " + str(rep["total_keys"]) + " keys"
+    n = insp.inspect_file(path)["total_keys"]
+elif mode == "lazy":
+    with safe_open(path, "np") as f:
+        keys = list(f.keys()); meta = f.metadata()
+    n = len(keys)
 else:
-    sd = {k: v.clone() for k, v in load_file(path).items()}  # materialised, as a load-everything tool holds it
-    what = str(len(sd)) + " keys"
+    sd = {k: v.clone() for k, v in load_file(path).items()}
+    n = len(sd)
 dt = time.perf_counter() - t
-peak = status_mb("VmHWM")
-print(json.dumps({"seconds": dt, "peak_above_base_mb": peak - base, "what": what}))
+print(json.dumps({"inproc": dt, "above_base_mb": C.status_mb("VmHWM") - base, "keys": n}))
 """
 
 
-def run(path: Path, mode: str) -> dict:
-    out = subprocess.run([sys.executable, "-c", CHILD, str(path), mode, str(ROOT)], check=True,
-                         capture_output=True, text=True)
-    return json.loads(out.stdout.strip().splitlines()[-1])
-
-
-def main() -> None:
-    ap = argparse.ArgumentParser()
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    C.size_arg(ap)
     ap.add_argument("--file", type=Path)
-    args = ap.parse_args()
-    tmp = None
-    path = args.file
-    if path is None:
-        sys.path.insert(0, str(ROOT))
-        import torch
+    ap.add_argument("--no-cold", action="store_true")
+    ap.add_argument("--no-full-load", action="store_true", help="leave out the full-load side")
+    args = ap.parse_args(argv)
+    log = lambda s: print(s, flush=True)  # noqa: E731
+    if args.file:
+        path = args.file
+    else:
+        import merge_bench
 
-        from lib_sdtoolkit.samples import factory
+        # its own file (not the merge bench's inputs), so that running both at once does not warm or evict the
+        # other's files
+        d = C.bench_dir("models_inspect")
+        path = merge_bench.ensure_models(d, "SD1.5", "SD1", "tiny" if args.size == "tiny" else "full", log,
+                                       n=1)[0]
+    log(f"machine: {C.machine_facts(path.parent)}")
+    env = C.torch_free_env()
+    keys = {}
 
-        tmp = tempfile.TemporaryDirectory(dir=os.environ.get("SDTOOLKIT_BENCH_DIR"))
-        path = Path(tmp.name) / "sd15-full.safetensors"
-        t = time.perf_counter()
-        factory.write_checkpoint(path, "SD1", width="full", dtype=torch.float16)
-        print(f"wrote {path} ({path.stat().st_size / 2**30:.2f} GiB) in {time.perf_counter() - t:.1f} s")
-    try:
-        # drop the file from the page cache question: run the naive load first so both see a warm cache
-        naive = run(path, "naive")
-        ours = run(path, "ours")
-        print(f"ours  (header + detect + report): {ours['seconds'] * 1000:8.1f} ms, "
-              f"peak RSS +{ours['peak_above_base_mb']:7.1f} MB  [{ours['what']}]")
-        print(f"naive (load_file, whole model):   {naive['seconds'] * 1000:8.1f} ms, "
-              f"peak RSS +{naive['peak_above_base_mb']:7.1f} MB  [{naive['what']}]")
-        print(f"ratio ours/naive: time {ours['seconds'] / naive['seconds']:.3f}x, "
-              f"memory {max(ours['peak_above_base_mb'], 0.1) / max(naive['peak_above_base_mb'], 0.1):.3f}x")
-        ok = ours["seconds"] < 1.0 and ours["peak_above_base_mb"] < 100
-        print(f"target (< 1 s, < 100 MB): {'met' if ok else 'NOT met'}")
-    finally:
-        if tmp is not None:
-            tmp.cleanup()
+    def whole(name, argv, parse):
+        def run():
+            r = C.run_command(argv, env=env, cwd=C.ROOT)
+            keys[name] = parse(r["stdout"])
+            return {"seconds": r["wall"], "rss_mb": r["rss_mb"]}
+        return name, run, C.cmd_str(argv).replace(str(path), "FILE")
+
+    def inproc(name, mode):
+        argv = [C.PY, "-c", CHILD, str(path), mode, str(C.ROOT)]
+
+        def run():
+            r = C.run_command(argv, env=env, cwd=C.ROOT)
+            j = C.last_json(r["stdout"])
+            keys[name] = j["keys"]
+            return {"seconds": j["inproc"], "mem_mb": j["above_base_mb"], "wall": r["wall"]}
+        return name, run, f"bench/inspect_bench.py in-process child, mode {mode}"
+
+    wspecs = [whole("ours", [C.PY, "-m", "lib_sdtoolkit", "inspect", "--json", str(path)],
+                    lambda o: json.loads(o)["total_keys"]),
+              whole("safe_open (lazy)", [C.PY, "-c", LAZY, str(path)], lambda o: int(o.split()[-1]))]
+    ispecs = [inproc("ours", "ours"), inproc("safe_open (lazy)", "lazy")]
+    if not args.no_full_load:
+        wspecs.append(whole("full load (load_file + clone)", [C.PY, "-c", FULL, str(path)],
+                            lambda o: int(o.split()[-1])))
+        ispecs.append(inproc("full load (load_file + clone)", "full"))
+    rows = []
+    label = f"inspect {'SD1.5 tiny' if args.size == 'tiny' and not args.file else path.name}"
+    for cache in ["warm"] + ([] if args.no_cold else ["cold"]):
+        before = (lambda: C.warm([path])) if cache == "warm" else (lambda: C.evict([path]))
+        for kind, specs in (("whole command", wspecs), ("in-process", ispecs)):
+            keys.clear()
+            sides = [C.Side(n, fn, before, files=[path], command=c) for n, fn, c in specs]
+            log(f"\n== {label} ({path.stat().st_size / 1e9:.2f} GB), {cache} cache, {kind}, {args.rounds} rounds; "
+                f"load {C.loadavg()} ==")
+            r = C.alternate(sides, args.rounds, log)
+            C.print_summary(r, "seconds", unit="ms", scale=1000, digits=1, title=f"{kind} time",
+                            ref="safe_open (lazy)", log=log)
+            mem = "rss_mb" if kind == "whole command" else "mem_mb"
+            C.print_summary(r, mem, unit="MB", digits=0, ref="safe_open (lazy)", log=log,
+                            title="peak RSS" if kind == "whole command" else "peak RSS above the baseline")
+            ok = len(set(keys.values())) == 1
+            check = f"key counts equal ({next(iter(keys.values()))})" if ok else f"KEY COUNTS DIFFER: {keys}"
+            log(f"  check: {check}")
+            cmds = {s.name: s.command for s in sides}
+            for other in [s.name for s in sides if s.name != "ours"]:
+                rows.append(C.row_for(r, label, f"ours vs {other}, {kind} time", "ours", other, "seconds", check,
+                                      cache, cmds["ours"], unit="ms", scale=1000, digits=1))
+                if other == "safe_open (lazy)":
+                    rows.append(C.row_for(r, label, f"ours vs {other}, {kind} "
+                                          + ("peak RSS" if mem == "rss_mb" else "peak RSS above torch-imported base"),
+                                          "ours", other, mem, check, cache, cmds["ours"], unit="MB", digits=0))
+    C.emit_rows(rows, args.rows)
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -1,169 +1,307 @@
-"""Merge benchmark: ours vs sd-mecha vs a naive load-everything merge vs the I/O floor.
+"""Merge benchmark: ours vs the I/O floor, sd-mecha and a naive load-everything merge, as whole commands.
 
-    python bench/merge_bench.py [--dir bench/models_merge] [--sdxl] [--skip-mecha] [--skip-naive] [--keep]
+    python bench/merge_bench.py [--size tiny|mid|full] [--rounds 3] [--skip-mecha] [--skip-naive] [--no-warm]
+                                [--dir DIR] [--keep]
 
-Writes two full-size SD1.5 fp16 checkpoints (random weights, real keys and shapes, streamed by
-``lib_sdtoolkit.samples.factory``), then runs each contender in its own process (so peak RSS is its own) on the same
-files, weighted sum M=0.5 to fp16:
+Inputs: two checkpoints with random weights, real keys and shapes, fp16 (``lib_sdtoolkit.samples.factory``):
+tiny = tiny-width SD1.5 layout (18 MB each); mid = full SD1.5 (2.1 GB each); full = full SD1.5 and full SDXL
+(6.9 GB each). Written once into ``--dir`` (default ``bench/models_merge``, git-ignored) and reused.
 
-* ours: ``lib_sdtoolkit.merge.merge_files`` (default options: input sha256s recorded in the metadata);
-* sd-mecha: ``sd_mecha.merge(sd_mecha.weighted_sum(model(A), model(B), alpha=0.5), output=..., output_dtype=fp16)``;
-* naive: the WebUI's way: ``safetensors.torch.load_file`` both, per key ``A*(1-M) + B*M`` in fp32, save;
-* I/O floor: read both inputs and write (and fsync) an output-sized file, nothing else.
+Every side does the same work: weighted sum at alpha (M) = 0.3, i.e. ``A*0.7 + B*0.3``, fp32 maths, fp16 output,
+the output fsynced before the command returns. Each side is a whole command (its wall time includes start-up),
+and the children also report their in-process time (after imports):
 
-Prints wall time (measured in the child, after imports) and peak RSS (``VmHWM`` of the child) for each, and the
-ratios. ``--sdxl`` also writes two full-size SDXL files and prints our peak RSS on them. The machine's cores are
-shared, so figures are noisy: compare ratios from the same run. Big files are deleted at the end unless ``--keep``.
+* I/O floor: ``cat A B >/dev/null; cp A OUT; sync OUT`` (read both inputs, write and fsync one output-sized file);
+* ours: ``python -m lib_sdtoolkit merge A B -o OUT --alpha 0.3 --dtype fp16 --json`` (in-process time: the
+  report's ``seconds``; by default it also sha256-hashes both inputs for the metadata, which is a second read of
+  the inputs: ``ours --no-metadata`` runs without it, to show what that costs);
+* naive: ``safetensors.torch.load_file`` both, per key ``(A.float()*(1-M) + B.float()*M).half()``, ``save_file``,
+  fsync;
+* sd-mecha: ``sd_mecha.merge(weighted_sum(model(A), model(B), alpha=0.3), output=OUT, output_dtype=fp16,
+  merge_dtype=fp32)``, then fsync.
+
+Cold cache (every side): before each run the inputs are fsynced and dropped from the page cache with
+``posix_fadvise(DONTNEED)`` and the residency just before the start is printed (mincore). Warm cache (ours and the
+floor only, unless ``--no-warm``): the inputs are read once before each run. The sides alternate over ``--rounds``
+rounds (order rotating). After the rounds, the last outputs are compared key by key (max abs difference ours vs
+naive and vs sd-mecha) and, on a sample of keys, against ``A*0.7 + B*0.3`` and the swapped ``A*0.3 + B*0.7``, so
+that every tool is seen to take the ratio the same way round.
 """
 from __future__ import annotations
 
 import argparse
 import json
 import os
-import resource
-import subprocess
 import sys
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-ALPHA = 0.5
+import _common as C  # noqa: E402
+
+ALPHA = 0.3
+MODELS = {"tiny": [("SD1.5", "SD1", "tiny")], "mid": [("SD1.5", "SD1", "full")],
+          "full": [("SD1.5", "SD1", "full"), ("SDXL", "SDXL", "full")]}
 
 
-def _rss_mb() -> float:
-    """This process's peak RSS. ``VmHWM`` (per address space, reset by exec) rather than ``ru_maxrss``, which Linux
-    carries over from the parent across fork + exec and would report the parent's peak."""
+# ----------------------------------------------------------------------------------------------- children
+def _fsync(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY)
     try:
-        with open("/proc/self/status") as fh:
-            for line in fh:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def child(mode: str, a: str, b: str, out: str) -> dict:
     import torch
 
     t0 = time.perf_counter()
-    if mode == "ours":
-        from lib_sdtoolkit.merge import MergeRecipe, merge_files
+    if mode == "naive":
+        from safetensors.torch import load_file, save_file
 
-        merge_files(MergeRecipe(a, b, alpha=ALPHA), out)
+        theta_0 = load_file(a)
+        theta_1 = load_file(b)
+        for k in list(theta_0):
+            if k in theta_1 and theta_0[k].is_floating_point():
+                theta_0[k] = (theta_0[k].float() * (1 - ALPHA) + theta_1[k].float() * ALPHA).half()
+        del theta_1
+        save_file(theta_0, out)
+        _fsync(out)
     elif mode == "mecha":
         import sd_mecha
 
         recipe = sd_mecha.weighted_sum(sd_mecha.model(a), sd_mecha.model(b), alpha=ALPHA)
         sd_mecha.merge(recipe, output=out, output_dtype=torch.float16, merge_dtype=torch.float32)
-    elif mode == "naive":
-        from safetensors.torch import load_file, save_file
-
-        theta_1 = load_file(b)
-        theta_0 = load_file(a)
-        for k in list(theta_0):
-            if k in theta_1 and theta_0[k].is_floating_point() and not k.endswith("position_ids"):
-                theta_0[k] = (theta_0[k].float() * (1 - ALPHA) + theta_1[k].float() * ALPHA).half()
-        del theta_1
-        save_file(theta_0, out)
-    elif mode == "io":
-        buf = bytearray(16 << 20)
-        mv = memoryview(buf)
-        for p in (a, b):
-            with open(p, "rb", buffering=0) as fh:
-                while fh.readinto(buf):
-                    pass
-        size = os.path.getsize(a)
-        with open(out, "wb", buffering=0) as fh:
-            left = size
-            while left:
-                n = fh.write(mv[: min(len(buf), left)])
-                left -= n
-            os.fsync(fh.fileno())
+        _fsync(out)
     else:
         raise SystemExit(f"unknown mode {mode}")
-    return {"mode": mode, "seconds": time.perf_counter() - t0, "peak_rss_mb": _rss_mb()}
+    return {"inproc": time.perf_counter() - t0, "child_rss_mb": C.child_peak_rss_mb()}
 
 
-def run_child(mode: str, a: Path, b: Path, out: Path) -> dict:
-    if out.exists():
-        out.unlink()
-    proc = subprocess.run([sys.executable, __file__, "--child", mode, str(a), str(b), str(out)],
-                          capture_output=True, text=True)
-    if out.exists():
-        out.unlink()
-    if proc.returncode != 0:
-        return {"mode": mode, "error": (proc.stderr.strip().splitlines() or ["?"])[-1]}
-    return json.loads(proc.stdout.strip().splitlines()[-1])
-
-
-def make(path: Path, arch: str, seed: int) -> None:
+def compare(a: str, b: str, outs: dict) -> dict:
+    """Max abs difference of every output against ours (all common keys), and on a sample of keys against
+    A*(1-M)+B*M and the swapped A*M+B*(1-M), each computed in fp32 and rounded to fp16 like the outputs."""
     import torch
+    from safetensors import safe_open
 
-    from lib_sdtoolkit.samples import factory
+    res = {}
+    handles = {n: safe_open(p, "pt") for n, p in outs.items()}
+    fa, fb = safe_open(a, "pt"), safe_open(b, "pt")
+    ours = handles["ours"]
+    ours_keys = set(ours.keys())
+    float_keys = [k for k in fa.keys() if k in ours_keys and k in set(fb.keys())]
+    sample = float_keys[:: max(1, len(float_keys) // 60)]
+    for name, h in handles.items():
+        keys = set(h.keys())
+        common = sorted(ours_keys & keys)
+        d = 0.0
+        for k in common:
+            x, y = ours.get_tensor(k), h.get_tensor(k)
+            if x.is_floating_point() and y.is_floating_point():
+                d = max(d, float((x.float() - y.float()).abs().max()) if x.numel() else 0.0)
+            elif not torch.equal(x, y):
+                d = float("inf")
+        ex = sw = 0.0
+        for k in sample:
+            ta, tb, o = fa.get_tensor(k), fb.get_tensor(k), h.get_tensor(k).float()
+            if not ta.is_floating_point() or o.numel() == 0:
+                continue
+            want = (ta.float() * (1 - ALPHA) + tb.float() * ALPHA).half().float()
+            swap = (ta.float() * ALPHA + tb.float() * (1 - ALPHA)).half().float()
+            ex = max(ex, float((o - want).abs().max()))
+            sw = max(sw, float((o - swap).abs().max()))
+        res[name] = {"keys": len(keys), "common_with_ours": len(common), "only_in_ours": len(ours_keys - keys),
+                     "only_here": len(keys - ours_keys), "max_abs_diff_vs_ours": d,
+                     "sample_keys": len(sample), "max_abs_vs_expected": ex, "max_abs_vs_swapped": sw,
+                     "direction_ok": ex * 10 < sw}
+    return res
 
-    if not path.exists():
-        t = time.perf_counter()
-        factory.write_checkpoint(path, arch, width="full", dtype=torch.float16, seed=seed)
-        print(f"wrote {path} ({path.stat().st_size / 1e9:.2f} GB) in {time.perf_counter() - t:.0f} s", flush=True)
+
+# ----------------------------------------------------------------------------------------------- driver
+def ensure_models(d: Path, label: str, arch: str, width: str, log, n: int = 2) -> tuple:
+    paths = (d / f"{label}-{width}-a.safetensors", d / f"{label}-{width}-b.safetensors")[:n]
+    for seed, p in enumerate(paths):
+        if not p.exists():
+            t = time.perf_counter()
+            C.run_command([C.PY, "-c", "import sys, torch; sys.path.insert(0, sys.argv[1]);"
+                           "from lib_sdtoolkit.samples import factory;"
+                           "factory.write_checkpoint(sys.argv[2], sys.argv[3], width=sys.argv[4], "
+                           "dtype=torch.float16, seed=int(sys.argv[5]))",
+                           str(C.ROOT), str(p), arch, width, str(seed)])
+            log(f"wrote {p} ({p.stat().st_size / 1e9:.2f} GB) in {time.perf_counter() - t:.0f} s")
+    return paths
+
+
+def bench_pair(label: str, a: Path, b: Path, d: Path, args, log) -> list:
+    size_gb = a.stat().st_size / 1e9
+    outs = {n: d / f"out-{a.stem[:-2]}-{n}.safetensors" for n in ("floor", "ours", "ours_nometa", "naive", "mecha")}
+    env = C.torch_free_env()
+    env["SDTOOLKIT_CACHE_DIR"] = str(d / "cache")
+
+    def rm(p):
+        def f():
+            if p.exists():
+                p.unlink()
+        return f
+
+    def cold(p):
+        def f():
+            rm(p)()
+            C.evict([a, b])
+        return f
+
+    def hot(p):
+        def f():
+            rm(p)()
+            C.warm([a, b])
+        return f
+
+    floor_cmd = f"cat {a} {b} >/dev/null; cp {a} {{out}}; sync {{out}}"
+
+    def floor(out):
+        def f():
+            r = C.run_command(floor_cmd.format(out=out), shell=True)
+            return {"seconds": r["wall"], "inproc": r["wall"], "rss_mb": r["rss_mb"]}
+        return f
+
+    def ours_argv(out, meta=True):
+        return [C.PY, "-m", "lib_sdtoolkit", "merge", str(a), str(b), "-o", str(out), "--alpha", str(ALPHA),
+                "--dtype", "fp16", "--json"] + ([] if meta else ["--no-metadata"])
+
+    def ours(out, meta=True):
+        def f():
+            r = C.run_command(ours_argv(out, meta), env=env, cwd=C.ROOT)
+            rep = json.loads(r["stdout"])
+            return {"seconds": r["wall"], "inproc": rep["seconds"], "rss_mb": r["rss_mb"]}
+        return f
+
+    def kid(mode, out):
+        argv = [C.PY, str(Path(__file__).resolve()), "--child", mode, str(a), str(b), str(out)]
+
+        def f():
+            r = C.run_command(argv, env=env, cwd=C.ROOT)
+            j = C.last_json(r["stdout"])
+            return {"seconds": r["wall"], "inproc": j["inproc"], "rss_mb": r["rss_mb"]}
+        return f, C.cmd_str(argv)
+
+    avail = C.mem_available_mb()
+    need = {"naive": 1000 * (1.0 * size_gb) + 600, "mecha": 1000 * (0.6 * size_gb) + 600}
+    sides = [C.Side("I/O floor", floor(outs["floor"]), cold(outs["floor"]), files=[a, b],
+                    command=floor_cmd.format(out="OUT")),
+             C.Side("ours", ours(outs["ours"]), cold(outs["ours"]), files=[a, b],
+                    command=C.cmd_str(ours_argv("OUT")))]
+    if not args.skip_nometa:
+        sides.append(C.Side("ours --no-metadata", ours(outs["ours_nometa"], False), cold(outs["ours_nometa"]),
+                            files=[a, b], command=C.cmd_str(ours_argv("OUT", False))))
+    skipped = []
+    for mode, name, skip in (("naive", "naive (load_file)", args.skip_naive), ("mecha", "sd-mecha", args.skip_mecha)):
+        if skip:
+            skipped.append(f"{name}: skipped (--skip-{mode})")
+        elif avail < need[mode] + 2000:
+            skipped.append(f"{name}: SKIPPED, memory short: {avail:.0f} MB available, needs about {need[mode]:.0f} MB"
+                           " + 2 GB margin")
+        else:
+            fn, cmd = kid(mode, outs[mode])
+            sides.append(C.Side(name, fn, cold(outs[mode]), files=[a, b], command=cmd.replace(str(outs[mode]), "OUT")))
+    for s in skipped:
+        log("  " + s)
+    log(f"\n== merge {label}: 2 x {size_gb:.2f} GB fp16, weighted sum alpha {ALPHA}, cold cache "
+        f"(inputs evicted before each run), {args.rounds} alternated rounds; load {C.loadavg()} ==")
+    rc = C.alternate(sides, args.rounds, log)
+    C.print_summary(rc, "seconds", title=f"merge {label} cold, whole command wall", ref="I/O floor", log=log)
+    C.print_summary(rc, "inproc", title=f"merge {label} cold, in-process (after imports)", ref="I/O floor", log=log)
+    C.print_summary(rc, "rss_mb", unit="MB", digits=0, title=f"merge {label} cold, peak RSS", log=log)
+    rw = None
+    if not args.no_warm:
+        wsides = [C.Side("I/O floor", floor(outs["floor"]), hot(outs["floor"]), files=[a, b],
+                         command=floor_cmd.format(out="OUT")),
+                  C.Side("ours", ours(outs["ours"]), hot(outs["ours"]), files=[a, b],
+                         command=C.cmd_str(ours_argv("OUT")))]
+        log(f"\n== merge {label}: warm cache (inputs read once before each run) ==")
+        rw = C.alternate(wsides, args.rounds, log)
+        C.print_summary(rw, "seconds", title=f"merge {label} warm, whole command wall", ref="I/O floor", log=log)
+        C.print_summary(rw, "inproc", title=f"merge {label} warm, in-process", ref="I/O floor", log=log)
+
+    # equality and direction
+    present = {n: str(outs[k]) for n, k in (("ours", "ours"), ("ours --no-metadata", "ours_nometa"),
+                                            ("naive", "naive"), ("sd-mecha", "mecha")) if outs[k].exists()}
+    cmp_argv = [C.PY, str(Path(__file__).resolve()), "--compare", str(a), str(b), json.dumps(present)]
+    cmp = C.last_json(C.run_command(cmp_argv, env=env, cwd=C.ROOT)["stdout"])
+    checks = []
+    for n, c in cmp.items():
+        log(f"  check {n}: {c['keys']} keys ({c['only_in_ours']} only in ours, {c['only_here']} only here), max abs diff "
+            f"vs ours {c['max_abs_diff_vs_ours']:.3g}; on {c['sample_keys']} sampled keys max |out - (A*0.7+B*0.3)| "
+            f"{c['max_abs_vs_expected']:.3g}, max |out - (A*0.3+B*0.7)| {c['max_abs_vs_swapped']:.3g} -> "
+            f"{'same direction' if c['direction_ok'] else 'DIRECTION DIFFERS'}")
+        if n != "ours":
+            checks.append(f"{n}: max|d| {c['max_abs_diff_vs_ours']:.2g}")
+    dir_ok = all(c["direction_ok"] for c in cmp.values())
+    check = (f"all {len(cmp)} outputs take A*0.7+B*0.3 " if dir_ok else "DIRECTION MISMATCH ") + "; ".join(checks)
+    fsync = "fsync on every side"
+    rows = []
+    for s in rc.sides:
+        if s.name == "I/O floor":
+            continue
+        rs = C.ratios(rc, s.name, "I/O floor", "seconds")
+        tgt = C.target_text(C.med_min_max(rs)[0], 1.3) if s.name == "ours" else ""
+        rows.append(C.row_for(rc, f"merge {label}", f"{s.name} vs I/O floor, whole command", s.name, "I/O floor",
+                              "seconds", check, f"cold ({fsync})", s.command, target=tgt))
+    rows.append(C.row_for(rc, f"merge {label}", "ours vs I/O floor, in-process", "ours", "I/O floor", "inproc",
+                          check, f"cold ({fsync})", sides[1].command))
+    for other in ("sd-mecha", "naive (load_file)"):
+        if other in rc.results:
+            rows.append(C.row_for(rc, f"merge {label}", f"ours vs {other}, whole command", "ours", other, "seconds",
+                                  check, f"cold ({fsync})", sides[1].command))
+            rows.append(C.row_for(rc, f"merge {label}", f"peak RSS ours vs {other}", "ours", other, "rss_mb",
+                                  check, f"cold ({fsync})", sides[1].command, unit="MB", digits=0))
+    if rw is not None:
+        rs = C.ratios(rw, "ours", "I/O floor", "seconds")
+        rows.append(C.row_for(rw, f"merge {label}", "ours vs I/O floor, whole command", "ours", "I/O floor",
+                              "seconds", check, f"warm ({fsync})", sides[1].command,
+                              target=C.target_text(C.med_min_max(rs)[0], 1.3)))
+    for s in skipped:
+        rows.append(C.Row(f"merge {label}", s.split(":")[0], "", "", "n/a", s, "", ""))
+    if not args.keep_outputs:
+        for p in outs.values():
+            if p.exists():
+                p.unlink()
+    return rows
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--dir", default=str(ROOT / "bench" / "models_merge"))
-    ap.add_argument("--sdxl", action="store_true", help="also measure our peak RSS on full-size SDXL")
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    C.size_arg(ap)
+    ap.add_argument("--dir", default=None, help="where the input models live (default bench/models_merge)")
     ap.add_argument("--skip-mecha", action="store_true")
     ap.add_argument("--skip-naive", action="store_true")
-    ap.add_argument("--keep", action="store_true", help="keep the generated checkpoints")
+    ap.add_argument("--skip-nometa", action="store_true", help="leave out the 'ours --no-metadata' side")
+    ap.add_argument("--no-warm", action="store_true", help="cold-cache rounds only")
+    ap.add_argument("--only-model", help="run only this model pair (SD1.5 or SDXL)")
+    ap.add_argument("--keep", action="store_true", help="(kept for compatibility; inputs are always kept)")
+    ap.add_argument("--keep-outputs", action="store_true")
     ap.add_argument("--child", nargs=4, metavar=("MODE", "A", "B", "OUT"), help=argparse.SUPPRESS)
+    ap.add_argument("--compare", nargs=3, metavar=("A", "B", "OUTS_JSON"), help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.child:
+        sys.path.insert(0, str(C.ROOT))
         print(json.dumps(child(*args.child)))
         return 0
-    d = Path(args.dir)
+    if args.compare:
+        print(json.dumps(compare(args.compare[0], args.compare[1], json.loads(args.compare[2]))))
+        return 0
+    d = Path(args.dir) if args.dir else C.bench_dir("models_merge")
     d.mkdir(parents=True, exist_ok=True)
-    a, b, out = d / "sd15_a.safetensors", d / "sd15_b.safetensors", d / "out.safetensors"
-    made = [a, b]
-    try:
-        make(a, "SD1", 0)
-        make(b, "SD1", 1)
-        modes = ["io", "ours"] + ([] if args.skip_naive else ["naive"]) + ([] if args.skip_mecha else ["mecha"])
-        res = {}
-        for m in modes:
-            res[m] = r = run_child(m, a, b, out)
-            if "error" in r:
-                print(f"{m:6s} failed: {r['error']}", flush=True)
-            else:
-                print(f"{m:6s} {r['seconds']:8.1f} s   peak RSS {r['peak_rss_mb']:8.0f} MB", flush=True)
-        ours = res.get("ours", {})
-        if "seconds" in ours:
-            print("ratios (ours / other):")
-            for m in ("io", "naive", "mecha"):
-                o = res.get(m, {})
-                if "seconds" in o:
-                    print(f"  vs {m:6s} time {ours['seconds'] / o['seconds']:.2f}x   "
-                          f"peak RSS {ours['peak_rss_mb'] / o['peak_rss_mb']:.2f}x")
-            print(f"targets: time <= 2x I/O floor: {'OK' if ours['seconds'] <= 2 * res['io']['seconds'] else 'MISSED'};"
-                  f" peak RSS <= 512 MB: {'OK' if ours['peak_rss_mb'] <= 512 else 'MISSED'}")
-        if args.sdxl:
-            xa, xb = d / "sdxl_a.safetensors", d / "sdxl_b.safetensors"
-            made += [xa, xb]
-            make(xa, "SDXL", 0)
-            make(xb, "SDXL", 1)
-            r = run_child("ours", xa, xb, out)
-            if "error" in r:
-                print(f"SDXL ours failed: {r['error']}")
-            else:
-                print(f"SDXL ours {r['seconds']:8.1f} s   peak RSS {r['peak_rss_mb']:8.0f} MB "
-                      f"(target <= 1024 MB: {'OK' if r['peak_rss_mb'] <= 1024 else 'MISSED'})")
-    finally:
-        if not args.keep:
-            for p in made:
-                if p.exists():
-                    p.unlink()
+    log = lambda s: print(s, flush=True)  # noqa: E731
+    log(f"machine: {C.machine_facts(d)}")
+    rows = []
+    for label, arch, width in MODELS[args.size]:
+        if args.only_model and label != args.only_model:
+            continue
+        a, b = ensure_models(d, label, arch, width, log)
+        rows += bench_pair(label, a, b, d, args, log)
+    C.emit_rows(rows, args.rows)
     return 0
 
 

@@ -1,8 +1,12 @@
 """Tiled VAE benchmark: peak memory and wall time of full vs. tiled decode, and the error against the full decode,
 for our exact tiled decode and diffusers' ``enable_tiling()`` on the same (random, seeded) full-width SD VAE.
 
-    python bench/tiled_vae_bench.py                       # 512 and 1024 px, plus a bounded 4096 px run
-    python bench/tiled_vae_bench.py --sizes 512 --no-4k   # reduced
+    python bench/tiled_vae_bench.py [--size tiny|mid|full] [--rounds 3]   # tiny 256 px, mid 512, full 512+1024
+    python bench/tiled_vae_bench.py --sizes 512,1024 --with-4k --with-budget   # plus the bounded 4096 px run
+
+Full decode, our tiled decode and diffusers' tiled decode alternate over the rounds (each run its own child); the
+summary gives median [min-max] per side and the per-round ratio to the full decode, and the last round's tiled
+outputs are compared with the last round's full decode.
 
 Each case runs in its own child process; peak memory is the child's peak RSS growth during the decode (VmHWM,
 reset via /proc/self/clear_refs where the kernel allows, else minus the RSS before the decode). The full decode
@@ -27,6 +31,9 @@ import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+import _common as C  # noqa: E402
 
 
 def _status(field: str) -> int:
@@ -139,41 +146,71 @@ def compare(a_path: str, ref_path: str) -> str:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--sizes", default="512,1024")
-    ap.add_argument("--no-4k", action="store_true")
+    ap.add_argument("--sizes", default=None, help="image sizes in px (default by --size: tiny 256, mid 512, "
+                                                   "full 512,1024)")
+    ap.add_argument("--no-4k", action="store_true", help="(default; kept for compatibility)")
+    ap.add_argument("--with-4k", action="store_true", help="also the bounded 4096 px memory run")
+    ap.add_argument("--with-budget", action="store_true", help="also a low-memory budget run per size")
     ap.add_argument("--no-diffusers", action="store_true")
     ap.add_argument("--budget-frac", type=float, default=0.125,
                     help="low-memory runs get this fraction of the full decode's measured peak as budget")
-    ap.add_argument("--width", default="full", choices=["full", "tiny"])
+    ap.add_argument("--width", default=None, choices=["full", "tiny"], help="VAE width (default by --size)")
+    C.size_arg(ap)
     ap.add_argument("--child")
     ap.add_argument("--out")
     a = ap.parse_args(argv)
     if a.child:
         print(json.dumps(child(json.loads(a.child), a.out)))
         return 0
-    sizes = [int(s) for s in a.sizes.split(",") if s]
+    width = a.width or ("tiny" if a.size == "tiny" else "full")
+    sizes = [int(s) for s in (a.sizes or {"tiny": "256", "mid": "512", "full": "512,1024"}[a.size]).split(",") if s]
+    log = lambda s: print(s, flush=True)  # noqa: E731
+    log(f"machine: {C.machine_facts()}")
     full_mem = {}
+    rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for px in sizes:
             tile = px // 2
-            print(f"\n== {px}x{px} px (latent {px // 8}^2), VAE width {a.width}, fp32, CPU ==")
-            full = run_case({"name": f"full{px}", "kind": "full", "px": px, "width": a.width}, tmp)
-            full_mem[px] = full["peak_bytes"]
-            print(f"full decode            : {full['time_s']:8.1f} s  peak +{full['peak_bytes'] / 2**20:8.0f} MiB")
-            budget = max(64, int(full["peak_bytes"] * a.budget_frac) >> 20)
-            cases = [("ours tiled (auto budget)", {"kind": "ours", "tile": tile}),
-                     (f"ours tiled (budget {budget} MiB)", {"kind": "ours", "tile": tile, "budget_mb": budget})]
+
+            def side(name, spec):
+                spec = dict(spec, name=name.split()[0] + str(px), px=px, width=width)
+
+                def run():
+                    r = run_case(spec, tmp)
+                    return {"seconds": r["time_s"], "peak_mb": r["peak_bytes"] / 2**20}
+                return C.Side(name, run, command=f"python bench/tiled_vae_bench.py --sizes {px} --width {width} "
+                                                 f"--rounds {a.rounds}")
+
+            sides = [side("full decode", {"kind": "full"}), side("ours tiled", {"kind": "ours", "tile": tile})]
             if not a.no_diffusers:
-                cases.append((f"diffusers enable_tiling ({tile} px)", {"kind": "diffusers", "tile": tile}))
-            for label, spec in cases:
-                spec.update(name=f"{spec['kind']}{px}_{spec.get('budget_mb', 0)}", px=px, width=a.width)
-                r = run_case(spec, tmp)
-                err = compare(r["out"], full["out"]) if r["out"] else ""
-                print(f"{label:23s}: {r['time_s']:8.1f} s  peak +{r['peak_bytes'] / 2**20:8.0f} MiB  "
-                      f"time x{r['time_s'] / full['time_s']:.2f}  mem x{r['peak_bytes'] / max(1, full['peak_bytes']):.3f}  {err}")
-                if r.get("plan"):
-                    print(f"    {r['plan']}")
-        if not a.no_4k and len(full_mem) >= 2:
+                sides.append(side(f"diffusers tiled", {"kind": "diffusers", "tile": tile}))
+            log(f"\n== {px}x{px} px (latent {px // 8}^2), VAE width {width}, fp32, CPU, tile {tile} px; "
+                f"{a.rounds} alternated rounds, load {C.loadavg()} ==")
+            r = C.alternate(sides, a.rounds, log)
+            C.print_summary(r, "seconds", title="decode time", ref="full decode", log=log)
+            C.print_summary(r, "peak_mb", unit="MiB", digits=0, title="peak RSS growth", ref="full decode", log=log)
+            ref = os.path.join(tmp, f"full{px}.npy")
+            errs = {}
+            for s in sides[1:]:
+                o = os.path.join(tmp, f"{s.name.split()[0]}{px}.npy")
+                errs[s.name] = compare(o, ref) if os.path.exists(o) and os.path.exists(ref) else "no output"
+                log(f"  check {s.name} vs full decode (last round): {errs[s.name]}")
+            full_mem[px] = C.med_min_max(r.values("full decode", "peak_mb"))[0] * 2**20
+            for s in sides[1:]:
+                rs = C.ratios(r, s.name, "full decode", "seconds")
+                tgt = C.target_text(C.med_min_max(rs)[0], 1.1) if s.name == "ours tiled" else ""
+                rows.append(C.row_for(r, f"tiled VAE {px} px", f"{s.name} vs full decode, time", s.name,
+                                      "full decode", "seconds", errs[s.name], "in RAM", s.command, target=tgt))
+                rows.append(C.row_for(r, f"tiled VAE {px} px", f"{s.name} vs full decode, peak RSS growth", s.name,
+                                      "full decode", "peak_mb", errs[s.name], "in RAM", s.command, unit="MiB",
+                                      digits=0))
+            if a.with_budget:
+                budget = max(64, int(full_mem[px] * a.budget_frac) >> 20)
+                rb = run_case({"name": f"ours{px}_{budget}", "kind": "ours", "tile": tile, "budget_mb": budget,
+                               "px": px, "width": width}, tmp)
+                log(f"ours tiled (budget {budget} MiB): {rb['time_s']:.1f} s, peak +{rb['peak_bytes'] / 2**20:.0f} MiB"
+                    f"  {compare(rb['out'], ref) if rb['out'] else ''}\n    {rb['plan']}")
+        if a.with_4k and len(full_mem) >= 2:
             (p1, m1), (p2, m2) = sorted(full_mem.items())[:2]
             P1, P2 = p1 * p1, p2 * p2
             # m = a*P + b*P^2 through both points
@@ -182,14 +219,15 @@ def main(argv=None) -> int:
             P4 = 4096 * 4096
             est_total, est_linear = aa * P4 + b * P4 * P4, aa * P4
             budget = int(est_linear / 8 * 0.75) >> 20
-            print(f"\n== 4096x4096 px: full decode estimate {est_total / 2**30:.1f} GiB "
-                  f"(conv path {est_linear / 2**30:.1f} GiB + naive attention {b * P4 * P4 / 2**30:.1f} GiB) ==")
+            log(f"\n== 4096x4096 px: full decode estimate {est_total / 2**30:.1f} GiB "
+                f"(conv path {est_linear / 2**30:.1f} GiB + naive attention {b * P4 * P4 / 2**30:.1f} GiB) ==")
             r = run_case({"name": "bounded4k", "kind": "bounded", "px": 4096, "tile": 512, "budget_mb": budget,
-                          "width": a.width}, tmp)
-            print(f"ours tiled, bounded run (budget {budget} MiB): peak +{r['peak_bytes'] / 2**30:.2f} GiB = "
-                  f"1/{est_linear / max(1, r['peak_bytes']):.1f} of the conv-path estimate, "
-                  f"1/{est_total / max(1, r['peak_bytes']):.0f} of the total estimate ({r['time_s']:.0f} s bounded)")
-            print(f"    {r['plan']}")
+                          "width": width}, tmp)
+            log(f"ours tiled, bounded run (budget {budget} MiB): peak +{r['peak_bytes'] / 2**30:.2f} GiB = "
+                f"1/{est_linear / max(1, r['peak_bytes']):.1f} of the conv-path estimate, "
+                f"1/{est_total / max(1, r['peak_bytes']):.0f} of the total estimate ({r['time_s']:.0f} s bounded)")
+            log(f"    {r['plan']}")
+    C.emit_rows(rows, a.rows)
     return 0
 
 

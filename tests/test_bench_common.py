@@ -1,0 +1,96 @@
+"""The bench machinery (bench/_common.py, bench/run_all.py): alternation, per-round ratios, page-cache control,
+whole-command measurement and the table. No timing assertions: only that what the benches print is what happened.
+
+(``python bench/run_all.py --size tiny`` itself takes minutes on a loaded 2-core machine -- every side is a whole
+command with a 4-20 s start-up -- so it is not run here.)"""
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "bench"))
+
+import _common as C  # noqa: E402
+import run_all  # noqa: E402
+
+
+def test_alternate_rotates_order_and_ratios_are_per_round():
+    calls = []
+
+    def side(name, values):
+        it = iter(values)
+
+        def fn():
+            calls.append(name)
+            return {"seconds": next(it)}
+        return C.Side(name, fn)
+
+    r = C.alternate([side("A", [1.0, 4.0, 9.0]), side("B", [2.0, 2.0, 3.0])], 3, log=lambda s: None)
+    assert calls == ["A", "B", "B", "A", "A", "B"]
+    assert r.values("A", "seconds") == [1.0, 4.0, 9.0]
+    assert C.ratios(r, "A", "B", "seconds") == [0.5, 2.0, 3.0]
+    assert C.fmt_ratio(C.ratios(r, "A", "B", "seconds")) == "2.00x [0.50-3.00]"
+    assert C.fmt_mmm(r.values("A", "seconds")) == "4.00 s [1.00-9.00]"
+    assert len(r.loads) == 3
+    row = C.row_for(r, "b", "m", "A", "B", "seconds", "ok", "warm", "cmd", target=C.target_text(2.0, 1.3))
+    assert row.ratio == "2.00x [0.50-3.00]" and "missed" in row.target
+    back = C.Rounds.from_json(r.to_json())
+    assert C.ratios(back, "A", "B", "seconds") == [0.5, 2.0, 3.0]
+
+
+def _fstype(path: Path) -> str:
+    """The file system type of the mount holding ``path`` (longest mount-point prefix in /proc/mounts)."""
+    best, kind = "", ""
+    try:
+        with open("/proc/mounts") as fh:
+            for line in fh:
+                parts = line.split()
+                mnt, fs = parts[1], parts[2]
+                if str(path.resolve()).startswith(mnt.rstrip("/") + "/") and len(mnt) > len(best):
+                    best, kind = mnt, fs
+    except OSError:
+        pass
+    return kind
+
+
+def test_residency_warm_and_evict(tmp_path):
+    p = tmp_path / "f.bin"
+    p.write_bytes(os.urandom(4 << 20))
+    C.warm([p])
+    assert C.residency([p]) == 1.0
+    C.evict([p])
+    if _fstype(tmp_path) in ("tmpfs", "ramfs"):
+        pytest.skip("tmp_path is on a file system that keeps files in memory: nothing to evict")
+    assert 0.0 <= C.residency([p]) < 1.0
+    assert C.residency([tmp_path / "missing"]) != C.residency([tmp_path / "missing"])  # NaN: nothing to tell
+
+
+def test_run_command_reports_wall_rss_and_failures(tmp_path):
+    r = C.run_command([sys.executable, "-c", "x = bytearray(64 << 20); print('done')"])
+    assert r["stdout"].strip() == "done" and r["wall"] > 0
+    if C.TIME_BIN:
+        assert r["rss_mb"] >= 60
+    with pytest.raises(C.CommandFailed, match="exited 3"):
+        C.run_command([sys.executable, "-c", "import sys; sys.exit(3)"])
+
+
+def test_table_has_every_row_and_the_command(tmp_path):
+    rows = [C.Row("merge x", "ours vs floor", "ours: 1 s", "floor: 1 s", "1.00x [1.00-1.00]", "equal", "cold", "cmd a"),
+            C.Row("hash y", "a | b", "o", "b", "2.00x", "eq", "warm", "cmd b", loads="1.0, 2.0")]
+    out = tmp_path / "t.md"
+    text = run_all.write_table(out, "python bench/run_all.py --size tiny", "tiny", C.machine_facts(),
+                               C.machine_facts(), [("python bench/x.py", rows, 1.0)])
+    assert out.read_text() == text
+    lines = [ln for ln in text.splitlines() if ln.startswith("| merge x") or ln.startswith("| hash y")]
+    assert len(lines) == 2 and "a \\| b" in lines[1] and "`cmd a`" in lines[0]
+    assert "python bench/run_all.py --size tiny" in text and "load average" in text
+
+
+def test_run_all_refuses_an_unknown_bench(capsys):
+    with pytest.raises(SystemExit):
+        run_all.main(["--only", "nope"])
+    assert "unknown bench nope" in capsys.readouterr().err
