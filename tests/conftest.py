@@ -25,6 +25,14 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+# The suite never reads or writes the user's hash cache (~/.cache/sd-toolkit): a cache left there by another
+# checkout (another schema) or by earlier runs must not change what a test sees. Tests that need their own cache
+# still set SDTOOLKIT_CACHE_DIR themselves.
+if not os.environ.get("SDTOOLKIT_CACHE_DIR"):
+    import tempfile
+
+    os.environ["SDTOOLKIT_CACHE_DIR"] = tempfile.mkdtemp(prefix="sdt-test-cache-")
+
 #: fixture name -> write_checkpoint arguments (arch first). Every file uses seed 0 unless said otherwise.
 FIXTURE_SPECS: Dict[str, Dict[str, Any]] = {
     "sd1": dict(arch="SD1", suffix=".safetensors"),                      # SD1.5, fp32, 1131 keys
