@@ -200,8 +200,8 @@ def _cmd_dedup(args: argparse.Namespace) -> int:
 
 def _cache_args(p: argparse.ArgumentParser) -> None:
     g = p.add_mutually_exclusive_group()
-    g.add_argument("--cache", metavar="PATH", help="hash cache file (default: $SDTOOLKIT_CACHE_DIR/hashes.sqlite "
-                                                   "or ~/.cache/sd-toolkit/hashes.sqlite)")
+    g.add_argument("--cache", metavar="PATH", help="hash cache file (default: $SDTOOLKIT_CACHE_DIR/hashes-v2.sqlite "
+                                                   "or ~/.cache/sd-toolkit/hashes-v2.sqlite)")
     g.add_argument("--no-cache", action="store_true", help="neither read nor write the hash cache")
 
 

@@ -400,3 +400,41 @@ def test_ckpt_output_on_a_full_disk_is_a_clean_error(fixture_files, tmp_path):
     assert r.returncode == 2, r.stderr
     assert "Traceback" not in r.stderr and "v.ckpt" in r.stderr and "partial output was removed" in r.stderr
     assert list(outdir.iterdir()) == []
+
+
+def test_cache_of_another_schema_is_never_shared_nor_written(tmp_path, monkeypatch, fixture_files):
+    """Real A1111: a cache folder shared by two copies of the toolkit (schema 1 and 2) failed every write of the
+    older one ('table files has 6 columns but 5 values'), and <sdtlora> stopped applying. Each schema now has its
+    own default file, and a database that says it is newer is left alone (hashing goes on without it)."""
+    import sqlite3
+
+    from lib_sdtoolkit.files.hash_cache import DEFAULT_NAME, HashCache
+    from lib_sdtoolkit.files.hashes import hash_file
+
+    folder = tmp_path / "cache"
+    folder.mkdir()
+    old = folder / "hashes.sqlite"          # what schema 1 wrote, still used by an older extension
+    db = sqlite3.connect(str(old))
+    db.execute("CREATE TABLE files (path TEXT PRIMARY KEY, size INTEGER, mtime_ns INTEGER, ino INTEGER, data TEXT)")
+    db.execute("INSERT INTO files VALUES ('x', 1, 2, 3, '{}')")
+    db.commit()
+    db.close()
+    before = old.read_bytes()
+    monkeypatch.setenv("SDTOOLKIT_CACHE_DIR", str(folder))
+    with HashCache() as cache:
+        assert cache.enabled and cache.path.name == DEFAULT_NAME != "hashes.sqlite"
+    assert old.read_bytes() == before       # the older copy's table is untouched
+
+    newer = tmp_path / "newer.sqlite"
+    db = sqlite3.connect(str(newer))
+    db.execute("CREATE TABLE meta (k TEXT PRIMARY KEY, v TEXT)")
+    db.execute("INSERT INTO meta VALUES ('schema', '99')")
+    db.execute("CREATE TABLE files (path TEXT PRIMARY KEY, a, b, c, d, e, f, g)")
+    db.commit()
+    db.close()
+    newer_bytes = newer.read_bytes()
+    with HashCache(newer) as cache:
+        assert not cache.enabled and "newer" in (cache.warning or "")
+    assert newer.read_bytes() == newer_bytes
+    src = fixture_files["vae"]
+    assert hash_file(src, ["sha256"]).sha256

@@ -17,6 +17,7 @@ from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 import numpy as np
 
 from ..errors import InvalidInputError, SdToolkitError
+from ..files.regular import open_regular
 from ..host import Host
 from .unit import ControlNetUnit
 
@@ -24,11 +25,13 @@ log = logging.getLogger(__name__)
 
 
 def legacy_model_hash(path: os.PathLike) -> str:
+    """The WebUI's AutoV1 short hash used in ControlNet model titles; ``NOFILE`` for anything that is not a
+    readable regular file (a FIFO in the ControlNet folder blocked ``/controlnet/model_list`` forever)."""
     try:
-        with open(path, "rb") as f:
+        with open_regular(path) as f:
             f.seek(0x100000)
             return hashlib.sha256(f.read(0x10000)).hexdigest()[:8]
-    except OSError:
+    except (OSError, SdToolkitError):
         return "NOFILE"
 
 

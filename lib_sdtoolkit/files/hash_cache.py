@@ -1,7 +1,10 @@
 """Persistent hash cache, and the WebUI's own hash cache.
 
-``HashCache``: our cache, one SQLite file (stdlib ``sqlite3``; default ``$SDTOOLKIT_CACHE_DIR/hashes.sqlite`` or
-``~/.cache/sd-toolkit/hashes.sqlite``). An entry is keyed by the file's real path and is valid only while the
+``HashCache``: our cache, one SQLite file (stdlib ``sqlite3``; default ``$SDTOOLKIT_CACHE_DIR/hashes-v2.sqlite`` or
+``~/.cache/sd-toolkit/hashes-v2.sqlite``: the schema version is in the default file name, because one cache folder
+is shared by every copy of the toolkit a user runs (the WebUI extension, the CLI, the app, maybe of different
+versions), and an older copy writing rows of its own shape into a newer table failed every write, which in the
+real A1111 stopped ``<sdtlora>`` from applying; a database whose ``meta`` names a newer schema is not used). An entry is keyed by the file's real path and is valid only while the
 file's size, mtime, ctime (nanoseconds; ctime cannot be set back by ``touch``/``utime``, so ``rsync -t``,
 ``cp -p``, ``tar x`` over a file invalidate its entry) and inode are unchanged, so a second scan of an unchanged
 folder only ``stat``s files and reads no file data. The cache speeds up reports only: no destructive action
@@ -50,6 +53,8 @@ from .writer import atomic_path
 PathLike = Union[str, "os.PathLike[str]"]
 
 SCHEMA_VERSION = 2
+#: the default file name: one file per schema, so copies of the toolkit of different versions never share a table
+DEFAULT_NAME = f"hashes-v{SCHEMA_VERSION}.sqlite"
 
 log = logging.getLogger(__name__)
 
@@ -87,9 +92,9 @@ class HashCache:
     damaged database is moved aside and rebuilt (``warning`` says where the old one went)."""
 
     def __init__(self, path: Optional[PathLike] = None) -> None:
-        p = Path(path) if path is not None else default_cache_dir() / "hashes.sqlite"
+        p = Path(path) if path is not None else default_cache_dir() / DEFAULT_NAME
         if p.is_dir():
-            p = p / "hashes.sqlite"
+            p = p / DEFAULT_NAME
         self.path = p
         self._lock = threading.Lock()
         self._db: Optional[sqlite3.Connection] = None
@@ -105,6 +110,11 @@ class HashCache:
         p.parent.mkdir(parents=True, exist_ok=True)
         db = sqlite3.connect(str(p), timeout=30, check_same_thread=False, isolation_level=None)
         try:
+            if db.execute("SELECT name FROM sqlite_master WHERE type='table' AND name='meta'").fetchone():
+                row = db.execute("SELECT v FROM meta WHERE k='schema'").fetchone()
+                if row and str(row[0]).isdigit() and int(row[0]) > SCHEMA_VERSION:
+                    raise sqlite3.OperationalError(f"written by a newer SD Toolkit (schema {row[0]}, this one "
+                                                   f"reads {SCHEMA_VERSION})")
             db.execute("PRAGMA journal_mode=WAL")
             db.execute("PRAGMA synchronous=NORMAL")
             ok = db.execute("PRAGMA quick_check").fetchone()
