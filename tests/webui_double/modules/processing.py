@@ -59,11 +59,11 @@ class StableDiffusionProcessing:
         self.extra_network_data = None
         self.iteration = 0
         self.comments = {}
+        self.override_settings = {}
+        self.is_api = False
 
     def comment(self, text):
         self.comments[text] = 1
-        self.override_settings = {}
-        self.is_api = False
 
     def setup_prompts(self):
         self.all_prompts = [self.prompt] * self.batch_size
