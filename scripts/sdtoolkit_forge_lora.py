@@ -35,10 +35,15 @@ if IS_FORGE:
     from lib_sdtoolkit.errors import SdToolkitError
     from lib_sdtoolkit.lora.apply import ActiveNetwork
     from lib_sdtoolkit.lora.blocks import load_user_presets, resolve_block_weights
-    from lib_sdtoolkit.lora.network import load_network
+    from lib_sdtoolkit.lora.network import NetworkCache
     from lib_sdtoolkit.lora.patcher_bridge import PATCH_TYPE, apply_patch, build_patches, unavailable_options
     from lib_sdtoolkit.lora.registry import LoraRegistry
     from lib_sdtoolkit.lora.syntax import ExtraNetworkParams, request_from_params
+
+
+def _report_unmatched(net):
+    if net.unmatched or net.unknown_type:
+        log.info("%s", net.report())
 
 
 def _patch_value_factory():
@@ -106,7 +111,7 @@ if IS_FORGE:
             super().__init__("sdtlora")
             self.wrap = wrap
             self.registry = None
-            self._nets = {}
+            self._nets = NetworkCache(CACHE_SIZE)
             self._keys = (None, None, None)
 
         def _lora_dirs(self):
@@ -116,16 +121,7 @@ if IS_FORGE:
                     *(getattr(opts, "lora_dirs", None) or [])]
 
         def _network(self, entry, arch):
-            key = (str(entry.path), entry.path.stat().st_mtime, arch)
-            net = self._nets.pop(key, None)
-            if net is None:
-                net = load_network(entry.path, arch, entry.name)
-                if net.unmatched or net.unknown_type:
-                    log.info("%s", net.report())
-            self._nets[key] = net
-            while len(self._nets) > CACHE_SIZE:
-                self._nets.pop(next(iter(self._nets)))
-            return net
+            return self._nets.get(entry.path, arch, entry.name, on_load=_report_unmatched)
 
         def _key_maps(self, sd_model):
             """(kohya name -> UNet parameter, kohya name -> CLIP parameter, parameter shapes), from Forge's own maps."""

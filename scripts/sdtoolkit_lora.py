@@ -48,7 +48,7 @@ from modules import extra_networks, script_callbacks, shared
 from lib_sdtoolkit.errors import SdToolkitError
 from lib_sdtoolkit.lora.apply import ActiveNetwork, FunctionalLora, LoraPatcher, ModelBinding
 from lib_sdtoolkit.lora.blocks import load_user_presets, resolve_block_weights
-from lib_sdtoolkit.lora.network import load_network
+from lib_sdtoolkit.lora.network import NetworkCache
 from lib_sdtoolkit.lora.registry import LoraRegistry, network_shorthash
 from lib_sdtoolkit.lora.syntax import ExtraNetworkParams, request_from_params
 
@@ -142,13 +142,19 @@ def _report_not_found(missing):
                 pass
 
 
+
+def _report_unmatched(net):
+    """Layers of a LoRA that matched nothing in this model, or of a type we do not apply: said once per load."""
+    if net.unmatched or net.unknown_type:
+        log.info("%s", net.report())
+
 class SdToolkitLora(extra_networks.ExtraNetwork):
     def __init__(self, name="sdtlora", functional=False):
         super().__init__(name)
         self.functional = functional
         self.patcher = None
         self._model_id = None
-        self._nets = {}
+        self._nets = NetworkCache(CACHE_SIZE)
         self._ranged = False
         self._hash_caches = None
         self._shorthashes = {}
@@ -194,16 +200,7 @@ class SdToolkitLora(extra_networks.ExtraNetwork):
         self._model_id = None
 
     def _network(self, entry, arch):
-        key = (str(entry.path), entry.path.stat().st_mtime, arch)
-        net = self._nets.pop(key, None)
-        if net is None:
-            net = load_network(entry.path, arch, entry.name)
-            if net.unmatched or net.unknown_type:
-                log.info("%s", net.report())
-        self._nets[key] = net
-        while len(self._nets) > CACHE_SIZE:
-            self._nets.pop(next(iter(self._nets)))
-        return net
+        return self._nets.get(entry.path, arch, entry.name, on_load=_report_unmatched)
 
     def activate(self, p, params_list):
         sd_model = shared.sd_model

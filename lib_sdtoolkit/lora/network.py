@@ -186,4 +186,29 @@ def check_shapes(net: Network, shapes: Dict[str, Tuple[int, ...]], dyn: Optional
             raise FormatError(f"{e}; the network is not applied", net.path, layer.weights.name) from None
 
 
-__all__ = ["Network", "BoundLayer", "load_network", "check_shapes", "guess_lora_arch", "group_modules"]
+class NetworkCache:
+    """The last ``size`` networks parsed, keyed by (file, mtime, architecture): the same ``<lora:...>`` in the
+    next generation costs no file read, and a file changed on disk is parsed again. Used by both WebUI faces."""
+
+    def __init__(self, size: int = 8) -> None:
+        self.size = size
+        self._nets: dict = {}
+
+    def get(self, path: PathLike, arch: str, name: Optional[str] = None, on_load=None) -> Network:
+        p = Path(path)
+        key = (str(p), p.stat().st_mtime, arch)
+        net = self._nets.pop(key, None)
+        if net is None:
+            net = load_network(p, arch, name)
+            if on_load is not None:
+                on_load(net)
+        self._nets[key] = net   # most recent last
+        while len(self._nets) > self.size:
+            self._nets.pop(next(iter(self._nets)))
+        return net
+
+    def clear(self) -> None:
+        self._nets.clear()
+
+
+__all__ = ["Network", "BoundLayer", "load_network", "NetworkCache", "check_shapes", "guess_lora_arch", "group_modules"]
