@@ -19,7 +19,7 @@ from pydantic import BaseModel
 
 from ..errors import InvalidInputError, SdToolkitError
 from ..host import Host
-from ..validate import MAX_LATENT_CHANNELS, MAX_LATENT_HW, MAX_LATENT_SIDE, check_device, finite
+from ..validate import MAX_LATENT_CHANNELS, MAX_LATENT_HW, MAX_LATENT_SIDE, check_device
 
 PATH = "/sdtoolkit/v1/vae/decode"
 
@@ -73,9 +73,9 @@ def _latent_from_b64(data: str) -> "Any":
         os.unlink(tmp)
 
 
-def check_latent(lat: "Any", channels: Optional[int] = None) -> "Any":
-    """A [B, C, h, w] latent within the API's bounds, finite; returns its first item [1, C, h, w] (the route answers
-    one image)."""
+def bound_latent(lat: "Any") -> "Any":
+    """A [B, C, h, w] latent within the API's size bounds, finite; returns its first item [1, C, h, w] (the route
+    answers one image). Whether the VAE takes its channels is :func:`lib_sdtoolkit.tiled_vae.vae.check_latent`."""
     import torch
 
     if lat.ndim != 4:
@@ -86,8 +86,6 @@ def check_latent(lat: "Any", channels: Optional[int] = None) -> "Any":
     if c > MAX_LATENT_CHANNELS or h > MAX_LATENT_SIDE or w > MAX_LATENT_SIDE or h * w > MAX_LATENT_HW:
         raise InvalidInputError(f"latent {tuple(lat.shape)} is too large (h*w at most {MAX_LATENT_HW}, "
                                 f"sides at most {MAX_LATENT_SIDE}, channels at most {MAX_LATENT_CHANNELS})")
-    if channels is not None and c != channels:
-        raise InvalidInputError(f"latent has {c} channels; this VAE takes {channels}")
     lat = lat[:1].float()
     if not bool(torch.isfinite(lat).all()):
         raise InvalidInputError("latent holds NaN or Inf values")
@@ -98,7 +96,7 @@ def decode_request(host: Host, req: DecodeRequest) -> dict:
     import torch
 
     from .. import tiled_vae
-    from ..tiled_vae.vae import decode, load_vae, to_pil
+    from ..tiled_vae.vae import check_latent, decode, load_vae, to_pil
     scaled = req.scaled
     factor = None
     if req.tile_size and not (MIN_TILE_PX <= req.tile_size <= MAX_TILE_PX):
@@ -112,11 +110,7 @@ def decode_request(host: Host, req: DecodeRequest) -> dict:
         lat = _latent_from_list(req.latent)
     else:
         raise InvalidInputError("give 'latent' or 'latent_safetensors_b64'")
-    if factor is not None:
-        factor = finite(factor, "latent_safetensors_b64: sdtoolkit.scaling_factor")
-        if factor == 0:
-            raise InvalidInputError("latent_safetensors_b64: sdtoolkit.scaling_factor must not be 0")
-    lat = check_latent(lat)
+    lat = bound_latent(lat)   # read_latent has already refused a scaling factor that is not a finite number > 0
     if req.tile_size and not req.full:
         t = max(1, req.tile_size // 8)
         n = math.ceil(lat.shape[2] / t) * math.ceil(lat.shape[3] / t)
@@ -124,7 +118,7 @@ def decode_request(host: Host, req: DecodeRequest) -> dict:
             raise InvalidInputError(f"tile_size {req.tile_size} cuts this {lat.shape[3] * 8}x{lat.shape[2] * 8} image "
                                     f"into {n} tiles (at most {MAX_TILES}); use a larger tile_size or null")
     vae = load_vae(str(vae_path), device=device)
-    lat = check_latent(lat, int(vae.post_quant_conv.in_channels))
+    check_latent(vae, lat)
     if factor:
         vae.scaling_factor = factor
     cfg = tiled_vae.TiledVAEConfig(tile_px=req.tile_size or None, fast=req.fast)
