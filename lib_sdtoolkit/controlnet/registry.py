@@ -7,7 +7,6 @@ model for another architecture) is skipped with a warning and the rest go on.
 """
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
 from dataclasses import dataclass, field
@@ -17,7 +16,7 @@ from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 import numpy as np
 
 from ..errors import InvalidInputError, SdToolkitError
-from ..files.regular import open_regular
+from ..files.hashes import legacy_model_hash as files_legacy_model_hash
 from ..host import Host
 from .unit import ControlNetUnit
 
@@ -25,13 +24,12 @@ log = logging.getLogger(__name__)
 
 
 def legacy_model_hash(path: os.PathLike) -> str:
-    """The WebUI's AutoV1 short hash used in ControlNet model titles; ``NOFILE`` for anything that is not a
-    readable regular file (a FIFO in the ControlNet folder blocked ``/controlnet/model_list`` forever)."""
+    """The WebUI's AutoV1 short hash used in ControlNet model titles (:func:`files.hashes.legacy_model_hash`);
+    ``NOFILE`` for anything that is not a readable regular file, as the WebUI writes (a FIFO in the ControlNet
+    folder blocked ``/controlnet/model_list`` forever)."""
     try:
-        with open_regular(path) as f:
-            f.seek(0x100000)
-            return hashlib.sha256(f.read(0x10000)).hexdigest()[:8]
-    except (OSError, SdToolkitError):
+        return files_legacy_model_hash(path)
+    except SdToolkitError:
         return "NOFILE"
 
 
