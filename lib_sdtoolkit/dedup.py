@@ -809,61 +809,6 @@ def format_report(res: DedupResult) -> str:
 # ------------------------------------------------------------------------------------------------ host-facing
 # Used by the HTTP routes and the UI tab: client paths must stay under the host's model folders.
 
-def _under(p: Path, d: Path) -> bool:
-    return str(p) == str(d) or str(p).startswith(str(d).rstrip(os.sep) + os.sep)
-
-
-def resolve_folders(host: Any, folders: Optional[Sequence[str]], kind: str = "any",
-                    create: bool = False) -> List[Path]:
-    """Folders a client names: relative to a model folder (no ``..``) or absolute inside one; none given -> the
-    model folders of ``kind`` (all kinds for ``any``). Anything else is refused (403)."""
-    import re
-
-    from .errors import AccessDeniedError
-    from .host import MODEL_KINDS
-    from .validate import check_path_text
-
-    kinds = list(MODEL_KINDS) if kind in ("any", None) else [kind]
-    roots: List[Path] = []
-    for k in kinds:
-        for d in host.model_dirs(k):
-            d = Path(os.path.normpath(os.path.abspath(os.fspath(d))))
-            if d not in roots:
-                roots.append(d)
-    all_roots = [Path(os.path.normpath(os.path.abspath(os.fspath(d)))) for d in host.all_model_dirs()]
-    if not folders:
-        return [d for d in roots if d.is_dir()]
-    out: List[Path] = []
-    for raw in folders:
-        raw = str(raw or "").strip()
-        if not raw:
-            continue
-        check_path_text(raw, "folder")
-        if ".." in re.split(r"[\\/]+", raw):
-            raise AccessDeniedError("'..' is not allowed in a folder path", path=raw)
-        if os.path.isabs(raw) or raw.startswith("~"):
-            cand = Path(os.path.normpath(os.path.abspath(os.path.expanduser(raw))))
-            real = Path(os.path.realpath(cand))
-            if not any(_under(cand, d) or _under(real, Path(os.path.realpath(d))) for d in all_roots):
-                raise AccessDeniedError("the folder is outside the configured model folders", path=raw)
-            found = cand
-        else:
-            found = None
-            for d in roots or all_roots:
-                cand = Path(os.path.normpath(d / raw))
-                if _under(cand, d) and (cand.is_dir() or create):
-                    found = cand
-                    break
-            if found is None:
-                raise InvalidInputError("no such folder under the model folders", raw)
-        if create:
-            found.mkdir(parents=False, exist_ok=True)
-        if not found.is_dir():
-            raise InvalidInputError("not a folder", raw)
-        out.append(found)
-    return out
-
-
 def host_cache(host: Any) -> HashCache:
     """The hash cache a host uses (``settings["sdtoolkit_hash_cache"]`` or the default location)."""
     settings = getattr(host, "settings", None) or {}
@@ -938,7 +883,7 @@ def dedup_for_host(host: Any, body: Mapping[str, Any],
         raise InvalidInputError(f"unknown action '{action}' (expected one of {', '.join(ACTIONS)})")
     if action != "report" and body.get("confirm") is not True:
         raise InvalidInputError(f"action '{action}' changes files: send confirm: true to run it")
-    folders = resolve_folders(host, body.get("folders"), kind)
+    folders = host.resolve_folders(body.get("folders"), kind)
     to = None
     if action == "move":
         if body.get("to") is None:
@@ -983,7 +928,7 @@ def dedup_for_host(host: Any, body: Mapping[str, Any],
     return out
 
 
-__all__ = ["hash_for_host", "dedup_for_host", "resolve_folders", "host_cache", "CONTENT_VERSION", "CANONICAL_DTYPE", "ContentHash", "content_hash", "canonical_names",
+__all__ = ["hash_for_host", "dedup_for_host", "host_cache", "CONTENT_VERSION", "CANONICAL_DTYPE", "ContentHash", "content_hash", "canonical_names",
            "canonical_tensor", "ScannedFile", "ScanReport", "ScanProblem", "scan", "iter_model_files", "DupGroup",
            "find_duplicates", "keeper_sort_key", "ActionResult", "apply_action", "DedupResult", "dedup",
            "format_report", "table_rows", "TABLE_HEADERS", "human_bytes", "KINDS", "ACTIONS"]

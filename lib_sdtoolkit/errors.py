@@ -72,6 +72,12 @@ class AccessDeniedError(SdToolkitError):
     http_status = 403
 
 
+class Cancelled(SdToolkitError):
+    """The user pressed Stop; the job left no partial output behind (409: the request was fine, it was stopped)."""
+
+    http_status = 409
+
+
 class MissingDependencyError(SdToolkitError):
     """An optional Python package a feature needs is not installed; the message names it and how to install it.
     The rest of the toolkit keeps working. 424 (Failed Dependency): the request was fine, this install lacks a

@@ -226,6 +226,48 @@ class Host(ABC):
         where = ", ".join(str(f) for f in folders) or "(no model folders configured)"
         raise FileNotFound(f"no such model file in {where}", path=raw)
 
+    # ---- the gate: every client path a job uses goes through these four ------------------------------------
+    #: True for the command line's host: the user names paths on their own machine and is not confined to folders
+    trusted: bool = False
+
+    def resolve_input(self, name: PathLike, kind: Optional[str]) -> Path:
+        """A model file a client names (see :meth:`resolve`): 403 outside the folders, 404 when missing."""
+        return self.resolve(name, kind)
+
+    def resolve_output(self, name: Optional[str], kind: str, *, suffixes: Sequence[str] = (),
+                       default: Optional[str] = None, plain: bool = False, add_suffix: Optional[str] = None) -> Path:
+        """Where a job writes a file a client names: relative to ``output_dir(kind)`` or absolute inside a
+        configured folder, its real folder inside one (``lib_sdtoolkit.outputs``); ``default`` when empty."""
+        from .outputs import MODEL_OUTPUT_SUFFIXES, resolve_output
+
+        return resolve_output(self, name, kind, plain=plain, suffixes=tuple(suffixes) or MODEL_OUTPUT_SUFFIXES,
+                              add_suffix=add_suffix, default=default)
+
+    def resolve_folder(self, name: Optional[str], kind: str, *, for_writing: bool = False,
+                       base: Optional[PathLike] = None) -> Path:
+        """A folder a client names: to read (``hash``/``dedup`` scans: must exist under the kind's model folders)
+        or, with ``for_writing``, to move files into (created one level deep; its real place inside a folder)."""
+        if for_writing:
+            from .outputs import resolve_output_folder
+
+            return resolve_output_folder(self, name, kind, create=True, base=base)
+        found = self.resolve_folders([name] if name else [], kind)
+        if not found:
+            raise InvalidInputError(f"no folder is configured for {kind} models")
+        return found[0]
+
+    def resolve_folders(self, names: Optional[Sequence[str]], kind: str = "any") -> List[Path]:
+        """Folders a client names to scan; none -> the existing model folders of ``kind`` (all for ``any``)."""
+        from .outputs import resolve_input_folders
+
+        return resolve_input_folders(self, names, kind)
+
+    def check_inside(self, path: PathLike, what: str = "file") -> Path:
+        """403 unless ``path``'s real folder is a configured one (a file a job is about to change or move)."""
+        from .outputs import check_inside
+
+        return check_inside(self, path, what=what)
+
     @staticmethod
     def _check_model_file(candidate: Path, raw: str) -> Path:
         if not candidate.exists():
@@ -342,6 +384,79 @@ class FolderHost(Host):
                 fn()
 
 
+class LocalHost(FolderHost):
+    """The command line's host: paths are the user's own, taken as given (relative to the working folder).
+
+    Inputs must exist and be regular files; outputs go where they are named; nothing is confined to model folders
+    (``trusted``). Model folders, when given, only serve bare-name look-ups and listings.
+    """
+
+    name = "cli"
+    trusted = True
+
+    def __init__(self, dirs: Optional[Mapping[str, Sequence[PathLike]]] = None,
+                 settings: Optional[MutableMapping[str, Any]] = None) -> None:
+        super().__init__(dirs or {}, settings=settings)
+
+    def resolve_input(self, name: PathLike, kind: Optional[str]) -> Path:
+        raw = os.fspath(name).strip() if name is not None else ""
+        if not raw:
+            raise InvalidInputError("no input file given")
+        check_path_text(raw, "input path")
+        p = _norm(os.path.expanduser(raw))
+        if not p.exists():
+            if kind and self.model_dirs(kind) and os.sep not in raw and "/" not in raw:
+                return super().resolve_input(raw, kind)
+            raise FileNotFound("no such file", path=raw)
+        if p.is_dir():
+            raise ModelFileError("is a directory, not a model file", path=raw)
+        return p
+
+    def resolve_output(self, name: Optional[str], kind: str, *, suffixes: Sequence[str] = (),
+                       default: Optional[str] = None, plain: bool = False, add_suffix: Optional[str] = None) -> Path:
+        raw = str(name if name is not None else "").strip() or (default or "")
+        if not raw:
+            raise InvalidInputError("give an output file (-o)")
+        check_path_text(raw, "output path")
+        if add_suffix and suffixes and not raw.lower().endswith(tuple(x.lower() for x in suffixes)):
+            raw += add_suffix
+        p = _norm(os.path.expanduser(raw))
+        if suffixes and not p.name.lower().endswith(tuple(x.lower() for x in suffixes)):
+            raise InvalidInputError(f"the output must end in {', '.join(suffixes)}", path=raw)
+        if p.is_dir():
+            raise InvalidInputError("the output is a folder; name a file", path=raw)
+        return p
+
+    def resolve_folder(self, name: Optional[str], kind: str, *, for_writing: bool = False,
+                       base: Optional[PathLike] = None) -> Path:
+        raw = str(name or "").strip()
+        if not raw:
+            raise InvalidInputError("give a folder")
+        check_path_text(raw, "folder")
+        p = _norm(os.path.expanduser(raw))
+        if for_writing:
+            if p.exists() and not p.is_dir():
+                raise InvalidInputError("names a file, not a folder", path=raw)
+            p.mkdir(parents=True, exist_ok=True)
+            return p
+        if not p.is_dir():
+            raise InvalidInputError("no such folder", path=raw)
+        return p
+
+    def resolve_folders(self, names: Optional[Sequence[str]], kind: str = "any") -> List[Path]:
+        if not names:
+            raise InvalidInputError("name at least one folder")
+        return [self.resolve_folder(n, kind) for n in names]
+
+    def check_inside(self, path: PathLike, what: str = "file") -> Path:
+        return _norm(path)
+
+    def display_name(self, path: PathLike, kind: Optional[str] = None) -> str:
+        """Relative to a model folder when under one, else the file's name (what the WebUI's merger records)."""
+        name = super().display_name(path, kind)
+        return Path(name).name if os.path.isabs(name) else name
+
+
 def default_models_dir() -> Path:
     """``$SDTOOLKIT_MODELS_DIR`` or ``./models``."""
     return _norm(os.environ.get("SDTOOLKIT_MODELS_DIR") or "models")
@@ -450,5 +565,6 @@ def webui_host_from(paths: Any, cmd_opts: Any, opts: Any = None, extension_dir: 
 
 __all__ = [
     "MODEL_KINDS", "MODEL_EXTENSIONS", "WEBUI_SUBDIRS", "Host", "ModelHooks", "FolderHost", "StandaloneHost", "WebUIHost",
+    "LocalHost",
     "webui_host_from", "default_models_dir", "natural_key",
 ]

@@ -146,6 +146,51 @@ def resolve_output_folder(host: Any, raw: Optional[str], kind: str, create: bool
     return cand
 
 
+def resolve_input_folders(host: Any, folders: Optional[Sequence[str]], kind: str = "any") -> List[Path]:
+    """Folders a client names to read (hash / dedup scans): relative to a model folder of ``kind`` (no ``..``) or
+    absolute inside any model folder; none given -> the existing model folders of ``kind`` (all kinds for
+    ``any``). Anything else is refused (403); a name that is not an existing folder is 422."""
+    from .host import MODEL_KINDS
+
+    kinds = list(MODEL_KINDS) if kind in ("any", None) else [kind]
+    roots: List[Path] = []
+    for k in kinds:
+        for d in host.model_dirs(k):
+            d = _norm(d)
+            if d not in roots:
+                roots.append(d)
+    all_roots = [_norm(d) for d in host.all_model_dirs()]
+    if not folders:
+        return [d for d in roots if d.is_dir()]
+    out: List[Path] = []
+    for raw in folders:
+        raw = str(raw or "").strip()
+        if not raw:
+            continue
+        check_path_text(raw, "folder")
+        if ".." in re.split(r"[\\/]+", raw):
+            raise AccessDeniedError("'..' is not allowed in a folder path", path=raw)
+        if os.path.isabs(raw) or raw.startswith("~"):
+            cand = _norm(raw)
+            real = os.path.realpath(cand)
+            if not any(_under(str(cand), str(d)) or _under(real, os.path.realpath(d)) for d in all_roots):
+                raise AccessDeniedError("the folder is outside the configured model folders", path=raw)
+            found: Optional[Path] = cand
+        else:
+            found = None
+            for d in roots or all_roots:
+                cand = _norm(d / raw)
+                if _under(str(cand), str(d)) and cand.is_dir():
+                    found = cand
+                    break
+            if found is None:
+                raise InvalidInputError("no such folder under the model folders", raw)
+        if not found.is_dir():
+            raise InvalidInputError("not a folder", raw)
+        out.append(found)
+    return out
+
+
 def sweep_host_temps(host: Any, folders: Optional[Iterable[PathLike]] = None, recursive: bool = True) -> List[Path]:
     """Remove stale temporary outputs (writer pid gone) in ``folders`` (default: all the host's folders, with
     their sub-folders; symlinked sub-folders are not followed)."""
@@ -155,5 +200,5 @@ def sweep_host_temps(host: Any, folders: Optional[Iterable[PathLike]] = None, re
     return sweep_stale_temps([r for r in roots if Path(r).is_dir()], recursive=recursive)
 
 
-__all__ = ["resolve_output", "resolve_output_folder", "check_inside", "output_roots", "sweep_host_temps",
+__all__ = ["resolve_output", "resolve_output_folder", "resolve_input_folders", "check_inside", "output_roots", "sweep_host_temps",
            "MODEL_OUTPUT_SUFFIXES"]

@@ -738,9 +738,11 @@ def test_cli_api_and_tab_give_identical_files(models, fixture_files, tmp_path, c
                                                    bake_vae="v", output="api.safetensors", **common))
     assert r.status_code == 200, r.text
     assert r.json()["name"] == "api.safetensors"
-    html_, text, rep = merge_tab.run_merge(host, "mA.safetensors", "mB.safetensors", "mC.safetensors",
-                                           "add_difference", 0.35, None, "", blocks, "", "bf16", False, True,
-                                           "v.safetensors", r"decoder\.mid", 0, "cpu", False, "tab.safetensors", False)
+    html_, text, rep = merge_tab.run_merge(host, dict(
+        model_a="mA.safetensors", model_b="mB.safetensors", model_c="mC.safetensors", method="add_difference",
+        alpha=0.35, beta=None, blocks=blocks, base_alpha="", dtype="bf16", keep_ema=False, fix_position_ids=True,
+        bake_vae="v.safetensors", discard=r"decoder\.mid", seed=0, device="cpu", allow_extrapolation=False,
+        output="tab.safetensors", overwrite=False))
     assert rep is not None, text
     outs = [_read(ck / f"{n}.safetensors") for n in ("cli", "api", "tab")]
     assert list(outs[0]) == list(outs[1]) == list(outs[2])
@@ -765,8 +767,10 @@ def test_cli_api_and_tab_give_identical_files(models, fixture_files, tmp_path, c
     assert r.status_code == 403
     r = client.post("/sdtoolkit/v1/merge", json=dict(model_a="mA", model_b="mB", output="../evil.safetensors"))
     assert r.status_code == 422
-    html_, text, rep = merge_tab.run_merge(host, "mA.safetensors", "mB.safetensors", "", "weighted_sum", 1.7, None,
-                                           "", "", "", "fp16", False, False, "None", "", 0, "cpu", False, "t2", False)
+    html_, text, rep = merge_tab.run_merge(host, dict(
+        model_a="mA.safetensors", model_b="mB.safetensors", model_c="", method="weighted_sum", alpha=1.7, beta=None,
+        blocks="", base_alpha="", dtype="fp16", keep_ema=False, fix_position_ids=False, bake_vae="None", discard="",
+        seed=0, device="cpu", allow_extrapolation=False, output="t2", overwrite=False))
     assert rep is None and "outside" in text
     df, msg = merge_tab.block_table(host, "mA.safetensors", "GRAD_V", "", 0.5, "")
     assert list(df["ratio"])[1:] == pytest.approx(PRESETS["GRAD_V"][1])

@@ -238,7 +238,8 @@ def test_save_current_merge_through_the_tab_equals_the_cli_and_is_listed(env, tm
     assert _raw(saved) == _raw(cli_out)                              # byte-identical tensors
     meta, cli_meta = _meta(saved), _meta(cli_out)
     rec, cli_rec = json.loads(meta["sd_merge_recipe"]), json.loads(cli_meta["sd_merge_recipe"])
-    assert rec == cli_rec and meta["sd_merge_models"] == cli_meta["sd_merge_models"]
+    assert rec == cli_rec, {k: (rec.get(k), cli_rec.get(k)) for k in set(rec) | set(cli_rec) if rec.get(k) != cli_rec.get(k)}
+    assert meta["sd_merge_models"] == cli_meta["sd_merge_models"]
     assert (rec["primary_model_hash"], rec["secondary_model_hash"]) == (_sha(env["a"]), _sha(env["b"]))
     models = json.loads(meta["sd_merge_models"])
     assert {v["name"] for v in models.values()} == {"A.safetensors", "B.safetensors"}
@@ -306,13 +307,13 @@ def test_loading_other_weights_forgets_the_merge(env):
 
 def test_a_hijacked_model_without_the_face_hooks_is_refused_unchanged(env):
     """Without undoing the hijack the CLIP keys do not match: refused before any tensor is written."""
-    from lib_sdtoolkit.merge.service import merge_for_host
+    from lib_sdtoolkit import jobs
 
     model = env["model"]
     before = _plain_state(model)
     host = WebUIHost(env["data"] / "models", model_hooks=ModelHooks(get_model=lambda: model))
     with pytest.raises(ArchitectureError, match="no tensor for"):
-        merge_for_host(host, dict(model_a="A", model_b="B", alpha=0.3, in_memory=True))
+        jobs.run("merge", host, dict(model_a="A", model_b="B", alpha=0.3, in_memory=True))
     after = _plain_state(model)
     assert all(torch.equal(after[k], v) for k, v in before.items())
 

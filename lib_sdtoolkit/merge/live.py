@@ -1,7 +1,6 @@
 """Merge into the model a face has loaded (the WebUI's current checkpoint), without writing a file.
 
-``merge_into_loaded(host, body)`` resolves the recipe like :func:`~lib_sdtoolkit.merge.service.merge_for_host`,
-then, between ``host.begin_model_change(model)`` and ``host.end_model_change(model, info)``, runs
+``merge_into_loaded(host, recipe, ...)`` (called by the merge job, which resolved the recipe's names) runs, between ``host.begin_model_change(model)`` and ``host.end_model_change(model, info)``, runs
 :func:`~lib_sdtoolkit.merge.engine.merge_in_memory` with ``into=model``: every input, A included, is read from its
 file key by key (so LoRA deltas the WebUI patched into the loaded weights never leak into the merge) and each
 result is copied into the model's own tensor in the model's dtype; no second copy of the model is made. ``info``
@@ -11,10 +10,10 @@ metadata), so the WebUI can show a checkpoint stand-in and fire its model-loaded
 The merge is recorded on the model object (attribute :data:`ATTR`) with the face's identity token of what is
 loaded; it is "current" only while the face still reports that token (loading any other weights drops it).
 
-``save_current_merge_for_host(host, body)`` writes the current merge by running the recorded recipe through the
+The ``merge-save-current`` job writes the current merge by running the recorded recipe through the
 streaming engine from the same input files (checked unchanged by size and mtime): the file is exactly what
 ``merge`` on the CLI writes for that recipe, with the WebUI merge metadata, and nothing the WebUI did to the loaded
-weights afterwards (LoRA patches, an external VAE) is baked in. ``restore_loaded_model_for_host`` reloads the
+weights afterwards (LoRA patches, an external VAE) is baked in. ``restore_loaded_model`` reloads the
 checkpoint that was loaded before the first in-memory merge.
 """
 from __future__ import annotations
@@ -28,9 +27,8 @@ from pathlib import Path
 from typing import Any, Dict, Mapping, Optional, Tuple
 
 from ..errors import InvalidInputError, ModelFileError
-from .engine import MergeReport, Progress, merge_files, merge_in_memory
+from .engine import MergeReport, Progress, merge_in_memory
 from .recipe import MergeRecipe
-from .service import default_output_name, output_path, recipe_for_host
 
 #: attribute of the loaded model holding its :class:`LiveMerge`
 ATTR = "sdtoolkit_current_merge"
@@ -104,20 +102,12 @@ def current_merge(host: Any, model: Any = None) -> Optional[LiveMerge]:
     return rec
 
 
-def _names(host: Any, recipe: MergeRecipe) -> Dict[str, str]:
-    names = {"A": host.display_name(recipe.model_a, "checkpoint"),
-             "B": host.display_name(recipe.model_b, "checkpoint") if recipe.model_b else None,
-             "C": host.display_name(recipe.model_c, "checkpoint") if recipe.model_c else None,
-             "VAE": host.display_name(recipe.bake_vae, "vae") if recipe.bake_vae else None}
-    return {k: v for k, v in names.items() if v}
+def merge_into_loaded(host: Any, recipe: MergeRecipe, names: Dict[str, str], name: str,
+                      progress: Optional[Progress] = None) -> LiveMerge:
+    """Merge the (resolved, validated) ``recipe`` into the host's loaded model (no file); returns the record.
 
-
-def merge_into_loaded(host: Any, body: Mapping[str, Any], progress: Optional[Progress] = None) -> Dict[str, Any]:
-    """Merge the recipe in ``body`` into the host's loaded model (no file); returns the report (``in_memory``)."""
-    recipe = recipe_for_host(host, body)
-    recipe.validate()
+    ``host`` is used only as the holder of the loaded model (its ``ModelHooks``): names were resolved by the job."""
     model = _need_model(host)
-    names = _names(host, recipe)
     inputs = {p: _stat(p) for p in (recipe.model_a, recipe.model_b, recipe.model_c, recipe.bake_vae) if p}
     lock = _model_lock(model)
     if not lock.acquire(blocking=False):
@@ -133,8 +123,7 @@ def merge_into_loaded(host: Any, body: Mapping[str, Any], progress: Optional[Pro
             res = merge_in_memory(recipe, a=recipe.model_a, into=model, progress=progress, workers=2, names=names)
             meta = dict(res.metadata)
             digest = hashlib.sha256(json.dumps(meta, sort_keys=True).encode("utf-8")).hexdigest()
-            rec = LiveMerge(recipe=recipe, names=names, report=res.report, metadata=meta,
-                            name=Path(default_output_name(recipe)).stem, sha256=digest,
+            rec = LiveMerge(recipe=recipe, names=names, report=res.report, metadata=meta, name=name, sha256=digest,
                             original_file=str(original) if original else None, inputs=inputs)
             info = rec.info()
         finally:
@@ -144,16 +133,12 @@ def merge_into_loaded(host: Any, body: Mapping[str, Any], progress: Optional[Pro
         setattr(model, ATTR, rec)
     finally:
         lock.release()
-    return rec.to_dict()
+    return rec
 
 
-def save_current_merge_for_host(host: Any, body: Optional[Mapping[str, Any]] = None,
-                                progress: Optional[Progress] = None) -> Dict[str, Any]:
-    """Write the loaded model's current merge to the checkpoint folder (``body``: ``output`` name, ``overwrite``)."""
-    body = dict(body or {})
-    unknown = sorted(set(body) - {"output", "overwrite"})
-    if unknown:
-        raise InvalidInputError(f"unknown field(s) for save-current: {', '.join(unknown)}")
+def current_merge_checked(host: Any) -> LiveMerge:
+    """The loaded model's current merge, its input files checked unchanged (size, mtime) so that writing it
+    again gives the same bytes."""
     model = _need_model(host)
     rec = current_merge(host, model)
     if rec is None:
@@ -167,18 +152,11 @@ def save_current_merge_for_host(host: Any, body: Optional[Mapping[str, Any]] = N
         if now != st:
             raise ModelFileError("an input of the current merge changed since it was merged; cannot write the "
                                  "same merge again", p)
-    name = (body.get("output") or "").strip() or rec.name + ".safetensors"
-    out = output_path(host, name, rec.recipe)
-    report = merge_files(rec.recipe, out, overwrite=bool(body.get("overwrite", False)), progress=progress,
-                         names=rec.names)
-    host.refresh("checkpoint")
-    result = report.to_dict()
-    result["name"] = host.display_name(out, "checkpoint")
-    return result
+    return rec
 
 
-def restore_loaded_model_for_host(host: Any) -> Dict[str, Any]:
-    """Reload the checkpoint that was loaded before the in-memory merge (drops the merge)."""
+def restore_loaded_model(host: Any) -> str:
+    """Reload the checkpoint that was loaded before the in-memory merge (drops the merge); returns its path."""
     model = _need_model(host)
     rec = current_merge(host, model)
     original = rec.original_file if rec is not None else host.loaded_model_file(model)
@@ -194,8 +172,8 @@ def restore_loaded_model_for_host(host: Any) -> Dict[str, Any]:
                 delattr(m, ATTR)
     finally:
         lock.release()
-    return {"restored": host.display_name(original, "checkpoint"), "path": str(original)}
+    return str(original)
 
 
-__all__ = ["ATTR", "LiveMerge", "current_merge", "merge_into_loaded", "save_current_merge_for_host",
-           "restore_loaded_model_for_host"]
+__all__ = ["ATTR", "LiveMerge", "current_merge", "current_merge_checked", "merge_into_loaded",
+           "restore_loaded_model"]

@@ -2,7 +2,7 @@
 
 Every path in a body goes through the host: model files through ``host.resolve`` (names or paths under the model
 folders; ``..`` and absolute paths elsewhere answer 403), outputs and folders through ``prune.resolve_output`` /
-``dedup.resolve_folders`` (same rule).
+``Host.resolve_folders`` (same rule).
 
 * prune: ``path``, ``kind``, ``output`` (a file name, written into the folder of the input's kind, or the VAE
   folder for ``only: ["vae"]``), ``dtype`` (fp16|bf16|fp32|keep), ``keep_ema``, ``keep_junk``,

@@ -15,76 +15,25 @@ checkpoint that was loaded before; ``GET /sdtoolkit/v1/merge/current`` tells wha
 """
 from __future__ import annotations
 
-from typing import Any, Dict, List, Optional, Union
-
 from fastapi import APIRouter
-from pydantic import BaseModel
 
 from ..host import Host
-from ..validate import check_device
+from ..jobs import get as get_job
+from ..jobs.faces import add_route
 
 PATH = "/sdtoolkit/v1/merge"
 
 
-class MergeBody(BaseModel):
-    model_a: str
-    model_b: Optional[str] = None
-    model_c: Optional[str] = None
-    method: str = "weighted_sum"
-    alpha: float = 0.5
-    beta: Optional[float] = None
-    blocks: Optional[Union[str, List[float]]] = None
-    blocks_beta: Optional[Union[str, List[float]]] = None
-    base_alpha: Optional[float] = None
-    preset: Optional[str] = None
-    dtype: str = "fp16"
-    keep_ema: bool = False
-    fix_position_ids: bool = False
-    bake_vae: Optional[str] = None
-    discard: Optional[str] = None
-    seed: int = 0
-    allow_extrapolation: bool = False
-    device: str = "cpu"
-    save_metadata: bool = True
-    output: Optional[str] = None
-    overwrite: bool = False
-    in_memory: bool = False
-
-
-class SaveCurrentBody(BaseModel):
-    output: Optional[str] = None
-    overwrite: bool = False
-
-
-def _dump(body: BaseModel) -> Dict[str, Any]:
-    return body.model_dump() if hasattr(body, "model_dump") else body.dict()
-
-
 def register(router: APIRouter, host: Host) -> None:
-    @router.post(PATH)
-    def merge(body: MergeBody) -> dict:
-        from ..merge.service import merge_for_host  # imported per call: keeps the router cheap to build
-
-        body.device = check_device(body.device)
-        return merge_for_host(host, _dump(body))
+    add_route(router, host, get_job("merge"), PATH)
+    add_route(router, host, get_job("merge-save-current"), PATH + "/save-current", optional_body=True)
+    add_route(router, host, get_job("merge-restore"), PATH + "/restore-loaded", optional_body=True)
 
     @router.get(PATH + "/presets")
     def presets() -> dict:
         from ..merge.presets import PRESETS
 
         return {"presets": {k: {"base": b, "blocks": v} for k, (b, v) in PRESETS.items()}}
-
-    @router.post(PATH + "/save-current")
-    def save_current(body: Optional[SaveCurrentBody] = None) -> dict:
-        from ..merge.live import save_current_merge_for_host
-
-        return save_current_merge_for_host(host, _dump(body) if body is not None else {})
-
-    @router.post(PATH + "/restore-loaded")
-    def restore_loaded() -> dict:
-        from ..merge.live import restore_loaded_model_for_host
-
-        return restore_loaded_model_for_host(host)
 
     @router.get(PATH + "/current")
     def current() -> dict:

@@ -90,3 +90,22 @@ def keep_value(choices: Iterable[str], current: Optional[str]) -> Optional[str]:
     if current in choices:
         return current
     return choices[0] if choices else None
+
+
+def gradio_progress(progress: Any) -> "Any":
+    """The job layer's :class:`~lib_sdtoolkit.progress.Progress` drawing on a ``gr.Progress`` (None: silent)."""
+    from ..progress import Progress
+
+    if progress is None:
+        return Progress()
+
+    def sink(phase: str, done: int, total: Optional[int], detail: str) -> None:
+        try:
+            if total:
+                progress(min(1.0, done / total), desc=f"{phase} {done}/{total}")
+            else:
+                progress(None, desc=phase)
+        except Exception:  # noqa: BLE001 - a closed page must not stop the job
+            pass
+
+    return Progress(sink)

@@ -15,7 +15,7 @@ import gradio as gr
 
 from ..errors import SdToolkitError
 from ..host import Host
-from .common import error_html, keep_value, supported_kwargs
+from .common import error_html, gradio_progress, keep_value, supported_kwargs
 
 #: what the Merge tab says on Forge, where the three loaded-model buttons are not offered
 FORGE_NO_LIVE_MERGE = ("**Merge into the loaded model** (and *Save current merge* / *Restore loaded model*) is not "
@@ -83,32 +83,35 @@ def _float_or_none(v: Any) -> Optional[float]:
         raise InvalidInputError(f"base alpha must be a number, got {v!r}") from None
 
 
-def ui_body(model_a: str, model_b: str, model_c: str, method: str, alpha: float, beta: Optional[float],
-            preset: str, blocks: str, base_alpha: str, dtype: str, keep_ema: bool, fix_position_ids: bool,
-            bake_vae: str, discard: str, seed: float, device: str, allow_extrapolation: bool, output: str,
-            overwrite: bool) -> Dict[str, Any]:
-    """The request body (same as the HTTP API's) for the tab's values."""
-    uses_beta = method in ("sum_twice", "triple_sum", "ties", "dare")
-    return {
-        "model_a": model_a or "", "model_b": model_b or None, "model_c": model_c or None, "method": method,
-        "alpha": float(alpha), "beta": float(beta) if uses_beta and beta is not None else None,
-        "preset": preset or None, "blocks": (blocks or "").strip() or None, "base_alpha": _float_or_none(base_alpha),
-        "dtype": dtype, "keep_ema": bool(keep_ema), "fix_position_ids": bool(fix_position_ids),
-        "bake_vae": None if not bake_vae or bake_vae == NONE else bake_vae, "discard": (discard or "").strip() or None,
-        "seed": int(seed or 0), "device": device or "cpu", "allow_extrapolation": bool(allow_extrapolation),
-        "output": (output or "").strip() or None, "overwrite": bool(overwrite),
-    }
+def merge_request(values: Dict[str, Any], **fixed: Any):
+    """The merge job's request from the tab's values (``{field: value}``: the same fields as the API body)."""
+    from ..jobs.faces import ui_request
+    from ..jobs.merge import MergeRequest
+
+    vals = dict(values)
+    if vals.get("bake_vae") == NONE:
+        vals["bake_vae"] = None
+    if not _uses_beta(vals.get("method")):
+        vals["beta"] = None
+    return ui_request(MergeRequest, vals, **fixed)
 
 
-def run_merge(host: Host, *values: Any, progress: Any = None) -> Tuple[str, str, Optional[dict]]:
+def _uses_beta(method: Any) -> bool:
+    from ..merge.recipe import BETA_DEFAULTS
+
+    return method in BETA_DEFAULTS and method not in ("weighted_sum", "add_difference")
+
+
+def _run(job: str, host: Host, request: Any, progress: Any) -> Any:
+    from ..jobs import get
+
+    return get(job).run(host, request, gradio_progress(progress))
+
+
+def run_merge(host: Host, values: Dict[str, Any], progress: Any = None) -> Tuple[str, str, Optional[dict]]:
     """Click handler: (status html, report text, report json)."""
-    from ..merge.service import merge_for_host
-
     try:
-        body = ui_body(*values)
-        if not body["model_a"] or not body["model_b"]:
-            raise SdToolkitError("pick model A and model B")
-        report = merge_for_host(host, body, progress=_tick(progress))
+        report = _run("merge", host, merge_request(values), progress).to_dict()
         lines = _report_lines(report) + [f"Output: {report['output']}"]
         ok = (f'<div class="sdtoolkit-ok">Saved <b>{html.escape(report["name"])}</b>; it is in the checkpoint '
               f'list now.</div>')
@@ -131,23 +134,10 @@ def _report_lines(report: Dict[str, Any]) -> List[str]:
     return lines
 
 
-def _tick(progress: Any) -> Any:
-    def tick(done: int, total: int, key: str) -> None:
-        if progress is not None and total:
-            progress(done / total, desc=f"merging {done}/{total}")
-    return tick
-
-
-def run_in_memory(host: Host, *values: Any, progress: Any = None) -> Tuple[str, str, Optional[dict]]:
+def run_in_memory(host: Host, values: Dict[str, Any], progress: Any = None) -> Tuple[str, str, Optional[dict]]:
     """"Merge into loaded model (no file)": the same values as :func:`run_merge`; nothing is written."""
-    from ..merge.service import merge_for_host
-
     try:
-        body = ui_body(*values)
-        if not body["model_a"] or not body["model_b"]:
-            raise SdToolkitError("pick model A and model B")
-        body["in_memory"] = True
-        report = merge_for_host(host, body, progress=_tick(progress))
+        report = _run("merge-in-memory", host, merge_request(values), progress).to_dict()
         lines = _report_lines(report) + [f"Loaded model is now {report['title']} (no file written; the loaded "
                                          f"model's own file is {report['original_file']})"]
         ok = (f'<div class="sdtoolkit-ok">Merged into the loaded model as <b>{html.escape(report["name"])}</b>. '
@@ -163,11 +153,12 @@ def run_in_memory(host: Host, *values: Any, progress: Any = None) -> Tuple[str, 
 
 def save_current(host: Host, output: str, overwrite: bool, progress: Any = None) -> Tuple[str, str, Optional[dict]]:
     """"Save current merge": writes the loaded model's in-memory merge (its recipe, from the same files)."""
-    from ..merge.live import save_current_merge_for_host
+    from ..jobs.faces import ui_request
+    from ..jobs.merge import SaveCurrentRequest
 
     try:
-        report = save_current_merge_for_host(host, {"output": (output or "").strip() or None,
-                                                    "overwrite": bool(overwrite)}, progress=_tick(progress))
+        req = ui_request(SaveCurrentRequest, {"output": output, "overwrite": bool(overwrite)})
+        report = _run("merge-save-current", host, req, progress).to_dict()
         ok = (f'<div class="sdtoolkit-ok">Saved <b>{html.escape(report["name"])}</b>; it is in the checkpoint '
               f'list now.</div>')
         return ok, "\n".join(_report_lines(report) + [f"Output: {report['output']}"]), report
@@ -179,10 +170,10 @@ def save_current(host: Host, output: str, overwrite: bool, progress: Any = None)
 
 
 def restore_loaded(host: Host) -> Tuple[str, str, Optional[dict]]:
-    from ..merge.live import restore_loaded_model_for_host
+    from ..jobs.merge import RestoreRequest
 
     try:
-        res = restore_loaded_model_for_host(host)
+        res = _run("merge-restore", host, RestoreRequest(), None).to_dict()
         return (f'<div class="sdtoolkit-ok">Reloaded <b>{html.escape(res["restored"])}</b>.</div>',
                 f"Reloaded {res['path']}", res)
     except SdToolkitError as exc:
@@ -280,20 +271,23 @@ def build(host: Host) -> None:
     refresh_btn.click(do_refresh, inputs=[model_a, model_b, model_c, bake_vae],
                       outputs=[model_a, model_b, model_c, bake_vae])
 
-    def do_merge(a, b, c, m, al, be, bl, ba, dt, ke, fp, vae, dis, sd, dev, ax, out, ow, progress=gr.Progress()):
-        # the preset was copied into the block box when picked; the box is what the merge uses
-        return run_merge(host, a, b, c, m, al, be, "", bl, ba, dt, ke, fp, vae, dis, sd, dev, ax, out, ow,
-                         progress=progress)
+    from ..jobs.faces import bind
 
-    merge_inputs = [model_a, model_b, model_c, method, alpha, beta, blocks, base_alpha, dtype, keep_ema, fix_pos,
-                    bake_vae, discard, seed, device, allow_ex, output, overwrite]
+    merge_inputs, unpack = bind({
+        "model_a": model_a, "model_b": model_b, "model_c": model_c, "method": method, "alpha": alpha, "beta": beta,
+        "blocks": blocks, "base_alpha": base_alpha, "dtype": dtype, "keep_ema": keep_ema,
+        "fix_position_ids": fix_pos, "bake_vae": bake_vae, "discard": discard, "seed": seed, "device": device,
+        "allow_extrapolation": allow_ex, "output": output, "overwrite": overwrite})
+
+    # the preset was copied into the block box when picked; the box is what the merge uses
+    def do_merge(*values, progress=gr.Progress()):
+        return run_merge(host, unpack(*values), progress=progress)
+
     run_btn.click(do_merge, inputs=merge_inputs, outputs=[status, report_text, report_json])
 
     if live:
-        def do_in_memory(a, b, c, m, al, be, bl, ba, dt, ke, fp, vae, dis, sd, dev, ax, out, ow,
-                         progress=gr.Progress()):
-            return run_in_memory(host, a, b, c, m, al, be, "", bl, ba, dt, ke, fp, vae, dis, sd, dev, ax, out, ow,
-                                 progress=progress)
+        def do_in_memory(*values, progress=gr.Progress()):
+            return run_in_memory(host, unpack(*values), progress=progress)
 
         def do_save_current(out, ow, a, b, c, v, progress=gr.Progress()):
             res = save_current(host, out, ow, progress=progress)
