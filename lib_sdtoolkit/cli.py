@@ -14,9 +14,8 @@ from .errors import SdToolkitError
 from .plugins import import_present
 
 COMMAND_MODULES = (
-    "lib_sdtoolkit.inspect",
+    "lib_sdtoolkit.maintenance_cli",  # inspect, prune, hash, dedup
     "lib_sdtoolkit.merge.cli",
-    "lib_sdtoolkit.maintenance_cli",
     "lib_sdtoolkit.lora.cli",
     "lib_sdtoolkit.tiled_vae.cli",
     "lib_sdtoolkit.controlnet.cli",

@@ -5,8 +5,6 @@ uses little memory.
 """
 from __future__ import annotations
 
-import argparse
-import json
 from typing import Any, Dict, List, Optional
 
 import torch
@@ -129,29 +127,3 @@ def format_report(rep: Dict[str, Any]) -> str:
         else:
             lines.append("  pruning would change nothing")
     return "\n".join(lines)
-
-
-# ------------------------------------------------------------------------------------------------ CLI
-
-def _cmd(args: argparse.Namespace) -> int:
-    import os
-    import sys
-
-    from .files.writer import sweep_stale_temps
-
-    folders = {os.path.abspath(p) if os.path.isdir(p) else os.path.dirname(os.path.abspath(p)) for p in args.files}
-    for removed in sweep_stale_temps(sorted(folders)):
-        print(f"removed a stale temporary file left by a killed write: {removed}", file=sys.stderr)
-    reports = [inspect_file(p) for p in args.files]
-    if args.json:
-        print(json.dumps(reports[0] if len(reports) == 1 else reports, indent=2))
-    else:
-        print("\n\n".join(format_report(r) for r in reports))
-    return 0
-
-
-def register(subparsers: Any) -> None:
-    p = subparsers.add_parser("inspect", help="say what a model file holds (architecture, components, EMA, junk)")
-    p.add_argument("files", nargs="+", metavar="FILE")
-    p.add_argument("--json", action="store_true", help="print one JSON object (a list for several files)")
-    p.set_defaults(func=_cmd)

@@ -94,7 +94,7 @@ class PrunePlan:
 @dataclass
 class PruneResult:
     input: str
-    output: str
+    output: Optional[str]
     architecture: str
     in_file_size: int
     out_file_size: int
@@ -104,6 +104,9 @@ class PruneResult:
     dtype: str
     position_ids: Dict[str, Any] = field(default_factory=dict)
     prefix_stripped: Optional[str] = None
+    #: False when nothing would change: no file was written (``output`` is None) and ``note`` says why
+    written: bool = True
+    note: Optional[str] = None
 
     def to_dict(self) -> Dict[str, Any]:
         return asdict(self)
@@ -185,18 +188,59 @@ def _metadata(src_meta: Dict[str, str], fmt: str, options: PruneOptions, plan: P
     return meta
 
 
+def changes_of(plan: PrunePlan, in_format: str, out_format: str) -> List[str]:
+    """What pruning by ``plan`` would change, in words; empty when the output would hold the input's tensors as
+    they are (then no file is written: a copy with a new metadata entry is not a pruned model)."""
+    out: List[str] = []
+    if plan.dropped:
+        out.append("drops " + ", ".join(f"{c} ({n} keys)" for c, n in plan.dropped.items()))
+    if plan.converted:
+        out.append(f"converts {plan.converted} floating tensors")
+    if plan.prefix_stripped:
+        out.append(f"strips the '{plan.prefix_stripped}' prefix")
+    pid = plan.position_ids or {}
+    if pid.get("fixed") and (pid.get("state") != "ok" or pid.get("dtype") != "int64"):
+        out.append("resets CLIP position_ids")
+    if in_format != out_format:
+        out.append(f"converts {in_format} to {out_format}")
+    return out
+
+
+def _dtype_words(plan: PrunePlan) -> str:
+    dts = sorted({str(e[2]).replace("torch.", "") for e in plan.entries})
+    return "/".join(dts) or "as it is"
+
+
+def default_output_name(input_name: PathLike, options: PruneOptions) -> str:
+    """``<stem>.vae.safetensors`` for a VAE extract, else ``<stem>[-comp...]-pruned-<dtype>.safetensors`` (named
+    from the options the prune runs with, never from earlier ones)."""
+    stem = os.path.splitext(os.path.basename(os.fspath(input_name)))[0]
+    only = options.only or []
+    if only == ["vae"]:
+        return f"{stem}.vae.safetensors"
+    suffix = "-" + "-".join(only) if only else ""
+    return f"{stem}{suffix}-pruned-{options.dtype}.safetensors"
+
+
 def prune_file(path: PathLike, out: PathLike, options: Optional[PruneOptions] = None, overwrite: bool = False,
                progress: Optional[Callable[[int, int], None]] = None) -> PruneResult:
     """Prune ``path`` into ``out`` (``.safetensors`` streamed; ``.ckpt``/``.pt``/``.pth`` pickled)."""
     options = options or PruneOptions()
-    out_p = check_output_path(out, [path], overwrite)
+    out_p = Path(out)
     suffix = out_p.suffix.lower()
     if suffix not in (".safetensors", ".ckpt", ".pt", ".pth"):
         raise InvalidInputError("the output must end in .safetensors, .ckpt, .pt or .pth", out_p)
     with open_model(path) as r:
         plan = plan_prune(r, options)
-        meta = _metadata(dict(r.metadata), r.format, options, plan)
         in_size = r.file_size
+        out_format = "safetensors" if suffix == ".safetensors" else "ckpt"
+        if not changes_of(plan, r.format, out_format):
+            return PruneResult(str(path), None, plan.architecture, in_size, in_size, plan.kept, plan.dropped, 0,
+                               options.dtype, plan.position_ids, None, written=False,
+                               note=f"nothing would change: every tensor is kept as it is (already "
+                                    f"{_dtype_words(plan)}, no EMA or junk to drop); no file written")
+        out_p = check_output_path(out_p, [path], overwrite)
+        meta = _metadata(dict(r.metadata), r.format, options, plan)
         total = len(plan.entries)
 
         def tensors():
@@ -231,49 +275,4 @@ def prune_file(path: PathLike, out: PathLike, options: Optional[PruneOptions] = 
 
 
 __all__ = ["DTYPES", "COMPONENT_NAMES", "PruneOptions", "PrunePlan", "PruneResult", "parse_only", "plan_prune",
-           "prune_for_host", "resolve_output", "kind_of_path",
-           "prune_file", "STALE_METADATA"]
-
-
-# ------------------------------------------------------------------------------------------------ host-facing
-# Used by the HTTP route and the UI tab: every path comes from an untrusted client and must stay under the host's
-# model folders.
-
-def kind_of_path(host: Any, path: PathLike) -> Optional[str]:
-    """The model kind whose folder holds ``path`` (first match), or None."""
-    from .host import MODEL_KINDS
-
-    p = os.path.normpath(os.path.abspath(os.fspath(path)))
-    for k in MODEL_KINDS:
-        for d in host.model_dirs(k):
-            d = os.path.normpath(os.path.abspath(os.fspath(d)))
-            if p.startswith(d.rstrip(os.sep) + os.sep):
-                return k
-    return None
-
-
-def resolve_output(host: Any, raw: str, kind: str) -> Path:
-    """An output name from a client: a relative path without ``..`` inside ``host.output_dir(kind)``, or an
-    absolute path inside one of the model folders; its real folder (symlinks followed) must be inside one too.
-    Anything else is refused (403). The one rule every output follows: :func:`lib_sdtoolkit.outputs.resolve_output`."""
-    from .outputs import resolve_output as _resolve
-
-    return _resolve(host, raw, kind, suffixes=(".safetensors", ".ckpt", ".pt", ".pth"))
-
-
-def prune_for_host(host: Any, body: Dict[str, Any], progress: Optional[Callable[[int, int], None]] = None
-                   ) -> Dict[str, Any]:
-    """Prune a model the client names (``path``, optional ``kind``) into ``output`` (see :func:`resolve_output`:
-    a standalone VAE goes to the VAE folder, anything else to the folder of the input's kind)."""
-    src = host.resolve(str(body.get("path") or ""), body.get("kind"))
-    opts = PruneOptions(dtype=body.get("dtype") or "fp16", keep_ema=bool(body.get("keep_ema")),
-                        keep_junk=bool(body.get("keep_junk")), fix_position_ids=bool(body.get("fix_position_ids")),
-                        only=body.get("only"), bare=body.get("bare"))
-    out_kind = "vae" if opts.only == ["vae"] else (kind_of_path(host, src) or "checkpoint")
-    out = resolve_output(host, str(body.get("output") or ""), out_kind)
-    res = prune_file(src, out, opts, overwrite=bool(body.get("overwrite")), progress=progress)
-    host.refresh(out_kind)
-    d = res.to_dict()
-    d["name"] = host.display_name(out, out_kind)
-    d["kind"] = out_kind
-    return d
+           "prune_file", "changes_of", "default_output_name", "STALE_METADATA"]

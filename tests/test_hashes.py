@@ -391,7 +391,7 @@ def test_webui_host_mirrors_hashes_into_its_own_data_dir(tmp_path, fixture_files
     found by the WebUI's own lookup; nothing global decides where."""
     from types import SimpleNamespace
 
-    from lib_sdtoolkit.dedup import hash_for_host
+    from lib_sdtoolkit import jobs
     from lib_sdtoolkit.host import webui_host_from
 
     monkeypatch.setenv("HOME", str(tmp_path / "home"))  # our own cache goes to a fresh place too
@@ -404,6 +404,7 @@ def test_webui_host_mirrors_hashes_into_its_own_data_dir(tmp_path, fixture_files
     host = webui_host_from(SimpleNamespace(models_path=str(data / "models"), data_path=str(data)),
                            SimpleNamespace())
     assert host.webui_data_dir == data
-    hash_for_host(host, ["model.safetensors"], "checkpoint")
+    rep = jobs.run("hash", host, {"paths": ["model.safetensors"], "kind": "checkpoint"})
+    assert rep.webui_cache_entries == 1 and not rep.problems
     _cache, hashes_mod = _webui_modules(data)
     assert hashes_mod.sha256_from_cache(str(ck), "checkpoint/model.safetensors") == _independent(ck)["sha256"]

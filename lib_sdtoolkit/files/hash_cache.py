@@ -473,17 +473,5 @@ class WebUIHashCache:
         self._caches.clear()
 
 
-def webui_cache_for_host(host: Any) -> Optional[WebUIHashCache]:
-    """The WebUI cache that belongs to a host, or None.
-
-    Looks for ``host.webui_data_dir`` (a WebUI host: the WebUI's data folder) and ``host.webui_dir`` (a
-    ``StandaloneHost`` built on a WebUI folder, whose data dir is that folder).
-    """
-    d = getattr(host, "webui_data_dir", None) or getattr(host, "webui_dir", None)
-    if not d:
-        return None
-    return WebUIHashCache.from_webui_env(d)
-
-
 __all__ = ["HashCache", "cached_hash_file", "default_cache_dir", "WebUIHashCache", "webui_title",
-           "webui_cache_for_host", "WEBUI_CACHE_SETTINGS"]
+           "WEBUI_CACHE_SETTINGS"]

@@ -25,6 +25,10 @@ JOB_MODULES: Dict[str, str] = {
     "merge-in-memory": "lib_sdtoolkit.jobs.merge",
     "merge-save-current": "lib_sdtoolkit.jobs.merge",
     "merge-restore": "lib_sdtoolkit.jobs.merge",
+    "inspect": "lib_sdtoolkit.jobs.inspect",
+    "prune": "lib_sdtoolkit.jobs.maintenance",
+    "hash": "lib_sdtoolkit.jobs.maintenance",
+    "dedup": "lib_sdtoolkit.jobs.maintenance",
 }
 
 

@@ -70,8 +70,14 @@ def request_from_args(request: type, args: Any) -> Request:
 
 def add_cli(subparsers: Any, spec: JobSpec, command: Optional[str] = None, *, host_factory: Any = None,
             render: Optional[Callable[[Report], str]] = None, epilog: Optional[str] = None,
-            exit_code: Optional[Callable[[Report], int]] = None) -> Any:
-    """Register ``command`` (default: the job's name) running ``spec`` with a tqdm progress on stderr."""
+            exit_code: Optional[Callable[[Report], int]] = None,
+            json_view: Optional[Callable[[Report], Any]] = None,
+            stderr: Optional[Callable[[Report], Sequence[str]]] = None) -> Any:
+    """Register ``command`` (default: the job's name) running ``spec`` with a tqdm progress on stderr.
+
+    ``render``: the text printed (default ``report.summary()``); ``json_view``: what ``--json`` prints (default
+    ``report.to_dict()``); ``stderr``: lines printed on stderr in both modes (files that could not be read);
+    ``exit_code``: the exit status from the report (default 0)."""
     import argparse
 
     p = subparsers.add_parser(command or spec.name, help=spec.help, description=spec.description or spec.help,
@@ -86,9 +92,12 @@ def add_cli(subparsers: Any, spec: JobSpec, command: Optional[str] = None, *, ho
         host = host_factory(args) if host_factory is not None else LocalHost()
         report = spec.run(host, req, tqdm_progress())
         if getattr(args, "_json", False):
-            print(json.dumps(report.to_dict(), indent=2, default=str))
+            view = json_view(report) if json_view is not None else report.to_dict()
+            print(json.dumps(view, indent=2, default=str))
         else:
             print(render(report) if render is not None else report.summary())
+        for line in (stderr(report) if stderr is not None else ()):
+            print(line, file=sys.stderr)
         return exit_code(report) if exit_code is not None else 0
 
     p.set_defaults(func=handler)

@@ -1,9 +1,13 @@
-"""``GET /sdtoolkit/v1/inspect?path=...``: the inspect report (same JSON as ``inspect --json``)."""
+"""``GET /sdtoolkit/v1/inspect?path=...&kind=...``: the inspect job (the same JSON as ``inspect --json``).
+
+The query is the job's request (:class:`lib_sdtoolkit.jobs.inspect.InspectRequest`): an unknown parameter is a
+422, the name goes through the host's gate (403 outside the model folders, 404 when missing).
+"""
 from __future__ import annotations
 
 from typing import Optional
 
-from fastapi import APIRouter, Query
+from fastapi import APIRouter, Query, Request
 
 from ..host import Host
 
@@ -12,20 +16,13 @@ PATH = "/sdtoolkit/v1/inspect"
 
 def register(router: APIRouter, host: Host) -> None:
     @router.get(PATH)
-    def inspect_model(path: str = Query(..., description="model name or path under the model folders"),
+    def inspect_model(request: Request,
+                      path: str = Query(..., description="model name or path under the model folders"),
                       kind: Optional[str] = Query(None, description="checkpoint, vae, lora or controlnet")) -> dict:
-        from ..inspect import inspect_file  # imported per call: keeps the router cheap to build
+        from ..jobs import get
+        from ..progress import Progress
 
-        from ..outputs import check_inside, sweep_host_temps
-
-        resolved = host.resolve(path, kind)
-        report = inspect_file(resolved)
-        report.setdefault("name", host.display_name(resolved))
-        try:
-            check_inside(host, resolved, what="file")
-            removed = sweep_host_temps(host, [resolved.parent], recursive=False)
-        except Exception:  # noqa: BLE001 - a folder reached through a link that leads outside: not swept
-            removed = []
-        if removed:
-            report["stale_temps_removed"] = [host.display_name(p) for p in removed]
-        return report
+        spec = get("inspect")
+        data = {k: v for k, v in request.query_params.items()}  # unknown parameters: the request refuses them
+        data["path"] = [path]
+        return spec.run(host, spec.request.from_dict(data), Progress()).to_dict()

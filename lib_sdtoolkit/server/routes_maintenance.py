@@ -1,12 +1,13 @@
-"""``POST /sdtoolkit/v1/prune``, ``/sdtoolkit/v1/hash``, ``/sdtoolkit/v1/dedup``.
+"""``POST /sdtoolkit/v1/prune``, ``/sdtoolkit/v1/hash``, ``/sdtoolkit/v1/dedup``: the maintenance jobs.
 
-Every path in a body goes through the host: model files through ``host.resolve`` (names or paths under the model
-folders; ``..`` and absolute paths elsewhere answer 403), outputs and folders through ``prune.resolve_output`` /
-``Host.resolve_folders`` (same rule).
+The bodies are the jobs' requests (:mod:`lib_sdtoolkit.jobs.maintenance`; an unknown field is a 422); every name
+in them goes through the host's gate (model files: names or paths under the model folders; ``..`` and absolute
+paths elsewhere answer 403, missing files 404).
 
-* prune: ``path``, ``kind``, ``output`` (a file name, written into the folder of the input's kind, or the VAE
-  folder for ``only: ["vae"]``), ``dtype`` (fp16|bf16|fp32|keep), ``keep_ema``, ``keep_junk``,
-  ``fix_position_ids``, ``only`` (list or comma string), ``bare``, ``overwrite``. Answers the prune result.
+* prune: ``path``, ``kind``, ``output`` (a file name written into the folder of the input's kind, or the VAE
+  folder for ``only: ["vae"]``; blank: named from the options), ``dtype`` (fp16|bf16|fp32|keep), ``keep_ema``,
+  ``keep_junk``, ``fix_position_ids``, ``only`` (list or comma string), ``bare``, ``overwrite``. Answers the prune
+  result with ``name``/``kind`` of the output; ``written: false`` (and a ``note``) when nothing would change.
 * hash: ``paths`` (list), ``kind``, ``algos`` (default all). Answers ``results`` (sha256, autov2, autov1, autov3,
   blake3, crc32, civitai names), ``problems``, ``webui_cache_entries``.
 * dedup: ``kind`` (vae|checkpoint|lora|controlnet|any), ``folders`` (default: the kind's model folders),
@@ -15,62 +16,15 @@ folders; ``..`` and absolute paths elsewhere answer 403), outputs and folders th
 """
 from __future__ import annotations
 
-from typing import Any, Dict, List, Optional, Union
-
 from fastapi import APIRouter
-from pydantic import BaseModel
 
 from ..host import Host
+from ..jobs import get as get_job
+from ..jobs.faces import add_route
 
 PREFIX = "/sdtoolkit/v1"
 
 
-class PruneBody(BaseModel):
-    path: str
-    kind: Optional[str] = None
-    output: str
-    dtype: str = "fp16"
-    keep_ema: bool = False
-    keep_junk: bool = False
-    fix_position_ids: bool = False
-    only: Optional[Union[str, List[str]]] = None
-    bare: Optional[bool] = None
-    overwrite: bool = False
-
-
-class HashBody(BaseModel):
-    paths: List[str]
-    kind: Optional[str] = None
-    algos: Optional[List[str]] = None
-
-
-class DedupBody(BaseModel):
-    kind: str = "any"
-    folders: Optional[List[str]] = None
-    action: str = "report"
-    to: Optional[str] = None
-    confirm: bool = False
-
-
-def _dump(body: BaseModel) -> Dict[str, Any]:
-    return body.model_dump() if hasattr(body, "model_dump") else body.dict()
-
-
 def register(router: APIRouter, host: Host) -> None:
-    @router.post(PREFIX + "/prune")
-    def prune(body: PruneBody) -> dict:
-        from ..prune import prune_for_host  # imported per call: keeps the router cheap to build
-
-        return prune_for_host(host, _dump(body))
-
-    @router.post(PREFIX + "/hash")
-    def hash_files(body: HashBody) -> dict:
-        from ..dedup import hash_for_host
-
-        return hash_for_host(host, body.paths, body.kind, body.algos)
-
-    @router.post(PREFIX + "/dedup")
-    def dedup(body: DedupBody) -> dict:
-        from ..dedup import dedup_for_host
-
-        return dedup_for_host(host, _dump(body))
+    for name in ("prune", "hash", "dedup"):
+        add_route(router, host, get_job(name), f"{PREFIX}/{name}")

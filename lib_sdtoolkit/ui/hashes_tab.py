@@ -10,7 +10,7 @@ import gradio as gr
 
 from ..errors import SdToolkitError
 from ..host import Host
-from .common import empty_table, error_html, human_bytes, model_choices, parse_choice
+from .common import empty_table, error_html, gradio_progress, human_bytes, model_choices, parse_choice
 
 log = logging.getLogger(__name__)
 
@@ -25,22 +25,29 @@ def _dedup_headers() -> List[str]:
     return list(TABLE_HEADERS)
 
 
-def run_hashes(host: Host, picked: List[str], progress: Any = None) -> Tuple[str, Any, Any]:
-    from ..dedup import hash_for_host
-    from ..files.hashes import BLAKE3_MISSING, blake3_available
+def hash_request(picked: List[str]):
+    """The hash job's request from the dropdown's picks (``[kind] name``)."""
+    from ..jobs.faces import ui_request
+    from ..jobs.maintenance import HashRequest
 
     if not picked:
-        return error_html(SdToolkitError("pick one or more models first")), empty_table(HASH_HEADERS), None
+        raise SdToolkitError("pick one or more models first")
+    names: List[str] = []
+    kinds = set()
+    for c in picked:
+        k, n = parse_choice(c)
+        names.append(n)
+        kinds.add(k)
+    kind = kinds.pop() if len(kinds) == 1 else None
+    return ui_request(HashRequest, {"paths": names, "kind": kind})
+
+
+def run_hashes(host: Host, picked: List[str], progress: Any = None) -> Tuple[str, Any, Any]:
+    from ..files.hashes import BLAKE3_MISSING, blake3_available
+    from ..jobs import get
+
     try:
-        names: List[str] = []
-        kinds = set()
-        for c in picked:
-            k, n = parse_choice(c)
-            names.append(n)
-            kinds.add(k)
-        kind = kinds.pop() if len(kinds) == 1 else None
-        tick = (lambda f, d: progress(f, desc=d)) if progress is not None else None
-        res = hash_for_host(host, names, kind, None, tick)
+        res = get("hash").run(host, hash_request(picked), gradio_progress(progress)).to_dict()
     except SdToolkitError as exc:
         return error_html(exc), empty_table(HASH_HEADERS), None
     except Exception as exc:
@@ -75,15 +82,24 @@ def _summary(res: Dict[str, Any]) -> str:
     return out
 
 
+def dedup_request(kind: str, folders: str, action: str = "report", to: Optional[str] = None,
+                  confirm: bool = False):
+    """The dedup job's request from the tab's values (folders: a comma-separated text box)."""
+    from ..jobs.faces import ui_request
+    from ..jobs.maintenance import DedupRequest
+
+    names = [f.strip() for f in (folders or "").split(",") if f.strip()] or None
+    return ui_request(DedupRequest, {"kind": kind, "folders": names, "action": action, "to": to or None,
+                                     "confirm": bool(confirm)})
+
+
 def run_dedup(host: Host, kind: str, folders: str, action: str = "report", to: Optional[str] = None,
               confirm: bool = False, progress: Any = None) -> Tuple[str, List[List[Any]], Any]:
-    from ..dedup import dedup_for_host
+    from ..jobs import get
 
     try:
-        body = {"kind": kind, "folders": [f.strip() for f in (folders or "").split(",") if f.strip()] or None,
-                "action": action, "to": to or None, "confirm": confirm}
-        tick = (lambda f, d: progress(f, desc=d)) if progress is not None else None
-        res = dedup_for_host(host, body, tick)
+        req = dedup_request(kind, folders, action, to, confirm)
+        res = get("dedup").run(host, req, gradio_progress(progress)).to_dict()
     except SdToolkitError as exc:
         return error_html(exc), empty_table(_dedup_headers()), None
     except Exception as exc:

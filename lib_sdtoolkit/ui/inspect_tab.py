@@ -3,13 +3,14 @@ from __future__ import annotations
 
 import html
 import logging
-from typing import Any, List, Tuple
+from typing import Any, List, Optional, Tuple
 
 import gradio as gr
 
-from ..errors import SdToolkitError
+from ..errors import InvalidInputError, SdToolkitError
 from ..host import MODEL_KINDS, Host
-from .common import empty_table, error_html, human_bytes, keep_value, model_choices, model_picker, resolve_input
+from .common import (empty_table, error_html, gradio_progress, human_bytes, keep_value, model_choices, model_picker,
+                     parse_choice)
 
 log = logging.getLogger(__name__)
 
@@ -41,15 +42,38 @@ def components_rows(report: dict) -> List[List[Any]]:
     return rows or [["(none)", 0, ""]]
 
 
-def run_inspect(host: Host, choice: str, path: str) -> Tuple[str, Any, str, Any]:
+def picked(choice: Optional[str], path: Optional[str]) -> Tuple[str, Optional[str], str]:
+    """``(name, kind, note)`` of the model a picker names: the path box when it holds text, else the dropdown.
+    ``note`` says which one was used when both hold something (nothing silently wins)."""
+    typed = (path or "").strip()
+    if typed:
+        kind, shown = None, typed
+        note = (f"Used the name typed in the path box ({typed}), not the dropdown's {choice}; clear the box to "
+                f"use the dropdown." if choice else "")
+        return shown, kind, note
+    if choice:
+        kind, name = parse_choice(choice)
+        return name, kind, ""
+    raise InvalidInputError("pick a model or type its path first")
+
+
+def note_html(note: str) -> str:
+    return f'<div class="sdtoolkit-warn sdtoolkit-source-note">{html.escape(note)}</div>' if note else ""
+
+
+def run_inspect(host: Host, choice: str, path: str, progress: Any = None) -> Tuple[str, Any, str, Any]:
     """Click handler: (architecture html, components rows, report text, report json)."""
-    from ..inspect import format_report, inspect_file  # heavy (torch); imported when first used
+    from ..jobs import get
+    from ..jobs.faces import ui_request
+    from ..jobs.inspect import InspectRequest
 
     try:
-        target = resolve_input(host, choice, path)
-        report = inspect_file(target)
-        return (architecture_html(report, host.display_name(target)), components_rows(report),
-                format_report(report), report)
+        name, kind, note = picked(choice, path)
+        req = ui_request(InspectRequest, {"path": [name], "kind": kind})
+        rep = get("inspect").run(host, req, gradio_progress(progress))
+        report = rep.to_dict()
+        return (architecture_html(report, report["name"]) + note_html(note), components_rows(report),
+                rep.summary(), report)
     except SdToolkitError as exc:
         return error_html(exc), empty_table(TABLE_HEADERS), str(exc), None
     except Exception as exc:  # a bug, not bad input: still show it instead of a silent spinner
@@ -107,5 +131,8 @@ def build(host: Host) -> None:
 
     refresh_btn.click(do_refresh, inputs=[model], outputs=[model, empty_box])
     sample_btn.click(do_sample, inputs=[model], outputs=[model, empty_box, status])
-    run_btn.click(lambda c, p: run_inspect(host, c, p), inputs=[model, path],
+    def do_inspect(c, p, progress=gr.Progress()):
+        return run_inspect(host, c, p, progress)
+
+    run_btn.click(do_inspect, inputs=[model, path],
                   outputs=[arch, table, report_text, report_json])

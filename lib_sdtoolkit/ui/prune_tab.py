@@ -4,14 +4,14 @@ from __future__ import annotations
 
 import html
 import logging
-from typing import Any, List, Optional, Tuple
+from typing import Any, Dict, List, Optional, Tuple
 
 import gradio as gr
 
 from ..errors import SdToolkitError
 from ..host import Host
-from .common import (empty_table, error_html, human_bytes, keep_value, model_choices, model_picker, parse_choice,
-                     resolve_input)
+from .common import empty_table, error_html, gradio_progress, human_bytes, keep_value, model_choices, model_picker
+from .inspect_tab import note_html, picked
 
 log = logging.getLogger(__name__)
 
@@ -21,26 +21,34 @@ COMPONENT_CHOICES = ["unet", "vae", "text_encoder", "text_encoder_2"]
 PLAN_HEADERS = ["component", "keys", "size now", "kept"]
 
 
-def _default_output(name: str, only: List[str], dtype: str) -> str:
-    import os
+def prune_request(host: Host, values: Dict[str, Any]):
+    """The prune job's request from the tab's values (``{field: value}``, plus ``choice``/``path`` of the picker);
+    returns ``(request, note)``, ``note`` saying which picker input was used when both hold something."""
+    from ..jobs.faces import ui_request
+    from ..jobs.maintenance import PruneRequest
 
-    stem = os.path.splitext(os.path.basename(name))[0]
-    if only == ["vae"]:
-        return f"{stem}.vae.safetensors"
-    suffix = "-" + "-".join(only) if only else ""
-    return f"{stem}{suffix}-pruned-{dtype}.safetensors"
+    vals = dict(values)
+    name, kind, note = picked(vals.pop("choice", None), vals.pop("path", None))
+    vals.update(path=name, kind=kind, only=list(vals.get("only") or []) or None,
+                bare=True if vals.get("bare") else None)
+    return ui_request(PruneRequest, vals), note
 
 
 def preview(host: Host, choice: Optional[str], path: Optional[str], only: List[str], keep_ema: bool,
-            keep_junk: bool, dtype: str) -> Tuple[str, List[List[Any]], Any]:
+            keep_junk: bool, dtype: str) -> Tuple[str, List[List[Any]]]:
     """What the file holds and what pruning would keep (from the header only)."""
-    from ..inspect import format_report, inspect_file
+    from ..jobs import get
+    from ..jobs.faces import ui_request
+    from ..jobs.inspect import InspectRequest
+    from ..prune import PruneOptions, default_output_name
 
     try:
-        target = resolve_input(host, choice, path)
-        rep = inspect_file(target)
+        name, kind, note = picked(choice, path)
+        report = get("inspect").run(host, ui_request(InspectRequest, {"path": [name], "kind": kind}), None)
+        rep = report.to_dict()
+        out_name = default_output_name(rep["name"], PruneOptions(dtype=dtype, only=list(only or []) or None))
     except SdToolkitError as exc:
-        return error_html(exc), empty_table(PLAN_HEADERS), gr.update()
+        return error_html(exc), empty_table(PLAN_HEADERS)
     rows: List[List[Any]] = []
     for comp, info in rep.get("components", {}).items():
         kept = "yes" if not only or comp in only else "no"
@@ -50,38 +58,37 @@ def preview(host: Host, choice: Optional[str], path: Optional[str], only: List[s
                      "yes" if keep_ema and (not only or "unet" in only) else "no"])
     if rep["junk"]:
         rows.append(["junk", len(rep["junk"]), human_bytes(rep["junk_bytes"]), "yes" if keep_junk and not only else "no"])
-    name = host.display_name(target)
-    summary = (f'<div class="sdtoolkit-ok"><b>{html.escape(name)}</b>: {html.escape(rep["architecture"])}, '
+    summary = (note_html(note) +
+               f'<div class="sdtoolkit-ok"><b>{html.escape(rep["name"])}</b>: {html.escape(rep["architecture"])}, '
                f'{human_bytes(rep["file_size"])}; pruned to fp16 about {human_bytes(rep["pruned_fp16_bytes"])}; '
-               f'CLIP position_ids {html.escape(str(rep["position_ids"]))}</div>'
-               f'<pre class="sdtoolkit-mono">{html.escape(format_report(rep))}</pre>')
-    return summary, rows, gr.update(value=_default_output(name, only or [], dtype))
+               f'CLIP position_ids {html.escape(str(rep["position_ids"]))}; a blank output name gives '
+               f'<code>{html.escape(out_name)}</code> with these options</div>'
+               f'<pre class="sdtoolkit-mono">{html.escape(report.summary())}</pre>')
+    return summary, rows
 
 
-def run_prune(host: Host, choice: Optional[str], path: Optional[str], only: List[str], dtype: str, keep_ema: bool,
-              keep_junk: bool, fix_pids: bool, bare: bool, output: str, overwrite: bool,
-              progress: Any = None) -> Tuple[str, Any]:
-    from ..prune import prune_for_host
+def run_prune(host: Host, values: Dict[str, Any], progress: Any = None) -> Tuple[str, Any]:
+    """Click handler: (status html, result json). ``values``: the prune request's fields, and ``choice``/``path``
+    of the picker."""
+    from ..jobs import get
 
     try:
-        if path and path.strip():
-            src_name, kind = path.strip(), None
-        else:
-            kind, src_name = parse_choice(choice or "")
-        body = {"path": src_name, "kind": kind, "output": output, "dtype": dtype, "keep_ema": keep_ema,
-                "keep_junk": keep_junk, "fix_position_ids": fix_pids, "only": only or None,
-                "bare": True if bare else None, "overwrite": overwrite}
-        tick = (lambda d, t: progress(d / t if t else 1.0, desc="pruning")) if progress is not None else None
-        res = prune_for_host(host, body, progress=tick)
+        req, note = prune_request(host, values)
+        rep = get("prune").run(host, req, gradio_progress(progress))
+        res = rep.to_dict()
     except SdToolkitError as exc:
         return error_html(exc), None
     except Exception as exc:  # a bug: show it rather than a silent spinner
         log.exception("sdtoolkit: prune failed")
         return error_html(exc), None
+    if not res["written"]:
+        return note_html(note) + note_html(res["note"] or "nothing would change; no file written"), res
     saved = res["in_file_size"] - res["out_file_size"]
-    msg = (f'<div class="sdtoolkit-ok">Wrote <b>{html.escape(res["name"])}</b> ({html.escape(res["kind"])}): '
-           f'{human_bytes(res["out_file_size"])}, before {human_bytes(res["in_file_size"])}, saved '
-           f'{human_bytes(saved)}; dropped {html.escape(str(res["dropped"] or "nothing"))}</div>')
+    change = f"saved {human_bytes(saved)}" if saved >= 0 else f"{human_bytes(-saved)} larger"
+    msg = (note_html(note) +
+           f'<div class="sdtoolkit-ok">Wrote <b>{html.escape(res["name"])}</b> ({html.escape(res["kind"])}): '
+           f'{human_bytes(res["out_file_size"])}, before {human_bytes(res["in_file_size"])}, {change}; dropped '
+           f'{html.escape(str(res["dropped"] or "nothing"))}</div>')
     return msg, res
 
 
@@ -102,7 +109,8 @@ def build(host: Host) -> None:
     plan = gr.Dataframe(value=empty_table(PLAN_HEADERS), headers=PLAN_HEADERS, datatype=["str", "number", "str", "str"], interactive=False,
                         elem_id="sdtoolkit_prune_plan", label="What pruning keeps")
     with gr.Row():
-        output = gr.Textbox(label="Output file name (written beside the models of its kind)", lines=1,
+        output = gr.Textbox(label="Output file name (written beside the models of its kind; blank: named from the "
+                                  "options above when you click Prune)", lines=1,
                             elem_id="sdtoolkit_prune_output", scale=4)
         overwrite = gr.Checkbox(False, label="Overwrite an existing output", elem_id="sdtoolkit_prune_overwrite")
     prune_btn = gr.Button("Prune", variant="primary", elem_id="sdtoolkit_prune_run")
@@ -115,11 +123,21 @@ def build(host: Host) -> None:
         new = model_choices(host, ("checkpoint", "vae"))
         return gr.update(choices=new, value=keep_value(new, current))
 
-    def do_prune(c, p, o, d, ke, kj, fp, b, out, ow, progress=gr.Progress()):
-        return run_prune(host, c, p, o, d, ke, kj, fp, b, out, ow, progress)
+    from ..jobs.faces import bind
+
+    prune_inputs, unpack = bind({"choice": model, "path": path, "only": only, "dtype": dtype, "keep_ema": keep_ema,
+                                 "keep_junk": keep_junk, "fix_position_ids": fix_pids, "bare": bare,
+                                 "output": output, "overwrite": overwrite})
+
+    def do_prune(*values, progress=gr.Progress()):
+        vals = unpack(*values)
+        msg, res = run_prune(host, vals, progress)
+        if not res or not res.get("written"):
+            return msg, res, gr.update()
+        new = model_choices(host, ("checkpoint", "vae"))  # the new file is listed at once (the job refreshed)
+        return msg, res, gr.update(choices=new, value=keep_value(new, vals["choice"]))
 
     refresh_btn.click(do_refresh, inputs=[model], outputs=[model])
     inspect_btn.click(lambda c, p, o, ke, kj, d: preview(host, c, p, o, ke, kj, d),
-                      inputs=[model, path, only, keep_ema, keep_junk, dtype], outputs=[summary, plan, output])
-    prune_btn.click(do_prune, inputs=[model, path, only, dtype, keep_ema, keep_junk, fix_pids, bare, output,
-                                      overwrite], outputs=[status, result_json])
+                      inputs=[model, path, only, keep_ema, keep_junk, dtype], outputs=[summary, plan])
+    prune_btn.click(do_prune, inputs=prune_inputs, outputs=[status, result_json, model])
