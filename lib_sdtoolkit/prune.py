@@ -196,7 +196,7 @@ def changes_of(plan: PrunePlan, in_format: str, out_format: str) -> List[str]:
         out.append("drops " + ", ".join(f"{c} ({n} keys)" for c, n in plan.dropped.items()))
     if plan.converted:
         out.append(f"converts {plan.converted} floating tensors")
-    if plan.prefix_stripped:
+    if any(key != name for key, name, _, _ in plan.entries):  # a bare VAE "stripped" of a prefix it lacks: no change
         out.append(f"strips the '{plan.prefix_stripped}' prefix")
     pid = plan.position_ids or {}
     if pid.get("fixed") and (pid.get("state") != "ok" or pid.get("dtype") != "int64"):

@@ -250,3 +250,28 @@ def test_cli_hash_and_dedup_exit_2_when_a_file_cannot_be_read(lib, tmp_path, cap
     assert main(["hash", str(d / "a.safetensors"), "--no-cache"]) == 0
     capsys.readouterr()
     assert main(["hash", str(d / "a.safetensors"), "--cache", str(tmp_path / "c"), "--no-cache"]) == 2
+
+
+def test_prune_of_a_lean_bare_vae_changes_nothing(fixture_files, tmp_path):
+    """A bare fp16 VAE extracted again (``only vae``: bare keys by default) is the same tensors: no file; its fp32
+    original is converted, and the prefixed pickle loses its prefix: both written."""
+    import torch
+
+    from lib_sdtoolkit.files import open_model, save_safetensors
+    from lib_sdtoolkit.prune import PruneOptions, prune_file
+
+    with open_model(fixture_files["vae"]) as r:
+        sd = {k: r.get(k).half() if r.get(k).is_floating_point() else r.get(k) for k in r.keys()}
+    lean = tmp_path / "lean.vae.safetensors"
+    save_safetensors(lean, sd)
+    res = prune_file(lean, tmp_path / "again.safetensors", PruneOptions(only=["vae"]))
+    assert not res.written and res.output is None and not (tmp_path / "again.safetensors").exists()
+    assert res.kept == {"vae": len(sd)} and "nothing would change" in res.note
+    res = prune_file(fixture_files["vae"], tmp_path / "half.safetensors", PruneOptions(only=["vae"]))
+    assert res.written and res.converted == len([t for t in sd.values() if t.dtype == torch.float16])
+    res = prune_file(fixture_files["vae_prefixed_pt"], tmp_path / "bare.safetensors",
+                     PruneOptions(only=["vae"], dtype="keep"))
+    assert res.written and res.prefix_stripped == "first_stage_model."
+    # same tensors, other container: a conversion the user asked for, so written
+    res = prune_file(lean, tmp_path / "lean.ckpt", PruneOptions(only=["vae"]))
+    assert res.written and (tmp_path / "lean.ckpt").is_file()
