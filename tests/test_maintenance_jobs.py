@@ -275,3 +275,32 @@ def test_prune_of_a_lean_bare_vae_changes_nothing(fixture_files, tmp_path):
     # same tensors, other container: a conversion the user asked for, so written
     res = prune_file(lean, tmp_path / "lean.ckpt", PruneOptions(only=["vae"]))
     assert res.written and (tmp_path / "lean.ckpt").is_file()
+
+
+def test_stop_leaves_nothing_behind(lib, tmp_path):
+    """Stop (Progress.cancel) during a prune or a hash: the job ends with Cancelled, no output or temp file, and no
+    cache entry."""
+    from lib_sdtoolkit import jobs
+    from lib_sdtoolkit.errors import Cancelled
+    from lib_sdtoolkit.files.hash_cache import HashCache
+    from lib_sdtoolkit.progress import Progress
+
+    host, root, client, _ = lib
+    seen = []
+
+    def stop_after_two(phase, done, total, detail):
+        seen.append(phase)
+        if len(seen) == 2:
+            progress.cancel()
+
+    progress = Progress(stop_after_two)
+    before = sorted(os.listdir(root / "Stable-diffusion"))
+    with pytest.raises(Cancelled):
+        jobs.run("prune", host, {"path": "big.ckpt", "output": "stopped.safetensors"}, progress)
+    assert sorted(os.listdir(root / "Stable-diffusion")) == before and seen[0] == "pruning"
+    host.settings["sdtoolkit_hash_cache"] = str(tmp_path / "stop-cache.sqlite")
+    progress = Progress(lambda *a: progress.cancel())  # Stop at the first report of the hashing
+    with pytest.raises(Cancelled):  # one file: the Stop is not listed as a "problem" of that file
+        jobs.run("hash", host, {"paths": ["big.ckpt"]}, progress)
+    with HashCache(tmp_path / "stop-cache.sqlite") as c:
+        assert len(c) == 0

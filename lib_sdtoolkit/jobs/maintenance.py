@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Union
 
-from ..errors import InvalidInputError, SdToolkitError
+from ..errors import Cancelled, InvalidInputError, SdToolkitError
 from ..host import MODEL_KINDS
 from ..progress import Progress
 from .base import JobSpec, Report, Request, param
@@ -286,8 +286,11 @@ def run_hash(host: Any, req: HashRequest, progress: Progress) -> HashReport:
     cache = _open_cache(host, req)
     try:
         for t in targets:
+            progress.check()  # Stop between files
             try:
                 res = cached_hash_file(t, wanted, cache, progress=progress.bytes(f"hashing {t.name}"))
+            except Cancelled:
+                raise  # Stop: not a problem of this file
             except SdToolkitError as e:
                 problems.append({"path": _shown(host, t), "reason": _reason(e)})
                 continue
