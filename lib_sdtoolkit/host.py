@@ -113,6 +113,8 @@ class Host(ABC):
 
     #: short name of the face ("standalone", "webui", "forge")
     name: str = "host"
+    #: the model kinds this host has folders for (the gate in ``outputs.py`` reads it)
+    kinds: tuple = MODEL_KINDS
 
     def __init__(self, settings: Optional[MutableMapping[str, Any]] = None,
                  progress_sink: Optional[ProgressSink] = None) -> None:

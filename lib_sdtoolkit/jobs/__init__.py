@@ -13,7 +13,7 @@ feature when called).
 from __future__ import annotations
 
 import importlib
-from typing import Any, Dict, Mapping, Optional, Union
+from typing import Any, Dict, Mapping, Union
 
 from ..errors import InvalidInputError
 from ..progress import Progress, as_progress

@@ -11,7 +11,6 @@ pydantic and fastapi are imported only by the API helpers; argparse only by the 
 from __future__ import annotations
 
 import json
-import sys
 import typing
 from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
@@ -146,8 +145,6 @@ def dump_body(body: Any) -> Dict[str, Any]:
 def add_route(router: Any, host: Any, spec: JobSpec, path: str, *, optional_body: bool = False,
               answer: Optional[Callable[[Report], Dict[str, Any]]] = None) -> None:
     """``POST path`` running ``spec`` on ``host`` with the body checked against the request dataclass."""
-    from ..host import Host  # noqa: F401 - the route runs on the host the router was built for
-
     Body = body_model(spec.request)
 
     def endpoint(body):  # annotations set below: FastAPI reads them at registration
