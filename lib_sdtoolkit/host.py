@@ -151,19 +151,14 @@ class Host(ABC):
     def list_models(self, kind: str) -> List[Path]:
         """Model files of ``kind`` (recursive, known extensions, natural sort, no duplicates)."""
         _check_kind(kind)
+        from .files.walk import walk_files
+
         found: Dict[Path, str] = {}
         for folder in self.model_dirs(kind):
             folder = _norm(folder)
-            if not folder.is_dir():
-                continue
-            for root, dirs, files in os.walk(folder, followlinks=True):
-                dirs[:] = [d for d in dirs if not d.startswith(".")]
-                for fn in files:
-                    if fn.startswith(".") or not fn.lower().endswith(MODEL_EXTENSIONS):
-                        continue
-                    p = Path(root) / fn
-                    if p not in found:
-                        found[p] = p.relative_to(folder).as_posix()
+            for p in walk_files(folder, MODEL_EXTENSIONS):
+                if p not in found:
+                    found[p] = p.relative_to(folder).as_posix()
         return sorted(found, key=lambda p: natural_key(found[p]))
 
     def display_name(self, path: PathLike, kind: Optional[str] = None) -> str:
