@@ -158,6 +158,10 @@ def add_route(router: Any, host: Any, spec: JobSpec, path: str, *, optional_body
     endpoint.__name__ = spec.name.replace("-", "_")
     endpoint.__doc__ = spec.description or spec.help
     router.post(path)(endpoint)
+    # which job answers which path: the route tests walk this to check every job route against the gate
+    if not hasattr(router, "sdtoolkit_job_routes"):
+        router.sdtoolkit_job_routes = {}
+    router.sdtoolkit_job_routes[path] = spec
 
 
 # ------------------------------------------------------------------------------------------------- the UI
