@@ -86,3 +86,25 @@ def test_a_valid_body_runs(env):
     r = env["client"].post("/sdtoolkit/v1/merge", json=dict(BODIES["merge"], output="jobroutes.safetensors"))
     assert r.status_code == 200, r.text
     assert (env["root"] / "Stable-diffusion" / "jobroutes.safetensors").is_file()
+
+
+def test_the_hosts_device_is_the_default_and_a_bad_one_is_named(env):
+    """``--sdtoolkit-device`` (preload.py) reaches the jobs: the WebUI host's device is what a request without
+    ``device`` uses; a device this machine lacks is refused naming the flag, before any file is written."""
+    from types import SimpleNamespace
+
+    from lib_sdtoolkit import jobs
+    from lib_sdtoolkit.errors import InvalidInputError
+    from lib_sdtoolkit.host import webui_host_from
+
+    paths = SimpleNamespace(models_path=str(env["root"]), data_path=str(env["root"].parent))
+    host = webui_host_from(paths, SimpleNamespace(sdtoolkit_device="cuda:99"))
+    assert host.device == "cuda:99"
+    with pytest.raises(InvalidInputError, match="--sdtoolkit-device"):
+        jobs.run("merge", host, dict(BODIES["merge"], output="dev.safetensors"))
+    assert not (env["root"] / "Stable-diffusion" / "dev.safetensors").exists()
+    # the request's own device wins over the host's
+    rep = jobs.run("merge", host, dict(BODIES["merge"], output="dev.safetensors", device="cpu"))
+    assert rep.to_dict()["name"] == "dev.safetensors"
+    auto = webui_host_from(paths, SimpleNamespace(sdtoolkit_device="auto"))
+    assert auto.compute_device() in ("cpu", "cuda", "mps")
