@@ -247,6 +247,11 @@ def test_cli_prints_a_summary_unless_json(faces, capsys):
     assert "rank must be >= 1" in capsys.readouterr().err
     assert cli.main(["lora", "extract", "a", "b", "-o", "x", "--clamp-quantile", "1.5"]) == 2
     assert "clamp_quantile must be <= 1" in capsys.readouterr().err
+    # an output named with another model suffix is refused, never renamed to x.ckpt.safetensors
+    assert cli.main(["lora", "bake", str(ck / "base.safetensors"), str(lo / "cli-ex.safetensors"), "-o",
+                     str(ck / "cli-bake.ckpt"), "-q"]) == 2
+    assert "written as .safetensors, not ckpt" in capsys.readouterr().err
+    assert not list(ck.glob("cli-bake*"))
 
 
 def test_tab_translations():

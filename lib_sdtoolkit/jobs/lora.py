@@ -23,10 +23,16 @@ from .base import JobSpec, Report, Request, _coerce_simple, param
 #: dtypes a LoRA can be written in (``lora.extract.DTYPES`` maps them to torch dtypes)
 DTYPES = ("fp16", "bf16", "fp32")
 OUTPUT_SUFFIXES = (".safetensors",)
+OTHER_MODEL_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin", ".sft", ".gguf")
 
 
 def _output(host: Any, name: Optional[str], kind: str) -> Any:
-    """Where a LoRA job writes: through the host's gate (API/UI: a plain file name in the ``kind`` folder)."""
+    """Where a LoRA job writes: through the host's gate (API/UI: a plain file name in the ``kind`` folder). A name
+    without a suffix gets ``.safetensors``; another model suffix is refused (``x.ckpt`` never becomes
+    ``x.ckpt.safetensors``)."""
+    raw = str(name if name is not None else "").strip()
+    if raw.lower().endswith(OTHER_MODEL_SUFFIXES):
+        raise InvalidInputError(f"the output is written as .safetensors, not {raw.rsplit('.', 1)[-1]}", path=raw)
     return host.resolve_output(name, kind, suffixes=OUTPUT_SUFFIXES, add_suffix=".safetensors",
                                plain=not host.trusted)
 
