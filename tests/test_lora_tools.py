@@ -376,3 +376,31 @@ def test_routes_refuse_unknown_fields_and_outputs_elsewhere(faces, action, body)
             r = c.post("/sdtoolkit/v1/lora/bake", json={**body, "loras": [item]})
             assert r.status_code == 422 and msg in r.json()["detail"], r.text
     _no_gate_output(faces)
+
+
+def test_every_lora_job_reaches_the_cli_and_the_api_and_help_is_torch_free(faces):
+    """A LoRA job added to jobs.lora.ACTIONS gets its CLI sub-command and its route with no other change."""
+    import subprocess
+    import sys
+
+    from lib_sdtoolkit import jobs
+    from lib_sdtoolkit.jobs.lora import ACTIONS
+
+    paths = {r.path for r in faces["client"].app.routes}
+    for action, spec in ACTIONS.items():
+        assert jobs.get(spec.name) is spec
+        assert f"/sdtoolkit/v1/lora/{action}" in paths
+        with pytest.raises(SystemExit) as exc:
+            cli.main(["lora", action, "--help"])
+        assert exc.value.code == 0
+    code = ("import sys, argparse\n"
+            "from lib_sdtoolkit.lora import cli\n"
+            "p = argparse.ArgumentParser(); cli.register(p.add_subparsers())\n"
+            "for a in sys.argv[1:]:\n"
+            "    try:\n"
+            "        p.parse_args(['lora', a, '--help'])\n"
+            "    except SystemExit:\n"
+            "        pass\n"
+            "print(sorted(m for m in sys.modules if m == 'torch' or m.startswith('torch.')))\n")
+    out = subprocess.run([sys.executable, "-c", code, *ACTIONS], capture_output=True, text=True, check=True).stdout
+    assert out.strip().splitlines()[-1] == "[]"
