@@ -147,7 +147,8 @@ def test_block_weights(tmp_path):
 
 @pytest.fixture(scope="module")
 def faces(tuned, tmp_path_factory):
-    """A library holding base.safetensors / tuned.safetensors and a LoRA given.safetensors, its StandaloneHost and an API client on it."""
+    """A library holding base.safetensors / tuned.safetensors and a LoRA given.safetensors, its StandaloneHost
+    and an API client on it."""
     import shutil
 
     from fastapi.testclient import TestClient
