@@ -92,11 +92,13 @@ def test_a_real_progress_object_reaches_the_lora_handlers(tmp_path: Path) -> Non
     with pytest.raises(IndexError):
         bool(gr.Progress())  # the trap the handlers must avoid
     host = StandaloneHost(models_dir=tmp_path, create=True)
-    out = lora_tab.do_extract(host, "missing-a.safetensors", "missing-b.safetensors", "x.safetensors", 4, 0, 1.0,
-                              "cpu", False, gr.Progress())
-    assert "sdtoolkit-error" in out and "missing-a" in out
-    out = lora_tab.do_bake(host, "missing.safetensors", "some-lora:0.5", "y.safetensors", False, gr.Progress())
-    assert "sdtoolkit-error" in out and "some-lora" in out
+    out, rep = lora_tab.run_action(host, "extract", {
+        "tuned": "missing-a.safetensors", "base": "missing-b.safetensors", "output": "x.safetensors", "rank": 4,
+        "conv_rank": 0, "clamp_quantile": 1.0, "device": "cpu", "dtype": "fp16", "overwrite": False}, gr.Progress())
+    assert "sdtoolkit-error" in out and "missing-a" in out and rep is None
+    out, rep = lora_tab.run_action(host, "bake", {"checkpoint": "missing.safetensors", "loras": "some-lora:0.5",
+                                                  "output": "y.safetensors", "overwrite": False}, gr.Progress())
+    assert "sdtoolkit-error" in out and "missing.safetensors" in out and rep is None
 
 
 def test_supported_kwargs_keeps_only_named_parameters() -> None:

@@ -25,6 +25,9 @@ JOB_MODULES: Dict[str, str] = {
     "merge-in-memory": "lib_sdtoolkit.jobs.merge",
     "merge-save-current": "lib_sdtoolkit.jobs.merge",
     "merge-restore": "lib_sdtoolkit.jobs.merge",
+    "lora-extract": "lib_sdtoolkit.jobs.lora",
+    "lora-bake": "lib_sdtoolkit.jobs.lora",
+    "lora-inspect": "lib_sdtoolkit.jobs.lora",
 }
 
 
