@@ -120,3 +120,18 @@ def test_supported_kwargs_keeps_only_named_parameters() -> None:
     with warnings.catch_warnings():
         warnings.simplefilter("error", DeprecationWarning)
         gr.LinePlot(x="slot", y="ratio", **kept)
+
+
+def test_every_click_handler_with_a_progress_parameter_gets_it_from_gradio():
+    """gradio finds a ``gr.Progress`` default only among the parameters before ``*values`` (checked on 3.41 and
+    4.40 with ``gradio.helpers.special_args``): a handler declaring it after ``*values`` never draws its bar."""
+
+
+    bad = []
+    for path in sorted((ROOT / "lib_sdtoolkit" / "ui").glob("*.py")) + sorted((ROOT / "scripts").glob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and node.args.vararg is not None:
+                for kw, default in zip(node.args.kwonlyargs, node.args.kw_defaults):
+                    if isinstance(default, ast.Call) and ast.unparse(default.func).endswith("Progress"):
+                        bad.append(f"{path.name}:{node.lineno} {node.name}")
+    assert bad == []

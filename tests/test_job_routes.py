@@ -21,8 +21,8 @@ BODIES = {
     "merge": {"model_a": "sd15-tiny", "model_b": "sd15-tiny.safetensors", "alpha": 0.25},
     "merge-save-current": {},
     "merge-restore": {},
-    "lora-extract": {"tuned": "sd15-tiny", "base": "sd15-tiny.safetensors", "rank": 2},
-    "lora-bake": {"checkpoint": "sd15-tiny", "loras": ["sample-lora-sd15"]},
+    "lora-extract": {"tuned": "sd15-tiny", "base": "sd15-tiny.safetensors", "rank": 2, "output": "x.safetensors"},
+    "lora-bake": {"checkpoint": "sd15-tiny", "loras": ["sample-lora-sd15"], "output": "y.safetensors"},
     "lora-inspect": {"lora": "sample-lora-sd15"},
 }
 #: jobs that need a loaded model: on the standalone app they answer 422 whatever the body

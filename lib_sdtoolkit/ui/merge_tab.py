@@ -286,13 +286,14 @@ def build(host: Host) -> None:
         "allow_extrapolation": allow_ex, "output": output, "overwrite": overwrite})
 
     # the preset was copied into the block box when picked; the box is what the merge uses
-    def do_merge(*values, progress=gr.Progress()):
+    # gradio finds a gr.Progress default only among the parameters before *values
+    def do_merge(progress=gr.Progress(), *values):
         return run_merge(host, unpack(*values), progress=progress)
 
     run_btn.click(do_merge, inputs=merge_inputs, outputs=[status, report_text, report_json])
 
     if live:
-        def do_in_memory(*values, progress=gr.Progress()):
+        def do_in_memory(progress=gr.Progress(), *values):
             return run_in_memory(host, unpack(*values), progress=progress)
 
         def do_save_current(out, ow, a, b, c, v, progress=gr.Progress()):
