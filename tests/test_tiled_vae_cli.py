@@ -117,13 +117,18 @@ def test_tab_decode_side_by_side_and_encode(fixture_files, tmp_path):
         tiled_vae_tab.build(host)
     p, _ = _saved_latent(tmp_path)
     ticks = []
-    img, full, report = tiled_vae_tab.run_decode(host, f"[vae] {fixture_files['vae'].name}", "", str(p), 16, False,
-                                                 True, "cpu", lambda v, desc=None: ticks.append(v))
+    img, full, report = tiled_vae_tab.run_decode(
+        host, {"vae_choice": f"[vae] {fixture_files['vae'].name}", "vae_path": "", "latent_file": str(p),
+               "tile_size": 16, "fast": False, "compare": True, "device": "cpu"},
+        lambda v, desc=None: ticks.append((v, desc)))
     assert img is not None and full is not None, report
     assert "max |d| = 0/255" in report or "max |d| = 1/255" in report
-    assert ticks and ticks[-1][0] == ticks[-1][1]
-    out, rep = tiled_vae_tab.run_encode(host, "", str(fixture_files["vae"]), Image.new("RGB", (32, 24), (200, 30, 9)),
-                                        16, False, "cpu")
+    assert ticks and ticks[-1][0] == 1.0 and ticks[-1][1].startswith("tiled decode")
+    out, rep = tiled_vae_tab.run_encode(host, {"vae_choice": "", "vae_path": fixture_files["vae"].name,
+                                               "image": Image.new("RGB", (32, 24), (200, 30, 9)), "tile_size": 16,
+                                               "fast": False, "device": "cpu"})
     assert out and "latent (1, 4, 3, 4)" in rep
-    _, _, err = tiled_vae_tab.run_decode(host, "", str(fixture_files["vae"]), None, 0, False, False, "cpu")
+    _, _, err = tiled_vae_tab.run_decode(host, {"vae_choice": "", "vae_path": fixture_files["vae"].name,
+                                                "latent_file": None, "tile_size": 0, "fast": False,
+                                                "compare": False, "device": "cpu"})
     assert "latent" in err

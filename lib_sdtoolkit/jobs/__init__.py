@@ -25,6 +25,10 @@ JOB_MODULES: Dict[str, str] = {
     "merge-in-memory": "lib_sdtoolkit.jobs.merge",
     "merge-save-current": "lib_sdtoolkit.jobs.merge",
     "merge-restore": "lib_sdtoolkit.jobs.merge",
+    "vae-decode": "lib_sdtoolkit.jobs.tiled_vae",
+    "vae-encode": "lib_sdtoolkit.jobs.tiled_vae",
+    "controlnet-detect": "lib_sdtoolkit.jobs.controlnet",
+    "controlnet-models": "lib_sdtoolkit.jobs.controlnet",
 }
 
 
