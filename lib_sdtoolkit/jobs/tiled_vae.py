@@ -425,8 +425,8 @@ def _open_image(raw: bytes, what: str) -> Any:
     return im
 
 
-def _encode_input(host: Any, req: VaeEncodeRequest) -> Tuple[Any, Optional[Path], str]:
-    """(PIL image, its file or None, the name recorded in the latent's metadata)."""
+def _encode_input(host: Any, req: VaeEncodeRequest) -> Tuple[Any, Optional[Path]]:
+    """(PIL image, its file or None)."""
     if req.image is not None:
         src = _input_file(host, req.image)
         try:
@@ -443,8 +443,8 @@ def _encode_input(host: Any, req: VaeEncodeRequest) -> Tuple[Any, Optional[Path]
                 raise InvalidInputError(f"cannot read the image: {e}", req.image) from None
         else:
             im = _open_image(raw, req.image)
-        return im, src, src.name
-    return _open_image(_b64(req.image_b64 or "", "image_b64"), "image_b64"), None, "image_b64"
+        return im, src
+    return _open_image(_b64(req.image_b64 or "", "image_b64"), "image_b64"), None
 
 
 def run_encode(host: Any, req: VaeEncodeRequest, progress: Progress) -> VaeEncodeReport:
@@ -455,7 +455,7 @@ def run_encode(host: Any, req: VaeEncodeRequest, progress: Progress) -> VaeEncod
     progress = _quiet(req, progress)
     device = _device(req)
     vae_path = resolve_vae(host, req.vae)
-    im, src, src_name = _encode_input(host, req)
+    im, src = _encode_input(host, req)
     x = from_pil(im)
     if not host.trusted:
         _check_tiles(req, int(x.shape[2]) // 8, int(x.shape[3]) // 8)
@@ -465,7 +465,8 @@ def run_encode(host: Any, req: VaeEncodeRequest, progress: Progress) -> VaeEncod
     cfg = _config(req, progress, "tiled encode", notes)
     plan = "full encode" if req.full else tiled_vae.plan_for(vae.encoder, x.shape, cfg).describe()
     lat = encode(vae, x, cfg, full=req.full, scaled=not req.unscaled)
-    extra = {"sdtoolkit.source_image": src_name, "sdtoolkit.vae": host.display_name(vae_path)}
+    # the VAE's name, not where the image was (no local path in the file; the same bytes from every face)
+    extra = {"sdtoolkit.vae": host.display_name(vae_path)}
     report = VaeEncodeReport(shape=[int(s) for s in lat.shape], scaled=not req.unscaled,
                              scaling_factor=float(vae.scaling_factor), plan=plan, _quiet=req.quiet)
     if out is not None:
