@@ -20,7 +20,6 @@ import base64
 import binascii
 import io
 import math
-import os
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -242,35 +241,6 @@ def _b64(data: str, what: str) -> bytes:
         raise InvalidInputError(f"{what} is not valid base64") from None
 
 
-def latent_from_list(data: List[Any]) -> Any:
-    import torch
-
-    try:
-        lat = torch.tensor(data, dtype=torch.float32)
-    except (TypeError, ValueError, RuntimeError, OverflowError):
-        raise InvalidInputError("latent must be a rectangular nested list of numbers [1, C, h, w] "
-                                "(ragged or non-numeric)") from None
-    if lat.ndim == 3:
-        lat = lat[None]
-    return lat
-
-
-def latent_from_bytes(raw: bytes, what: str = "latent_safetensors_b64") -> Tuple[Any, bool, Optional[float]]:
-    """(latent, scaled, factor) of a latent safetensors given as bytes; errors name ``what``, not a temp file."""
-    from ..tiled_vae.vae import read_latent
-
-    fd, tmp = tempfile.mkstemp(suffix=".safetensors")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(raw)
-        try:
-            return read_latent(tmp)
-        except SdToolkitError as e:
-            raise InvalidInputError(f"{what}: {e.message}") from None
-    finally:
-        os.unlink(tmp)
-
-
 def bound_latent(lat: Any) -> Any:
     """A [B, C, h, w] latent within the API's size bounds, finite; returns its first item [1, C, h, w] (one image
     is answered). Whether the VAE takes its channels is :func:`lib_sdtoolkit.tiled_vae.vae.check_latent`."""
@@ -332,29 +302,17 @@ def _output(host: Any, req: Any, suffixes: Tuple[str, ...], inputs: List[Optiona
     return check_output_path(out, [p for p in inputs if p is not None], req.overwrite)
 
 
-def compare_images(a: Any, b: Any) -> str:
-    """max |d| in 8-bit steps, share of pixels off by more than 1, PSNR."""
-    import numpy as np
-
-    x = np.asarray(a).astype(np.int16)
-    y = np.asarray(b).astype(np.int16)
-    d = np.abs(x - y)
-    mse = float((d.astype(np.float64) ** 2).mean())
-    psnr = "inf" if mse == 0 else f"{10 * math.log10(255 ** 2 / mse):.1f}"
-    return (f"tiled vs full: max |d| = {int(d.max())}/255, {100 * float((d > 1).mean()):.2f}% pixels off by more "
-            f"than 1, PSNR {psnr} dB")
-
-
 # ------------------------------------------------------------------------------------------------ decode
 def _decode_input(host: Any, req: VaeDecodeRequest) -> Tuple[Any, bool, Optional[float], Optional[Path]]:
-    from ..tiled_vae.vae import read_latent
+    from ..tiled_vae.vae import latent_from_list, read_latent, read_latent_bytes
 
     if req.latent_file is not None:
         src = _input_file(host, req.latent_file)
         lat, scaled, factor = read_latent(str(src))
         return lat, scaled, factor, src
     if req.latent_safetensors_b64 is not None:
-        lat, scaled, factor = latent_from_bytes(_b64(req.latent_safetensors_b64, "latent_safetensors_b64"))
+        raw = _b64(req.latent_safetensors_b64, "latent_safetensors_b64")
+        lat, scaled, factor = read_latent_bytes(raw, "latent_safetensors_b64")
         return lat, scaled, factor, None
     return latent_from_list(req.latent or []), req.scaled, None, None
 
@@ -362,7 +320,7 @@ def _decode_input(host: Any, req: VaeDecodeRequest) -> Tuple[Any, bool, Optional
 def run_decode(host: Any, req: VaeDecodeRequest, progress: Progress) -> VaeDecodeReport:
     """Decode the latent (its first image) with the tiled VAE; the CLI writes a PNG, other faces get it back."""
     from .. import tiled_vae
-    from ..tiled_vae.vae import check_latent, decode, to_pil
+    from ..tiled_vae.vae import check_latent, compare_images, decode, to_pil
 
     progress = _quiet(req, progress)
     device = _device(req)
@@ -409,42 +367,34 @@ def run_decode(host: Any, req: VaeDecodeRequest, progress: Progress) -> VaeDecod
 
 
 # ------------------------------------------------------------------------------------------------ encode
-def _open_image(raw: bytes, what: str) -> Any:
+def _open_image(raw: bytes, what: str, bounded: bool) -> Any:
+    """A PIL image from file bytes; ``bounded`` (hosts that are not trusted): its size checked from the header,
+    before the pixels are decoded."""
     from PIL import Image, UnidentifiedImageError
 
     try:
         im = Image.open(io.BytesIO(raw))
-        if im.width * im.height > MAX_IMAGE_PIXELS or max(im.width, im.height) > MAX_IMAGE_SIDE:
+        if bounded and (im.width * im.height > MAX_IMAGE_PIXELS or max(im.width, im.height) > MAX_IMAGE_SIDE):
             raise InvalidInputError(f"{what} is too large ({im.width}x{im.height}; at most {MAX_IMAGE_PIXELS} "
                                     f"pixels and {MAX_IMAGE_SIDE} on a side)")
         im.load()
     except Image.DecompressionBombError as e:
         raise InvalidInputError(f"{what} is too large: {e}") from None
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError, EOFError) as e:
-        raise InvalidInputError(f"{what} is not an image ({type(e).__name__}: {e})") from None
+        raise InvalidInputError(f"cannot read the image {what} ({type(e).__name__}: {e})") from None
     return im
 
 
 def _encode_input(host: Any, req: VaeEncodeRequest) -> Tuple[Any, Optional[Path]]:
     """(PIL image, its file or None)."""
+    from ..files.regular import open_regular
+
     if req.image is not None:
         src = _input_file(host, req.image)
-        try:
-            raw = src.read_bytes()
-        except OSError as e:
-            raise InvalidInputError(f"cannot read the image: {e}", str(src)) from None
-        if host.trusted:
-            from PIL import Image
-
-            try:
-                im = Image.open(io.BytesIO(raw))
-                im.load()
-            except (OSError, ValueError) as e:
-                raise InvalidInputError(f"cannot read the image: {e}", req.image) from None
-        else:
-            im = _open_image(raw, req.image)
-        return im, src
-    return _open_image(_b64(req.image_b64 or "", "image_b64"), "image_b64"), None
+        with open_regular(src) as f:
+            raw = f.read()
+        return _open_image(raw, str(req.image), bounded=not host.trusted), src
+    return _open_image(_b64(req.image_b64 or "", "image_b64"), "image_b64", bounded=True), None
 
 
 def run_encode(host: Any, req: VaeEncodeRequest, progress: Progress) -> VaeEncodeReport:
@@ -495,5 +445,4 @@ SPECS = {
 }
 
 __all__ = ["VaeDecodeRequest", "VaeEncodeRequest", "VaeDecodeReport", "VaeEncodeReport", "SPECS", "run_decode",
-           "run_encode", "resolve_vae", "bound_latent", "latent_from_list", "latent_from_bytes", "compare_images",
-           "MIN_TILE_PX", "MAX_TILE_PX", "MAX_TILES"]
+           "run_encode", "resolve_vae", "bound_latent", "MIN_TILE_PX", "MAX_TILE_PX", "MAX_TILES"]
