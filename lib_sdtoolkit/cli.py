@@ -18,7 +18,7 @@ COMMAND_MODULES = (
     "lib_sdtoolkit.merge.cli",
     "lib_sdtoolkit.maintenance_cli",
     "lib_sdtoolkit.lora.cli",
-    "lib_sdtoolkit.tiled_vae.cli",
+    "lib_sdtoolkit.tiled_vae_cli",
     "lib_sdtoolkit.controlnet.cli",
     "lib_sdtoolkit.server.cli",
 )

@@ -16,7 +16,7 @@ ROOT = Path(__file__).resolve().parent.parent
 PKG = ROOT / "lib_sdtoolkit"
 
 FACES = ("lib_sdtoolkit.cli", "lib_sdtoolkit.__main__", "lib_sdtoolkit.maintenance_cli", "lib_sdtoolkit.server",
-         "lib_sdtoolkit.ui", "lib_sdtoolkit.merge.cli", "lib_sdtoolkit.lora.cli", "lib_sdtoolkit.tiled_vae.cli",
+         "lib_sdtoolkit.ui", "lib_sdtoolkit.merge.cli", "lib_sdtoolkit.lora.cli", "lib_sdtoolkit.tiled_vae_cli",
          "lib_sdtoolkit.controlnet.cli")
 JOBS = ("lib_sdtoolkit.jobs",)
 GATE = ("lib_sdtoolkit.host", "lib_sdtoolkit.outputs")

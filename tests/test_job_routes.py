@@ -16,6 +16,19 @@ from fastapi.testclient import TestClient
 from lib_sdtoolkit.host import StandaloneHost
 from lib_sdtoolkit.server import make_router
 
+def _png() -> str:
+    import base64
+    import io
+
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.new("RGB", (16, 16), (120, 30, 200)).save(buf, format="PNG")
+    return base64.b64encode(buf.getvalue()).decode()
+
+
+_PNG = _png()
+
 #: a minimal valid body per job (names from the session's sample library)
 BODIES = {
     "merge": {"model_a": "sd15-tiny", "model_b": "sd15-tiny.safetensors", "alpha": 0.25},
@@ -24,6 +37,8 @@ BODIES = {
     "lora-extract": {"tuned": "sd15-tiny", "base": "sd15-tiny.safetensors", "rank": 2, "output": "x.safetensors"},
     "lora-bake": {"checkpoint": "sd15-tiny", "loras": ["sample-lora-sd15"], "output": "y.safetensors"},
     "lora-inspect": {"lora": "sample-lora-sd15"},
+    "vae-decode": {"vae": "vae-tiny", "latent": [[[0.1] * 4] * 4] * 4, "tile_size": 16},
+    "vae-encode": {"vae": "vae-tiny", "image_b64": _PNG},
 }
 #: jobs that need a loaded model: on the standalone app they answer 422 whatever the body
 NEEDS_LOADED_MODEL = {"merge-save-current", "merge-restore"}

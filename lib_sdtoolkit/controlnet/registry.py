@@ -11,7 +11,7 @@ import logging
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
+from typing import Any, Callable, List, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -33,18 +33,24 @@ def legacy_model_hash(path: os.PathLike) -> str:
         return "NOFILE"
 
 
+def model_title(path: os.PathLike, name: str) -> str:
+    """sd-webui-controlnet's title of a model file: ``name`` (its path under the ControlNet folder) without the
+    suffix, and the AutoV1 short hash: ``control_canny [a1b2c3d4]``."""
+    return f"{Path(name).with_suffix('').as_posix()} [{legacy_model_hash(path)}]"
+
+
 def model_titles(host: Host) -> List[str]:
-    out = []
-    for p in host.list_models("controlnet"):
-        out.append(f"{Path(host.display_name(p, 'controlnet')).with_suffix('').as_posix()} [{legacy_model_hash(p)}]")
-    return out
+    """The titles of the host's ControlNet models (the WebUI script's unit dropdown; faces list them through the
+    ``controlnet-models`` job, :mod:`lib_sdtoolkit.jobs.controlnet`)."""
+    return [model_title(p, host.display_name(p, "controlnet")) for p in host.list_models("controlnet")]
 
 
 def resolve_model(host: Host, title: str) -> Path:
-    """A model title (``name [hash]``), a name or a relative path -> file under the ControlNet folders."""
+    """A model title (``name [hash]``), a name or a relative path -> file under the ControlNet folders (the gate:
+    ``host.resolve_input``; 403 outside them, 404 when missing)."""
     if not title or title.strip().lower() == "none":
         raise InvalidInputError("no ControlNet model selected")
-    return host.resolve(title.strip(), "controlnet")
+    return host.resolve_input(title.strip(), "controlnet")
 
 
 @dataclass
@@ -112,4 +118,4 @@ def _warn(out: PreparedUnits, warn: Optional[Callable[[str], None]], msg: str) -
     (warn or log.warning)(msg)
 
 
-__all__ = ["model_titles", "resolve_model", "legacy_model_hash", "prepare_units", "PreparedUnits"]
+__all__ = ["model_title", "model_titles", "resolve_model", "legacy_model_hash", "prepare_units", "PreparedUnits"]
