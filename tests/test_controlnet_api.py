@@ -196,7 +196,8 @@ def _png_b64(img: np.ndarray) -> str:
 
 def test_prepare_units_skips_bad_units_with_warnings(models_dir):
     from lib_sdtoolkit.controlnet.models import ControlModelCache
-    from lib_sdtoolkit.controlnet.registry import model_titles, prepare_units
+    from lib_sdtoolkit.controlnet.registry import prepare_units
+    from lib_sdtoolkit.jobs.controlnet import model_resolver, model_titles
     from lib_sdtoolkit.host import StandaloneHost
     from lib_sdtoolkit.samples import factory
 
@@ -216,7 +217,7 @@ def test_prepare_units_skips_bad_units_with_warnings(models_dir):
         {"enabled": False, "module": "nonsense"},
     ]
     unet = factory.build_ldm_unet("SD1", "tiny")
-    got = prepare_units(units, host, ControlModelCache(2), 64, 64, unet=unet)
+    got = prepare_units(units, model_resolver(host), ControlModelCache(2), 64, 64, unet=unet)
     assert len(got.units) == 1 and got.units[0].weight == 0.5
     assert tuple(got.units[0].hint.shape) == (1, 3, 64, 64)
     w = got.warnings

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, List, Optional
+from typing import Any, Callable, List, Optional
 
 from ..errors import InvalidInputError
 from ..progress import Progress
@@ -162,6 +162,21 @@ def model_titles(host: Any) -> List[str]:
     return [model_title(p, host.display_name(p, "controlnet")) for p in host.list_models("controlnet")]
 
 
+def resolve_model(host: Any, title: str) -> Path:
+    """A model title (``name [hash]``), a name or a relative path -> file under the ControlNet folders (the gate:
+    ``host.resolve_input``; 403 outside them, 404 when missing)."""
+    from ..errors import InvalidInputError
+
+    if not title or title.strip().lower() == "none":
+        raise InvalidInputError("no ControlNet model selected")
+    return host.resolve_input(title.strip(), "controlnet")
+
+
+def model_resolver(host: Any) -> Callable[[str], Path]:
+    """``resolve(title)`` for :func:`lib_sdtoolkit.controlnet.registry.prepare_units`, bound to ``host``."""
+    return lambda title: resolve_model(host, title)
+
+
 def run_models(host: Any, req: ModelsRequest, progress: Progress) -> ModelsReport:
     if req.update:
         host.refresh("controlnet")
@@ -176,4 +191,4 @@ SPECS = {
 }
 
 __all__ = ["DetectRequest", "DetectReport", "ModelsRequest", "ModelsReport", "SPECS", "run_detect", "run_models",
-           "model_titles"]
+           "model_titles", "resolve_model", "model_resolver"]
