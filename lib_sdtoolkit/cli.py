@@ -17,7 +17,7 @@ COMMAND_MODULES = (
     "lib_sdtoolkit.maintenance_cli",  # inspect, prune, hash, dedup
     "lib_sdtoolkit.merge.cli",
     "lib_sdtoolkit.lora.cli",
-    "lib_sdtoolkit.tiled_vae.cli",
+    "lib_sdtoolkit.tiled_vae_cli",
     "lib_sdtoolkit.controlnet.cli",
     "lib_sdtoolkit.server.cli",
 )

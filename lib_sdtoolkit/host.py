@@ -113,6 +113,21 @@ class Host(ABC):
 
     #: short name of the face ("standalone", "webui", "forge")
     name: str = "host"
+    #: the model kinds this host has folders for (the gate in ``outputs.py`` reads it)
+    kinds: tuple = MODEL_KINDS
+    #: the device jobs use when a request names none: ``auto`` (CUDA when available, else CPU), ``cpu``, ``cuda``...
+    #: The WebUI's ``--sdtoolkit-device``; ``$SDTOOLKIT_DEVICE`` for the CLI and the standalone app; else cpu.
+    device: str = os.environ.get("SDTOOLKIT_DEVICE", "cpu") or "cpu"
+
+    def compute_device(self, requested: Optional[str] = None) -> str:
+        """The device a job runs on: the request's when given, else this host's (``auto`` resolved here)."""
+        from .validate import available_devices, check_device
+
+        want = requested or self.device or "cpu"
+        if want == "auto":
+            devs = available_devices()
+            want = "cuda" if "cuda" in devs else ("mps" if "mps" in devs else "cpu")
+        return check_device(want, "device" if requested else "--sdtoolkit-device")
 
     def __init__(self, settings: Optional[MutableMapping[str, Any]] = None,
                  progress_sink: Optional[ProgressSink] = None) -> None:
@@ -149,19 +164,14 @@ class Host(ABC):
     def list_models(self, kind: str) -> List[Path]:
         """Model files of ``kind`` (recursive, known extensions, natural sort, no duplicates)."""
         _check_kind(kind)
+        from .files.walk import walk_files
+
         found: Dict[Path, str] = {}
         for folder in self.model_dirs(kind):
             folder = _norm(folder)
-            if not folder.is_dir():
-                continue
-            for root, dirs, files in os.walk(folder, followlinks=True):
-                dirs[:] = [d for d in dirs if not d.startswith(".")]
-                for fn in files:
-                    if fn.startswith(".") or not fn.lower().endswith(MODEL_EXTENSIONS):
-                        continue
-                    p = Path(root) / fn
-                    if p not in found:
-                        found[p] = p.relative_to(folder).as_posix()
+            for p in walk_files(folder, MODEL_EXTENSIONS):
+                if p not in found:
+                    found[p] = p.relative_to(folder).as_posix()
         return sorted(found, key=lambda p: natural_key(found[p]))
 
     def display_name(self, path: PathLike, kind: Optional[str] = None) -> str:
@@ -519,7 +529,8 @@ class WebUIHost(FolderHost):
                  controlnet_dirs: Iterable[Optional[PathLike]] = (), output_dir: Optional[PathLike] = None,
                  settings: Optional[MutableMapping[str, Any]] = None, progress_sink: Optional[ProgressSink] = None,
                  refreshers: Optional[Mapping[str, Callable[[], Any]]] = None, forge: bool = False,
-                 model_hooks: Optional[ModelHooks] = None, webui_data_dir: Optional[PathLike] = None) -> None:
+                 model_hooks: Optional[ModelHooks] = None, webui_data_dir: Optional[PathLike] = None,
+                 device: Optional[str] = None) -> None:
         root = _norm(models_path)
         dirs = {
             "checkpoint": [root / "Stable-diffusion", *ckpt_dirs],
@@ -532,6 +543,8 @@ class WebUIHost(FolderHost):
                          refreshers=refreshers, models_root=root)
         self.name = "forge" if forge else "webui"
         self.model_hooks = model_hooks
+        if device:
+            self.device = device
         #: the WebUI's data folder: its hash cache (``cache/``, ``cache.json``) lives there
         self.webui_data_dir = _norm(webui_data_dir) if webui_data_dir else None
 
@@ -543,7 +556,8 @@ def webui_host_from(paths: Any, cmd_opts: Any, opts: Any = None, extension_dir: 
     """Build a ``WebUIHost`` from the WebUI's ``modules.paths``, ``shared.cmd_opts`` and ``shared.opts``.
 
     Reads ``paths.models_path``, ``cmd_opts.ckpt_dir``, ``vae_dir``, ``lora_dir``, ``lyco_dir_backcompat``,
-    ``controlnet_dir`` and our ``--sdtoolkit-models-dir`` / ``--sdtoolkit-output-dir`` flags (preload.py).
+    ``controlnet_dir`` and our ``--sdtoolkit-models-dir`` / ``--sdtoolkit-output-dir`` / ``--sdtoolkit-device``
+    flags (preload.py).
     """
     def opt(name: str) -> Any:
         return getattr(cmd_opts, name, None)
@@ -560,7 +574,7 @@ def webui_host_from(paths: Any, cmd_opts: Any, opts: Any = None, extension_dir: 
     return WebUIHost(models_path, ckpt_dirs=ckpt, vae_dirs=vae, lora_dirs=lora, controlnet_dirs=cn,
                      output_dir=opt("sdtoolkit_output_dir"), settings=settings, progress_sink=progress_sink,
                      refreshers=refreshers, forge=forge, model_hooks=model_hooks,
-                     webui_data_dir=getattr(paths, "data_path", None))
+                     webui_data_dir=getattr(paths, "data_path", None), device=opt("sdtoolkit_device"))
 
 
 __all__ = [

@@ -35,14 +35,12 @@ def _under(p: str, root: str) -> bool:
 
 def output_roots(host: Any) -> List[Path]:
     """Every folder outputs may land in: the model folders of all kinds and the output folder of each kind."""
-    from .host import MODEL_KINDS
-
     out: List[Path] = []
     for d in host.all_model_dirs():
         d = _norm(d)
         if d not in out:
             out.append(d)
-    for k in MODEL_KINDS:
+    for k in host.kinds:
         try:
             d = _norm(host.output_dir(k))
         except Exception:  # noqa: BLE001 - a kind without a folder adds nothing
@@ -150,9 +148,7 @@ def resolve_input_folders(host: Any, folders: Optional[Sequence[str]], kind: str
     """Folders a client names to read (hash / dedup scans): relative to a model folder of ``kind`` (no ``..``) or
     absolute inside any model folder; none given -> the existing model folders of ``kind`` (all kinds for
     ``any``). Anything else is refused (403); a name that is not an existing folder is 422."""
-    from .host import MODEL_KINDS
-
-    kinds = list(MODEL_KINDS) if kind in ("any", None) else [kind]
+    kinds = list(host.kinds) if kind in ("any", None) else [kind]
     roots: List[Path] = []
     for k in kinds:
         for d in host.model_dirs(k):

@@ -16,7 +16,8 @@ from lib_sdtoolkit.controlnet import preprocessors as sdt_pre
 from lib_sdtoolkit.controlnet.compat import external_controlnet
 from lib_sdtoolkit.controlnet.hook import UnetHook
 from lib_sdtoolkit.controlnet.models import ControlModelCache, DEFAULT_CACHE_SIZE
-from lib_sdtoolkit.controlnet.registry import model_titles, prepare_units
+from lib_sdtoolkit.controlnet.registry import prepare_units
+from lib_sdtoolkit.jobs.controlnet import model_resolver, model_titles
 from lib_sdtoolkit.controlnet.unit import ControlMode, ControlNetUnit, ResizeMode
 
 log = logging.getLogger("sdtoolkit.controlnet")
@@ -201,7 +202,7 @@ if not EXTERNAL:
             unet = p.sd_model.model.diffusion_model
             param = next(unet.parameters())
             init = getattr(p, "init_images", None)
-            prepared = prepare_units(units, make_host(), _cache, p.height, p.width, unet=unet,
+            prepared = prepare_units(units, model_resolver(make_host()), _cache, p.height, p.width, unet=unet,
                                      init_image=init[0] if init else None, dtype=param.dtype, device=param.device,
                                      warn=log.warning)
             if hasattr(p, "comments"):

@@ -398,6 +398,7 @@ def test_prepare_units_carries_colorfix_sliders(rig, tmp_path):
     import numpy as np
     from lib_sdtoolkit.controlnet.registry import prepare_units
     from lib_sdtoolkit.host import StandaloneHost
+    from lib_sdtoolkit.jobs.controlnet import model_resolver
 
     (tmp_path / "ControlNet").mkdir()
     import shutil
@@ -407,7 +408,7 @@ def test_prepare_units_carries_colorfix_sliders(rig, tmp_path):
     units = [{"enabled": True, "module": "tile_colorfix", "model": "control_tile", "image": img, "threshold_a": 5},
              {"enabled": True, "module": "tile_colorfix+sharp", "model": "control_tile", "image": img,
               "threshold_a": 99, "threshold_b": 0.5}]
-    prepared = prepare_units(units, host, ControlModelCache(2), 128, 128)
+    prepared = prepare_units(units, model_resolver(host), ControlModelCache(2), 128, 128)
     a, b = prepared.units
     assert (a.colorfix_variation, a.colorfix_sharpness) == (5, None)
     assert (b.colorfix_variation, b.colorfix_sharpness) == (8, 0.5)  # 99 outside 3..32 -> slider default 8

@@ -196,7 +196,8 @@ def _png_b64(img: np.ndarray) -> str:
 
 def test_prepare_units_skips_bad_units_with_warnings(models_dir):
     from lib_sdtoolkit.controlnet.models import ControlModelCache
-    from lib_sdtoolkit.controlnet.registry import model_titles, prepare_units
+    from lib_sdtoolkit.controlnet.registry import prepare_units
+    from lib_sdtoolkit.jobs.controlnet import model_resolver, model_titles
     from lib_sdtoolkit.host import StandaloneHost
     from lib_sdtoolkit.samples import factory
 
@@ -216,7 +217,7 @@ def test_prepare_units_skips_bad_units_with_warnings(models_dir):
         {"enabled": False, "module": "nonsense"},
     ]
     unet = factory.build_ldm_unet("SD1", "tiny")
-    got = prepare_units(units, host, ControlModelCache(2), 64, 64, unet=unet)
+    got = prepare_units(units, model_resolver(host), ControlModelCache(2), 64, 64, unet=unet)
     assert len(got.units) == 1 and got.units[0].weight == 0.5
     assert tuple(got.units[0].hint.shape) == (1, 3, 64, 64)
     w = got.warnings
@@ -330,3 +331,94 @@ def test_cli_detect(tmp_path):
     assert np.array_equal(got[:, :, 0], P.canny(_square(), 100, 200))
     assert main(["controlnet", "detect", str(src), "--module", "canny", "-o", str(out)]) == 2  # exists
     assert main(["controlnet", "detect", str(src), "--module", "nonsense", "-o", str(tmp_path / "x.png")]) == 2
+
+
+# ------------------------------------------------------------------------------- the jobs: one result per face
+
+def _app_client(host):
+    from fastapi import APIRouter, FastAPI
+    from fastapi.testclient import TestClient
+
+    from lib_sdtoolkit.server import SdToolkitRoute
+    from lib_sdtoolkit.server.routes_controlnet import register
+
+    app = FastAPI()
+    router = APIRouter(route_class=SdToolkitRoute)
+    register(router, host)
+    app.include_router(router)
+    return TestClient(app)
+
+
+def test_detect_cli_api_and_tab_give_the_same_map(models_dir, tmp_path, capsys):
+    """controlnet-detect: the CLI's -o PNG, /controlnet/detect's base64 PNG and the tab's map are the same."""
+    import gradio as gr
+
+    from lib_sdtoolkit.cli import main
+    from lib_sdtoolkit.host import StandaloneHost
+    from lib_sdtoolkit.ui import controlnet_tab
+
+    host = StandaloneHost(models_dir=models_dir)
+    src = tmp_path / "in.png"
+    Image.fromarray(_square()).save(src)
+    out = tmp_path / "edges.png"
+    assert main(["controlnet", "detect", str(src), "-m", "canny", "--res", "64", "--threshold-a", "90", "--b", "180",
+                 "-o", str(out)]) == 0
+    assert f"{out}: 64x64 (canny)" in capsys.readouterr().out
+    r = _app_client(host).post("/controlnet/detect", json={
+        "controlnet_module": "canny", "controlnet_input_images": [_png_b64(_square())],
+        "controlnet_processor_res": 64, "controlnet_threshold_a": 90, "controlnet_threshold_b": 180})
+    assert r.status_code == 200 and set(r.json()) == {"info", "images"}, r.text
+    with gr.Blocks():
+        controlnet_tab.build(host)
+    tab_map, msg = controlnet_tab.run_detect(host, {"image": _square(), "module": "canny", "resolution": 64,
+                                                    "threshold_a": 90, "threshold_b": 180})
+    assert tab_map is not None and msg == "canny: 64x64", msg
+    assert out.read_bytes() == base64.b64decode(r.json()["images"][0]) == base64.b64decode(P.encode_png_base64(tab_map))
+    assert np.array_equal(tab_map[:, :, 0], P.canny(_square(), 90, 180))   # the independent formula
+    _, err = controlnet_tab.run_detect(host, {"image": _square(), "module": "openpose", "resolution": 64,
+                                              "threshold_a": -1, "threshold_b": -1})
+    assert err.startswith("**Error:**") and "weights" in err
+
+
+def test_model_list_cli_api_and_tab_agree(models_dir, capsys):
+    import json
+
+    from lib_sdtoolkit.cli import main
+    from lib_sdtoolkit.host import StandaloneHost
+    from lib_sdtoolkit.ui import controlnet_tab
+
+    host = StandaloneHost(models_dir=models_dir)
+    assert main(["controlnet", "models", "--models-dir", str(models_dir), "--json"]) == 0
+    cli_list = json.loads(capsys.readouterr().out)["model_list"]
+    api_list = _app_client(host).get("/controlnet/model_list").json()["model_list"]
+    tab_list = [line[2:] for line in controlnet_tab.list_models(host).splitlines()]
+    assert cli_list == api_list == ["None"] + tab_list
+    assert any(t.startswith("control_tiny_canny [") for t in tab_list)
+    assert main(["controlnet", "models", "--models-dir", str(models_dir)]) == 0
+    assert capsys.readouterr().out.splitlines() == tab_list
+
+
+def test_detect_keeps_upstreams_body_and_reads_no_path(models_dir, tmp_path):
+    """/controlnet/detect keeps sd-webui-controlnet's body: unknown fields are ignored as upstream ignores them (no
+    422 there: clients send extra keys such as ``controlnet_masks``/``low_vram``), and the job's CLI-only fields
+    (a file to read, an output to write) cannot be reached through it."""
+    from lib_sdtoolkit import jobs
+    from lib_sdtoolkit.errors import AccessDeniedError
+    from lib_sdtoolkit.host import StandaloneHost
+
+    host = StandaloneHost(models_dir=models_dir)
+    client = _app_client(host)
+    secret = tmp_path / "secret.png"
+    Image.fromarray(_square()).save(secret)
+    r = client.post("/controlnet/detect", json={"controlnet_module": "invert", "controlnet_input_images": [],
+                                                "image": str(secret), "output": str(tmp_path / "o.png"),
+                                                "low_vram": True, "controlnet_masks": []})
+    assert r.status_code == 422 and "No image selected" in r.json()["detail"]
+    assert not (tmp_path / "o.png").exists()
+    # the job itself, on a host that is not trusted: a path meets the gate (403); an output must be a plain name
+    with pytest.raises(AccessDeniedError):
+        jobs.run("controlnet-detect", host, {"image": str(secret), "module": "invert"})
+    with pytest.raises(InvalidInputError, match="plain file name"):
+        jobs.run("controlnet-detect", host, {"images": [_png_b64(_square())], "module": "invert",
+                                             "output": str(tmp_path / "o.png")})
+    assert not (tmp_path / "o.png").exists()

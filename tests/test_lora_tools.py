@@ -36,9 +36,9 @@ def test_extract_then_bake_reproduces_low_rank_difference(tuned, tmp_path, capsy
     base, tuned_path, diffs = tuned
     out = tmp_path / "ex.safetensors"
     rc = cli.main(["lora", "extract", str(tuned_path), str(base), "-o", str(out), "--rank", "4", "--conv-rank", "4",
-                   "--clamp-quantile", "1", "--dtype", "fp32", "-q"])
+                   "--clamp-quantile", "1", "--dtype", "fp32", "-q", "--json"])
     assert rc == 0
-    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    summary = json.loads(capsys.readouterr().out)
     assert summary["layers"] == 4
     with open_model(out) as r:
         assert r.metadata["ss_network_module"] == "networks.lora" and r.metadata["ss_base_model_version"] == "sd_v1"
@@ -141,31 +141,267 @@ def test_block_weights(tmp_path):
         resolve_block_weights("NOPE", "SD1")
 
 
-def test_routes_and_tab_functions(tuned, tmp_path):
-    from fastapi import FastAPI
+# ---------------------------------------------------------------------------- the LoRA jobs and their three faces
+# CLI (python -m lib_sdtoolkit lora ACTION), API (POST /sdtoolkit/v1/lora/ACTION) and the LoRA tools tab all run the
+# job of jobs/lora.py: same request fields, same report, same bytes on disk.
+
+@pytest.fixture(scope="module")
+def faces(tuned, tmp_path_factory):
+    """A library holding base.safetensors / tuned.safetensors and a LoRA given.safetensors, its StandaloneHost
+    and an API client on it."""
+    import shutil
+
     from fastapi.testclient import TestClient
 
     from lib_sdtoolkit.host import StandaloneHost
-    from lib_sdtoolkit.server import make_router
-    from lib_sdtoolkit.ui import lora_tab
+    from lib_sdtoolkit.server.app import create_app
 
     base, tuned_path, _ = tuned
-    host = StandaloneHost(models_dir=tmp_path / "models", create=True)
+    root = tmp_path_factory.mktemp("lora_faces") / "models"
+    host = StandaloneHost(models_dir=root, create=True, progress_sink=lambda *a: None)
     ck = host.model_dirs("checkpoint")[0]
-    (ck / "base.safetensors").write_bytes(base.read_bytes())
-    (ck / "tuned.safetensors").write_bytes(tuned_path.read_bytes())
-    app = FastAPI()
-    app.include_router(make_router(host))
-    c = TestClient(app)
-    r = c.post("/sdtoolkit/v1/lora/extract", json={"tuned": "tuned", "base": "base", "output": "ex", "rank": 2})
+    shutil.copyfile(base, ck / "base.safetensors")
+    shutil.copyfile(tuned_path, ck / "tuned.safetensors")
+    with open_model(base) as r:
+        shapes = {k: i.shape for k, i in r.infos().items()}
+    given = make_lora_state_dict(lambda k: shapes.get(k), "SD1", rank=2, seed=5, name_filter=lambda n: "attn2" in n)
+    save_safetensors(host.model_dirs("lora")[0] / "given.safetensors", given)
+    client = TestClient(create_app(host, ui=False), raise_server_exceptions=False)
+    return {"root": root, "host": host, "client": client, "ck": ck, "lora": host.model_dirs("lora")[0]}
+
+
+def _three_faces(faces, capsys, action, cli_args, body, tab_values, out):
+    """Run ``action`` through the CLI, the API and the tab: (reports, output bytes or None) per face."""
+    from lib_sdtoolkit.ui import lora_tab
+
+    reports, files = [], []
+    capsys.readouterr()
+    assert cli.main(["lora", action, *map(str, cli_args), "--json", *(["-q"] if action != "inspect" else [])]) == 0
+    reports.append(json.loads(capsys.readouterr().out))
+    files.append(out.read_bytes() if out else None)
+    r = faces["client"].post(f"/sdtoolkit/v1/lora/{action}", json=body)
     assert r.status_code == 200, r.text
-    loras = c.get("/sdtoolkit/v1/loras").json()
-    assert [x["name"] for x in loras] == ["ex"] and loras[0]["metadata"]["ss_network_dim"] == "2"
-    r = c.post("/sdtoolkit/v1/lora/bake", json={"checkpoint": "base", "loras": [{"lora": "ex"}], "output": "b"})
-    assert r.status_code == 200 and r.json()["touched"] == 3  # the 3x3 conv needs conv_rank
-    r = c.post("/sdtoolkit/v1/lora/bake", json={"checkpoint": "base", "loras": [{"lora": "ex"}], "output": "b"})
-    assert r.status_code == 409 and "exists" in r.json()["detail"]
-    r = c.post("/sdtoolkit/v1/lora/bake", json={"checkpoint": "base", "loras": [{"lora": "nope"}], "output": "c"})
-    assert r.status_code == 404
-    assert "lora" in lora_tab.do_inspect(host, "ex") and "sdtoolkit-ok" in lora_tab.do_bake(host, "base", "ex:0.5",
-                                                                                            "c", False)
+    reports.append(r.json())
+    files.append(out.read_bytes() if out else None)
+    status, rep = lora_tab.run_action(faces["host"], action, tab_values)
+    assert rep is not None, status
+    reports.append(rep)
+    files.append(out.read_bytes() if out else None)
+    return reports, files
+
+
+def test_extract_bake_inspect_give_the_same_result_on_every_face(faces, capsys):
+    ck, lo = faces["ck"], faces["lora"]
+    # extract, with every field away from its default (the tab sets dtype too)
+    out = lo / "par-ex.safetensors"
+    reports, files = _three_faces(
+        faces, capsys, "extract",
+        [ck / "tuned.safetensors", ck / "base.safetensors", "-o", out, "--rank", "3", "--conv-rank", "2",
+         "--clamp-quantile", "0.9", "--dtype", "fp32", "--overwrite"],
+        {"tuned": "tuned", "base": "base", "output": "par-ex", "rank": 3, "conv_rank": 2, "clamp_quantile": 0.9,
+         "dtype": "fp32", "overwrite": True},
+        {"tuned": "tuned.safetensors", "base": "base.safetensors", "rank": 3.0, "conv_rank": 2.0,
+         "clamp_quantile": 0.9, "device": "cpu", "dtype": "fp32", "output": "par-ex.safetensors", "overwrite": True},
+        out)
+    assert reports[0] == reports[1] == reports[2]
+    assert reports[0]["name"] == "par-ex.safetensors" and reports[0]["layers"] == 4 and reports[0]["conv_rank"] == 2
+    assert files[0] == files[1] == files[2]
+    sd = load_state_dict(out)
+    assert {t.dtype for t in sd.values()} == {torch.float32}
+    assert sd["lora_unet_down_blocks_1_resnets_0_conv1.lora_down.weight"].shape[0] == 2  # conv rank
+    assert sd["lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn2_to_k.lora_down.weight"].shape[0] == 3
+
+    # bake: "NAME:MULT" on the CLI and in the tab, {"lora", "multiplier"} in the API
+    baked = ck / "par-bake.safetensors"
+    reports, files = _three_faces(
+        faces, capsys, "bake", [ck / "base.safetensors", f"{out}:0.5", "-o", baked, "--overwrite"],
+        {"checkpoint": "base", "loras": [{"lora": "par-ex", "multiplier": 0.5}], "output": "par-bake",
+         "overwrite": True},
+        {"checkpoint": "base.safetensors", "loras": "par-ex:0.5\n\n", "output": "par-bake", "overwrite": True},
+        baked)
+    assert reports[0] == reports[1] == reports[2]
+    assert reports[0]["touched"] == 4 and reports[0]["loras"] == [
+        {"path": str(out), "multiplier": 0.5, "layers": 4, "unmatched": 0}]
+    assert files[0] == files[1] == files[2]
+
+    # inspect
+    reports, _ = _three_faces(faces, capsys, "inspect", [out], {"lora": "par-ex"}, {"lora": "par-ex.safetensors"},
+                              None)
+    assert reports[0] == reports[1] == reports[2]
+    assert reports[0]["name"] == "par-ex.safetensors" and reports[0]["ranks"] == {"3": 3, "2": 1}
+    assert reports[0]["metadata"]["ss_network_dim"] == "3"
+
+
+def test_cli_prints_a_summary_unless_json(faces, capsys):
+    ck, lo = faces["ck"], faces["lora"]
+    capsys.readouterr()
+    assert cli.main(["lora", "extract", str(ck / "tuned.safetensors"), str(ck / "base.safetensors"), "-o",
+                     str(lo / "cli-ex"), "--rank", "2", "-q"]) == 0
+    text = capsys.readouterr().out
+    assert text.startswith("Wrote cli-ex.safetensors: 3 SD1 layers (rank 2)")  # the 3x3 conv needs --conv-rank
+    assert (lo / "cli-ex.safetensors").is_file()
+    assert cli.main(["lora", "inspect", str(lo / "cli-ex.safetensors")]) == 0
+    text = capsys.readouterr().out
+    assert "base model : SD1" in text and "ranks      : 2 x3" in text
+    # the request's checks are the CLI's: a rank below 1 and a quantile above 1 exit 2 naming the field
+    assert cli.main(["lora", "extract", "a", "b", "-o", "x", "--rank", "0"]) == 2
+    assert "rank must be >= 1" in capsys.readouterr().err
+    assert cli.main(["lora", "extract", "a", "b", "-o", "x", "--clamp-quantile", "1.5"]) == 2
+    assert "clamp_quantile must be <= 1" in capsys.readouterr().err
+    # an output named with another model suffix is refused, never renamed to x.ckpt.safetensors
+    assert cli.main(["lora", "bake", str(ck / "base.safetensors"), str(lo / "cli-ex.safetensors"), "-o",
+                     str(ck / "cli-bake.ckpt"), "-q"]) == 2
+    assert "written as .safetensors, not ckpt" in capsys.readouterr().err
+    assert not list(ck.glob("cli-bake*"))
+
+
+def test_tab_translations():
+    from lib_sdtoolkit.errors import InvalidInputError
+    from lib_sdtoolkit.jobs.lora import BakeRequest, ExtractRequest
+    from lib_sdtoolkit.ui.lora_tab import lora_request
+
+    req = lora_request("extract", {"tuned": "t", "base": "b", "output": "o", "rank": 8.0, "conv_rank": 0.0,
+                                   "clamp_quantile": 1, "device": "cpu", "dtype": "bf16", "overwrite": False})
+    assert isinstance(req, ExtractRequest) and req.conv_rank is None and req.rank == 8 and req.dtype == "bf16"
+    req = lora_request("bake", {"checkpoint": "c", "loras": " a:0.25\nsub/b v2\n\n", "output": "o",
+                                "overwrite": False})
+    assert isinstance(req, BakeRequest)
+    assert req.loras == [{"lora": "a", "multiplier": 0.25}, {"lora": "sub/b v2", "multiplier": 1.0}]
+    with pytest.raises(InvalidInputError, match="at least one LoRA"):
+        lora_request("bake", {"checkpoint": "c", "loras": "\n", "output": "o"})
+    with pytest.raises(InvalidInputError, match="dtype 'fp8' is not one of"):
+        lora_request("extract", {"tuned": "t", "base": "b", "output": "o", "dtype": "fp8"})
+
+
+def test_tab_refresh_and_writes_update_the_lists(faces):
+    import shutil
+
+    import gradio as gr
+
+    from lib_sdtoolkit.ui import lora_tab
+
+    host, lo, ck = faces["host"], faces["lora"], faces["ck"]
+    with gr.Blocks() as demo:
+        lora_tab.build(host)
+    cfg = demo.get_config_file()
+
+    def comp(elem_id):
+        found = [c for c in cfg["components"] if c["props"].get("elem_id") == elem_id]
+        assert len(found) == 1, elem_id
+        return found[0]
+
+    def fn(elem_id):
+        cid = comp(elem_id)["id"]
+        for i, dep in enumerate(demo.dependencies):
+            if cid in [t[0] if isinstance(t, (list, tuple)) else t for t in dep["targets"]]:
+                return demo.fns[i].fn
+        raise AssertionError(f"no event wired to {elem_id}")
+
+    def names(update):
+        return [c[0] if isinstance(c, (list, tuple)) else c for c in update["choices"]]
+
+    assert "fresh.safetensors" not in json.dumps(comp("sdtoolkit_lora_inspect_file")["props"]["choices"])
+    shutil.copyfile(ck / "base.safetensors", ck / "fresh.safetensors")
+    shutil.copyfile(ck / "base.safetensors", lo / "not-a-lora-but-listed.safetensors")
+    ups = fn("sdtoolkit_lora_refresh")("given.safetensors", "tuned.safetensors", "base.safetensors", None)
+    assert len(ups) == 4 and "not-a-lora-but-listed.safetensors" in names(ups[0])
+    assert ups[0]["value"] == "given.safetensors" and ups[1]["value"] == "tuned.safetensors"
+    assert all("fresh.safetensors" in names(u) for u in ups[1:]) and ups[3]["value"] is None
+
+    class NoProgress:
+        def __call__(self, *a, **k):
+            pass
+
+    # Extract's button: the values arrive in bind()'s order, the new LoRA is listed and picked for Inspect
+    out = fn("sdtoolkit_lora_extract_btn")(NoProgress(), None, "tuned.safetensors", "base.safetensors", 2, 0, 1.0,
+                                           "cpu", "fp32", "tab-ex.safetensors", False)
+    assert "sdtoolkit-ok" in out[0] and "Wrote tab-ex.safetensors" in out[0]
+    assert out[1]["value"] == "tab-ex.safetensors" and "tab-ex.safetensors" in names(out[1])
+    assert load_state_dict(lo / "tab-ex.safetensors")[
+        "lora_te_text_model_encoder_layers_3_mlp_fc1.lora_up.weight"].dtype == torch.float32
+    # Bake's button: the new checkpoint appears in the three checkpoint lists, the choices made are kept
+    out = fn("sdtoolkit_lora_bake_btn")(NoProgress(), "tuned.safetensors", None, "base.safetensors",
+                                        "tab-ex:1", "tab-bake", False)
+    assert "sdtoolkit-ok" in out[0] and all("tab-bake.safetensors" in names(u) for u in out[1:])
+    assert [u["value"] for u in out[1:]] == ["tuned.safetensors", None, "base.safetensors"]
+    # Inspect's button, and an error shown in the tab
+    assert "ranks      : 2 x3" in fn("sdtoolkit_lora_inspect_btn")("tab-ex.safetensors")
+    assert "sdtoolkit-error" in fn("sdtoolkit_lora_inspect_btn")(None)
+
+
+INPUT_FIELDS = [  # (action, field, a valid body without that field)
+    ("extract", "tuned", {"base": "base", "output": "gate-out"}),
+    ("extract", "base", {"tuned": "tuned", "output": "gate-out"}),
+    ("bake", "checkpoint", {"loras": [{"lora": "given"}], "output": "gate-out"}),
+    ("bake", "loras", {"checkpoint": "base", "output": "gate-out"}),
+    ("inspect", "lora", {}),
+]
+
+
+def _gate_body(field, value, body):
+    return {**body, field: [{"lora": value}] if field == "loras" else value}
+
+
+def _no_gate_output(faces):
+    assert not [p for p in faces["root"].parent.rglob("gate-*")]
+
+
+@pytest.mark.parametrize("action,field,body", INPUT_FIELDS)
+def test_routes_gate_every_input_name(faces, tuned, action, field, body):
+    c = faces["client"]
+    outside = str(tuned[1])  # an existing model file outside the model folders
+    for value, status in (("../models/Stable-diffusion/base.safetensors", 403), (outside, 403),
+                          ("Stable-diffusion/../../x.safetensors", 403), ("no-such-model", 404)):
+        r = c.post(f"/sdtoolkit/v1/lora/{action}", json=_gate_body(field, value, body))
+        assert r.status_code == status, (value, r.text)
+        assert isinstance(r.json()["detail"], str)
+    _no_gate_output(faces)
+
+
+@pytest.mark.parametrize("action,body", [
+    ("extract", {"tuned": "tuned", "base": "base", "output": "gate-x"}),
+    ("bake", {"checkpoint": "base", "loras": [{"lora": "given"}], "output": "gate-x"}),
+    ("inspect", {"lora": "given"}),
+])
+def test_routes_refuse_unknown_fields_and_outputs_elsewhere(faces, action, body):
+    c = faces["client"]
+    r = c.post(f"/sdtoolkit/v1/lora/{action}", json={**body, "rnak": 4})
+    assert r.status_code == 422 and "rnak" in r.text
+    if "output" in body:  # outputs are plain file names in the kind's folder
+        for out in ("../gate-up.safetensors", str(faces["root"].parent / "gate-abs.safetensors"), "sub/gate-s"):
+            r = c.post(f"/sdtoolkit/v1/lora/{action}", json={**body, "output": out})
+            assert r.status_code == 422 and "plain file name" in r.json()["detail"], r.text
+    if action == "bake":
+        for item, msg in (({"lora": "given", "weight": 1}, "unknown field"), ({"multiplier": 1}, "lora is required"),
+                          ({"lora": "given", "multiplier": "x"}, "must be a number"), (3, "must be")):
+            r = c.post("/sdtoolkit/v1/lora/bake", json={**body, "loras": [item]})
+            assert r.status_code == 422 and msg in r.json()["detail"], r.text
+    _no_gate_output(faces)
+
+
+def test_every_lora_job_reaches_the_cli_and_the_api_and_help_is_torch_free(faces):
+    """A LoRA job added to jobs.lora.ACTIONS gets its CLI sub-command and its route with no other change."""
+    import subprocess
+    import sys
+
+    from lib_sdtoolkit import jobs
+    from lib_sdtoolkit.jobs.lora import ACTIONS
+
+    paths = {r.path for r in faces["client"].app.routes}
+    for action, spec in ACTIONS.items():
+        assert jobs.get(spec.name) is spec
+        assert f"/sdtoolkit/v1/lora/{action}" in paths
+        with pytest.raises(SystemExit) as exc:
+            cli.main(["lora", action, "--help"])
+        assert exc.value.code == 0
+    code = ("import sys, argparse\n"
+            "from lib_sdtoolkit.lora import cli\n"
+            "p = argparse.ArgumentParser(); cli.register(p.add_subparsers())\n"
+            "for a in sys.argv[1:]:\n"
+            "    try:\n"
+            "        p.parse_args(['lora', a, '--help'])\n"
+            "    except SystemExit:\n"
+            "        pass\n"
+            "print(sorted(m for m in sys.modules if m == 'torch' or m.startswith('torch.')))\n")
+    out = subprocess.run([sys.executable, "-c", code, *ACTIONS], capture_output=True, text=True, check=True).stdout
+    assert out.strip().splitlines()[-1] == "[]"

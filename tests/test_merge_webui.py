@@ -179,8 +179,9 @@ def test_merge_into_loaded_model_through_the_tab_writes_no_file(env, tmp_path):
     conv.network_current_names, conv.network_weights_backup = (("lora", 1.0, 1.0, None),), conv.weight.clone()
     conv.network_bias_backup = conv.bias.clone()
     fn = _find_fn(env["demo"], "sdtoolkit_merge_in_memory")
-    status, text, report = fn("A.safetensors", "B.safetensors", "", "weighted_sum", 0.3, 0.2, "", "", "fp16",
-                              False, False, "None", "", 0, "cpu", False, "", False, progress=_NoProgress())
+    # gradio passes the gr.Progress first (it is the parameter before *values)
+    status, text, report = fn(_NoProgress(), "A.safetensors", "B.safetensors", "", "weighted_sum", 0.3, 0.2, "",
+                              "", "fp16", False, False, "None", "", 0, "cpu", False, "", False)
     assert report is not None, text
     assert report["in_memory"] is True and report["output"] is None
     assert _files_under(env["data"]) == before                      # nothing written (no tmp file left either)
@@ -221,8 +222,8 @@ def test_save_current_merge_through_the_tab_equals_the_cli_and_is_listed(env, tm
 
     assert "saved.safetensors" not in sd_models.checkpoint_aliases
     merge = _find_fn(env["demo"], "sdtoolkit_merge_in_memory")
-    assert merge("A.safetensors", "B.safetensors", "", "weighted_sum", 0.3, 0.2, "", "", "fp16", False, False,
-                 "None", "", 0, "cpu", False, "", False, progress=_NoProgress())[2] is not None
+    assert merge(_NoProgress(), "A.safetensors", "B.safetensors", "", "weighted_sum", 0.3, 0.2, "", "", "fp16",
+                 False, False, "None", "", 0, "cpu", False, "", False)[2] is not None
     fn = _find_fn(env["demo"], "sdtoolkit_merge_save_current")
     out = fn("saved.safetensors", False, "A.safetensors", "B.safetensors", "", "None", progress=_NoProgress())
     status, text, report = out[:3]

@@ -1,33 +1,31 @@
 """``python -m lib_sdtoolkit controlnet ...``: run preprocessors and inspect ControlNet model files.
 
     controlnet detect IMAGE --module canny [--res 512] [--a 100] [--b 200] -o OUT.png [--overwrite]
+    controlnet models [--models-dir DIR | --webui-dir DIR]   the models as sd-webui-controlnet titles them
     controlnet modules            list preprocessors (and the unavailable ones with the reason)
     controlnet info MODEL         what a ControlNet file is (family, format, outputs)
 """
 from __future__ import annotations
 
 import argparse
-import io
 import json
-import os
-import sys
 from typing import Any
 
 
 def register(subparsers: Any) -> None:
+    from ..jobs import get
+    from ..jobs.faces import add_cli
+
     p = subparsers.add_parser("controlnet", help="ControlNet preprocessors and model files")
     sub = p.add_subparsers(dest="controlnet_command", metavar="SUBCOMMAND")
 
-    d = sub.add_parser("detect", help="run a preprocessor on an image and write the detected map")
-    d.add_argument("image")
-    d.add_argument("--module", "-m", default="canny")
-    d.add_argument("--res", type=float, default=-1, help="processor resolution (default: the module's)")
-    d.add_argument("--a", "--threshold-a", dest="a", type=float, default=-1)
-    d.add_argument("--b", "--threshold-b", dest="b", type=float, default=-1)
-    d.add_argument("--seed", type=int, default=None, help="seed for random preprocessors (shuffle)")
-    d.add_argument("-o", "--output", required=True)
-    d.add_argument("--overwrite", action="store_true")
-    d.set_defaults(func=_detect)
+    add_cli(sub, get("controlnet-detect"), "detect")
+
+    ml = add_cli(sub, get("controlnet-models"), "models", host_factory=_models_host)
+    where = ml.add_mutually_exclusive_group()
+    where.add_argument("--models-dir", metavar="DIR", help="a WebUI-style models folder (its ControlNet/ is listed; "
+                                                           "default: $SDTOOLKIT_MODELS_DIR or ./models)")
+    where.add_argument("--webui-dir", metavar="DIR", help="an existing WebUI's folder")
 
     m = sub.add_parser("modules", help="list the preprocessors")
     m.add_argument("--json", action="store_true")
@@ -40,27 +38,11 @@ def register(subparsers: Any) -> None:
     p.set_defaults(func=lambda args: (p.print_help(), 2)[1])
 
 
-def _detect(args: argparse.Namespace) -> int:
-    from PIL import Image
+def _models_host(args: argparse.Namespace) -> Any:
+    """``controlnet models``: the folders of a models / WebUI folder (which host, not part of the request)."""
+    from ..host import StandaloneHost
 
-    from ..errors import FileNotFound
-    from ..files import atomic_path, check_output_path
-    from .preprocessors import run_preprocessor
-
-    if not os.path.isfile(args.image):
-        raise FileNotFound("no such image file", path=args.image)
-    check_output_path(args.output, inputs=[args.image], overwrite=args.overwrite)
-    with open(args.image, "rb") as f:
-        data = f.read()
-    out = run_preprocessor(args.module, data, args.res, args.a, args.b, seed=args.seed)
-    buf = io.BytesIO()
-    fmt = Image.registered_extensions().get(os.path.splitext(args.output)[1].lower(), "PNG")
-    Image.fromarray(out).save(buf, format=fmt)
-    with atomic_path(args.output, overwrite=args.overwrite) as tmp:
-        with open(tmp, "wb") as f:
-            f.write(buf.getvalue())
-    print(f"{args.output}: {out.shape[1]}x{out.shape[0]} ({args.module})")
-    return 0
+    return StandaloneHost(models_dir=args.models_dir, webui_dir=args.webui_dir)
 
 
 def _modules(args: argparse.Namespace) -> int:

@@ -28,7 +28,7 @@ from PIL import Image, UnidentifiedImageError
 
 from ..errors import InvalidInputError
 from ..validate import MAX_IMAGE_PIXELS, MAX_IMAGE_SIDE, MAX_OUTPUT_PIXELS, finite
-from .unit import ResizeMode
+from .modes import ResizeMode
 
 Image.MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS  # keep PIL's decompression-bomb guard
 

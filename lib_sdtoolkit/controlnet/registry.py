@@ -1,6 +1,6 @@
 """Model names as sd-webui-controlnet shows them, and turning API unit dicts into runnable hook units.
 
-``model_titles(host)`` lists ControlNet files as ``"name [hash]"`` (hash = the WebUI's legacy 8-hex model hash:
+``model_title(path, name)`` titles a ControlNet file as ``"name [hash]"`` (hash = the WebUI's legacy 8-hex model hash:
 sha256 of 64 KiB read at offset 1 MiB, cheap even for large files). ``prepare_units`` turns unit dicts into
 :class:`~lib_sdtoolkit.controlnet.hook.HookUnit` objects; a unit that cannot run (unknown module or model, bad image,
 model for another architecture) is skipped with a warning and the rest go on.
@@ -11,13 +11,12 @@ import logging
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
+from typing import Any, Callable, List, Optional, Sequence, Tuple
 
 import numpy as np
 
 from ..errors import InvalidInputError, SdToolkitError
 from ..files.hashes import legacy_model_hash as files_legacy_model_hash
-from ..host import Host
 from .unit import ControlNetUnit
 
 log = logging.getLogger(__name__)
@@ -33,18 +32,10 @@ def legacy_model_hash(path: os.PathLike) -> str:
         return "NOFILE"
 
 
-def model_titles(host: Host) -> List[str]:
-    out = []
-    for p in host.list_models("controlnet"):
-        out.append(f"{Path(host.display_name(p, 'controlnet')).with_suffix('').as_posix()} [{legacy_model_hash(p)}]")
-    return out
-
-
-def resolve_model(host: Host, title: str) -> Path:
-    """A model title (``name [hash]``), a name or a relative path -> file under the ControlNet folders."""
-    if not title or title.strip().lower() == "none":
-        raise InvalidInputError("no ControlNet model selected")
-    return host.resolve(title.strip(), "controlnet")
+def model_title(path: os.PathLike, name: str) -> str:
+    """sd-webui-controlnet's title of a model file: ``name`` (its path under the ControlNet folder) without the
+    suffix, and the AutoV1 short hash: ``control_canny [a1b2c3d4]``."""
+    return f"{Path(name).with_suffix('').as_posix()} [{legacy_model_hash(path)}]"
 
 
 @dataclass
@@ -54,11 +45,13 @@ class PreparedUnits:
     warnings: List[str] = field(default_factory=list)
 
 
-def prepare_units(unit_dicts: Sequence[Any], host: Host, cache: Any, height: int, width: int,
+def prepare_units(unit_dicts: Sequence[Any], resolve_model: Callable[[str], Path], cache: Any, height: int,
+                  width: int,
                   unet: Any = None, init_image: Any = None, dtype: Any = None, device: Any = "cpu",
                   warn: Optional[Callable[[str], None]] = None) -> PreparedUnits:
     """Validate and load every enabled unit. Errors never stop the generation: the unit is skipped and a warning
-    naming it and the problem is recorded (and passed to ``warn``)."""
+    naming it and the problem is recorded (and passed to ``warn``). ``resolve_model(title)`` turns a unit's model
+    title into its file (the face's gate: :func:`lib_sdtoolkit.jobs.controlnet.model_resolver`)."""
     import torch
 
     from .hook import HookUnit
@@ -87,7 +80,7 @@ def prepare_units(unit_dicts: Sequence[Any], host: Host, cache: Any, height: int
                 res = pixel_perfect_resolution(img, height, width, unit.resize_mode)
             detected = pre(img, res, unit.threshold_a, unit.threshold_b)
             fitted = apply_resize_mode(detected, height, width, unit.resize_mode)
-            model = cache.get(resolve_model(host, unit.model), dtype=dtype or torch.float32, device=device)
+            model = cache.get(resolve_model(unit.model), dtype=dtype or torch.float32, device=device)
             if unet is not None:
                 check_compatible(model, unet)
         except SdToolkitError as e:
@@ -112,4 +105,4 @@ def _warn(out: PreparedUnits, warn: Optional[Callable[[str], None]], msg: str) -
     (warn or log.warning)(msg)
 
 
-__all__ = ["model_titles", "resolve_model", "legacy_model_hash", "prepare_units", "PreparedUnits"]
+__all__ = ["model_title", "legacy_model_hash", "prepare_units", "PreparedUnits"]

@@ -10,29 +10,13 @@ rejects ``guidance_start > guidance_end``.
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass, field
-from enum import Enum
+from dataclasses import dataclass
 from typing import Any, Dict, Mapping, Optional
 
 from ..errors import InvalidInputError
 
 
-class ResizeMode(str, Enum):
-    RESIZE = "Just Resize"
-    INNER_FIT = "Crop and Resize"
-    OUTER_FIT = "Resize and Fill"
-
-
-class ControlMode(str, Enum):
-    BALANCED = "Balanced"
-    PROMPT = "My prompt is more important"
-    CONTROL = "ControlNet is more important"
-
-
-class HiResFixOption(str, Enum):
-    BOTH = "Both"
-    LOW_RES_ONLY = "Low res only"
-    HIGH_RES_ONLY = "High res only"
+from .modes import ControlMode, HiResFixOption, ResizeMode  # re-exported: callers import them from here
 
 
 _RESIZE_ALIASES = {

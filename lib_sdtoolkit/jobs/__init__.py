@@ -13,7 +13,7 @@ feature when called).
 from __future__ import annotations
 
 import importlib
-from typing import Any, Dict, Mapping, Optional, Union
+from typing import Any, Dict, Mapping, Union
 
 from ..errors import InvalidInputError
 from ..progress import Progress, as_progress
@@ -29,6 +29,13 @@ JOB_MODULES: Dict[str, str] = {
     "prune": "lib_sdtoolkit.jobs.maintenance",
     "hash": "lib_sdtoolkit.jobs.maintenance",
     "dedup": "lib_sdtoolkit.jobs.maintenance",
+    "lora-extract": "lib_sdtoolkit.jobs.lora",
+    "lora-bake": "lib_sdtoolkit.jobs.lora",
+    "lora-inspect": "lib_sdtoolkit.jobs.lora",
+    "vae-decode": "lib_sdtoolkit.jobs.tiled_vae",
+    "vae-encode": "lib_sdtoolkit.jobs.tiled_vae",
+    "controlnet-detect": "lib_sdtoolkit.jobs.controlnet",
+    "controlnet-models": "lib_sdtoolkit.jobs.controlnet",
 }
 
 

@@ -20,7 +20,6 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
-import sys
 import typing
 from dataclasses import MISSING, dataclass
 from pathlib import Path

@@ -70,10 +70,11 @@ def request_from_args(request: type, args: Any) -> Request:
 
 def add_cli(subparsers: Any, spec: JobSpec, command: Optional[str] = None, *, host_factory: Any = None,
             render: Optional[Callable[[Report], str]] = None, epilog: Optional[str] = None,
-            exit_code: Optional[Callable[[Report], int]] = None,
+            exit_code: Optional[Callable[[Report], int]] = None, quiet_flag: bool = False,
             json_view: Optional[Callable[[Report], Any]] = None,
             stderr: Optional[Callable[[Report], Sequence[str]]] = None) -> Any:
-    """Register ``command`` (default: the job's name) running ``spec`` with a tqdm progress on stderr.
+    """Register ``command`` (default: the job's name) running ``spec`` with a tqdm progress on stderr
+    (``quiet_flag``: also ``-q/--quiet``, no progress bars even on a terminal).
 
     ``render``: the text printed (default ``report.summary()``); ``json_view``: what ``--json`` prints (default
     ``report.to_dict()``); ``stderr``: lines printed on stderr in both modes (files that could not be read);
@@ -84,13 +85,15 @@ def add_cli(subparsers: Any, spec: JobSpec, command: Optional[str] = None, *, ho
                               epilog=epilog, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_request_arguments(p, spec.request)
     p.add_argument("--json", dest="_json", action="store_true", help="print the report as JSON")
+    if quiet_flag:
+        p.add_argument("-q", "--quiet", dest="_quiet", action="store_true", help="no progress bars")
 
     def handler(args: argparse.Namespace) -> int:
         from ..host import LocalHost
 
         req = request_from_args(spec.request, args)
         host = host_factory(args) if host_factory is not None else LocalHost()
-        report = spec.run(host, req, tqdm_progress())
+        report = spec.run(host, req, Progress() if getattr(args, "_quiet", False) else tqdm_progress())
         if getattr(args, "_json", False):
             view = json_view(report) if json_view is not None else report.to_dict()
             print(json.dumps(view, indent=2, default=str))
@@ -152,16 +155,30 @@ def dump_body(body: Any) -> Dict[str, Any]:
     return body.dict(exclude_unset=True)  # pragma: no cover - pydantic 1
 
 
-def add_route(router: Any, host: Any, spec: JobSpec, path: str, *, optional_body: bool = False,
-              answer: Optional[Callable[[Report], Dict[str, Any]]] = None) -> None:
-    """``POST path`` running ``spec`` on ``host`` with the body checked against the request dataclass."""
-    from ..host import Host  # noqa: F401 - the route runs on the host the router was built for
+def host_progress(host: Any) -> Progress:
+    """A Progress reporting through the host's own progress sink (``Host.progress_callback``: the face's bar,
+    the server's log), one ``update`` per phase."""
+    ticks: Dict[str, Any] = {}
 
+    def sink(phase: str, done: int, total: Optional[int], detail: str) -> None:
+        tick = ticks.get(phase)
+        if tick is None:
+            tick = ticks[phase] = host.progress_callback(phase, total)
+        tick(done, total)
+
+    return Progress(sink)
+
+
+def add_route(router: Any, host: Any, spec: JobSpec, path: str, *, optional_body: bool = False,
+              answer: Optional[Callable[[Report], Dict[str, Any]]] = None,
+              progress: Optional[Callable[[Any], Progress]] = None) -> None:
+    """``POST path`` running ``spec`` on ``host`` with the body checked against the request dataclass
+    (``progress(host)``, e.g. :func:`host_progress`, makes each run's Progress; default: silent)."""
     Body = body_model(spec.request)
 
     def endpoint(body):  # annotations set below: FastAPI reads them at registration
         req = spec.request.from_dict(dump_body(body))
-        report = spec.run(host, req, Progress())
+        report = spec.run(host, req, progress(host) if progress is not None else Progress())
         return answer(report) if answer is not None else report.to_dict()
 
     endpoint.__annotations__ = {"body": Optional[Body] if optional_body else Body, "return": dict}
@@ -170,6 +187,10 @@ def add_route(router: Any, host: Any, spec: JobSpec, path: str, *, optional_body
     endpoint.__name__ = spec.name.replace("-", "_")
     endpoint.__doc__ = spec.description or spec.help
     router.post(path)(endpoint)
+    # which job answers which path: the route tests walk this to check every job route against the gate
+    if not hasattr(router, "sdtoolkit_job_routes"):
+        router.sdtoolkit_job_routes = {}
+    router.sdtoolkit_job_routes[path] = spec
 
 
 # ------------------------------------------------------------------------------------------------- the UI
@@ -201,5 +222,6 @@ def error_text(exc: BaseException) -> str:
     return str(exc) if isinstance(exc, SdToolkitError) else f"{type(exc).__name__}: {exc}"
 
 
-__all__ = ["add_request_arguments", "request_from_args", "add_cli", "body_model", "dump_body", "add_route",
+__all__ = ["add_request_arguments", "request_from_args", "add_cli", "body_model", "dump_body", "host_progress",
+           "add_route",
            "ui_request", "bind", "error_text"]

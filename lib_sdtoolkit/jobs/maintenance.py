@@ -78,7 +78,7 @@ class PruneRequest(Request):
     job = "prune"
 
     path: str = param(help="the model to prune (CLI: a file; API/UI: a name or path under the model folders)",
-                      positional=True, metavar="FILE")
+                      positional=True, metavar="FILE", model="checkpoint")  # or a VAE: ``kind`` says which
     kind: Optional[str] = param(None, help="look the name up among models of this kind only", choices=MODEL_KINDS)
     output: Optional[str] = param(None, help="output file (.safetensors streamed, or .ckpt/.pt); API/UI: a name "
                                              "written beside the models of the output's kind. Default: "
@@ -192,7 +192,8 @@ class HashRequest(Request):
     job = "hash"
 
     paths: List[str] = param(help="model files (CLI: files or folders, searched recursively; API/UI: names or "
-                                  "paths under the model folders)", positional=True, metavar="FILE")
+                                  "paths under the model folders)", positional=True, metavar="FILE",
+                             model="checkpoint")  # any kind: ``kind`` narrows the look-up
     kind: Optional[str] = param(None, help="look names up among models of this kind only", choices=MODEL_KINDS)
     algos: Optional[List[str]] = param(None, help="sha256 (autov2), autov1, autov3, blake3, crc32 or all; "
                                                   "comma-separate (default all)", flag="--algo", metavar="ALGO")

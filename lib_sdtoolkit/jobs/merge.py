@@ -44,7 +44,8 @@ class MergeRequest(Request):
     discard: Optional[str] = param(None, help="leave out keys matching this regex", metavar="REGEX")
     seed: int = param(0, help="seed for dare")
     allow_extrapolation: bool = param(False, help="allow ratios outside [0, 1]")
-    device: str = param("cpu", help="cpu or cuda")
+    device: Optional[str] = param(None, help="cpu, cuda, cuda:N (default: the host's device: --sdtoolkit-device "
+                                             "in the WebUI, $SDTOOLKIT_DEVICE or cpu elsewhere)")
     save_metadata: bool = param(True, help="hash the inputs and record the recipe in the metadata",
                                 negate="--no-metadata")
     output: Optional[str] = param(None, help="output file (.safetensors or .ckpt); API/UI: a file name in the "
@@ -59,9 +60,10 @@ class MergeRequest(Request):
         return {k: v for k, v in self.to_dict().items() if k not in skip}
 
     def check(self) -> None:
-        from ..validate import check_device
+        if self.device is not None:
+            from ..validate import check_device
 
-        self.device = check_device(self.device)
+            self.device = check_device(self.device)
         if not self.model_a or not str(self.model_a).strip():
             raise InvalidInputError("merge: pick model A")
         if not self.model_b:
@@ -99,7 +101,9 @@ def _recipe(host: Any, req: MergeRequest):
     """The engine's recipe with every model name resolved through the host's gate (403/404 before any work)."""
     from ..merge.recipe import MergeRecipe
 
-    recipe = MergeRecipe.from_dict(req.recipe_fields())
+    fields = req.recipe_fields()
+    fields["device"] = host.compute_device(req.device)
+    recipe = MergeRecipe.from_dict(fields)
     a = str(host.resolve_input(recipe.model_a, "checkpoint"))
     b = str(host.resolve_input(recipe.model_b, "checkpoint")) if recipe.model_b else None
     c = str(host.resolve_input(recipe.model_c, "checkpoint")) if recipe.model_c else None

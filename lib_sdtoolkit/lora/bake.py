@@ -23,17 +23,6 @@ MAX_MULTIPLIER = 100.0
 PathLike = Union[str, "os.PathLike[str]"]
 
 
-def parse_lora_arg(spec: str) -> Tuple[str, float]:
-    """``path[:mult]`` -> (path, mult); a trailing ``:number`` is the multiplier."""
-    if ":" in spec:
-        head, tail = spec.rsplit(":", 1)
-        try:
-            return head, float(tail)
-        except ValueError:
-            pass
-    return spec, 1.0
-
-
 def bake(checkpoint: PathLike, loras: Sequence[Tuple[PathLike, float]], out: PathLike, overwrite: bool = False,
          progress: Optional[Callable[[int, int], None]] = None) -> Dict[str, object]:
     """Write ``out`` = ``checkpoint`` with ``loras`` [(path, multiplier)] merged in. Returns a summary."""
@@ -108,4 +97,4 @@ def bake(checkpoint: PathLike, loras: Sequence[Tuple[PathLike, float]], out: Pat
                       for (p, m), (n, _) in zip(loras, nets)]}
 
 
-__all__ = ["bake", "parse_lora_arg"]
+__all__ = ["bake", "MAX_MULTIPLIER"]

@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Dict, Iterable, List, Optional, Union
 
 from ..files import open_model
+from ..files.walk import walk_files
 from ..files.hash_cache import HashCache, WebUIHashCache, cached_hash_file, webui_title
 from ..errors import SdToolkitError
 
@@ -43,29 +44,25 @@ class LoraRegistry:
         for d in self.dirs:
             if not d.is_dir():
                 continue
-            for root, dirs, files in os.walk(d, followlinks=True):
-                dirs[:] = sorted(x for x in dirs if not x.startswith("."))
-                for fn in sorted(files):
-                    if not fn.lower().endswith(SUFFIXES):
-                        continue
-                    p = Path(root) / fn
+            for p in walk_files(d, SUFFIXES):  # one walker (files.walk): loops, FIFOs, hidden names skipped
+                fn = p.name
+                try:
+                    mt = p.stat().st_mtime
+                except OSError:
+                    continue
+                if p in old and self._mtimes.get(p) == mt:
+                    out.append(old[p])
+                    continue
+                meta: Dict[str, str] = {}
+                if fn.lower().endswith(".safetensors"):
                     try:
-                        mt = p.stat().st_mtime
-                    except OSError:
-                        continue
-                    if p in old and self._mtimes.get(p) == mt:
-                        out.append(old[p])
-                        continue
-                    meta: Dict[str, str] = {}
-                    if fn.lower().endswith(".safetensors"):
-                        try:
-                            with open_model(p) as r:
-                                meta = dict(r.metadata)
-                        except SdToolkitError:
-                            meta = {}
-                    self._mtimes[p] = mt
-                    out.append(LoraEntry(p.stem, p, meta.get("ss_output_name") or None,
-                                         meta.get("sshs_model_hash") or None, meta))
+                        with open_model(p) as r:
+                            meta = dict(r.metadata)
+                    except SdToolkitError:
+                        meta = {}
+                self._mtimes[p] = mt
+                out.append(LoraEntry(p.stem, p, meta.get("ss_output_name") or None,
+                                     meta.get("sshs_model_hash") or None, meta))
         self.entries = out
 
     def find(self, name: str) -> Optional[LoraEntry]:

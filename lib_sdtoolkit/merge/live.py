@@ -23,8 +23,7 @@ import json
 import os
 import threading
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any, Dict, Mapping, Optional, Tuple
+from typing import Any, Dict, Optional, Tuple
 
 from ..errors import InvalidInputError, ModelFileError
 from .engine import MergeReport, Progress, merge_in_memory

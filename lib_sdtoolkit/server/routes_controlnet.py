@@ -6,7 +6,11 @@
 (sd-webui-controlnet, Forge's built-in) is active: those routes are theirs.
 
 ``/controlnet/detect`` reads the upstream body field ``controlnet_input_images``; it also accepts
-``controlnet_images``, the name the ``webuiapi`` client sends.
+``controlnet_images``, the name the ``webuiapi`` client sends. Its body is upstream's, not the
+``controlnet-detect`` job's request (other field names, ``controlnet_module`` defaults to ``none``, unknown fields
+are ignored as upstream's FastAPI ``Body`` parameters ignore them): the route translates it into a
+:class:`~lib_sdtoolkit.jobs.controlnet.DetectRequest` (checked there: NaN/Inf sliders, image count) and answers
+the job's report, which is upstream's shape. ``/controlnet/model_list`` runs the ``controlnet-models`` job.
 """
 from __future__ import annotations
 
@@ -15,9 +19,8 @@ from typing import List, Optional
 
 from fastapi import APIRouter, Body
 
-from ..errors import InvalidInputError
 from ..host import Host
-from ..validate import MAX_DETECT_IMAGES, finite
+from ..jobs import run as run_job
 
 log = logging.getLogger(__name__)
 
@@ -36,10 +39,9 @@ def unit_count(host: Host) -> int:
     return DEFAULT_UNIT_COUNT
 
 
-def model_list(host: Host) -> List[str]:
-    from ..controlnet.registry import model_titles
-
-    return ["None"] + model_titles(host)
+def model_list(host: Host, update: bool = False) -> List[str]:
+    """``["None", "name [hash]", ...]``: the ``controlnet-models`` job's answer."""
+    return run_job("controlnet-models", host, {"update": update}).model_list
 
 
 def register(router: APIRouter, host: Host) -> None:
@@ -56,9 +58,7 @@ def register(router: APIRouter, host: Host) -> None:
 
     @router.get("/controlnet/model_list")
     def get_model_list(update: bool = True) -> dict:
-        if update:
-            host.refresh("controlnet")
-        return {"model_list": model_list(host)}
+        return run_job("controlnet-models", host, {"update": bool(update)}).to_dict()
 
     @router.get("/controlnet/module_list")
     def get_module_list(alias_names: bool = False) -> dict:
@@ -101,21 +101,8 @@ def register(router: APIRouter, host: Host) -> None:
         controlnet_masks: List[str] = Body([]),
         low_vram: bool = Body(False),
     ) -> dict:
-        from ..controlnet import preprocessors as P
-
-        pre = P.require_preprocessor(controlnet_module)  # 422 unknown / unavailable
+        # upstream's body -> the job's request (the job checks it: unknown module, no image, NaN/Inf, count)
         images = list(controlnet_input_images or []) or list(controlnet_images or [])
-        if not images:
-            raise InvalidInputError("No image selected")
-        if len(images) > MAX_DETECT_IMAGES:
-            raise InvalidInputError(f"at most {MAX_DETECT_IMAGES} images per request, got {len(images)}")
-        for name, v in (("controlnet_processor_res", controlnet_processor_res),
-                        ("controlnet_threshold_a", controlnet_threshold_a),
-                        ("controlnet_threshold_b", controlnet_threshold_b)):
-            finite(v, name)  # NaN / Inf: 422 (out of range falls back to the slider's default, as upstream)
-        out = []
-        for i, b64 in enumerate(images):
-            img = P.decode_image(b64, what=f"controlnet_input_images[{i}]")
-            out.append(P.encode_png_base64(pre(img, controlnet_processor_res, controlnet_threshold_a,
-                                               controlnet_threshold_b)))
-        return {"info": "Success", "images": out}
+        req = {"module": controlnet_module, "images": images, "resolution": controlnet_processor_res,
+               "threshold_a": controlnet_threshold_a, "threshold_b": controlnet_threshold_b}
+        return run_job("controlnet-detect", host, req).to_dict()

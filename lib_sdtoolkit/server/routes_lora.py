@@ -1,47 +1,19 @@
-"""LoRA routes: ``GET /sdtoolkit/v1/loras``, ``POST /sdtoolkit/v1/lora/extract``, ``POST /sdtoolkit/v1/lora/bake``.
+"""LoRA routes: ``GET /sdtoolkit/v1/loras`` and ``POST /sdtoolkit/v1/lora/ACTION`` for every LoRA job
+(``jobs.lora.ACTIONS``: extract, bake, inspect), the body being the job's request (unknown fields: 422).
 
-Inputs are names or paths under the host's model folders (``host.resolve``); ``output`` is a plain file name written
-into the LoRA folder (extract) or the checkpoint output folder (bake). Errors are 4xx ``{"detail": ...}``.
+Inputs are names or paths under the host's model folders; ``output`` is a plain file name written into the LoRA
+folder (extract) or the checkpoint output folder (bake). Bake takes ``loras`` as
+``[{"lora": NAME, "multiplier": M}, ...]``. Errors are 4xx ``{"detail": ...}``.
 """
 from __future__ import annotations
 
-from pathlib import Path
-from typing import List, Optional
-
 from fastapi import APIRouter
-from pydantic import BaseModel
 
 from ..host import Host
+from ..jobs.faces import add_route, host_progress
+from ..jobs.lora import ACTIONS
 
-
-class ExtractBody(BaseModel):
-    tuned: str
-    base: str
-    output: str
-    rank: int = 32
-    conv_rank: Optional[int] = None
-    clamp_quantile: Optional[float] = 0.99
-    device: str = "cpu"
-    dtype: str = "fp16"
-    overwrite: bool = False
-
-
-class BakeItem(BaseModel):
-    lora: str
-    multiplier: float = 1.0
-
-
-class BakeBody(BaseModel):
-    checkpoint: str
-    loras: List[BakeItem]
-    output: str
-    overwrite: bool = False
-
-
-def _output(host: Host, name: str, kind: str) -> Path:
-    from ..outputs import resolve_output
-
-    return resolve_output(host, name, kind, plain=True, suffixes=(".safetensors",), add_suffix=".safetensors")
+PATH = "/sdtoolkit/v1/lora"
 
 
 def register(router: APIRouter, host: Host) -> None:
@@ -57,30 +29,5 @@ def register(router: APIRouter, host: Host) -> None:
             out.append(d)
         return out
 
-    @router.post("/sdtoolkit/v1/lora/extract")
-    def extract(body: ExtractBody) -> dict:
-        from ..lora.extract import extract_lora
-
-        tuned = host.resolve(body.tuned, "checkpoint")
-        base = host.resolve(body.base, "checkpoint")
-        out = _output(host, body.output, "lora")
-        tick = host.progress_callback("lora extract")
-        res = extract_lora(tuned, base, out, rank=body.rank, conv_rank=body.conv_rank,
-                           clamp_quantile=body.clamp_quantile, device=body.device, dtype=body.dtype,
-                           overwrite=body.overwrite, progress=lambda d, t: tick(d, t))
-        host.refresh("lora")
-        res["name"] = host.display_name(out, "lora")
-        return res
-
-    @router.post("/sdtoolkit/v1/lora/bake")
-    def bake_route(body: BakeBody) -> dict:
-        from ..lora.bake import bake
-
-        ckpt = host.resolve(body.checkpoint, "checkpoint")
-        loras = [(host.resolve(i.lora, "lora"), i.multiplier) for i in body.loras]
-        out = _output(host, body.output, "checkpoint")
-        tick = host.progress_callback("lora bake")
-        res = bake(ckpt, loras, out, overwrite=body.overwrite, progress=lambda d, t: tick(d, t))
-        host.refresh("checkpoint")
-        res["name"] = host.display_name(out, "checkpoint")
-        return res
+    for action, spec in ACTIONS.items():
+        add_route(router, host, spec, f"{PATH}/{action}", progress=host_progress)

@@ -20,11 +20,11 @@ from fastapi import APIRouter
 
 from ..host import Host
 from ..jobs import get as get_job
-from ..jobs.faces import add_route
+from ..jobs.faces import add_route, host_progress
 
 PREFIX = "/sdtoolkit/v1"
 
 
 def register(router: APIRouter, host: Host) -> None:
     for name in ("prune", "hash", "dedup"):
-        add_route(router, host, get_job(name), f"{PREFIX}/{name}")
+        add_route(router, host, get_job(name), f"{PREFIX}/{name}", progress=host_progress)

@@ -206,6 +206,46 @@ def read_latent(path: str) -> Tuple[torch.Tensor, bool, Optional[float]]:
     return t, scaled, factor
 
 
+def read_latent_bytes(raw: bytes, what: str = "latent") -> Tuple[torch.Tensor, bool, Optional[float]]:
+    """:func:`read_latent` of a latent file given as bytes (an upload); errors name ``what``, not a temp file."""
+    import os
+    import tempfile
+
+    from ..errors import SdToolkitError
+
+    fd, tmp = tempfile.mkstemp(suffix=".safetensors")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(raw)
+        try:
+            return read_latent(tmp)
+        except SdToolkitError as e:
+            raise InvalidInputError(f"{what}: {e.message}") from None
+    finally:
+        os.unlink(tmp)
+
+
+def latent_from_list(data: list) -> torch.Tensor:
+    """A latent from a nested list ([B, C, h, w], or [C, h, w] for one), float32."""
+    try:
+        lat = torch.tensor(data, dtype=torch.float32)
+    except (TypeError, ValueError, RuntimeError, OverflowError):
+        raise InvalidInputError("latent must be a rectangular nested list of numbers [1, C, h, w] "
+                                "(ragged or non-numeric)") from None
+    return lat[None] if lat.ndim == 3 else lat
+
+
+def compare_images(a, b) -> str:
+    """Two images of one size: max |d| in 8-bit steps, share of pixels off by more than 1, PSNR."""
+    x = np.asarray(a).astype(np.int16)
+    y = np.asarray(b).astype(np.int16)
+    d = np.abs(x - y)
+    mse = float((d.astype(np.float64) ** 2).mean())
+    psnr = "inf" if mse == 0 else f"{10 * math.log10(255 ** 2 / mse):.1f}"
+    return (f"tiled vs full: max |d| = {int(d.max())}/255, {100 * float((d > 1).mean()):.2f}% pixels off by more "
+            f"than 1, PSNR {psnr} dB")
+
+
 def latent_channels(vae: nn.Module) -> Optional[int]:
     """The channel count of the latents ``vae`` decodes (its post_quant_conv's input), None if unknown."""
     conv = getattr(vae, "post_quant_conv", None)

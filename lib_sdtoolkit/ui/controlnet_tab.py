@@ -1,7 +1,8 @@
-"""The "ControlNet" tab: upload an image, pick a weight-free preprocessor, see the detected map."""
+"""The "ControlNet" tab: upload an image, pick a weight-free preprocessor, see the detected map (the
+``controlnet-detect`` job); list the installed models (the ``controlnet-models`` job)."""
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Dict, Tuple
 
 import gradio as gr
 
@@ -9,10 +10,37 @@ TITLE = "ControlNet"
 ELEM_ID = "controlnet"
 
 
+def run_detect(host: Any, values: Dict[str, Any], progress: Any = None) -> Tuple[Any, str]:
+    """Click handler: (detected map or None, message). ``values``: ``{field: value}`` of the job's request, the
+    image as the array gradio gives."""
+    from ..jobs import get
+    from ..jobs.faces import error_text, ui_request
+    from ..jobs.controlnet import DetectRequest
+    from .common import gradio_progress
+
+    vals = dict(values)
+    img = vals.pop("image", None)
+    if img is None:
+        return None, "**Upload an image first.**"
+    try:
+        report = get("controlnet-detect").run(host, ui_request(DetectRequest, vals, images=[img]),
+                                              gradio_progress(progress))
+    except Exception as e:  # noqa: BLE001 - SdToolkitError: its message; anything else: its type too
+        return None, f"**Error:** {error_text(e)}"
+    return report.maps[0], report.summary()
+
+
+def list_models(host: Any) -> str:
+    from ..jobs import run
+
+    titles = run("controlnet-models", host, {"update": True}).model_list[1:]
+    return "\n".join(f"- {t}" for t in titles) or "(no ControlNet models found)"
+
+
 def build(host: Any) -> None:
     from ..controlnet import preprocessors as P
     from ..controlnet.compat import external_controlnet
-    from ..controlnet.registry import model_titles
+    from ..jobs.faces import bind
 
     reason = external_controlnet(getattr(host, "settings", None))
     if reason:
@@ -33,19 +61,12 @@ def build(host: Any) -> None:
     with gr.Accordion("Unavailable preprocessors and installed models", open=False):
         gr.Markdown("\n".join(f"- `{n}`: {why}" for n, why in P.UNAVAILABLE.items()))
         models = gr.Markdown()
-        gr.Button("List ControlNet models").click(
-            lambda: "\n".join(f"- {t}" for t in model_titles(host)) or "(no ControlNet models found)",
-            outputs=[models])
+        gr.Button("List ControlNet models").click(lambda: list_models(host), outputs=[models])
 
-    def detect(img, mod, r, ta, tb):
-        if img is None:
-            return None, "**Upload an image first.**"
-        try:
-            m = P.run_preprocessor(mod, img, r, ta, tb)
-        except Exception as e:  # SdToolkitError: clear message in the UI
-            return None, f"**Error:** {e}"
-        pre = P.get_preprocessor(mod)
-        note = f" ({pre.note})" if pre is not None and pre.note else ""
-        return m, f"{mod}: {m.shape[1]}x{m.shape[0]}{note}"
+    inputs, unpack = bind({"image": image, "module": module, "resolution": res, "threshold_a": a,
+                           "threshold_b": b})
 
-    run.click(detect, inputs=[image, module, res, a, b], outputs=[out, info])
+    def detect(*values, progress=gr.Progress()):
+        return run_detect(host, unpack(*values), progress)
+
+    run.click(detect, inputs=inputs, outputs=[out, info])

@@ -28,6 +28,8 @@ TITLE = "Merge"
 ELEM_ID = "merge"
 METHODS = ["weighted_sum", "add_difference", "sum_twice", "triple_sum", "ties", "dare"]
 NONE = "None"
+#: the Device dropdown's first entry: the host's device (--sdtoolkit-device in the WebUI)
+DEFAULT_DEVICE = "default"
 
 
 def checkpoint_choices(host: Host) -> List[str]:
@@ -91,6 +93,8 @@ def merge_request(values: Dict[str, Any], **fixed: Any):
     vals = dict(values)
     if vals.get("bake_vae") == NONE:
         vals["bake_vae"] = None
+    if vals.get("device") == DEFAULT_DEVICE:
+        vals["device"] = None
     if not _uses_beta(vals.get("method")):
         vals["beta"] = None
     return ui_request(MergeRequest, vals, **fixed)
@@ -215,7 +219,9 @@ def build(host: Host) -> None:
     with gr.Row():
         dtype = gr.Radio(label="Output dtype", choices=["fp16", "bf16", "fp32"], value="fp16",
                          elem_id="sdtoolkit_merge_dtype")
-        device = gr.Dropdown(label="Device", choices=["cpu", "cuda"], value="cpu", elem_id="sdtoolkit_merge_device")
+        device = gr.Dropdown(label=f"Device (default: {getattr(host, 'device', 'cpu')})",
+                             choices=[DEFAULT_DEVICE, "cpu", "cuda"], value=DEFAULT_DEVICE,
+                             elem_id="sdtoolkit_merge_device")
         seed = gr.Number(label="Seed (DARE)", value=0, precision=0, elem_id="sdtoolkit_merge_seed")
     with gr.Row():
         keep_ema = gr.Checkbox(label="Keep EMA", value=False, elem_id="sdtoolkit_merge_keep_ema")
@@ -280,13 +286,14 @@ def build(host: Host) -> None:
         "allow_extrapolation": allow_ex, "output": output, "overwrite": overwrite})
 
     # the preset was copied into the block box when picked; the box is what the merge uses
-    def do_merge(*values, progress=gr.Progress()):
+    # gradio finds a gr.Progress default only among the parameters before *values
+    def do_merge(progress=gr.Progress(), *values):
         return run_merge(host, unpack(*values), progress=progress)
 
     run_btn.click(do_merge, inputs=merge_inputs, outputs=[status, report_text, report_json])
 
     if live:
-        def do_in_memory(*values, progress=gr.Progress()):
+        def do_in_memory(progress=gr.Progress(), *values):
             return run_in_memory(host, unpack(*values), progress=progress)
 
         def do_save_current(out, ow, a, b, c, v, progress=gr.Progress()):

@@ -1,20 +1,24 @@
-"""Tiled VAE tab: decode a latent file / encode an image with the exact tiled VAE, with progress, and -- where a
-full decode fits in memory -- the full decode beside it with the difference (max |d| in 8-bit steps, PSNR)."""
+"""Tiled VAE tab: decode a latent file / encode an image with the exact tiled VAE (the ``vae-decode`` /
+``vae-encode`` jobs), with progress, and -- where a full decode fits in memory -- the full decode beside it with
+the difference (max |d| in 8-bit steps, PSNR).
+
+The tab sends the data itself (the uploaded latent file's bytes, the image as PNG), as the API does: the jobs read
+no client path on a host that is not trusted."""
 from __future__ import annotations
 
+import base64
 import html
+import io
 import logging
-import math
 import os
 import tempfile
-import time
-from typing import Any, Optional, Tuple
+from typing import Any, Dict, Optional, Tuple
 
 import gradio as gr
 
 from ..errors import InvalidInputError, SdToolkitError
 from ..host import Host
-from .common import error_html, model_choices, resolve_input
+from .common import error_html, gradio_progress, model_choices, parse_choice
 
 log = logging.getLogger(__name__)
 
@@ -22,50 +26,54 @@ TITLE = "Tiled VAE"
 ELEM_ID = "tiled_vae"
 
 
-def _compare(a, b) -> str:
-    import numpy as np
-    x = np.asarray(a).astype(np.int16)
-    y = np.asarray(b).astype(np.int16)
-    d = np.abs(x - y)
-    mse = float((d.astype(np.float64) ** 2).mean())
-    psnr = "inf" if mse == 0 else f"{10 * math.log10(255 ** 2 / mse):.1f}"
-    return f"tiled vs full: max |d| = {int(d.max())}/255, {100 * float((d > 1).mean()):.2f}% pixels off by more than 1, PSNR {psnr} dB"
+def _vae_name(values: Dict[str, Any]) -> str:
+    """The path box wins over the dropdown (``[vae] name`` / ``[checkpoint] name``)."""
+    path = (values.pop("vae_path", None) or "").strip()
+    choice = values.pop("vae_choice", None) or ""
+    name = path or parse_choice(choice)[1]
+    if not name:
+        raise InvalidInputError("pick a VAE or checkpoint, or type its name / path first")
+    return name
 
 
-def run_decode(host: Host, vae_choice: str, vae_path: str, latent_file: Any, tile_px: float, fast: bool,
-               compare: bool, device: str, progress: Any = None) -> Tuple[Any, Any, str]:
-    """(tiled image, full image or None, report html)."""
-    from .. import tiled_vae
-    from ..tiled_vae.vae import decode, load_vae, read_latent, to_pil
+def decode_request(values: Dict[str, Any]) -> Any:
+    """The ``vae-decode`` request from the tab's values (``latent_file``: the upload, sent as its bytes)."""
+    from ..jobs.faces import ui_request
+    from ..jobs.tiled_vae import VaeDecodeRequest
+
+    vals = dict(values)
+    vae = _vae_name(vals)
+    upload = vals.pop("latent_file", None)
+    if upload is None:
+        raise InvalidInputError("upload a latent .safetensors file (one tensor 'latent' [1,4,h,w])")
+    path = upload if isinstance(upload, str) else getattr(upload, "name", None)
+    with open(path, "rb") as f:
+        data = base64.b64encode(f.read()).decode("ascii")
+    return ui_request(VaeDecodeRequest, vals, vae=vae, latent_safetensors_b64=data)
+
+
+def encode_request(values: Dict[str, Any]) -> Any:
+    """The ``vae-encode`` request from the tab's values (the PIL image sent as PNG, lossless)."""
+    from ..jobs.faces import ui_request
+    from ..jobs.tiled_vae import VaeEncodeRequest
+
+    vals = dict(values)
+    vae = _vae_name(vals)
+    image = vals.pop("image", None)
+    if image is None:
+        raise InvalidInputError("drop an image first")
+    buf = io.BytesIO()
+    image.save(buf, format="PNG")
+    return ui_request(VaeEncodeRequest, vals, vae=vae, image_b64=base64.b64encode(buf.getvalue()).decode("ascii"))
+
+
+def run_decode(host: Host, values: Dict[str, Any], progress: Any = None) -> Tuple[Any, Any, str]:
+    """Click handler: (tiled image, full image or None, report html)."""
+    from ..jobs import get
+
     try:
-        if latent_file is None:
-            raise InvalidInputError("upload a latent .safetensors file (one tensor 'latent' [1,4,h,w])")
-        lat_path = latent_file if isinstance(latent_file, str) else getattr(latent_file, "name", None)
-        vae_file = resolve_input(host, vae_choice, vae_path)
-        lat, scaled, factor = read_latent(lat_path)
-        vae = load_vae(str(vae_file), device=device)
-        if factor:
-            vae.scaling_factor = factor
-        cfg = tiled_vae.TiledVAEConfig(tile_px=int(tile_px) or None, fast=bool(fast),
-                                       progress=_progress_fn(progress, "tiled decode"))
-        plan = tiled_vae.plan_for(vae.decoder, lat.shape, cfg)
-        t0 = time.perf_counter()
-        img = to_pil(decode(vae, lat, cfg, scaled=scaled))
-        t_tiled = time.perf_counter() - t0
-        lines = [plan.describe(), f"tiled: {t_tiled:.1f} s"]
-        full_img = None
-        if compare:
-            full_plan = tiled_vae.plan_for(vae.decoder, lat.shape, tiled_vae.TiledVAEConfig(budget_bytes=1 << 50,
-                                                                                          tile_px=1 << 20))
-            need = full_plan.peak_estimate * 2
-            have = tiled_vae.memory_budget(device)
-            if need <= have:
-                t0 = time.perf_counter()
-                full_img = to_pil(decode(vae, lat, full=True, scaled=scaled))
-                lines += [f"full: {time.perf_counter() - t0:.1f} s", _compare(img, full_img)]
-            else:
-                lines.append(f"full decode skipped: needs about {need / 2**30:.1f} GiB, {have / 2**30:.1f} GiB free")
-        return img, full_img, "<br>".join(html.escape(s) for s in lines)
+        report = get("vae-decode").run(host, decode_request(values), gradio_progress(progress))
+        return report.image, report.full_image, "<br>".join(html.escape(s) for s in report.lines())
     except SdToolkitError as exc:
         return None, None, error_html(exc)
     except Exception as exc:
@@ -73,26 +81,17 @@ def run_decode(host: Host, vae_choice: str, vae_path: str, latent_file: Any, til
         return None, None, error_html(exc)
 
 
-def run_encode(host: Host, vae_choice: str, vae_path: str, image: Any, tile_px: float, fast: bool, device: str,
-               progress: Any = None) -> Tuple[Optional[str], str]:
-    """(path of the written latent file, report html)."""
-    from .. import tiled_vae
-    from ..tiled_vae.vae import encode, from_pil, load_vae, save_latent
+def run_encode(host: Host, values: Dict[str, Any], progress: Any = None) -> Tuple[Optional[str], str]:
+    """Click handler: (path of the latent file to download, report html)."""
+    from ..jobs import get
+
     try:
-        if image is None:
-            raise InvalidInputError("drop an image first")
-        vae_file = resolve_input(host, vae_choice, vae_path)
-        vae = load_vae(str(vae_file), device=device)
-        x = from_pil(image)
-        cfg = tiled_vae.TiledVAEConfig(tile_px=int(tile_px) or None, fast=bool(fast),
-                                       progress=_progress_fn(progress, "tiled encode"))
-        plan = tiled_vae.plan_for(vae.encoder, x.shape, cfg)
-        lat = encode(vae, x, cfg)
+        report = get("vae-encode").run(host, encode_request(values), gradio_progress(progress))
         fd, out = tempfile.mkstemp(prefix="latent-", suffix=".safetensors")
-        os.close(fd)
-        os.unlink(out)
-        save_latent(out, lat, True, vae.scaling_factor, extra={"sdtoolkit.vae": str(vae_file)})
-        return out, html.escape(plan.describe()) + f"<br>latent {tuple(lat.shape)}, scaled by {vae.scaling_factor}"
+        with os.fdopen(fd, "wb") as f:
+            f.write(report.data)
+        how = f"scaled by {report.scaling_factor}" if report.scaled else "unscaled"
+        return out, html.escape(report.plan) + f"<br>latent {tuple(report.shape)}, {how}"
     except SdToolkitError as exc:
         return None, error_html(exc)
     except Exception as exc:
@@ -100,20 +99,11 @@ def run_encode(host: Host, vae_choice: str, vae_path: str, image: Any, tile_px: 
         return None, error_html(exc)
 
 
-def _progress_fn(progress: Any, desc: str):
-    if progress is None:
-        return None
-
-    def cb(done: int, total: int) -> None:
-        try:
-            progress((done, total), desc=desc)
-        except Exception:
-            pass
-    return cb
-
-
 def build(host: Host) -> None:
     import torch
+
+    from ..jobs.faces import bind
+
     dev_default = "cuda" if torch.cuda.is_available() else "cpu"
     choices = model_choices(host, ("vae", "checkpoint"))
     gr.Markdown("Exact tiled VAE: every GroupNorm uses the statistics of the whole image, so the result equals a "
@@ -147,11 +137,15 @@ def build(host: Host) -> None:
             enc_file = gr.File(label="Latent file", elem_id="sdtoolkit_tiled_vae_latent_out")
             enc_report = gr.HTML(elem_id="sdtoolkit_tiled_vae_encode_report")
 
-    def _dec(v, vp, lf, t, f, c, d, progress=gr.Progress()):
-        return run_decode(host, v, vp, lf, t, f, c, d, progress)
+    common = {"vae_choice": vae, "vae_path": vae_path, "tile_size": tile, "fast": fast, "device": device}
+    dec_inputs, dec_values = bind({**common, "latent_file": latent, "compare": compare})
+    enc_inputs, enc_values = bind({**common, "image": image})
 
-    def _enc(v, vp, im, t, f, d, progress=gr.Progress()):
-        return run_encode(host, v, vp, im, t, f, d, progress)
+    def _dec(*values, progress=gr.Progress()):
+        return run_decode(host, dec_values(*values), progress)
 
-    dec_btn.click(_dec, [vae, vae_path, latent, tile, fast, compare, device], [out_tiled, out_full, dec_report])
-    enc_btn.click(_enc, [vae, vae_path, image, tile, fast, device], [enc_file, enc_report])
+    def _enc(*values, progress=gr.Progress()):
+        return run_encode(host, enc_values(*values), progress)
+
+    dec_btn.click(_dec, dec_inputs, [out_tiled, out_full, dec_report])
+    enc_btn.click(_enc, enc_inputs, [enc_file, enc_report])

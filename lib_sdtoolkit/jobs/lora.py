@@ -1,0 +1,268 @@
+"""LoRA file jobs: extract a LoRA from two checkpoints, bake LoRAs into a checkpoint, inspect a LoRA file.
+
+Each action is one request / report / run triple listed in :data:`ACTIONS`; every face derives from that table:
+``python -m lib_sdtoolkit lora ACTION`` (:mod:`lib_sdtoolkit.lora.cli`), ``POST /sdtoolkit/v1/lora/ACTION``
+(:mod:`lib_sdtoolkit.server.routes_lora`) and the LoRA tools tab (:mod:`lib_sdtoolkit.ui.lora_tab`). A new action
+(resize, merge, convert) is a new triple and one line in :data:`ACTIONS` (plus its name in ``JOB_MODULES`` and a
+section of the tab).
+
+Names of models go through the host's gate (``resolve_input``), outputs through ``resolve_output``; the features
+below (:mod:`lib_sdtoolkit.lora.extract`, :mod:`~lib_sdtoolkit.lora.bake`, :mod:`~lib_sdtoolkit.lora.inspect_lora`)
+see paths and a progress callable only. No torch import here: the CLI's ``--help`` stays torch-free.
+"""
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any, Dict, List, Optional, Tuple
+
+from ..errors import InvalidInputError
+from ..progress import Progress
+from .base import JobSpec, Report, Request, _coerce_simple, param
+
+#: dtypes a LoRA can be written in (``lora.extract.DTYPES`` maps them to torch dtypes)
+DTYPES = ("fp16", "bf16", "fp32")
+OUTPUT_SUFFIXES = (".safetensors",)
+OTHER_MODEL_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin", ".sft", ".gguf")
+
+
+def _output(host: Any, name: Optional[str], kind: str) -> Any:
+    """Where a LoRA job writes: through the host's gate (API/UI: a plain file name in the ``kind`` folder). A name
+    without a suffix gets ``.safetensors``; another model suffix is refused (``x.ckpt`` never becomes
+    ``x.ckpt.safetensors``)."""
+    raw = str(name if name is not None else "").strip()
+    if raw.lower().endswith(OTHER_MODEL_SUFFIXES):
+        raise InvalidInputError(f"the output is written as .safetensors, not {raw.rsplit('.', 1)[-1]}", path=raw)
+    return host.resolve_output(name, kind, suffixes=OUTPUT_SUFFIXES, add_suffix=".safetensors",
+                               plain=not host.trusted)
+
+
+def _check_device(device: str) -> str:
+    from ..validate import check_device
+
+    return check_device(device)
+
+
+# ------------------------------------------------------------------------------------------------- extract
+@dataclass
+class ExtractRequest(Request):
+    """Extract a LoRA from the difference ``tuned - base`` by truncated SVD, layer by layer."""
+
+    job = "lora-extract"
+
+    tuned: str = param(help="the fine-tuned checkpoint", model="checkpoint", positional=True, metavar="TUNED")
+    base: str = param(help="the checkpoint it was tuned from", model="checkpoint", positional=True, metavar="BASE")
+    output: str = param(help="the LoRA to write (.safetensors); API/UI: a file name in the LoRA folder",
+                        short="-o")
+    rank: int = param(32, help="rank of the attention / text-encoder layers", minimum=1)
+    conv_rank: Optional[int] = param(None, help="also extract ResNet and up/down-sampler layers at this rank (LoCon)",
+                                     minimum=1)
+    clamp_quantile: Optional[float] = param(0.99, help="clamp the factors at this quantile of their magnitudes "
+                                                       "(kohya's default 0.99); 1 = off", minimum=0.0, maximum=1.0)
+    device: str = param("cpu", help="cpu or cuda")
+    dtype: str = param("fp16", help="dtype of the written factors", choices=DTYPES)
+    overwrite: bool = param(False, help="replace an existing output")
+
+    def check(self) -> None:
+        self.device = _check_device(self.device)
+
+
+@dataclass
+class ExtractReport(Report):
+    """What ``extract_lora`` answers, plus ``name`` (the new LoRA's name in the host's list)."""
+
+    output: str
+    arch: str
+    layers: int
+    skipped_identical: int
+    rank: int
+    conv_rank: Optional[int]
+    name: str
+
+    def summary(self) -> str:
+        ranks = f"rank {self.rank}" + (f", conv rank {self.conv_rank}" if self.conv_rank else "")
+        text = f"Wrote {self.name}: {self.layers} {self.arch} layers ({ranks})"
+        if self.skipped_identical:
+            text += f"; {self.skipped_identical} identical layers skipped"
+        return text + f"\nOutput: {self.output}"
+
+
+def run_extract(host: Any, req: ExtractRequest, progress: Progress) -> ExtractReport:
+    from ..lora.extract import extract_lora
+
+    tuned = host.resolve_input(req.tuned, "checkpoint")
+    base = host.resolve_input(req.base, "checkpoint")
+    out = _output(host, req.output, "lora")
+    res = extract_lora(tuned, base, out, rank=req.rank, conv_rank=req.conv_rank, clamp_quantile=req.clamp_quantile,
+                       device=req.device, dtype=req.dtype, overwrite=req.overwrite,
+                       progress=progress.phase("extracting"))
+    host.refresh("lora")
+    return ExtractReport(name=host.display_name(out, "lora"), **res)
+
+
+# ------------------------------------------------------------------------------------------------- bake
+def parse_lora_arg(spec: str) -> Tuple[str, float]:
+    """``name[:mult]`` -> (name, mult); a trailing ``:number`` is the multiplier (default 1)."""
+    if ":" in spec:
+        head, tail = spec.rsplit(":", 1)
+        try:
+            return head, float(tail)
+        except ValueError:
+            pass
+    return spec, 1.0
+
+
+def _bake_item(item: Any, i: int, where: str) -> Dict[str, Any]:
+    """One ``loras`` entry as ``{"lora": name, "multiplier": m}``: from ``"NAME[:MULT]"`` (CLI, tab) or from
+    ``{"lora": NAME, "multiplier": M}`` (API); anything else is a 422 naming the entry."""
+    field = f"loras[{i}]"
+    if isinstance(item, str):
+        name, mult = parse_lora_arg(item.strip())
+    elif isinstance(item, Mapping):
+        unknown = sorted(str(k) for k in item if k not in ("lora", "multiplier"))
+        if unknown:
+            raise InvalidInputError(f"{where}: {field} has unknown field(s): {', '.join(unknown)} "
+                                    f"(known: lora, multiplier)")
+        if "lora" not in item:
+            raise InvalidInputError(f"{where}: {field}.lora is required")
+        name = _coerce_simple(str, item["lora"], field + ".lora", where)
+        mult = _coerce_simple(float, item.get("multiplier", 1.0), field + ".multiplier", where)
+    else:
+        raise InvalidInputError(f'{where}: {field} must be "NAME[:MULT]" or {{"lora": NAME, "multiplier": M}}, '
+                                f"got {type(item).__name__}")
+    if not name.strip():
+        raise InvalidInputError(f"{where}: {field} names no LoRA")
+    return {"lora": name, "multiplier": float(mult)}
+
+
+@dataclass
+class BakeRequest(Request):
+    """Write a checkpoint with LoRAs merged in: W' = W + sum of multiplier * delta, per layer."""
+
+    job = "lora-bake"
+
+    checkpoint: str = param(help="the checkpoint to bake into", model="checkpoint", positional=True,
+                            metavar="CHECKPOINT")
+    loras: List[Any] = param(help='the LoRAs and their multipliers: "NAME[:MULT]" (CLI, tab) or '
+                                  '{"lora": NAME, "multiplier": M} (API; multiplier 1 when left out)',
+                             model="lora", positional=True, metavar="LORA[:MULT]")
+    output: str = param(help="the checkpoint to write (.safetensors); API/UI: a file name in the checkpoint folder",
+                        short="-o")
+    overwrite: bool = param(False, help="replace an existing output")
+
+    def check(self) -> None:
+        where = self.job
+        if not isinstance(self.loras, list) or not self.loras:
+            raise InvalidInputError(f"{where}: give at least one LoRA to bake")
+        self.loras = [_bake_item(x, i, where) for i, x in enumerate(self.loras)]
+
+
+@dataclass
+class BakeReport(Report):
+    """What ``bake`` answers, plus ``name`` (the new checkpoint's name in the host's list)."""
+
+    output: str
+    arch: str
+    touched: int
+    loras: List[Dict[str, Any]]
+    name: str
+
+    def summary(self) -> str:
+        lines = [f"Wrote {self.name}: {self.arch}, {self.touched} tensors changed"]
+        for x in self.loras:
+            extra = f", {x['unmatched']} unmatched" if x.get("unmatched") else ""
+            lines.append(f"  {x['path']} x{x['multiplier']:g}: {x['layers']} layers{extra}")
+        lines.append(f"Output: {self.output}")
+        return "\n".join(lines)
+
+
+def run_bake(host: Any, req: BakeRequest, progress: Progress) -> BakeReport:
+    from ..lora.bake import bake
+
+    ckpt = host.resolve_input(req.checkpoint, "checkpoint")
+    loras = [(host.resolve_input(x["lora"], "lora"), x["multiplier"]) for x in req.loras]
+    out = _output(host, req.output, "checkpoint")
+    res = bake(ckpt, loras, out, overwrite=req.overwrite, progress=progress.phase("baking"))
+    host.refresh("checkpoint")
+    return BakeReport(name=host.display_name(out, "checkpoint"), **res)
+
+
+# ------------------------------------------------------------------------------------------------- inspect
+@dataclass
+class InspectRequest(Request):
+    """What a LoRA file is: types, ranks, alphas, targets, base model, metadata (the header and alphas only)."""
+
+    job = "lora-inspect"
+
+    lora: str = param(help="the LoRA file", model="lora", positional=True, metavar="FILE")
+
+
+@dataclass
+class InspectReport(Report):
+    """What ``inspect_lora`` answers, plus ``name`` (the LoRA's name in the host's list)."""
+
+    path: str
+    format: str
+    file_size: int
+    tensors: int
+    base_model: str
+    types: Dict[str, int]
+    ranks: Dict[str, int]
+    alphas: Dict[str, int]
+    dora_layers: int
+    conv_kxk_layers: int
+    targets: Dict[str, int]
+    unmatched: int
+    unmatched_examples: List[str]
+    unknown_modules: List[str]
+    bundled_embeddings: List[str]
+    metadata: Dict[str, str]
+    name: str
+
+    def summary(self) -> str:
+        def counts(d: Dict[str, int], sep: str = " x") -> str:
+            return ", ".join(f"{k}{sep}{v}" for k, v in d.items()) or "-"
+
+        lines = [f"{self.path}  ({self.format}, {self.tensors} tensors)",
+                 f"  base model : {self.base_model}",
+                 f"  types      : {counts(self.types)}",
+                 f"  ranks      : {counts(self.ranks)}",
+                 f"  alphas     : {counts(self.alphas)}",
+                 f"  targets    : {counts(self.targets, ' ')}"]
+        if self.dora_layers:
+            lines.append(f"  DoRA layers: {self.dora_layers}")
+        if self.unmatched:
+            lines.append(f"  unmatched  : {self.unmatched} (e.g. {', '.join(self.unmatched_examples)})")
+        for k in sorted(self.metadata):
+            v = self.metadata[k]
+            lines.append(f"  {k} = {v if len(v) < 120 else v[:117] + '...'}")
+        return "\n".join(lines)
+
+
+def run_inspect(host: Any, req: InspectRequest, progress: Progress) -> InspectReport:
+    from ..lora.inspect_lora import inspect_lora
+
+    path = host.resolve_input(req.lora, "lora")
+    return InspectReport(name=host.display_name(path, "lora"), **inspect_lora(path))
+
+
+# ------------------------------------------------------------------------------------------------- the table
+#: action (the CLI's ``lora ACTION``, the route's last path part) -> its job; faces register every entry
+ACTIONS: Dict[str, JobSpec] = {
+    "extract": JobSpec("lora-extract", ExtractRequest, ExtractReport, run_extract,
+                       help="extract a LoRA from TUNED - BASE by SVD",
+                       description="Extract a LoRA from the difference TUNED - BASE by truncated SVD, one layer at "
+                                   "a time (kohya key names, alpha = rank). Attention and text-encoder layers at "
+                                   "--rank; with --conv-rank also the ResNet and sampler layers."),
+    "bake": JobSpec("lora-bake", BakeRequest, BakeReport, run_bake,
+                    help="write CHECKPOINT with LoRAs merged in",
+                    description="Write CHECKPOINT with LoRAs merged in: W' = W + sum of MULT * delta per layer "
+                                "(delta in fp32, cast once to the stored dtype)."),
+    "inspect": JobSpec("lora-inspect", InspectRequest, InspectReport, run_inspect,
+                       help="type, rank, alpha, targets, base model, metadata"),
+}
+
+SPECS: Dict[str, JobSpec] = {spec.name: spec for spec in ACTIONS.values()}
+
+__all__ = ["ACTIONS", "SPECS", "DTYPES", "ExtractRequest", "ExtractReport", "BakeRequest", "BakeReport",
+           "InspectRequest", "InspectReport", "parse_lora_arg", "run_extract", "run_bake", "run_inspect"]
