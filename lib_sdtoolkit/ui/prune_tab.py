@@ -129,7 +129,7 @@ def build(host: Host) -> None:
                                  "keep_junk": keep_junk, "fix_position_ids": fix_pids, "bare": bare,
                                  "output": output, "overwrite": overwrite})
 
-    def do_prune(*values, progress=gr.Progress()):
+    def do_prune(progress=gr.Progress(), *values):  # gradio finds gr.Progress only before *values
         vals = unpack(*values)
         msg, res = run_prune(host, vals, progress)
         if not res or not res.get("written"):
