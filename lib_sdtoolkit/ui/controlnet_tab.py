@@ -66,7 +66,7 @@ def build(host: Any) -> None:
     inputs, unpack = bind({"image": image, "module": module, "resolution": res, "threshold_a": a,
                            "threshold_b": b})
 
-    def detect(*values, progress=gr.Progress()):
+    def detect(progress=gr.Progress(), *values):  # gradio looks for gr.Progress only before *values
         return run_detect(host, unpack(*values), progress)
 
     run.click(detect, inputs=inputs, outputs=[out, info])

@@ -141,10 +141,10 @@ def build(host: Host) -> None:
     dec_inputs, dec_values = bind({**common, "latent_file": latent, "compare": compare})
     enc_inputs, enc_values = bind({**common, "image": image})
 
-    def _dec(*values, progress=gr.Progress()):
+    def _dec(progress=gr.Progress(), *values):  # gradio looks for gr.Progress only before *values
         return run_decode(host, dec_values(*values), progress)
 
-    def _enc(*values, progress=gr.Progress()):
+    def _enc(progress=gr.Progress(), *values):
         return run_encode(host, enc_values(*values), progress)
 
     dec_btn.click(_dec, dec_inputs, [out_tiled, out_full, dec_report])
