@@ -33,7 +33,7 @@ if IS_FORGE:
     from modules import extra_networks, script_callbacks, scripts, shared
 
     from lib_sdtoolkit.errors import SdToolkitError
-    from lib_sdtoolkit.lora.apply import ActiveNetwork
+    from lib_sdtoolkit.lora.apply import ActiveNetwork, loaded_architecture
     from lib_sdtoolkit.lora.blocks import load_user_presets, resolve_block_weights
     from lib_sdtoolkit.lora.network import NetworkCache
     from lib_sdtoolkit.lora.patcher_bridge import PATCH_TYPE, apply_patch, build_patches, unavailable_options
@@ -74,14 +74,17 @@ def _patch_value_factory():
     return None, "this Forge's LoRA patcher has no extension point for new patch types"
 
 
-def _arch_of(sd_model):
-    if getattr(sd_model, "is_sdxl", False):
-        return "SDXL"
-    if getattr(sd_model, "is_sd2", False):
-        return "SD2"
-    if getattr(sd_model, "is_sd1", False):
-        return "SD1"
-    return None
+def _arch_of(sd_model, unet_shapes):
+    """SD1 / SD2 / SDXL / SDXL-refiner, or None for a model we do not handle (Flux, SD3: Forge's own <lora:...>).
+
+    Forge's flags gate (no ``is_sd1``/``is_sd2``/``is_sdxl``: not ours); which one it is comes from the library's
+    detector on the UNet parameters' names and shapes (Forge's ``diffusion_model.*``, read as checkpoint keys):
+    Forge sets ``is_sdxl`` for the refiner too, whose layers need the refiner's name table and blocks."""
+    if not any(getattr(sd_model, f, False) for f in ("is_sd1", "is_sd2", "is_sdxl")):
+        return None
+    shapes = unet_shapes()
+    return loaded_architecture(((k, s) for k, s in shapes.items() if k.startswith("diffusion_model.")),
+                               prefix="model.")
 
 
 def _comment(p, text):
@@ -141,7 +144,7 @@ if IS_FORGE:
             if not params_list:
                 return
             sd_model = getattr(p, "sd_model", None) or shared.sd_model
-            arch = _arch_of(sd_model)
+            arch = _arch_of(sd_model, lambda: self._key_maps(sd_model)[2])
             if arch is None:
                 _comment(p, "SD Toolkit LoRA: <sdtlora:...> supports SD1, SD2 and SDXL models; this model is "
                             f"{type(sd_model).__name__} - use Forge's <lora:...>")

@@ -46,7 +46,7 @@ import sqlite3
 from modules import extra_networks, script_callbacks, shared
 
 from lib_sdtoolkit.errors import SdToolkitError
-from lib_sdtoolkit.lora.apply import ActiveNetwork, FunctionalLora, LoraPatcher, ModelBinding
+from lib_sdtoolkit.lora.apply import ActiveNetwork, FunctionalLora, LoraPatcher, ModelBinding, loaded_architecture
 from lib_sdtoolkit.lora.blocks import load_user_presets, resolve_block_weights
 from lib_sdtoolkit.lora.network import NetworkCache
 from lib_sdtoolkit.lora.registry import LoraRegistry, network_shorthash
@@ -74,6 +74,12 @@ def _lora_dirs():
 
 
 def _arch_of(sd_model):
+    """The loaded model's architecture by the library's detector (names and shapes of its parameters): the WebUI
+    sets ``is_sdxl`` for the SDXL refiner too, whose UNet and text encoder need their own name table and blocks.
+    The WebUI's flags only where the detector recognises nothing."""
+    arch = loaded_architecture(sd_model.named_parameters())
+    if arch is not None:
+        return arch
     if getattr(sd_model, "is_sdxl", False):
         return "SDXL"
     if getattr(sd_model, "is_sd2", False):

@@ -738,3 +738,87 @@ def test_sdxl_lora_in_the_webui_layout_exact_and_restored(env):
         _unload()
         shared.sd_model = old
     assert all(torch.equal(t, base[k]) for k, t in model.named_parameters())
+
+
+# ------------------------------------------------------------------ the SDXL refiner (the WebUI calls it is_sdxl too)
+REF_TE2 = "conditioner.embedders.0.wrapped.model.transformer.resblocks."
+#: kohya refiner name -> (live parameter, block); the sgm -> diffusers names written out by hand (refiner levels 0-3 =
+#: input_blocks 1-2 / 4-5 / 7-8 / 10-11, up_blocks.N = output_blocks 3N..3N+2; in_layers.2 = conv1)
+REF = {
+    "lora_unet_input_blocks_4_1_transformer_blocks_0_attn1_to_q":
+        (XL_UNET + "down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_q.weight", "IN04"),
+    "lora_unet_input_blocks_10_0_in_layers_2": (XL_UNET + "down_blocks.3.resnets.0.conv1.weight", "IN10"),
+    "lora_unet_middle_block_1_proj_in": (XL_UNET + "mid_block.attentions.0.proj_in.weight", "M00"),
+    "lora_unet_output_blocks_9_0_in_layers_2": (XL_UNET + "up_blocks.3.resnets.0.conv1.weight", "OUT09"),
+    "lora_unet_output_blocks_11_0_skip_connection": (XL_UNET + "up_blocks.3.resnets.2.conv_shortcut.weight", "OUT11"),
+    "lora_te2_text_model_encoder_layers_0_mlp_fc1": (REF_TE2 + "0.mlp.c_fc.weight", "BASE"),
+}
+#: lbw= with one weight per refiner block: BASE, IN00..IN11, M00, OUT00..OUT11
+REF_LBW = [round(0.3 + 0.025 * i, 3) for i in range(26)]
+REF_IDS = ["BASE"] + [f"IN{i:02d}" for i in range(12)] + ["M00"] + [f"OUT{i:02d}" for i in range(12)]
+
+
+def test_refiner_is_bound_as_a_refiner_and_lbw_weighs_every_block(env):
+    """A refiner-shaped sd_model (sgm layout, OpenCLIP-G at conditioner.embedders.0, is_sdxl like the WebUI sets it):
+    the adapter asks the library's detector, binds the refiner's name table, and ``lbw=`` with the refiner's 26 values
+    weighs IN10 / OUT09 / OUT11 as given (with SDXL's tables they matched nothing and the 26 values were refused)."""
+    from modules import processing, shared
+    from lib_sdtoolkit.samples import factory
+
+    mods = factory.build_modules("SDXL-refiner", "tiny", seed=0)
+    sd = factory.build_state_dict("SDXL-refiner", "tiny", 0)
+    g_cfg = mods["text_encoder_2"].config
+    g = OpenCLIPText(g_cfg.vocab_size, g_cfg.hidden_size, g_cfg.num_attention_heads, g_cfg.intermediate_size,
+                     g_cfg.num_hidden_layers)
+    pre = "conditioner.embedders.0.model."
+    g.load_state_dict({k[len(pre):]: v for k, v in sd.items() if k.startswith(pre)}, strict=True)
+    model = DiffusionEngine(mods["unet"], Conditioner([WithCustomWords(Embedder(model=g))]), mods["vae"]).eval()
+    assert model.is_sdxl
+    live = dict(model.named_parameters())
+    base = {k: v.detach().clone() for k, v in live.items()}
+
+    gen = torch.Generator().manual_seed(13)
+    lsd = {}
+    for name, (param, _) in REF.items():
+        w = live[param]
+        down = (4, *w.shape[1:]) if w.dim() == 4 else (4, w.shape[1])
+        up = (w.shape[0], 4, 1, 1) if w.dim() == 4 else (w.shape[0], 4)
+        lsd[f"{name}.lora_down.weight"] = torch.randn(down, generator=gen) * 0.3
+        lsd[f"{name}.lora_up.weight"] = torch.randn(up, generator=gen) * 0.3
+        lsd[f"{name}.alpha"] = torch.tensor(2.0)
+    path = save_safetensors(env.lora_dir / "refiner.safetensors", lsd)
+    weights = dict(zip(REF_IDS, REF_LBW))
+    want = {}                                                          # W + m * w_block * alpha/rank * up @ down
+    for name, (param, block) in REF.items():
+        m = (0.7 if name.startswith("lora_te") else 0.9) * weights[block]
+        up = lsd[f"{name}.lora_up.weight"].double().reshape(-1, 4)
+        down = lsd[f"{name}.lora_down.weight"].double().reshape(4, -1)
+        want[param] = (base[param].double() + m * 2.0 / 4 * (up @ down).reshape(base[param].shape)).float()
+
+    old = shared.sd_model
+    shared.sd_model = model
+    try:
+        start(env, with_builtin=False)
+        seen = {}
+
+        def sample(*a, **k):
+            seen.update({n: t.detach().clone() for n, t in model.named_parameters()})
+            return torch.zeros(1, 4, 4, 4)
+
+        lbw = ",".join(map(str, REF_LBW))
+        p = processing.StableDiffusionProcessingTxt2Img(model, None, (), prompt=f"a cat <lora:refiner:0.7:0.9:lbw={lbw}>",
+                                                        steps=1)
+        p.sample = sample
+        processing.process_images(p)
+        assert p.extra_generation_params["SD Toolkit Lora"] == "refiner: 0.7/0.9"
+        for k, v in seen.items():                                     # what the sampler saw
+            if k in want:
+                torch.testing.assert_close(v, want[k], rtol=1e-6, atol=1e-6, msg=k)
+                assert not torch.equal(v, base[k]), k
+            else:
+                assert torch.equal(v, base[k]), k
+    finally:
+        path.unlink()
+        _unload()
+        shared.sd_model = old
+    assert all(torch.equal(t, base[k]) for k, t in model.named_parameters())

@@ -47,7 +47,7 @@ def models(tmp_path_factory):
 
     root = tmp_path_factory.mktemp("merge_models")
     out = {}
-    for arch in ("SD1", "SD2", "SDXL"):
+    for arch in ("SD1", "SD2", "SDXL", "SDXL-refiner"):
         a = factory.build_state_dict(arch, seed=0, dtype=torch.float16)
         paths = {"A": root / f"{arch}_A.safetensors", "B": root / f"{arch}_B.safetensors",
                  "C": root / f"{arch}_C.safetensors"}
@@ -79,7 +79,7 @@ def _read(p: Path) -> Dict[str, torch.Tensor]:
 
 
 # ---------------------------------------------------------------------------------------------- reference
-_COUNTS = {"SD1": 12, "SD2": 12, "SDXL": 9}
+_COUNTS = {"SD1": 12, "SD2": 12, "SDXL": 9, "SDXL-refiner": 12}   # input (= output) blocks of the real UNets
 
 
 def ref_block(key: str, arch: str) -> str:
@@ -196,7 +196,7 @@ def test_chunked_streaming_matches(models, tmp_path, monkeypatch):
 
 
 # ---------------------------------------------------------------------------------------------- blocks, presets
-@pytest.mark.parametrize("arch,n", [("SD1", 25), ("SD2", 25), ("SDXL", 19)])
+@pytest.mark.parametrize("arch,n", [("SD1", 25), ("SD2", 25), ("SDXL", 19), ("SDXL-refiner", 25)])
 def test_block_weighted(models, tmp_path, arch, n):
     m = models[arch]
     vals = [round(0.03 * i + 0.01, 4) for i in range(n)]
@@ -282,7 +282,7 @@ def test_preset_values_match_supermerger():
 def subsets(models):
     """Small in-memory state dicts (a few keys of every block + CLIP) for the many preset merges."""
     out = {}
-    for arch in ("SD1", "SDXL"):
+    for arch in ("SD1", "SDXL", "SDXL-refiner"):
         A, B, C = _load(models[arch]["A"]), _load(models[arch]["B"]), _load(models[arch]["C"])
         keep, seen = [], set()
         for k in A:
@@ -299,7 +299,7 @@ def subsets(models):
 
 @pytest.mark.parametrize("preset", ISSUE_PRESETS)
 def test_every_preset_on_sd1_and_sdxl(subsets, preset):
-    for arch in ("SD1", "SDXL"):
+    for arch in ("SD1", "SDXL", "SDXL-refiner"):   # the refiner has SD1's 25 UNet blocks: the preset as it is
         A, B, _ = subsets[arch]
         res = merge_in_memory(MergeRecipe("A", "B", preset=preset, alpha=0.5, save_metadata=False), a=A, b=B)
         base, unet = PRESETS[preset]

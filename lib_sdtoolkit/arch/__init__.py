@@ -4,14 +4,9 @@ Detection looks at key names and *structure* (which blocks exist, whether ``proj
 how many input channels the first conv has), not at absolute widths, so it works the same on full-size
 checkpoints and on the small-width fixtures the tests build with the real modules.
 
-Merge block rule (documented, the one bbc-mc MBW, sd-meh and supermerger share; sd-mecha differs by sending
-``time_embed`` to BASE):
-
-* keys outside the UNet (``model.diffusion_model.``) -> ``BASE`` (text encoders, VAE, anything else);
-* ``time_embed`` (and SDXL ``label_emb``) -> ``IN00``;
-* the final ``out.`` layers -> the last OUT block (``OUT11``; SDXL ``OUT08``);
-* ``input_blocks.N`` -> ``INnn``, ``middle_block`` -> ``M00``, ``output_blocks.N`` -> ``OUTnn``;
-* any other UNet key -> ``BASE``.
+Which block a key belongs to (the merge MBW rule, the LoRA block-weight rule) is :mod:`lib_sdtoolkit.arch.blocks`;
+``block_names`` / ``block_of_key`` here are its MBW convention. Where each component's keys live is
+:mod:`lib_sdtoolkit.arch.families`.
 """
 from __future__ import annotations
 
@@ -21,12 +16,12 @@ from typing import Any, Dict, Iterable, List, Mapping, Optional, Tuple
 
 import torch
 
+from .blocks import block_names, block_of_key  # the MBW convention: the merge engine's rule
+from .families import EMA_PREFIX, FAMILIES, UNET_PREFIX, VAE_PREFIX, base_arch
+
 ARCHITECTURES = ("SD1", "SD2", "SDXL", "SDXL-refiner", "VAE", "LoRA", "ControlNet", "unknown")
 COMPONENTS = ("unet", "vae", "text_encoder", "text_encoder_2", "ema", "junk")
 
-UNET_PREFIX = "model.diffusion_model."
-VAE_PREFIX = "first_stage_model."
-EMA_PREFIX = "model_ema."
 
 #: CLIP position_ids keys per layout (int64 [1, 77] holding 0..76)
 POSITION_ID_KEYS = (
@@ -74,13 +69,8 @@ class ArchInfo:
                 "notes": list(self.notes)}
 
 
-_PREFIXES = {
-    "SD1": {"unet": UNET_PREFIX, "vae": VAE_PREFIX, "text_encoder": "cond_stage_model."},
-    "SD2": {"unet": UNET_PREFIX, "vae": VAE_PREFIX, "text_encoder": "cond_stage_model."},
-    "SDXL": {"unet": UNET_PREFIX, "vae": VAE_PREFIX, "text_encoder": "conditioner.embedders.0.",
-             "text_encoder_2": "conditioner.embedders.1."},
-    "SDXL-refiner": {"unet": UNET_PREFIX, "vae": VAE_PREFIX, "text_encoder_2": "conditioner.embedders.0."},
-}
+#: component -> key prefix per checkpoint architecture (from the one table in :mod:`.families`)
+_PREFIXES = {a: f.component_prefixes() for a, f in FAMILIES.items()}
 
 
 def _max_index(keys: Iterable[str], block: str) -> int:
@@ -94,8 +84,9 @@ def _max_index(keys: Iterable[str], block: str) -> int:
 
 
 def _unet_family(shapes: Mapping[str, Any], unet_keys: List[str]) -> Optional[str]:
-    """Tell the UNet's family from its structure."""
-    if not unet_keys:
+    """Tell the UNet's family from its structure; None for keys under the UNet prefix that are no ldm/sgm UNet
+    (no ``input_blocks``: a diffusers UNet or a transformer this tool does not know is never called SD1)."""
+    if not any(k.startswith(UNET_PREFIX + "input_blocks.") for k in unet_keys):
         return None
     if any(".label_emb." in k for k in unet_keys):
         return "SDXL-refiner" if _max_index(unet_keys, "input_blocks") >= 10 else "SDXL"
@@ -118,16 +109,9 @@ def detect(shapes: Mapping[str, Any]) -> ArchInfo:
         return ArchInfo("ControlNet")
 
     has = lambda p: any(k.startswith(p) for k in keys)  # noqa: E731
-    arch: Optional[str] = None
     notes: List[str] = []
-    if has("conditioner.embedders.1.model."):
-        arch = "SDXL"
-    elif has("conditioner.embedders.0.model."):
-        arch = "SDXL-refiner"
-    elif has("cond_stage_model.model."):
-        arch = "SD2"
-    elif has("cond_stage_model.transformer."):
-        arch = "SD1"
+    # each family's last text encoder is its own (SDXL: OpenCLIP-G at embedders.1; refiner: at embedders.0)
+    arch: Optional[str] = next((name for name, fam in FAMILIES.items() if has(fam.text_encoders[-1].prefix)), None)
     fam = _unet_family(shapes, unet_keys)
     if arch is None and fam is not None:
         arch = fam
@@ -220,47 +204,6 @@ def split_components(keys: Iterable[str], info: ArchInfo, use_layout: bool = Tru
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# merge blocks
-
-_BLOCK_COUNTS = {"SD1": 12, "SD2": 12, "SDXL": 9, "SDXL-refiner": 12}
-_IN_RE = re.compile(r"(?:^|\.)input_blocks\.(\d+)\.")
-_MID_RE = re.compile(r"(?:^|\.)middle_block\.")
-_OUT_RE = re.compile(r"(?:^|\.)output_blocks\.(\d+)\.")
-
-
-def block_names(architecture: str) -> List[str]:
-    """``BASE`` then the UNet blocks: SD1/SD2 BASE, IN00..IN11, M00, OUT00..OUT11 (26); SDXL 20."""
-    n = _BLOCK_COUNTS.get(architecture)
-    if n is None:
-        raise ValueError(f"no merge blocks for architecture {architecture!r}")
-    return ["BASE"] + [f"IN{i:02d}" for i in range(n)] + ["M00"] + [f"OUT{i:02d}" for i in range(n)]
-
-
-def block_of_key(key: str, architecture: str) -> str:
-    """The merge block of a checkpoint key (see the module docstring for the rule)."""
-    n = _BLOCK_COUNTS.get(architecture)
-    if n is None:
-        raise ValueError(f"no merge blocks for architecture {architecture!r}")
-    i = key.find("diffusion_model.")
-    if i < 0 or key.startswith(EMA_PREFIX):
-        return "BASE"
-    rest = key[i + len("diffusion_model."):]
-    if rest.startswith(("time_embed.", "label_emb.")):
-        return "IN00"
-    if rest.startswith("out."):
-        return f"OUT{n - 1:02d}"
-    m = _IN_RE.match("." + rest)
-    if m:
-        return f"IN{int(m.group(1)):02d}"
-    if _MID_RE.match("." + rest):
-        return "M00"
-    m = _OUT_RE.match("." + rest)
-    if m:
-        return f"OUT{int(m.group(1)):02d}"
-    return "BASE"
-
-
-# ---------------------------------------------------------------------------------------------------------------
 # CLIP position_ids
 
 def position_ids_key(keys: Iterable[str]) -> Optional[str]:
@@ -296,5 +239,5 @@ def fixed_position_ids(n: int = 77) -> torch.Tensor:
 __all__ = [
     "ARCHITECTURES", "COMPONENTS", "ArchInfo", "detect", "component_of", "split_components", "block_names",
     "block_of_key", "position_ids_key", "position_ids_state", "fixed_position_ids", "POSITION_ID_KEYS",
-    "UNET_PREFIX", "VAE_PREFIX", "EMA_PREFIX",
+    "UNET_PREFIX", "VAE_PREFIX", "EMA_PREFIX", "base_arch",
 ]

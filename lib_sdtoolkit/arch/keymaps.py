@@ -26,6 +26,7 @@ from typing import Dict, Iterable, List, Mapping, Optional, Tuple
 
 import torch
 
+from lib_sdtoolkit.arch.families import FAMILIES, UNET_PREFIX, VAE_PREFIX, base_arch, text_prefixes
 from lib_sdtoolkit.arch.layouts import load_layout
 
 __all__ = [
@@ -55,19 +56,9 @@ __all__ = [
     "TEXT_PREFIXES",
 ]
 
-UNET_PREFIX = "model.diffusion_model."
-VAE_PREFIX = "first_stage_model."
-#: where each text encoder lives in a checkpoint, and in which layout ("hf" = transformers CLIP, "openclip")
-TEXT_PREFIXES: Dict[str, List[Tuple[str, str, str]]] = {
-    # arch -> [(component, prefix, layout)]
-    "SD1": [("text_encoder", "cond_stage_model.transformer.", "hf")],
-    "SD2": [("text_encoder", "cond_stage_model.model.", "openclip")],
-    "SDXL": [
-        ("text_encoder", "conditioner.embedders.0.transformer.", "hf"),
-        ("text_encoder_2", "conditioner.embedders.1.model.", "openclip"),
-    ],
-    "SDXL-refiner": [("text_encoder_2", "conditioner.embedders.0.model.", "openclip")],
-}
+#: where each text encoder lives in a checkpoint, and in which layout ("hf" = transformers CLIP, "openclip"):
+#: arch -> [(component, prefix, layout)], derived from the one table in :mod:`lib_sdtoolkit.arch.families`
+TEXT_PREFIXES: Dict[str, List[Tuple[str, str, str]]] = {a: text_prefixes(a) for a in FAMILIES}
 
 
 # ----------------------------------------------------------------------------------------------------------- UNet
@@ -106,10 +97,10 @@ _STRUCTURES = {
 
 def _base_arch(arch: str) -> str:
     # variants ("SD1-inpainting") and ControlNet use their base UNet's structure
-    for a in ("SDXL-refiner", "SDXL", "SD1", "SD2"):
-        if arch == a or arch.startswith(a + "-"):
-            return a
-    raise KeyError(f"no UNet structure for architecture {arch!r}")
+    try:
+        return base_arch(arch)
+    except ValueError as e:
+        raise KeyError(str(e)) from None
 
 
 def unet_structure(arch: str) -> UnetStructure:
@@ -550,11 +541,6 @@ class LoraTarget:
         return self.module + ("_weight" if self.qkv_index is not None else ".weight")
 
 
-_KOHYA_TE_PREFIX = {"SD1": {"text_encoder": "lora_te_"}, "SD2": {"text_encoder": "lora_te_"},
-                    "SDXL": {"text_encoder": "lora_te1_", "text_encoder_2": "lora_te2_"},
-                    "SDXL-refiner": {"text_encoder_2": "lora_te2_"}}
-
-
 def _module_names(keys: Iterable[str]) -> List[str]:
     """Module paths of the weight matrices a LoRA can target (linear / conv weights, ndim >= 2)."""
     return [k[: -len(".weight")] for k in keys if k.endswith(".weight")]
@@ -607,7 +593,7 @@ def kohya_lora_names(arch: str) -> Dict[str, LoraTarget]:
         if base.startswith("SDXL"):
             table["lora_unet_" + mod.replace(".", "_")] = target
     for comp, prefix, fmt in TEXT_PREFIXES.get(base, []):
-        te = _KOHYA_TE_PREFIX[base][comp]
+        te = FAMILIES[base].text_encoder(comp).kohya
         for hf_mod, ldm_mod, idx in _hf_text_modules(layout, prefix, fmt):
             table[te + hf_mod.replace(".", "_")] = LoraTarget(ldm_mod, comp, idx)
     return table

@@ -40,11 +40,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..arch import keymaps
+from ..arch import detect, keymaps
+from ..arch.families import base_arch
 from ..errors import SdToolkitError
 from . import formats
 from .blocks import active_at_step, block_key
-from .names import base_arch
 from .network import BoundLayer, Network, check_shapes
 
 log = logging.getLogger(__name__)
@@ -69,6 +69,19 @@ def unwrap_name(name: str) -> str:
     if "wrapped" not in name:
         return name
     return ".".join(part for part in name.split(".") if part != "wrapped")
+
+
+def loaded_architecture(params: Iterable[Tuple[str, Any]], prefix: str = "") -> Optional[str]:
+    """The checkpoint architecture (SD1, SD2, SDXL, SDXL-refiner) of a loaded model, told by the library's own
+    detector (:func:`lib_sdtoolkit.arch.detect`) from parameter names and shapes only - no tensor data is read.
+
+    ``params``: ``model.named_parameters()`` or ``(name, shape)`` pairs, named as checkpoint keys under ``prefix``
+    (the WebUI hijack's ``wrapped`` components are dropped). Hosts' own flags cannot tell a refiner from SDXL (A1111
+    and Forge set ``is_sdxl`` for both) and the two need different name tables and block lists. None when the
+    detector recognises no checkpoint architecture."""
+    shapes = {prefix + unwrap_name(n): tuple(getattr(p, "shape", p)) for n, p in params}
+    info = detect(shapes)
+    return info.architecture if info.is_checkpoint else None
 
 
 @contextlib.contextmanager
@@ -839,4 +852,5 @@ class FunctionalLora(_Base):
         self._requested = []
 
 
-__all__ = ["ModelBinding", "ParamRef", "ActiveNetwork", "ApplyResult", "LoraPatcher", "FunctionalLora"]
+__all__ = ["ModelBinding", "ParamRef", "ActiveNetwork", "ApplyResult", "LoraPatcher", "FunctionalLora",
+           "loaded_architecture", "unwrap_name"]

@@ -10,11 +10,11 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
 import torch
 
 from ..arch import detect
+from ..arch.families import base_arch
 from ..errors import ArchitectureError, InvalidInputError
 from ..files import StreamingSafetensorsWriter, check_output_path, open_model
 from . import formats
 from .network import BoundLayer, Network, check_shapes, load_network
-from .names import base_arch
 from ..validate import finite
 
 #: largest |multiplier| a bake accepts (the WebUI's slider goes to 2; scripts use up to ~10)

@@ -1,15 +1,12 @@
-"""lora-block-weight: per-block multipliers (12/17/20/26 values), presets, user presets, step ranges.
+"""lora-block-weight: per-block multipliers, presets, user presets, step ranges.
 
-Lists (the lora-block-weight extension's block ids):
+The block ids, which lists of values an architecture takes (SD1/SD2 26 or 17, SDXL 20 or 12, SDXL refiner 26 or
+12) and which block a layer belongs to are the ``LBW`` convention of :mod:`lib_sdtoolkit.arch.blocks`, one table for
+every caller. Blocks a list does not name get 0, as lora-block-weight expands short lists. BASE weighs the text
+encoders and the UNet layers outside the numbered blocks (time_embed, out).
 
-* 26 (SD1/SD2, every block): BASE, IN00-IN11, M00, OUT00-OUT11
-* 17 (SD1/SD2, the blocks with attention): BASE, IN01, IN02, IN04, IN05, IN07, IN08, M00, OUT03-OUT11
-* 12 (SDXL, the blocks with attention): BASE, IN04, IN05, IN07, IN08, M00, OUT00-OUT05
-* 20 (SDXL, every block): BASE, IN00-IN08, M00, OUT00-OUT08
-
-Blocks a list does not name get 0, as lora-block-weight expands short lists. BASE weighs the text encoders and the UNet
-layers outside the numbered blocks (time_embed, out). Built-in presets are the extension's 17-value ones (SD1/SD2);
-NONE, ALL and ALL0.5 work for every architecture. User presets: a text file of ``NAME:v1,v2,...`` lines
+Built-in presets are the extension's 17-value ones (SD1/SD2); NONE, ALL and ALL0.5 work for every architecture
+(on the architecture's short list: the blocks with attention). User presets: a text file of ``NAME:v1,v2,...`` lines
 (``#`` comments allowed); a user preset overrides a built-in of the same name.
 """
 from __future__ import annotations
@@ -18,18 +15,13 @@ import os
 from pathlib import Path
 from typing import Dict, List, Mapping, Optional, Tuple, Union
 
+from ..arch.blocks import LBW, TABLES, convention
 from ..errors import InvalidInputError
-from .names import base_arch
 
 PathLike = Union[str, "os.PathLike[str]"]
 
-BLOCKID26 = ["BASE"] + [f"IN{i:02d}" for i in range(12)] + ["M00"] + [f"OUT{i:02d}" for i in range(12)]
-BLOCKID17 = ["BASE", "IN01", "IN02", "IN04", "IN05", "IN07", "IN08", "M00"] + [f"OUT{i:02d}" for i in range(3, 12)]
-BLOCKID12 = ["BASE", "IN04", "IN05", "IN07", "IN08", "M00"] + [f"OUT{i:02d}" for i in range(6)]
-BLOCKID20 = ["BASE"] + [f"IN{i:02d}" for i in range(9)] + ["M00"] + [f"OUT{i:02d}" for i in range(9)]
-
-_LISTS_SD = {26: BLOCKID26, 17: BLOCKID17}
-_LISTS_XL = {12: BLOCKID12, 20: BLOCKID20}
+#: every list length some architecture takes (user preset files are read before the model is known)
+_LENGTHS = sorted({n for c in TABLES[LBW].values() for n in c.lists})
 
 
 def _v(s: str) -> List[float]:
@@ -65,8 +57,9 @@ def parse_presets_text(text: str, source: str = "presets") -> Dict[str, List[flo
             values = _v(vals)
         except ValueError:
             raise InvalidInputError(f"{source} line {n}: values must be numbers: {vals!r}") from None
-        if len(values) not in (12, 17, 20, 26):
-            raise InvalidInputError(f"{source} line {n}: {len(values)} values; expected 12, 17, 20 or 26")
+        if len(values) not in _LENGTHS:
+            want = ", ".join(str(x) for x in _LENGTHS[:-1]) + f" or {_LENGTHS[-1]}"
+            raise InvalidInputError(f"{source} line {n}: {len(values)} values; expected {want}")
         out[name.strip()] = values
     return out
 
@@ -82,7 +75,8 @@ def load_user_presets(path: Optional[PathLike]) -> Dict[str, List[float]]:
 
 
 def block_ids(arch: str) -> List[str]:
-    return BLOCKID20 if base_arch(arch).startswith("SDXL") else BLOCKID26
+    """Every lora-block-weight block id of ``arch``, BASE first."""
+    return list(convention(LBW, arch).blocks)
 
 
 def resolve_block_weights(spec: Optional[str], arch: str,
@@ -92,13 +86,14 @@ def resolve_block_weights(spec: Optional[str], arch: str,
     if spec is None or str(spec).strip() == "":
         return None
     s = str(spec).strip()
-    xl = base_arch(arch).startswith("SDXL")
+    conv = convention(LBW, arch)
     presets = dict(PRESETS)
     presets.update(user_presets or {})
     if s in presets:
         values = presets[s]
-        if xl and len(values) == 17 and s in _UNIFORM and s not in (user_presets or {}):
-            values = [_UNIFORM[s]] * 12
+        if s in _UNIFORM and s not in (user_presets or {}):
+            # NONE / ALL / ALL0.5: one value on the architecture's short list (the blocks with attention)
+            values = [_UNIFORM[s]] * min(conv.lists)
     else:
         try:
             values = _v(s)
@@ -106,12 +101,12 @@ def resolve_block_weights(spec: Optional[str], arch: str,
             known = ", ".join(sorted(presets))
             raise InvalidInputError(f"block weights {s!r}: unknown preset and not a list of numbers "
                                     f"(presets: {known})") from None
-    lists = _LISTS_XL if xl else _LISTS_SD
-    ids = lists.get(len(values))
+    ids = conv.ids_for(len(values))
     if ids is None:
-        want = "12 or 20" if xl else "17 or 26"
-        raise InvalidInputError(f"block weights {s!r}: {len(values)} values; a {base_arch(arch)} model takes {want}")
-    out = {b: 0.0 for b in block_ids(arch)}
+        want = " or ".join(str(n) for n in sorted(conv.lists))
+        raise InvalidInputError(f"block weights {s!r}: {len(values)} values; a {conv.architecture} model takes "
+                                f"{want} ({conv.describe_lengths()})")
+    out = {b: 0.0 for b in conv.blocks}
     out.update(dict(zip(ids, values)))
     return out
 

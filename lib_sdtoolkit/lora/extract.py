@@ -18,9 +18,9 @@ from typing import Callable, Dict, List, Optional, Tuple, Union
 import torch
 
 from ..arch import detect, keymaps
+from ..arch.families import base_arch
 from ..errors import ArchitectureError, InvalidInputError
 from ..files import StreamingSafetensorsWriter, check_output_path, open_model
-from .names import base_arch
 from ..validate import check_device, finite
 
 PathLike = Union[str, "os.PathLike[str]"]

@@ -18,18 +18,8 @@ import re
 from typing import Dict, Optional, Tuple
 
 from ..arch import keymaps
+from ..arch.families import FAMILIES, base_arch
 from ..arch.keymaps import LoraTarget
-
-_HF_TE = {"SD1": {"text_encoder": "lora_te_"}, "SD2": {"text_encoder": "lora_te_"},
-          "SDXL": {"text_encoder": "lora_te1_", "text_encoder_2": "lora_te2_"},
-          "SDXL-refiner": {"text_encoder_2": "lora_te2_"}}
-
-
-def base_arch(arch: str) -> str:
-    for a in ("SDXL-refiner", "SDXL", "SD1", "SD2"):
-        if arch == a or arch.startswith(a + "-"):
-            return a
-    raise ValueError(f"LoRA cannot be applied to architecture {arch!r}")
 
 
 @functools.lru_cache(maxsize=None)
@@ -56,14 +46,13 @@ def lora_names(arch: str) -> Dict[str, LoraTarget]:
         except (KeyError, ValueError):
             continue
         table.setdefault("lora_unet_" + diff.replace(".", "_"), target)
-    for comp, prefix, fmt in keymaps.TEXT_PREFIXES.get(base, []):
-        if fmt != "hf":
+    for te in FAMILIES[base].text_encoders:
+        if te.layout != "hf":
             continue
-        te = _HF_TE[base][comp]
         for k, shape in layout.items():
-            if k.startswith(prefix) and k.endswith(".weight") and len(shape) == 1 and "norm" in k:
-                mod = k[len(prefix):-len(".weight")]
-                table.setdefault(te + mod.replace(".", "_"), LoraTarget(prefix + mod, comp))
+            if k.startswith(te.prefix) and k.endswith(".weight") and len(shape) == 1 and "norm" in k:
+                mod = k[len(te.prefix):-len(".weight")]
+                table.setdefault(te.kohya + mod.replace(".", "_"), LoraTarget(te.prefix + mod, te.component))
     return table
 
 
@@ -75,7 +64,17 @@ _PEFT_PARTS = {"lora_A.weight": "lora_down.weight", "lora_B.weight": "lora_up.we
                "lora.down.weight": "lora_down.weight", "lora.up.weight": "lora_up.weight",
                "lora_linear_layer.down.weight": "lora_down.weight", "lora_linear_layer.up.weight": "lora_up.weight",
                "lora_magnitude_vector": "dora_scale", "lora_magnitude_vector.weight": "dora_scale", "alpha": "alpha"}
-_PEFT_ROOTS = (("unet.", "lora_unet_"), ("text_encoder_2.", "te2"), ("text_encoder.", "te"))
+#: diffusers / PEFT component roots -> component
+_PEFT_ROOTS = (("unet.", "unet"), ("text_encoder_2.", "text_encoder_2"), ("text_encoder.", "text_encoder"))
+
+
+def _kohya_te(component: str, arch: str) -> str:
+    """The kohya prefix of a text encoder of ``arch``; for a component the architecture lacks, the SDXL spelling
+    (the name then matches nothing and is reported as unmatched)."""
+    try:
+        return FAMILIES[base_arch(arch)].text_encoder(component).kohya
+    except KeyError:
+        return "lora_te2_" if component == "text_encoder_2" else "lora_te1_"
 
 
 def split_key(key: str, arch: str) -> Optional[Tuple[str, str, bool]]:
@@ -83,7 +82,7 @@ def split_key(key: str, arch: str) -> Optional[Tuple[str, str, bool]]:
     (``bundle_emb.*`` and unknown shapes of key)."""
     if key.startswith("bundle_emb."):
         return None
-    for root, kind in _PEFT_ROOTS:
+    for root, component in _PEFT_ROOTS:
         if key.startswith(root):
             m = _PEFT_PART.match(key[len(root):])
             if not m:
@@ -91,14 +90,8 @@ def split_key(key: str, arch: str) -> Optional[Tuple[str, str, bool]]:
             mod = m.group("mod")
             mod = re.sub(r"\.processor\.(to_[qkv])_lora$", r".\1", mod)
             mod = re.sub(r"\.processor\.to_out_lora$", ".to_out.0", mod)
-            if kind == "lora_unet_":
-                name = "lora_unet_" + mod.replace(".", "_")
-            else:
-                b = base_arch(arch)
-                if kind == "te2":
-                    name = "lora_te2_" + mod.replace(".", "_")
-                else:
-                    name = ("lora_te1_" if b.startswith("SDXL") else "lora_te_") + mod.replace(".", "_")
+            prefix = "lora_unet_" if component == "unet" else _kohya_te(component, arch)
+            name = prefix + mod.replace(".", "_")
             return name, _PEFT_PARTS[m.group("part")], True
     if "." not in key:
         return None
@@ -117,17 +110,3 @@ def resolve_name(name: str, arch: str) -> Optional[LoraTarget]:
     if b.startswith("SDXL") and name.startswith("lora_te_"):
         return table.get("lora_te1_" + name[len("lora_te_"):])
     return None
-
-
-_BLOCK_RE = re.compile(r"^model\.diffusion_model\.(input_blocks|middle_block|output_blocks)\.?(\d+)?")
-
-
-def block_of_target(module: str) -> str:
-    """lora-block-weight block of a checkpoint module: INnn / M00 / OUTnn for UNet blocks, BASE for the text
-    encoders and for the UNet layers outside the numbered blocks (time_embed, out, label_emb)."""
-    m = _BLOCK_RE.match(module)
-    if not m:
-        return "BASE"
-    if m.group(1) == "middle_block":
-        return "M00"
-    return ("IN" if m.group(1) == "input_blocks" else "OUT") + f"{int(m.group(2)):02d}"

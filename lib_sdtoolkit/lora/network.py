@@ -15,22 +15,26 @@ from typing import Dict, List, Optional, Tuple, Union
 
 import torch
 
+from ..arch.blocks import LBW, convention
+from ..arch.families import base_arch
 from ..arch.keymaps import LoraTarget
 from ..errors import ArchitectureError, ModelFileError
 from ..files import open_model
 from . import formats
 from .formats import FormatError, LayerWeights
-from .names import base_arch, block_of_target, resolve_name, split_key
+from .names import resolve_name, split_key
 
 PathLike = Union[str, "os.PathLike[str]"]
 
 
 @dataclass
 class BoundLayer:
-    """One module of a network and where it lands."""
+    """One module of a network, where it lands and its lora-block-weight block (``LBW`` convention of the
+    network's architecture)."""
 
     weights: LayerWeights
     target: LoraTarget
+    block: str
 
     @property
     def weight_key(self) -> str:
@@ -39,10 +43,6 @@ class BoundLayer:
     @property
     def bias_key(self) -> str:
         return self.target.module + ("_bias" if self.target.qkv_index is not None else ".bias")
-
-    @property
-    def block(self) -> str:
-        return block_of_target(self.target.module)
 
     @property
     def component(self) -> str:
@@ -131,6 +131,7 @@ def load_network(path: PathLike, arch: str, name: Optional[str] = None) -> Netwo
             raise ArchitectureError(f"this is an SDXL network (te1/te2 text encoders or sdxl base model in its "
                                     f"metadata) and the model is {base}; not applied", p, example.split(".")[0])
         groups, bundled = group_modules(keys, base)
+        blocks = convention(LBW, base)
         layers: List[BoundLayer] = []
         unmatched: List[str] = []
         unknown: List[str] = []
@@ -151,7 +152,7 @@ def load_network(path: PathLike, arch: str, name: Optional[str] = None) -> Netwo
             bad = formats.nonfinite_parts(layer)
             if bad:
                 raise FormatError(f"NaN or inf in {', '.join(bad)}; the network is not applied", p, mod)
-            layers.append(BoundLayer(layer, target))
+            layers.append(BoundLayer(layer, target, blocks.block_of(target.module)))
     if not layers:
         guessed = guess_lora_arch(keys, metadata)
         example = (unmatched or unknown or keys)[0]

@@ -23,10 +23,11 @@ from typing import Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 import torch
 
 from ..arch import keymaps
+from ..arch.families import base_arch
 from . import formats
 from .apply import ActiveNetwork
 from .formats import LayerWeights
-from .names import base_arch, lora_names
+from .names import lora_names
 from .network import BoundLayer
 
 #: the patch type we register with the patcher

@@ -8,18 +8,21 @@ here from their defining formulas (x = i/24 for slot i, ``smoothstep(x) = 3x^2 -
 ``FAKE_REVERSE_CUBIC_HERMITE`` is ``1 - FAKE_CUBIC_HERMITE`` in every slot (supermerger's table has OUT10 copied
 from the TRUE curve, 0.157365 instead of 0.157576; we keep the curve's value).
 
-SDXL has 19 UNet blocks (IN00..IN08, M00, OUT00..OUT08). An SD1 preset maps to SDXL the way supermerger does:
-keep IN00..IN08, M00 and OUT00..OUT08 (slots 0-8 and 12-21 of the 25) and drop IN09-11 / OUT09-11.
+The blocks of each architecture are the ``MBW`` convention of :mod:`lib_sdtoolkit.arch.blocks` (SD1/SD2 and the
+SDXL refiner 25 UNet blocks, SDXL 19). A preset is given for another architecture block by block name
+(:func:`~lib_sdtoolkit.arch.blocks.from_sd1_unet`): SDXL keeps IN00..IN08, M00 and OUT00..OUT08 (slots 0-8 and 12-21
+of the 25) and drops IN09-11 / OUT09-11, the way supermerger does; the refiner takes all 25.
 """
 from __future__ import annotations
 
 import math
 from typing import Dict, List, Optional, Sequence, Tuple, Union
 
+from ..arch.blocks import MBW, convention, describe, from_sd1_unet
 from ..errors import InvalidInputError
 
+#: the presets' own slots: SD1's UNet blocks IN00..IN11, M00, OUT00..OUT11
 N_SD = 25
-N_XL = 19
 
 
 def _x() -> List[float]:
@@ -117,32 +120,25 @@ def preset_names() -> List[str]:
     return list(PRESETS)
 
 
-def sd_to_sdxl(ratios25: Sequence[float]) -> List[float]:
-    """Map 25 SD1 UNet ratios to SDXL's 19: IN00..IN08 + M00 + OUT00..OUT08 (supermerger's mapping)."""
-    if len(ratios25) != N_SD:
-        raise InvalidInputError(f"an SD1 block list has {N_SD} UNet values, got {len(ratios25)}")
-    r = list(ratios25)
-    return r[:9] + r[12:22]
-
-
 def get_preset(name: str, family: str = "SD1") -> Tuple[float, List[float]]:
-    """``(BASE, UNet ratios)`` of a named preset for ``family`` (SD1/SD2: 25 ratios, SDXL: 19)."""
+    """``(BASE, UNet ratios)`` of a named preset for ``family``, one ratio per UNet block of its ``MBW`` convention
+    (SD1/SD2/SDXL-refiner: 25, SDXL: 19)."""
     key = ALIASES.get(name.strip(), name.strip()) if name else name
     found = PRESETS.get(key) or PRESETS.get(key.upper()) if key else None
     if found is None:
         raise InvalidInputError(f"unknown preset {name!r}; known presets: {', '.join(PRESETS)}")
     base, unet = found
-    if family == "SDXL":
-        return base, sd_to_sdxl(unet)
-    return base, list(unet)
+    return base, from_sd1_unet(unet, family)
 
 
 def unet_block_count(family: str) -> int:
-    return N_XL if family == "SDXL" else N_SD
+    """UNet blocks of ``family`` (every MBW block but BASE)."""
+    return len(convention(MBW, family).blocks) - 1
 
 
 def parse_block_values(blocks: Union[str, Sequence[float]], family: str) -> Tuple[Optional[float], List[float]]:
-    """Parse a block list for ``family``: SD1/SD2 25 values (UNet) or 26 (BASE first); SDXL 19 or 20.
+    """Parse a block list for ``family``: one value per MBW block, with or without BASE first (SD1/SD2/SDXL-refiner
+    26 or 25, SDXL 20 or 19).
 
     Returns ``(BASE or None, UNet ratios)``. Raises ``InvalidInputError`` naming the expected counts."""
     if isinstance(blocks, str):
@@ -155,16 +151,14 @@ def parse_block_values(blocks: Union[str, Sequence[float]], family: str) -> Tupl
         values = [float(v) for v in blocks]
     if any(not math.isfinite(v) for v in values):
         raise InvalidInputError("block ratios must be finite numbers")
-    n = unet_block_count(family)
-    if len(values) == n:
-        return None, values
-    if len(values) == n + 1:
-        return values[0], values[1:]
-    what = "IN00..IN11, M00, OUT00..OUT11" if n == N_SD else "IN00..IN08, M00, OUT00..OUT08"
-    raise InvalidInputError(
-        f"wrong number of block values for {family}: got {len(values)}, expected {n} ({what}) or {n + 1} "
-        f"(BASE first)")
+    conv = convention(MBW, family)
+    ids = conv.ids_for(len(values))
+    if ids is None:
+        n = len(conv.blocks) - 1
+        raise InvalidInputError(f"wrong number of block values for {family}: got {len(values)}, expected {n} "
+                                f"({describe(conv.blocks[1:])}) or {n + 1} (BASE first)")
+    by_id = dict(zip(ids, values))
+    return by_id.get("BASE"), [by_id[b] for b in conv.blocks[1:]]
 
 
-__all__ = ["PRESETS", "ALIASES", "preset_names", "get_preset", "sd_to_sdxl", "parse_block_values",
-           "unet_block_count", "N_SD", "N_XL"]
+__all__ = ["PRESETS", "ALIASES", "preset_names", "get_preset", "parse_block_values", "unet_block_count", "N_SD"]

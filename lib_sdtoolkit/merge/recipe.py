@@ -144,10 +144,11 @@ class MergeRecipe:
 
     # ---------------------------------------------------------------------------------------------------------
     def block_ratios(self, family: str) -> Tuple[Dict[str, float], Dict[str, float]]:
-        """``(alpha per block, beta per block)`` for ``family`` (SD1/SD2/SDXL), keys BASE, IN00.., M00, OUT..."""
-        from ..arch import block_names
+        """``(alpha per block, beta per block)`` for ``family``, keyed by its merge (MBW) block ids: BASE, IN00..,
+        M00, OUT.. (:mod:`lib_sdtoolkit.arch.blocks`; SD1/SD2/SDXL-refiner 26, SDXL 20)."""
+        from ..arch.blocks import MBW, convention
 
-        names = block_names(family)
+        names = list(convention(MBW, family).blocks)
         alpha = self._ratios(family, names, self.blocks, self.preset, self.alpha, self.base_alpha)
         beta = self._ratios(family, names, self.blocks_beta, None, self.effective_beta, None)
         if not self.allow_extrapolation:
