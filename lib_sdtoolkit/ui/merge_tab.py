@@ -211,7 +211,7 @@ def build(host: Host) -> None:
                                  elem_id="sdtoolkit_merge_preset")
             base_alpha = gr.Textbox(label="Base alpha (text encoder, VAE; blank: from the list / preset / M)",
                                     value="", elem_id="sdtoolkit_merge_base_alpha")
-        blocks = gr.Textbox(label="Block ratios: 25 (SD1/SD2: IN00..IN11, M00, OUT00..OUT11) or 19 (SDXL) values, "
+        blocks = gr.Textbox(label="Block ratios: 25 (SD1/SD2/SDXL refiner: IN00..IN11, M00, OUT00..OUT11) or 19 (SDXL) values, "
                                   "optionally BASE first", value="", elem_id="sdtoolkit_merge_blocks")
         plot = gr.LinePlot(x="slot", y="ratio", title="Share of B per block", elem_id="sdtoolkit_merge_plot",
                            height=220, **supported_kwargs(gr.LinePlot, tooltip=["block", "ratio"], width=600))
