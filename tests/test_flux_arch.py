@@ -369,3 +369,36 @@ def test_content_hash_tells_vpred_from_its_eps_twin(sdxl_files, tmp_path):
     assert v.hash != content_hash(sdxl_files["eps-same"]).hash
     pruned = prune_file(sdxl_files["vpred"], tmp_path / "p.safetensors", PruneOptions(dtype="fp16"))
     assert content_hash(pruned.output).hash == v.hash
+
+
+def test_prune_flux_files(flux_files, tmp_path):
+    """The VAE out of an all-in-one file is a bare 16-channel ae file; fp8 -> bf16 is torch's own cast."""
+    res = prune_file(flux_files[("all-in-one", "dev")], tmp_path / "ae.safetensors", PruneOptions(only=["vae"]))
+    rep = inspect_file(res.output)
+    assert (rep["architecture"], rep["variant"]) == ("VAE", "16-channel")
+    assert set(open_model(res.output).keys()) == {k for k, _ in flux.component_specs("vae")}
+    res = prune_file(flux_files["fp8-e4m3"], tmp_path / "bf16.safetensors", PruneOptions(dtype="bf16"))
+    assert (res.architecture, res.dropped) == ("Flux.1", {})
+    src, out = load_state_dict(flux_files["fp8-e4m3"]), load_state_dict(res.output)
+    assert src.keys() == out.keys()
+    for k, t in src.items():
+        assert t.dtype == torch.float8_e4m3fn and torch.equal(out[k], t.to(torch.bfloat16)), k
+    t = prune_file(flux_files[("all-in-one", "schnell")], tmp_path / "t.safetensors",
+                   PruneOptions(dtype="keep", only=["transformer"]))
+    assert inspect_file(t.output)["layout"] == "bfl" and t.kept == {"transformer": 776}
+
+
+@pytest.mark.parametrize("blocks,attn2,variant", [(24, False, "3-medium"), (24, True, "3.5-medium"),
+                                                  (38, False, "3.5-large")])
+def test_sd3_variants_by_structure(mecha_layout, blocks, attn2, variant):
+    """SD3 medium's real key list, re-blocked: 38 joint blocks is 3.5 large, MMDiT-X's attn2 is 3.5 medium."""
+    ref = {k: tuple(v["shape"]) for k, v in mecha_layout("sd3-comfyui")["diffuser"].items()}
+    block0 = {k: s for k, s in ref.items() if k.startswith("model.diffusion_model.joint_blocks.0.")}
+    shapes = {k: s for k, s in ref.items() if ".joint_blocks." not in k}
+    for i in range(blocks):
+        for k, s in block0.items():
+            shapes[k.replace(".joint_blocks.0.", f".joint_blocks.{i}.")] = s
+        if attn2:
+            shapes[f"model.diffusion_model.joint_blocks.{i}.x_block.attn2.qkv.weight"] = (4, 4)
+    info = detect(shapes)
+    assert (info.architecture, info.variant, info.layout) == ("SD3", variant, "bfl")
