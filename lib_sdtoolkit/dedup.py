@@ -79,7 +79,8 @@ KINDS = ("vae", "checkpoint", "lora", "controlnet", "any")
 ACTIONS = ("report", "hardlink", "move")
 
 _KIND_OF_ARCH = {"VAE": "vae", "SD1": "checkpoint", "SD2": "checkpoint", "SDXL": "checkpoint",
-                 "SDXL-refiner": "checkpoint", "LoRA": "lora", "ControlNet": "controlnet"}
+                 "SDXL-refiner": "checkpoint", "Flux.1": "checkpoint", "SD3": "checkpoint", "LoRA": "lora",
+                 "ControlNet": "controlnet"}
 _NAI_CLIP = ("transformer.embeddings.", "transformer.encoder.", "transformer.final_layer_norm.")
 
 

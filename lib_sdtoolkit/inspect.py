@@ -19,7 +19,8 @@ from .arch import (
 from .files import open_model
 
 #: the component order used in reports
-COMPONENT_ORDER = ("unet", "vae", "text_encoder", "text_encoder_2", "controlnet", "ema", "junk")
+COMPONENT_ORDER = ("unet", "transformer", "vae", "text_encoder", "text_encoder_2", "text_encoder_3", "controlnet",
+                   "marker", "ema", "junk")
 
 
 def _fp16_bytes(dtype: torch.dtype, nbytes: int) -> int:
@@ -36,7 +37,7 @@ def inspect_file(path) -> Dict[str, Any]:
     ``position_ids``, ``total_bytes`` and more)."""
     with open_model(path) as r:
         infos = r.infos()
-        info: ArchInfo = detect(infos)
+        info: ArchInfo = detect(infos, r.metadata)
         groups = split_components(infos, info)
         pkey = position_ids_key(infos)
         pstate = position_ids_state(r.get(pkey) if pkey else None)
@@ -62,6 +63,13 @@ def inspect_file(path) -> Dict[str, Any]:
         "file_size": file_size,
         "architecture": info.architecture,
         "variant": info.variant,
+        "layout": info.layout,
+        "prediction": info.prediction,
+        "prediction_source": info.prediction_source,
+        "ztsnr": info.ztsnr,
+        "markers": info.markers,
+        "family": info.named_family,
+        "family_source": info.named_family_source,
         "notes": info.notes,
         "total_keys": len(infos),
         "total_bytes": sum(i.nbytes for i in infos.values()),
@@ -99,6 +107,15 @@ def format_report(rep: Dict[str, Any]) -> str:
     lines.append(f"{rep['path']}")
     lines.append(f"  architecture: {arch}    format: {rep['format']}    file: {human_bytes(rep['file_size'])}, "
                  f"{rep['total_keys']} tensors, {human_bytes(rep['total_bytes'])}")
+    if rep.get("layout"):
+        lines.append(f"  layout: {rep['layout']}")
+    if rep.get("prediction"):
+        lines.append(f"  prediction: {rep['prediction']} ({rep.get('prediction_source')})    "
+                     f"zero terminal SNR: {'yes' if rep.get('ztsnr') else 'no'}")
+    if rep.get("markers"):
+        lines.append("  marker keys: " + ", ".join(rep["markers"]) + " (kept by prune and merge)")
+    if rep.get("family"):
+        lines.append(f"  family: {rep['family']} (from metadata {rep.get('family_source')})")
     for n in rep.get("notes", []):
         lines.append(f"  note: {n}")
     lines.append("  components:")

@@ -32,7 +32,7 @@ PathLike = Union[str, "os.PathLike[str]"]
 
 DTYPES: Dict[str, Optional[torch.dtype]] = {"fp16": torch.float16, "bf16": torch.bfloat16,
                                             "fp32": torch.float32, "keep": None}
-COMPONENT_NAMES = ("unet", "vae", "text_encoder", "text_encoder_2", "controlnet")
+COMPONENT_NAMES = ("unet", "transformer", "vae", "text_encoder", "text_encoder_2", "text_encoder_3", "controlnet")
 _COMPONENT_ALIASES = {"text_encoders": ("text_encoder", "text_encoder_2"), "te": ("text_encoder", "text_encoder_2"),
                       "clip": ("text_encoder", "text_encoder_2"), "te1": ("text_encoder",),
                       "te2": ("text_encoder_2",), "model": ("unet",)}
@@ -117,10 +117,10 @@ def plan_prune(reader: Any, options: PruneOptions) -> PrunePlan:
     infos = reader.infos()
     info = detect(infos)
     if info.architecture == "unknown":
-        raise ArchitectureError("cannot tell what this file is (not an SD checkpoint, VAE, LoRA or ControlNet); "
-                                "nothing to prune", reader.path)
+        raise ArchitectureError("cannot tell what this file is (not an SD or Flux.1 checkpoint, VAE, text encoder, "
+                                "LoRA or ControlNet); nothing to prune", reader.path)
     groups = split_components(infos, info)
-    present = [c for c in groups if c not in ("ema", "junk")]
+    present = [c for c in groups if c not in ("ema", "junk", "marker")]
     wanted = options.only
     if wanted is not None:
         missing = [c for c in wanted if c not in groups]
@@ -132,6 +132,8 @@ def plan_prune(reader: Any, options: PruneOptions) -> PrunePlan:
         keep_comps.add("ema")
     if options.keep_junk and wanted is None:
         keep_comps.add("junk")
+    if keep_comps & {"unet", "transformer"}:
+        keep_comps.add("marker")  # v_pred / ztsnr: hosts sample a model without them as eps (noise)
     bare = options.bare if options.bare is not None else (wanted == ["vae"])
     strip = None
     if bare:
@@ -157,7 +159,9 @@ def plan_prune(reader: Any, options: PruneOptions) -> PrunePlan:
         ti = infos[k]
         dt = ti.dtype
         shape = tuple(ti.shape)
-        if k == pkey or k.endswith("position_ids"):
+        if c == "marker":
+            pass  # kept exactly as stored: hosts test for the key
+        elif k == pkey or k.endswith("position_ids"):
             if options.fix_position_ids:
                 dt = torch.int64
         elif dt.is_floating_point and target is not None and dt != target:

@@ -19,8 +19,13 @@ import torch
 from .blocks import block_names, block_of_key  # the MBW convention: the merge engine's rule
 from .families import EMA_PREFIX, FAMILIES, UNET_PREFIX, VAE_PREFIX, base_arch
 
-ARCHITECTURES = ("SD1", "SD2", "SDXL", "SDXL-refiner", "VAE", "LoRA", "ControlNet", "unknown")
-COMPONENTS = ("unet", "vae", "text_encoder", "text_encoder_2", "ema", "junk")
+ARCHITECTURES = ("SD1", "SD2", "SDXL", "SDXL-refiner", "Flux.1", "SD3", "VAE", "CLIP-L", "CLIP-G", "CLIP", "T5",
+                 "LoRA", "ControlNet", "unknown")
+COMPONENTS = ("unet", "transformer", "vae", "text_encoder", "text_encoder_2", "text_encoder_3", "marker", "ema",
+              "junk")
+#: layouts of the transformer families (``ArchInfo.layout``): BFL/SAI names alone, the all-in-one checkpoint
+#: (transformer + VAE and/or text encoders), diffusers names, or one separate component file (VAE, CLIP, T5)
+LAYOUTS = ("bfl", "all-in-one", "diffusers", "component")
 
 
 #: CLIP position_ids keys per layout (int64 [1, 77] holding 0..76)
@@ -54,6 +59,20 @@ class ArchInfo:
     prefixes: Dict[str, str] = field(default_factory=dict)
     #: free-form facts found on the way (e.g. "UNet only")
     notes: List[str] = field(default_factory=list)
+    #: Flux/SD3 and separate component files: one of :data:`LAYOUTS`; None for SD1/SD2/SDXL checkpoints
+    layout: Optional[str] = None
+    #: component -> the top-level names its keys start with, for components stored without a prefix
+    roots: Dict[str, Tuple[str, ...]] = field(default_factory=dict)
+    #: "v" / "eps" / "v (EDM)" / "EDM" (see :mod:`.markers`), where it is known, and what said so
+    prediction: Optional[str] = None
+    prediction_source: Optional[str] = None
+    #: zero terminal SNR (the ``ztsnr`` marker key)
+    ztsnr: bool = False
+    #: marker keys present (``v_pred``, ``ztsnr``, ...): kept by every tool as stored
+    markers: List[str] = field(default_factory=list)
+    #: the base family a metadata field names (Illustrious, NoobAI, Pony, ...) and that field; never guessed
+    named_family: Optional[str] = None
+    named_family_source: Optional[str] = None
 
     @property
     def is_checkpoint(self) -> bool:
@@ -65,8 +84,10 @@ class ArchInfo:
         return "SDXL" if self.architecture == "SDXL-refiner" else self.architecture
 
     def to_dict(self) -> Dict[str, Any]:
-        return {"architecture": self.architecture, "variant": self.variant, "prefixes": dict(self.prefixes),
-                "notes": list(self.notes)}
+        return {"architecture": self.architecture, "variant": self.variant, "layout": self.layout,
+                "prefixes": dict(self.prefixes), "notes": list(self.notes), "prediction": self.prediction,
+                "prediction_source": self.prediction_source, "ztsnr": self.ztsnr, "markers": list(self.markers),
+                "family": self.named_family, "family_source": self.named_family_source}
 
 
 #: component -> key prefix per checkpoint architecture (from the one table in :mod:`.families`)
@@ -83,11 +104,26 @@ def _max_index(keys: Iterable[str], block: str) -> int:
     return best
 
 
+#: keys every SD1/SD2/SDXL UNet has (relative to ``model.diffusion_model.``): a file under that prefix without
+#: them is some other network (Flux, SD3, ...), never an SD UNet
+_UNET_REQUIRED = ("input_blocks.0.0.weight", "middle_block.", "output_blocks.0.", "out.")
+
+
 def _unet_family(shapes: Mapping[str, Any], unet_keys: List[str]) -> Optional[str]:
-    """Tell the UNet's family from its structure; None for keys under the UNet prefix that are no ldm/sgm UNet
-    (no ``input_blocks``: a diffusers UNet or a transformer this tool does not know is never called SD1)."""
-    if not any(k.startswith(UNET_PREFIX + "input_blocks.") for k in unet_keys):
+    """Tell the UNet's family from its structure; None when the keys under the UNet prefix are not an SD UNet.
+
+    SD1 is named only when the UNet's distinctive keys are all there (``input_blocks.0.0``, ``middle_block``,
+    ``output_blocks``, ``out``), not by the absence of SDXL/SD2 markers: a Flux or SD3 transformer stored under
+    ``model.diffusion_model.`` once fell through to "SD1"."""
+    if not unet_keys:
         return None
+    n = len(UNET_PREFIX)
+    for req in _UNET_REQUIRED:
+        if req.endswith("."):
+            if not any(k.startswith(req, n) for k in unet_keys):
+                return None
+        elif UNET_PREFIX + req not in shapes:
+            return None
     if any(".label_emb." in k for k in unet_keys):
         return "SDXL-refiner" if _max_index(unet_keys, "input_blocks") >= 10 else "SDXL"
     for k in unet_keys:
@@ -96,8 +132,25 @@ def _unet_family(shapes: Mapping[str, Any], unet_keys: List[str]) -> Optional[st
     return "SD1"
 
 
-def detect(shapes: Mapping[str, Any]) -> ArchInfo:
-    """Classify a state dict given its keys and shapes (tensors, ``TensorInfo`` or shape tuples)."""
+def detect(shapes: Mapping[str, Any], metadata: Optional[Mapping[str, str]] = None) -> ArchInfo:
+    """Classify a state dict given its keys and shapes (tensors, ``TensorInfo`` or shape tuples).
+
+    ``metadata`` (the file's safetensors metadata) adds what only it can say: the prediction type where no marker
+    key says it, and the base family a ``modelspec.*`` / ``ss_*`` field names. The architecture is decided from
+    the keys alone."""
+    info = _detect_keys(shapes)
+    if info.architecture in ("SD1", "SD2", "SDXL", "SDXL-refiner", "Flux.1"):
+        from .markers import family_of, prediction_of
+
+        pred = prediction_of(shapes, metadata, info.architecture)
+        info.prediction, info.prediction_source = pred["prediction"], pred["prediction_source"]
+        info.ztsnr, info.markers = bool(pred["ztsnr"]), list(pred["markers"])
+        info.notes.extend(pred["notes"])
+        info.named_family, info.named_family_source = family_of(metadata)
+    return info
+
+
+def _detect_keys(shapes: Mapping[str, Any]) -> ArchInfo:
     keys = list(shapes)
     if not keys:
         return ArchInfo("unknown", notes=["no tensors"])
@@ -107,6 +160,13 @@ def detect(shapes: Mapping[str, Any]) -> ArchInfo:
         return ArchInfo("LoRA")
     if any(_CONTROLNET_RE.search(k) for k in keys) and not any(k.startswith("first_stage_model.") for k in keys):
         return ArchInfo("ControlNet")
+
+    from .dit import detect_dit, vae_variant
+
+    dit = detect_dit(shapes)
+    if dit is not None:
+        return ArchInfo(dit["architecture"], dit["variant"], dit["prefixes"], dit["notes"], layout=dit["layout"],
+                        roots=dit["roots"])
 
     has = lambda p: any(k.startswith(p) for k in keys)  # noqa: E731
     notes: List[str] = []
@@ -120,7 +180,7 @@ def detect(shapes: Mapping[str, Any]) -> ArchInfo:
         vae_keys = [k for k in keys if _VAE_BARE_RE.match(k[len(VAE_PREFIX):] if k.startswith(VAE_PREFIX) else k)]
         if any("decoder.conv_out" in k for k in vae_keys) or any("encoder.conv_in" in k for k in vae_keys):
             prefix = VAE_PREFIX if any(k.startswith(VAE_PREFIX) for k in vae_keys) else ""
-            return ArchInfo("VAE", prefixes={"vae": prefix})
+            return ArchInfo("VAE", vae_variant(shapes, prefix), prefixes={"vae": prefix}, layout="component")
         return ArchInfo("unknown")
     if fam is not None and fam != arch:
         notes.append(f"the UNet looks like {fam} but the text encoder like {arch}")
@@ -175,9 +235,14 @@ def component_of(key: str, info: ArchInfo, layout: Optional[frozenset] = None) -
         return "controlnet"
     if key.startswith(EMA_PREFIX):
         return "ema"
+    if key in _MARKERS and info.architecture not in ("VAE", "CLIP-L", "CLIP-G", "CLIP", "T5"):
+        return "marker"
     if info.architecture == "VAE":
         rest = key[len(VAE_PREFIX):] if key.startswith(VAE_PREFIX) else key
         return "vae" if _VAE_BARE_RE.match(rest) and not key.startswith("loss") else "junk"
+    for comp, roots in info.roots.items():
+        if not info.prefixes.get(comp) and key.startswith(roots):
+            return comp
     for comp, prefix in info.prefixes.items():
         if prefix and key.startswith(prefix):
             if layout is not None and key not in layout and not OPTIONAL_COMPONENT_KEYS.search(key):
@@ -188,6 +253,10 @@ def component_of(key: str, info: ArchInfo, layout: Optional[frozenset] = None) -
             return comp
     return "junk"
 
+
+from .markers import MARKER_KEYS as _MARKER_KEYS  # noqa: E402 - after ArchInfo; markers imports nothing of ours
+
+_MARKERS = frozenset(_MARKER_KEYS)
 
 #: SD1 CLIP keys in the old layout (``cond_stage_model.transformer.encoder...``) that the WebUI renames on load
 OLD_CLIP_PREFIX = "cond_stage_model.transformer."
@@ -239,5 +308,5 @@ def fixed_position_ids(n: int = 77) -> torch.Tensor:
 __all__ = [
     "ARCHITECTURES", "COMPONENTS", "ArchInfo", "detect", "component_of", "split_components", "block_names",
     "block_of_key", "position_ids_key", "position_ids_state", "fixed_position_ids", "POSITION_ID_KEYS",
-    "UNET_PREFIX", "VAE_PREFIX", "EMA_PREFIX", "base_arch",
+    "UNET_PREFIX", "VAE_PREFIX", "EMA_PREFIX", "base_arch", "LAYOUTS",
 ]

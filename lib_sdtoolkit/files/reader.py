@@ -576,9 +576,22 @@ def _first(msg: str) -> str:
     return (msg.splitlines() or [""])[0]
 
 
+#: the first bytes of a GGUF file (llama.cpp's format; ComfyUI-GGUF and Forge load quantized Flux/SDXL from it)
+GGUF_MAGIC = b"GGUF"
+
+
+def gguf_error(path: Path) -> ModelFileError:
+    """The one message every tool gives for a ``.gguf`` file."""
+    return ModelFileError("GGUF files are not supported (quantized weights in llama.cpp's GGUF format, which "
+                          "ComfyUI-GGUF and Forge load); use a .safetensors copy of the model (bf16, fp16 or fp8)",
+                          path)
+
+
 def _sniff(path: Path) -> str:
     with open_regular(path) as fh:
         head = fh.read(16)
+    if head[:4] == GGUF_MAGIC or path.suffix.lower() == ".gguf":
+        return "gguf"
     if head[:4] == b"PK\x03\x04":
         return "ckpt"
     if len(head) >= 9 and head[8:9] == b"{":
@@ -612,6 +625,8 @@ def open_model(path: PathLike) -> ModelReader:
             reader: ModelReader = SafetensorsReader(p)
         elif kind == "ckpt":
             reader = CkptReader(p)
+        elif kind == "gguf":
+            raise gguf_error(p)
         else:
             raise ModelFileError("not a model file (neither safetensors nor a PyTorch checkpoint)", p)
     except SdToolkitError:

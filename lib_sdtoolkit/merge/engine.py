@@ -12,6 +12,8 @@ Rules (each counted in the :class:`MergeReport`):
 
 * maths in float32 whatever the input dtypes (:mod:`lib_sdtoolkit.ops.merge`); the result is cast once;
 * integer / bool tensors are never cast to float; they are copied from A;
+* marker keys (``v_pred``, ``ztsnr``, ``edm_*``; :mod:`lib_sdtoolkit.arch.markers`) are copied from A as stored,
+  never averaged nor cast (hosts read v-prediction from the key; a marker only B has is not added);
 * CLIP ``position_ids`` are never interpolated: kept from A as stored, or ``arange(N)`` int64 with
   ``fix_position_ids``;
 * ``model_ema.*`` keys are dropped unless ``keep_ema`` (then merged with the BASE ratio where B has them);
@@ -40,6 +42,7 @@ import torch
 
 from .. import __version__
 from ..arch import VAE_PREFIX, ArchInfo, block_of_key, detect
+from ..arch.markers import is_marker_key
 from ..errors import ArchitectureError, InvalidInputError, ModelFileError, SdToolkitError
 from ..files import StreamingSafetensorsWriter, TensorInfo, check_output_path, open_model, save_ckpt
 from ..ops import merge as ops
@@ -290,6 +293,9 @@ class _Plan:
                                             f"{tuple(info.shape)}", vae.label, vae_map[k])
                 self.items.append(_Item(k, dt(k, vinfo.dtype), info.shape, "vae"))
                 rep.vae_baked += 1
+                continue
+            if is_marker_key(k):  # v_pred / ztsnr / edm_*: from A as stored, never averaged nor cast
+                self.items.append(_Item(k, info.dtype, info.shape, "copy_a"))
                 continue
             if k.endswith("embeddings.position_ids"):
                 if recipe.fix_position_ids:
@@ -677,7 +683,7 @@ def _check_module_keys(plan: _Plan, target_sd: Mapping[str, torch.Tensor], arch:
         dst = target_sd.get(it.name)
         if dst is None:
             comp = component_of(it.name, arch)
-            if comp in ("ema", "junk") or it.action in ("fix_pos", "keep_pos"):
+            if comp in ("ema", "junk", "marker") or it.action in ("fix_pos", "keep_pos"):
                 plan.report.not_in_module.append(it.name)
                 continue
             bad.append(it.name)
