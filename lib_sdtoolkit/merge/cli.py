@@ -4,24 +4,28 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ..errors import InvalidInputError
-from ..ops.merge import METHODS
-from .recipe import MergeRecipe
+from . import methods as merge_methods
+
+if TYPE_CHECKING:
+    from .recipe import MergeRecipe
 
 
 def register(subparsers: Any) -> None:
     p = subparsers.add_parser(
         "merge", help="merge checkpoints (weighted sum, add difference, block weighted, TIES, DARE)",
         description="Merge two or three checkpoints, streaming key by key (peak memory: a few tensors). "
-                    "M (--alpha) is the share of B: weighted_sum = A*(1-M) + B*M; add_difference = A + (B-C)*M.")
+                    "M (--alpha) is the share of B.",
+        epilog="methods:\n" + "\n".join("  " + line for line in merge_methods.summary_lines()),
+        formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("models", nargs="+", metavar="MODEL", help="A B [C]")
     p.add_argument("-o", "--output", required=True, help="output file (.safetensors or .ckpt)")
-    p.add_argument("--method", default="weighted_sum", choices=METHODS)
+    p.add_argument("--method", default="weighted_sum", choices=merge_methods.names())
     p.add_argument("--alpha", type=float, default=0.5, help="M, the share of B (default 0.5)")
     p.add_argument("--beta", type=float, default=None,
-                   help="sum_twice/triple_sum: share of C; ties: density (0.2); dare: drop rate (0.9)")
+                   help=merge_methods.beta_help())
     p.add_argument("--blocks", default=None, help='per-block M: "v1,...,v25" (SD1/SD2; 26 with BASE first) or 19/20 '
                                                   "values (SDXL)")
     p.add_argument("--blocks-beta", default=None, help="per-block beta, same form as --blocks")
@@ -33,7 +37,8 @@ def register(subparsers: Any) -> None:
                    help="write CLIP position_ids as arange(77) int64 (default: kept from A)")
     p.add_argument("--bake-vae", default=None, metavar="FILE", help="replace first_stage_model.* from a VAE file")
     p.add_argument("--discard", default=None, metavar="REGEX", help="leave out keys matching this regex")
-    p.add_argument("--seed", type=int, default=0, help="seed for dare (default 0)")
+    seeded = ", ".join(m.name for m in merge_methods.REGISTRY.values() if m.seeded)
+    p.add_argument("--seed", type=int, default=0, help=f"seed for {seeded} (default 0)")
     p.add_argument("--device", default="cpu", help="cpu or cuda")
     p.add_argument("--allow-extrapolation", action="store_true", help="allow ratios outside [0, 1]")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output")
@@ -43,7 +48,9 @@ def register(subparsers: Any) -> None:
     p.set_defaults(func=handler)
 
 
-def recipe_from_args(args: argparse.Namespace) -> MergeRecipe:
+def recipe_from_args(args: argparse.Namespace) -> "MergeRecipe":
+    from .recipe import MergeRecipe  # here, not at the top: the recipe imports torch, --help must not
+
     models = list(args.models)
     if not 2 <= len(models) <= 3:
         raise InvalidInputError(f"merge takes 2 or 3 models (A B [C]), got {len(models)}")

@@ -7,6 +7,7 @@ any error the tmp file is removed). Safetensors inputs are read with ``os.preadv
 mmap, so file pages never count toward the process's memory; elementwise methods work through large tensors in
 chunks of :data:`CHUNK_ELEMENTS`, so peak memory is a few tensors (the largest output tensor + a few chunks per
 worker). Two worker threads overlap reading, computing and writing (torch and the I/O calls release the GIL).
+The method's maths and facts come from its declaration in :mod:`lib_sdtoolkit.merge.methods`.
 
 Rules (each counted in the :class:`MergeReport`):
 
@@ -42,7 +43,7 @@ from .. import __version__
 from ..arch import VAE_PREFIX, ArchInfo, block_of_key, detect
 from ..errors import ArchitectureError, InvalidInputError, ModelFileError, SdToolkitError
 from ..files import StreamingSafetensorsWriter, TensorInfo, check_output_path, open_model, save_ckpt
-from ..ops import merge as ops
+from . import methods as merge_methods
 from .recipe import MergeRecipe
 
 PathLike = Union[str, "os.PathLike[str]"]
@@ -54,7 +55,6 @@ CHUNK_ELEMENTS = 1 << 22
 #: tensors at most this big are computed in one piece
 SMALL_ELEMENTS = 1 << 22
 _VAE_KEY_RE = re.compile(r"^(encoder|decoder|quant_conv|post_quant_conv)\.")
-_INTERP_NAMES = {"weighted_sum": "Weighted sum", "add_difference": "Add difference"}
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -249,6 +249,7 @@ class _Plan:
     def __init__(self, recipe: MergeRecipe, a: _Source, others: List[_Source], vae: Optional[_Source],
                  arch: ArchInfo, out_dtype_for: Optional[Callable[[str, torch.dtype], torch.dtype]] = None):
         self.recipe = recipe
+        self.method = merge_methods.get(recipe.method)
         self.a, self.others, self.vae = a, others, vae
         self.arch = arch.architecture
         self.alpha, self.beta = recipe.block_ratios(arch.architecture)
@@ -257,7 +258,7 @@ class _Plan:
         self.items: List[_Item] = []
         self.report = MergeReport(output=None, architecture=arch.architecture, method=recipe.method,
                                   block_ratios=dict(self.alpha),
-                                  block_ratios_beta=dict(self.beta) if recipe.method != "weighted_sum" else {})
+                                  block_ratios_beta=dict(self.beta) if self.method.beta is not None else {})
         rep = self.report
         vae_map: Dict[str, str] = {}
         if vae is not None:
@@ -373,14 +374,13 @@ class _Plan:
         return bare if bare in self.vae else name
 
     def _merge(self, item: _Item, device: torch.device, out: Optional[torch.Tensor]) -> torch.Tensor:
-        r = self.recipe
         alpha = self.alpha[item.block]
         beta = self.beta[item.block]
         numel = 1
         for s in item.shape:
             numel *= s
         srcs = [self.a] + self.others
-        chunked = (r.method in ops.ELEMENTWISE and not item.partial and numel > SMALL_ELEMENTS
+        chunked = (self.method.elementwise and not item.partial and numel > SMALL_ELEMENTS
                    and all(s.chunkable for s in srcs))
         if out is None:
             out = torch.empty(item.shape, dtype=item.dtype)
@@ -408,26 +408,11 @@ class _Plan:
         return out
 
     def _elementwise(self, ts: List[torch.Tensor], alpha: float, beta: float) -> torch.Tensor:
-        m = self.recipe.method
-        if m == "weighted_sum":
-            return ops.weighted_sum(ts[0], ts[1], alpha, inplace=True)
-        if m == "add_difference":
-            return ops.add_difference(ts[0], ts[1], ts[2], alpha, inplace=True)
-        if m == "sum_twice":
-            return ops.sum_twice(ts[0], ts[1], ts[2], alpha, beta, inplace=True)
-        if m == "triple_sum":
-            return ops.triple_sum(ts[0], ts[1], ts[2], alpha, beta, inplace=True)
-        raise AssertionError(m)
+        """An elementwise method on float32 tensors the engine owns (overwritten in place)."""
+        return self.method.call(ts, alpha, beta, inplace=True)
 
     def _whole(self, ts: List[torch.Tensor], alpha: float, beta: float, key: str) -> torch.Tensor:
-        m = self.recipe.method
-        if m in ops.ELEMENTWISE:
-            return self._elementwise(ts, alpha, beta)
-        if m == "ties":
-            return ops.ties(ts[0], ts[1:], alpha, beta)
-        if m == "dare":
-            return ops.dare(ts[0], ts[1:], alpha, beta, self.recipe.seed, key)
-        raise AssertionError(m)
+        return self.method.call(ts, alpha, beta, seed=self.recipe.seed, key=key, inplace=self.method.elementwise)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -487,12 +472,13 @@ def build_metadata(recipe: MergeRecipe, sources: Dict[str, _Source], hashes: Dic
         if src is not None:
             copied.update({k: v for k, v in (src.metadata or {}).items() if isinstance(k, str) and isinstance(v, str)})
     sha = {n: (hashes.get(n) or (None, None))[0] for n in ("A", "B", "C", "VAE")}
+    spec = merge_methods.get(recipe.method)
     rec: Dict[str, Any] = {
         "type": "sd-toolkit",
         "primary_model_hash": sha["A"],
         "secondary_model_hash": sha["B"],
         "tertiary_model_hash": sha["C"],
-        "interp_method": _INTERP_NAMES.get(recipe.method, recipe.method),
+        "interp_method": spec.webui_name or recipe.method,
         "multiplier": recipe.alpha,
         "save_as_half": recipe.dtype == "fp16",
         "custom_name": output.stem if output is not None else None,
@@ -507,11 +493,12 @@ def build_metadata(recipe: MergeRecipe, sources: Dict[str, _Source], hashes: Dic
         "block_weighted": recipe.block_weighted,
         "preset": recipe.preset,
         "blocks": report.block_ratios if report is not None and recipe.block_weighted else None,
-        "blocks_beta": (report.block_ratios_beta if report is not None and recipe.blocks_beta is not None else None),
+        "blocks_beta": ((report.block_ratios_beta or None) if report is not None and recipe.blocks_beta is not None
+                        else None),
         "dtype": recipe.dtype,
         "keep_ema": recipe.keep_ema,
         "fix_position_ids": recipe.fix_position_ids,
-        "seed": recipe.seed if recipe.method == "dare" else None,
+        "seed": recipe.seed if spec.seeded else None,
         "vae_hash": sha["VAE"],
         "sdtoolkit_version": __version__,
     }

@@ -15,6 +15,7 @@ import gradio as gr
 
 from ..errors import SdToolkitError
 from ..host import Host
+from ..merge import methods as merge_methods
 from .common import error_html, keep_value, supported_kwargs
 
 #: what the Merge tab says on Forge, where the three loaded-model buttons are not offered
@@ -26,7 +27,7 @@ log = logging.getLogger(__name__)
 
 TITLE = "Merge"
 ELEM_ID = "merge"
-METHODS = ["weighted_sum", "add_difference", "sum_twice", "triple_sum", "ties", "dare"]
+METHODS = list(merge_methods.names())  # the registry's methods, in declaration order
 NONE = "None"
 
 
@@ -88,7 +89,7 @@ def ui_body(model_a: str, model_b: str, model_c: str, method: str, alpha: float,
             bake_vae: str, discard: str, seed: float, device: str, allow_extrapolation: bool, output: str,
             overwrite: bool) -> Dict[str, Any]:
     """The request body (same as the HTTP API's) for the tab's values."""
-    uses_beta = method in ("sum_twice", "triple_sum", "ties", "dare")
+    uses_beta = method in merge_methods.REGISTRY and merge_methods.REGISTRY[method].beta is not None
     return {
         "model_a": model_a or "", "model_b": model_b or None, "model_c": model_c or None, "method": method,
         "alpha": float(alpha), "beta": float(beta) if uses_beta and beta is not None else None,
@@ -201,14 +202,15 @@ def build(host: Host) -> None:
                               elem_id="sdtoolkit_merge_a")
         model_b = gr.Dropdown(label="Model B (share M)", choices=ckpts, value=ckpts[1] if len(ckpts) > 1 else None,
                               elem_id="sdtoolkit_merge_b")
-        model_c = gr.Dropdown(label="Model C (add difference, sum twice, triple sum; optional for TIES/DARE)",
+        model_c = gr.Dropdown(label=f"Model C ({merge_methods.model_c_label()})",
                               choices=[""] + ckpts, value="", elem_id="sdtoolkit_merge_c")
         refresh_btn = gr.Button("Refresh", elem_id="sdtoolkit_merge_refresh", elem_classes=["sdtoolkit-tool"])
     with gr.Row():
-        method = gr.Dropdown(label="Method", choices=METHODS, value="weighted_sum", elem_id="sdtoolkit_merge_method")
+        method = gr.Dropdown(label="Method", choices=list(merge_methods.names()), value="weighted_sum",
+                             elem_id="sdtoolkit_merge_method")
         alpha = gr.Slider(label="M (alpha, share of B)", minimum=0.0, maximum=1.0, step=0.01, value=0.5,
                           elem_id="sdtoolkit_merge_alpha")
-        beta = gr.Slider(label="beta (share of C / TIES density / DARE drop rate)", minimum=0.0, maximum=1.0,
+        beta = gr.Slider(label=f"beta ({merge_methods.beta_label()})", minimum=0.0, maximum=1.0,
                          step=0.01, value=0.2, elem_id="sdtoolkit_merge_beta")
     with gr.Accordion("Merge block weighted", open=False):
         with gr.Row():
