@@ -62,7 +62,7 @@ def recipe_from_args(args: argparse.Namespace) -> "MergeRecipe":
         allow_extrapolation=args.allow_extrapolation, device=args.device, save_metadata=not args.no_metadata)
 
 
-def _tqdm_progress():
+def _tqdm_progress(desc: str = "merging", unit: str = "key"):
     from tqdm import tqdm
 
     state: dict = {}
@@ -70,8 +70,8 @@ def _tqdm_progress():
     def progress(done: int, total: int, key: str) -> None:
         bar = state.get("bar")
         if bar is None:
-            bar = state["bar"] = tqdm(total=total, desc="merging", unit="key", file=sys.stderr, leave=False,
-                                      disable=None)
+            bar = state["bar"] = tqdm(total=total, desc=desc, unit=unit, unit_scale=unit == "B", file=sys.stderr,
+                                      leave=False, disable=None)
         bar.n = done
         bar.refresh()
         if done >= total:
@@ -85,7 +85,7 @@ def handler(args: argparse.Namespace) -> int:
 
     recipe = recipe_from_args(args)
     report = merge_files(recipe, args.output, overwrite=args.overwrite, progress=_tqdm_progress(),
-                         workers=args.workers)
+                         workers=args.workers, hash_progress=_tqdm_progress("hashing inputs", "B"))
     if args.json:
         print(json.dumps(report.to_dict(), indent=2))
     else:
