@@ -270,3 +270,67 @@ def test_outputs_never_overwrite(tmp_path):
     assert torch.equal(torch.load(c, weights_only=True)["state_dict"]["x"], torch.ones(2))
     with pytest.raises(OutputExistsError):
         save_ckpt(c, {"x": torch.ones(2)})
+
+
+@pytest.mark.parametrize("suffix", [".safetensors", ".ckpt"])
+@pytest.mark.parametrize("no_preadv", [False, True])
+def test_ranged_reads_into_buffers(tmp_path, suffix, no_preadv, monkeypatch):
+    """``read_elements`` / ``read_into`` give exactly the stored elements of any range (checked against the
+    safetensors library / torch.load), in both readers, threads at once, and without ``os.preadv`` (Windows)."""
+    from lib_sdtoolkit.files import reader as reader_mod
+
+    if no_preadv:
+        if suffix == ".ckpt":
+            pytest.skip("the checkpoint reader does not read the file")
+        monkeypatch.setattr(reader_mod, "_PREADV", None)
+    sd = _sd()
+    g = torch.Generator().manual_seed(1)
+    sd["big"] = torch.randn(301, 7, generator=g).half()
+    path = tmp_path / f"m{suffix}"
+    if suffix == ".safetensors":
+        save_file(sd, str(path))
+        ref = load_file(str(path))
+    else:
+        torch.save({"state_dict": sd}, path)
+        ref = torch.load(path, weights_only=True)["state_dict"]
+    with open_model(path) as r:
+        assert r.ranged_reads == (suffix == ".safetensors")
+        for k, t in ref.items():
+            whole = r.read_elements(k)
+            assert whole.dtype == t.dtype and torch.equal(whole, t.reshape(-1))
+        flat = ref["big"].reshape(-1)
+        for start, count in ((0, 1), (5, 700), (2100, 7), (2107, 0)):
+            assert torch.equal(r.read_elements("big", start, count), flat[start:start + count])
+        out = torch.full((13,), 7.0, dtype=torch.float16)
+        assert r.read_into("big", out, 99) is out and torch.equal(out, flat[99:112])
+        errors = []
+
+        def worker(i):
+            for s in range(i, 2000, 97):
+                if not torch.equal(r.read_elements("big", s, 50), flat[s:s + 50]):
+                    errors.append(s)
+        ts = [threading.Thread(target=worker, args=(i,)) for i in range(4)]
+        for t in ts:
+            t.start()
+        for t in ts:
+            t.join()
+        assert not errors
+        with pytest.raises(ValueError, match="outside"):
+            r.read_elements("big", 2100, 8)
+        with pytest.raises(ValueError, match="contiguous CPU"):
+            r.read_into("big", torch.empty(3, dtype=torch.float32))
+        with pytest.raises(ModelFileError, match="no such tensor"):
+            r.read_elements("nope")
+
+
+def test_ranged_read_of_a_file_cut_short(tmp_path):
+    sd = {"a": torch.arange(1000, dtype=torch.float32), "b": torch.arange(1000, dtype=torch.float32)}
+    path = tmp_path / "cut.safetensors"
+    save_file(sd, str(path))
+    with open_model(path) as r:
+        size = path.stat().st_size
+        with open(path, "r+b") as fh:
+            fh.truncate(size - 100)  # cut after the header was read
+        assert torch.equal(r.read_elements("a"), sd["a"])
+        with pytest.raises(ModelFileError, match="truncated"):
+            r.read_elements("b")

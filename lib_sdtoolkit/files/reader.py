@@ -33,6 +33,7 @@ import os
 import pickle
 import re
 import struct
+import threading
 import warnings
 import zipfile
 from dataclasses import dataclass
@@ -187,6 +188,37 @@ class ModelReader(abc.ABC):
     def get(self, key: str) -> torch.Tensor:
         """One tensor, on the CPU, owned by the caller."""
 
+    #: True where :meth:`read_into` reads only the asked range from the file (so reading a large tensor in chunks
+    #: costs no more than reading it whole)
+    ranged_reads: bool = False
+
+    def read_into(self, key: str, out: torch.Tensor, start: int = 0) -> torch.Tensor:
+        """Copy elements ``[start, start + out.numel())`` of tensor ``key`` (flattened, stored dtype) into ``out``,
+        a contiguous CPU tensor of that dtype; returns ``out``. This generic form reads the whole tensor (readers
+        with :attr:`ranged_reads` read only the range)."""
+        self._check_range(key, out, start)
+        n = out.numel()
+        if n:
+            out.view(-1).copy_(self.get(key).reshape(-1)[start:start + n])
+        return out
+
+    def read_elements(self, key: str, start: int = 0, count: Optional[int] = None) -> torch.Tensor:
+        """Elements ``[start, start + count)`` of tensor ``key`` (default: all of it) as a new flat CPU tensor of
+        the stored dtype, owned by the caller."""
+        info = self.info(key)
+        if count is None:
+            count = info.numel - start
+        return self.read_into(key, torch.empty(max(int(count), 0), dtype=info.dtype), start)
+
+    def _check_range(self, key: str, out: torch.Tensor, start: int) -> TensorInfo:
+        info = self.info(key)
+        if out.dtype != info.dtype or out.device.type != "cpu" or not out.is_contiguous():
+            raise ValueError(f"read_into needs a contiguous CPU {info.dtype} tensor, got {out.dtype} on "
+                             f"{out.device} (contiguous: {out.is_contiguous()})")
+        if start < 0 or start + out.numel() > info.numel:
+            raise ValueError(f"elements [{start}, {start + out.numel()}) are outside {key!r} ({info.numel} elements)")
+        return info
+
     def items(self) -> Iterator[Tuple[str, torch.Tensor]]:
         for k in self._infos:
             yield k, self.get(k)
@@ -289,14 +321,57 @@ def parse_safetensors_header(path: Path, file_size: int, fh) -> Tuple[int, Dict[
     return data_start, {i.name: i for i in infos}, metadata
 
 
+#: ``os.preadv`` where the OS has it (not on Windows)
+_PREADV = getattr(os, "preadv", None)
+
+
 class SafetensorsReader(ModelReader):
+    """``get`` maps the file (``safetensors.safe_open``); ``read_into`` / ``read_elements`` read the tensor's
+    bytes with ``os.preadv`` straight into the caller's buffer instead, so file pages are never mapped into the
+    process (they stay in the page cache, not in its memory) and any range of a tensor costs only its bytes. The
+    descriptor is opened once (regular files only) and shared: ``preadv`` has no file position, so threads may read
+    at the same time."""
+
     format = "safetensors"
+    ranged_reads = True
 
     def __init__(self, path: Path):
         super().__init__(path)
         with open_regular(path) as fh:
             self.data_start, self._infos, self.metadata = parse_safetensors_header(path, self.file_size, fh)
         self._handle = None
+        self._fh: Optional[Any] = None
+        self._fh_lock = threading.Lock()
+
+    def _fd(self) -> int:
+        with self._fh_lock:
+            if self._fh is None:
+                self._fh = open_regular(self.path, buffering=0)
+            return self._fh.fileno()
+
+    def read_into(self, key: str, out: torch.Tensor, start: int = 0) -> torch.Tensor:
+        info = self._check_range(key, out, start)
+        if out.numel() == 0:
+            return out
+        buf = memoryview(out.view(-1).view(torch.uint8).numpy()).cast("B")
+        pos = info.offset + start * out.element_size()
+        fd = self._fd()
+        got = 0
+        try:
+            while got < len(buf):
+                if _PREADV is not None:
+                    n = _PREADV(fd, [buf[got:]], pos + got)
+                else:  # Windows has no pread: seek + read under the lock
+                    with self._fh_lock:
+                        self._fh.seek(pos + got)
+                        n = self._fh.readinto(buf[got:])
+                if not n:
+                    raise ModelFileError("unexpected end of file while reading the tensor (truncated?)", self.path,
+                                         key)
+                got += n
+        except OSError as e:
+            raise ModelFileError(f"cannot read: {e.strerror or e}", self.path, key) from None
+        return out
 
     def _open(self):
         if self._handle is None:
@@ -332,6 +407,10 @@ class SafetensorsReader(ModelReader):
 
     def close(self) -> None:
         self._handle = None
+        with self._fh_lock:
+            fh, self._fh = self._fh, None
+        if fh is not None:
+            fh.close()
 
 
 class _Placeholder:
@@ -556,6 +635,16 @@ class CkptReader(ModelReader):
             return self._tensors[key].clone()
         except Exception as e:  # noqa: BLE001 - an mmap-backed storage whose bytes are gone
             raise ModelFileError(f"cannot read tensor: {one_line(str(e))}", self.path, key) from None
+
+    def read_into(self, key: str, out: torch.Tensor, start: int = 0) -> torch.Tensor:
+        self._check_range(key, out, start)
+        n = out.numel()
+        try:
+            if n:
+                out.view(-1).copy_(self._tensors[key].reshape(-1)[start:start + n])
+        except Exception as e:  # noqa: BLE001 - an mmap-backed storage whose bytes are gone
+            raise ModelFileError(f"cannot read tensor: {one_line(str(e))}", self.path, key) from None
+        return out
 
     def close(self) -> None:
         self._tensors = {}

@@ -36,7 +36,9 @@ def param(default: Any = MISSING, *, help: str = "", choices: Optional[Sequence[
           negate: Optional[str] = None, cli: bool = True, api: bool = True, default_factory: Any = MISSING,
           metavar: Optional[str] = None) -> Any:
     """A request field with what the faces need to know about it (see the module docstring)."""
-    meta = {"help": help, "choices": tuple(choices) if choices is not None else None, "minimum": minimum,
+    # choices may be a callable returning them (a registry that grows, e.g. merge methods), read when used
+    meta = {"help": help, "choices": choices if choices is None or callable(choices) else tuple(choices),
+            "minimum": minimum,
             "maximum": maximum, "model": model, "positional": positional, "flag": flag, "short": short,
             "negate": negate, "cli": cli, "api": api, "metavar": metavar}
     if default_factory is not MISSING:
@@ -53,7 +55,7 @@ class FieldSpec:
     default: Any
     required: bool
     help: str
-    choices: Optional[Tuple[Any, ...]]
+    choices: Any  # a tuple, a callable returning one, or None: read it with choices_of()
     minimum: Optional[float]
     maximum: Optional[float]
     model: Optional[str]
@@ -243,11 +245,18 @@ class Request:
         return dataclasses.replace(self, **changes)
 
 
+def choices_of(spec: FieldSpec) -> Optional[Tuple[Any, ...]]:
+    """The field's allowed values now (a callable declaration is asked each time)."""
+    c = spec.choices
+    return tuple(c()) if callable(c) else c
+
+
 def _check_value(spec: FieldSpec, v: Any, where: str) -> None:
     items = v if isinstance(v, list) else [v]
+    choices = choices_of(spec)
     for x in items:
-        if spec.choices is not None and x not in spec.choices:
-            raise InvalidInputError(f"{where}: {spec.name} {x!r} is not one of {', '.join(map(str, spec.choices))}")
+        if choices is not None and x not in choices:
+            raise InvalidInputError(f"{where}: {spec.name} {x!r} is not one of {', '.join(map(str, choices))}")
         if isinstance(x, (int, float)) and not isinstance(x, bool):
             if spec.minimum is not None and x < spec.minimum:
                 raise InvalidInputError(f"{where}: {spec.name} must be >= {spec.minimum:g}, got {x:g}")
@@ -294,4 +303,4 @@ class JobSpec:
     description: str = ""
 
 
-__all__ = ["param", "Request", "Report", "JobSpec", "FieldSpec", "field_specs"]
+__all__ = ["param", "Request", "Report", "JobSpec", "FieldSpec", "field_specs", "choices_of"]

@@ -17,7 +17,7 @@ from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
 from ..errors import SdToolkitError
 from ..progress import Progress, tqdm_progress
-from .base import FieldSpec, JobSpec, Report, Request
+from .base import FieldSpec, JobSpec, Report, Request, choices_of
 
 
 # ------------------------------------------------------------------------------------------------- the CLI
@@ -50,8 +50,9 @@ def add_request_arguments(parser: Any, request: type, skip: Sequence[str] = ()) 
             continue
         kw: Dict[str, Any] = dict(dest=s.name, default=argparse.SUPPRESS, help=help_text,
                                   metavar=s.metavar, required=s.required)
-        if s.choices is not None:
-            kw["choices"] = s.choices
+        choices = choices_of(s)
+        if choices is not None:
+            kw["choices"] = choices
             kw.pop("metavar")
         if s.is_list and s.item_type is not str and typing.get_origin(s.base) is not typing.Union:
             kw["nargs"] = "+"

@@ -14,7 +14,7 @@ a WebUI's own cache (``--webui-dir``). Elsewhere the host's settings say where t
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Union
 

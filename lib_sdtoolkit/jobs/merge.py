@@ -11,10 +11,15 @@ from pathlib import Path
 from typing import Any, Dict, List, Optional, Union
 
 from ..errors import InvalidInputError
+from ..merge import methods as _merge_methods  # torch-free: the declarations only
 from ..progress import Progress
 from .base import JobSpec, Report, Request, param
 
 OUTPUT_SUFFIXES = (".safetensors", ".ckpt")
+
+
+def _method_names():
+    return _merge_methods.names()
 
 
 @dataclass
@@ -27,10 +32,9 @@ class MergeRequest(Request):
     model_b: Optional[str] = param(None, help="model B", model="checkpoint", positional=True, metavar="B")
     model_c: Optional[str] = param(None, help="model C (add_difference, sum_twice, triple_sum, ties, dare)",
                                    model="checkpoint", positional=True, metavar="C")
-    method: str = param("weighted_sum", help="merge method")
+    method: str = param("weighted_sum", help="merge method (see the methods below)", choices=_method_names)
     alpha: float = param(0.5, help="M, the share of B: weighted_sum = A*(1-M) + B*M; add_difference = A + (B-C)*M")
-    beta: Optional[float] = param(None, help="sum_twice/triple_sum: share of C; ties: density (0.2); "
-                                             "dare: drop rate (0.9)")
+    beta: Optional[float] = param(None, help=_merge_methods.beta_help())
     blocks: Optional[Union[str, List[float]]] = param(
         None, help='per-block M: "v1,...,v25" (SD1/SD2; 26 with BASE first) or 19/20 values (SDXL)')
     blocks_beta: Optional[Union[str, List[float]]] = param(None, help="per-block beta, same form as blocks")
@@ -121,6 +125,15 @@ def display_names(host: Any, recipe: Any) -> Dict[str, str]:
     return {k: v for k, v in names.items() if v}
 
 
+def hash_cache(host: Any) -> Any:
+    """The host's hash cache (``sdtoolkit_hash_cache`` setting, else the default place): the merge reads its input
+    hashes from it and stores the ones it computes, so a later merge reads each input once."""
+    from ..files.hash_cache import HashCache
+
+    settings = getattr(host, "settings", None) or {}
+    return HashCache(settings.get("sdtoolkit_hash_cache") or None)
+
+
 def default_output_name(recipe: Any) -> str:
     """``A_B[_C]_method_tag.safetensors``; the tag is the preset, else the block list's digest, else alpha, so
     two merges that differ only in blocks / preset never collide."""
@@ -147,8 +160,10 @@ def run(host: Any, req: MergeRequest, progress: Progress) -> MergeJobReport:
     recipe = _recipe(host, req)
     out = host.resolve_output(req.output, "checkpoint", suffixes=OUTPUT_SUFFIXES, add_suffix=".safetensors",
                               plain=not host.trusted, default=default_output_name(recipe))
-    report = merge_files(recipe, out, overwrite=req.overwrite, progress=progress.counter("merging"),
-                         workers=req.workers, names=display_names(host, recipe), cancel=progress.cancel_event)
+    with hash_cache(host) as cache:
+        report = merge_files(recipe, out, overwrite=req.overwrite, progress=progress.counter("merging"),
+                             workers=req.workers, names=display_names(host, recipe), cancel=progress.cancel_event,
+                             hash_cache=cache, hash_progress=progress.counter("hashing inputs"))
     host.refresh("checkpoint")
     return MergeJobReport(name=host.display_name(out, "checkpoint"), _engine=report)
 
@@ -157,8 +172,10 @@ def run_in_memory(host: Any, req: MergeRequest, progress: Progress) -> MergeJobR
     from ..merge.live import merge_into_loaded
 
     recipe = _recipe(host, req)
-    rec = merge_into_loaded(host, recipe, display_names(host, recipe), Path(default_output_name(recipe)).stem,
-                            progress=progress.counter("merging"))
+    with hash_cache(host) as cache:
+        rec = merge_into_loaded(host, recipe, display_names(host, recipe), Path(default_output_name(recipe)).stem,
+                                progress=progress.counter("merging"), hash_cache=cache,
+                                hash_progress=progress.counter("hashing inputs"))
     return MergeJobReport(name=rec.name, in_memory=True, title=rec.title, sha256=rec.sha256,
                           original_file=rec.original_file, _engine=rec.report)
 
@@ -180,8 +197,10 @@ def run_save_current(host: Any, req: SaveCurrentRequest, progress: Progress) -> 
     rec = current_merge_checked(host)
     out = host.resolve_output(req.output, "checkpoint", suffixes=OUTPUT_SUFFIXES, add_suffix=".safetensors",
                               plain=not host.trusted, default=rec.name + ".safetensors")
-    report = merge_files(rec.recipe, out, overwrite=req.overwrite, progress=progress.counter("merging"),
-                         names=rec.names, cancel=progress.cancel_event)
+    with hash_cache(host) as cache:
+        report = merge_files(rec.recipe, out, overwrite=req.overwrite, progress=progress.counter("merging"),
+                             names=rec.names, cancel=progress.cancel_event, hash_cache=cache,
+                             hash_progress=progress.counter("hashing inputs"))
     host.refresh("checkpoint")
     return MergeJobReport(name=host.display_name(out, "checkpoint"), _engine=report)
 

@@ -13,12 +13,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Dict, List, Optional, Tuple, Union
 
-import torch
 
 from ..arch.blocks import LBW, convention
 from ..arch.families import base_arch
 from ..arch.keymaps import LoraTarget
-from ..errors import ArchitectureError, ModelFileError
+from ..errors import ArchitectureError
 from ..files import open_model
 from . import formats
 from .formats import FormatError, LayerWeights

@@ -3,10 +3,16 @@
 Streaming: the inputs are opened lazily (:func:`lib_sdtoolkit.files.open_model`), the output layout is planned from
 their headers (A's keys in file order, then keys only the baked VAE has), and each output tensor is computed and
 written at its offset by :class:`~lib_sdtoolkit.files.StreamingSafetensorsWriter` (tmp file + fsync + rename; on
-any error the tmp file is removed). Safetensors inputs are read with ``os.preadv`` into fresh buffers instead of
-mmap, so file pages never count toward the process's memory; elementwise methods work through large tensors in
-chunks of :data:`CHUNK_ELEMENTS`, so peak memory is a few tensors (the largest output tensor + a few chunks per
-worker). Two worker threads overlap reading, computing and writing (torch and the I/O calls release the GIL).
+any error the tmp file is removed). Inputs are read through the ``files`` readers: safetensors with
+``read_elements`` (``os.preadv`` into fresh buffers instead of mmap, so file pages never count toward the process's
+memory); elementwise methods work through large tensors in chunks of :data:`CHUNK_ELEMENTS`, so peak memory is a
+few tensors (the largest output tensor + a few chunks per worker). Two worker threads overlap reading, computing
+and writing (torch and the I/O calls release the GIL). The method's maths and facts come from its declaration
+in :mod:`lib_sdtoolkit.merge.methods`.
+
+The metadata names the inputs by sha256 (and the legacy hash); they come from the hash cache
+(:mod:`lib_sdtoolkit.files.hash_cache`), so a merge of inputs hashed before reads each input once; the others are
+hashed first, in a phase of their own (``hash_progress``), and stored in the cache.
 
 Rules (each counted in the :class:`MergeReport`):
 
@@ -44,12 +50,16 @@ from .. import __version__
 from ..arch import VAE_PREFIX, ArchInfo, block_of_key, detect
 from ..arch.markers import is_marker_key
 from ..errors import ArchitectureError, InvalidInputError, ModelFileError, SdToolkitError
-from ..files import StreamingSafetensorsWriter, TensorInfo, check_output_path, open_model, save_ckpt
-from ..ops import merge as ops
+from ..files import ModelReader, StreamingSafetensorsWriter, TensorInfo, check_output_path, open_model, save_ckpt
+from ..files.hash_cache import HashCache
+from . import methods as merge_methods
 from .recipe import MergeRecipe
 
 PathLike = Union[str, "os.PathLike[str]"]
+#: ``progress(done_keys, total_keys, key)``: the merge phase
 Progress = Callable[[int, int, str], None]
+#: ``hash_progress(done_bytes, total_bytes, file_name)``: the hashing phase (inputs not in the hash cache)
+HashProgress = Callable[[int, int, str], None]
 StateLike = Union[PathLike, Mapping[str, torch.Tensor], "torch.nn.Module"]
 
 #: elements per chunk for elementwise methods on large tensors
@@ -57,21 +67,19 @@ CHUNK_ELEMENTS = 1 << 22
 #: tensors at most this big are computed in one piece
 SMALL_ELEMENTS = 1 << 22
 _VAE_KEY_RE = re.compile(r"^(encoder|decoder|quant_conv|post_quant_conv)\.")
-_INTERP_NAMES = {"weighted_sum": "Weighted sum", "add_difference": "Add difference"}
 
 
 # ---------------------------------------------------------------------------------------------------------------
 # sources
 
 class _Source:
-    """One input: a lazily read file or an in-memory mapping of tensors."""
+    """One input: a model file read through :mod:`lib_sdtoolkit.files` or an in-memory mapping of tensors."""
 
     def __init__(self, name: str, obj: StateLike):
         self.name = name
         self.path: Optional[Path] = None
-        self.reader = None
+        self.reader: Optional[ModelReader] = None
         self.metadata: Dict[str, str] = {}
-        self._fd: Optional[int] = None
         self._map: Optional[Mapping[str, torch.Tensor]] = None
         if isinstance(obj, torch.nn.Module):
             self._map = obj.state_dict(keep_vars=False)
@@ -81,8 +89,6 @@ class _Source:
             self.path = Path(obj)
             self.reader = open_model(self.path)
             self.metadata = dict(self.reader.metadata)
-            if self.reader.format == "safetensors":
-                self._fd = os.open(str(self.path), os.O_RDONLY)
         if self._map is not None:
             self._infos = {k: TensorInfo(k, t.dtype, tuple(t.shape), t.numel() * t.element_size(), None)
                            for k, t in self._map.items() if isinstance(t, torch.Tensor)}
@@ -104,45 +110,21 @@ class _Source:
 
     @property
     def chunkable(self) -> bool:
-        return self._fd is not None or self._map is not None
-
-    def _pread(self, info: TensorInfo, start: int, count: int) -> torch.Tensor:
-        t = torch.empty(count, dtype=info.dtype)
-        if count == 0:
-            return t
-        buf = memoryview(t.view(torch.uint8).numpy()).cast("B")
-        pos = info.offset + start * t.element_size()
-        got = 0
-        while got < len(buf):
-            n = os.preadv(self._fd, [buf[got:]], pos + got)
-            if n <= 0:
-                raise ModelFileError("unexpected end of file while reading the tensor (truncated?)",
-                                     self.path, info.name)
-            got += n
-        return t
+        return self._map is not None or (self.reader is not None and self.reader.ranged_reads)
 
     def read(self, key: str) -> Tuple[torch.Tensor, bool]:
         """The whole tensor and whether it is a fresh buffer the caller may modify."""
         info = self._infos[key]
         if self._map is not None:
             return self._map[key].detach(), False
-        if self._fd is not None:
-            return self._pread(info, 0, int(info.numel)).reshape(info.shape), True
-        return self.reader.get(key), True
+        return self.reader.read_elements(key).reshape(info.shape), True
 
     def read_chunk(self, key: str, start: int, count: int) -> Tuple[torch.Tensor, bool]:
-        info = self._infos[key]
         if self._map is not None:
             return self._map[key].detach().reshape(-1)[start:start + count], False
-        return self._pread(info, start, count), True
+        return self.reader.read_elements(key, start, count), True
 
     def close(self) -> None:
-        if self._fd is not None:
-            try:
-                os.close(self._fd)
-            except OSError:
-                pass
-            self._fd = None
         if self.reader is not None:
             self.reader.close()
 
@@ -252,6 +234,7 @@ class _Plan:
     def __init__(self, recipe: MergeRecipe, a: _Source, others: List[_Source], vae: Optional[_Source],
                  arch: ArchInfo, out_dtype_for: Optional[Callable[[str, torch.dtype], torch.dtype]] = None):
         self.recipe = recipe
+        self.method = merge_methods.get(recipe.method)
         self.a, self.others, self.vae = a, others, vae
         self.arch = arch.architecture
         self.alpha, self.beta = recipe.block_ratios(arch.architecture)
@@ -260,7 +243,7 @@ class _Plan:
         self.items: List[_Item] = []
         self.report = MergeReport(output=None, architecture=arch.architecture, method=recipe.method,
                                   block_ratios=dict(self.alpha),
-                                  block_ratios_beta=dict(self.beta) if recipe.method != "weighted_sum" else {})
+                                  block_ratios_beta=dict(self.beta) if self.method.beta is not None else {})
         rep = self.report
         vae_map: Dict[str, str] = {}
         if vae is not None:
@@ -379,14 +362,13 @@ class _Plan:
         return bare if bare in self.vae else name
 
     def _merge(self, item: _Item, device: torch.device, out: Optional[torch.Tensor]) -> torch.Tensor:
-        r = self.recipe
         alpha = self.alpha[item.block]
         beta = self.beta[item.block]
         numel = 1
         for s in item.shape:
             numel *= s
         srcs = [self.a] + self.others
-        chunked = (r.method in ops.ELEMENTWISE and not item.partial and numel > SMALL_ELEMENTS
+        chunked = (self.method.elementwise and not item.partial and numel > SMALL_ELEMENTS
                    and all(s.chunkable for s in srcs))
         if out is None:
             out = torch.empty(item.shape, dtype=item.dtype)
@@ -414,53 +396,82 @@ class _Plan:
         return out
 
     def _elementwise(self, ts: List[torch.Tensor], alpha: float, beta: float) -> torch.Tensor:
-        m = self.recipe.method
-        if m == "weighted_sum":
-            return ops.weighted_sum(ts[0], ts[1], alpha, inplace=True)
-        if m == "add_difference":
-            return ops.add_difference(ts[0], ts[1], ts[2], alpha, inplace=True)
-        if m == "sum_twice":
-            return ops.sum_twice(ts[0], ts[1], ts[2], alpha, beta, inplace=True)
-        if m == "triple_sum":
-            return ops.triple_sum(ts[0], ts[1], ts[2], alpha, beta, inplace=True)
-        raise AssertionError(m)
+        """An elementwise method on float32 tensors the engine owns (overwritten in place)."""
+        return self.method.call(ts, alpha, beta, inplace=True)
 
     def _whole(self, ts: List[torch.Tensor], alpha: float, beta: float, key: str) -> torch.Tensor:
-        m = self.recipe.method
-        if m in ops.ELEMENTWISE:
-            return self._elementwise(ts, alpha, beta)
-        if m == "ties":
-            return ops.ties(ts[0], ts[1:], alpha, beta)
-        if m == "dare":
-            return ops.dare(ts[0], ts[1:], alpha, beta, self.recipe.seed, key)
-        raise AssertionError(m)
+        return self.method.call(ts, alpha, beta, seed=self.recipe.seed, key=key, inplace=self.method.elementwise)
 
 
 # ---------------------------------------------------------------------------------------------------------------
 # metadata
 
-def _hashes(path: Path) -> Tuple[str, str]:
-    try:
-        from ..files.hashes import legacy_model_hash, sha256_file
-    except ImportError:  # pragma: no cover - the maintenance feature provides it
-        import hashlib
+#: what the metadata records of each input (the WebUI's ``sd_merge_models``): the sha256 and the legacy 8-hex hash
+HASH_ALGOS = ("sha256", "autov1")
 
-        def sha256_file(p):  # type: ignore[no-redef]
-            h = hashlib.sha256()
-            buf = bytearray(1 << 20)
-            with open(p, "rb", buffering=0) as fh:
-                while True:
-                    n = fh.readinto(buf)
-                    if not n:
-                        break
-                    h.update(memoryview(buf)[:n])
-            return h.hexdigest()
 
-        def legacy_model_hash(p):  # type: ignore[no-redef]
-            with open(p, "rb") as fh:
-                fh.seek(0x100000)
-                return hashlib.sha256(fh.read(0x10000)).hexdigest()[:8]
-    return sha256_file(path), legacy_model_hash(path)
+def input_hashes(sources: Mapping[str, "_Source"], cache: Optional[HashCache] = None,
+                 progress: Optional[HashProgress] = None) -> Dict[str, Tuple[str, str]]:
+    """``{name: (sha256, legacy hash)}`` of the inputs that are files, from ``cache`` where it holds them for the
+    file as it is now; the others are computed (one read of each file, two files at a time) and stored in it.
+
+    ``progress(done_bytes, total_bytes, file_name)`` reports the hashing phase: called only when something has to be
+    hashed, first with ``(0, total, "")``, then after each chunk read; ``total`` counts the files being hashed only.
+    A file that changes while it is hashed raises ``ModelFileError``."""
+    from ..files.hash_cache import cached_hash_file
+
+    paths = {n: s.path for n, s in sources.items() if s.path is not None}
+    if not paths:
+        return {}
+    found: Dict[str, Tuple[str, str]] = {}
+    todo: Dict[str, Path] = {}  # real path -> path, each file once however many inputs it is
+    sizes: Dict[str, int] = {}
+    for n, p in paths.items():
+        hit = cache.get_hashes(p, HASH_ALGOS) if cache is not None else None
+        if hit is not None:
+            found[os.path.realpath(p)] = (hit.sha256, hit.autov1)
+        else:
+            todo.setdefault(os.path.realpath(p), p)
+            sizes[os.path.realpath(p)] = sources[n].reader.file_size
+    if todo:
+        total = sum(sizes.values())
+        done = dict.fromkeys(todo, 0)
+        lock = threading.Lock()
+        if progress:
+            progress(0, total, "")
+
+        def one(k: str) -> Tuple[str, str]:
+            p = todo[k]
+
+            def tick(d: int, _size: int) -> None:
+                if progress:
+                    with lock:
+                        done[k] = d
+                        progress(sum(done.values()), total, p.name)
+
+            res = cached_hash_file(p, HASH_ALGOS, cache, progress=tick)
+            if res.changed:
+                raise ModelFileError("the file changed while it was hashed; try again", p)
+            return res.sha256, res.autov1
+
+        with cf.ThreadPoolExecutor(max_workers=min(2, len(todo)), thread_name_prefix="sdtoolkit-hash") as ex:
+            futs = {k: ex.submit(one, k) for k in todo}
+            found.update({k: f.result() for k, f in futs.items()})
+    return {n: found[os.path.realpath(p)] for n, p in paths.items()}
+
+
+def _hashes_for(recipe: MergeRecipe, sources: Mapping[str, "_Source"], hash_cache: Union[HashCache, bool, None],
+                progress: Optional[HashProgress]) -> Dict[str, Tuple[str, str]]:
+    """The input hashes the metadata needs (none without ``save_metadata``); ``hash_cache``: a ``HashCache``, True
+    for the default one (opened and closed here), False/None for none."""
+    if not recipe.save_metadata:
+        return {}
+    if isinstance(hash_cache, HashCache):
+        return input_hashes(sources, hash_cache, progress)
+    if hash_cache:
+        with HashCache() as cache:
+            return input_hashes(sources, cache, progress)
+    return input_hashes(sources, None, progress)
 
 
 def _decode(meta: Mapping[str, str], key: str) -> Any:
@@ -493,12 +504,13 @@ def build_metadata(recipe: MergeRecipe, sources: Dict[str, _Source], hashes: Dic
         if src is not None:
             copied.update({k: v for k, v in (src.metadata or {}).items() if isinstance(k, str) and isinstance(v, str)})
     sha = {n: (hashes.get(n) or (None, None))[0] for n in ("A", "B", "C", "VAE")}
+    spec = merge_methods.get(recipe.method)
     rec: Dict[str, Any] = {
         "type": "sd-toolkit",
         "primary_model_hash": sha["A"],
         "secondary_model_hash": sha["B"],
         "tertiary_model_hash": sha["C"],
-        "interp_method": _INTERP_NAMES.get(recipe.method, recipe.method),
+        "interp_method": spec.webui_name or recipe.method,
         "multiplier": recipe.alpha,
         "save_as_half": recipe.dtype == "fp16",
         "custom_name": output.stem if output is not None else None,
@@ -513,11 +525,12 @@ def build_metadata(recipe: MergeRecipe, sources: Dict[str, _Source], hashes: Dic
         "block_weighted": recipe.block_weighted,
         "preset": recipe.preset,
         "blocks": report.block_ratios if report is not None and recipe.block_weighted else None,
-        "blocks_beta": (report.block_ratios_beta if report is not None and recipe.blocks_beta is not None else None),
+        "blocks_beta": ((report.block_ratios_beta or None) if report is not None and recipe.blocks_beta is not None
+                        else None),
         "dtype": recipe.dtype,
         "keep_ema": recipe.keep_ema,
         "fix_position_ids": recipe.fix_position_ids,
-        "seed": recipe.seed if recipe.method == "dare" else None,
+        "seed": recipe.seed if spec.seeded else None,
         "vae_hash": sha["VAE"],
         "sdtoolkit_version": __version__,
     }
@@ -607,21 +620,22 @@ def _device(recipe: MergeRecipe) -> torch.device:
     return dev
 
 
-def _compute_hashes(sources: Dict[str, _Source]) -> Dict[str, Tuple[str, str]]:
-    paths = {n: s.path for n, s in sources.items() if s.path is not None}
-    if not paths:
-        return {}
-    with cf.ThreadPoolExecutor(max_workers=min(2, len(paths))) as ex:
-        futs = {n: ex.submit(_hashes, p) for n, p in paths.items()}
-        return {n: f.result() for n, f in futs.items()}
-
-
 def merge_files(recipe: MergeRecipe, output: PathLike, overwrite: bool = False, progress: Optional[Progress] = None,
                 workers: Optional[int] = None, names: Optional[Dict[str, str]] = None,
-                cancel: Optional[threading.Event] = None) -> MergeReport:
+                cancel: Optional[threading.Event] = None, hash_cache: Union[HashCache, bool, None] = True,
+                hash_progress: Optional[HashProgress] = None) -> MergeReport:
     """Run ``recipe`` on its model files and write ``output`` (``.safetensors`` streamed; ``.ckpt`` built in memory).
 
-    ``names`` optionally gives display names for A/B/C/VAE in the metadata (the WebUI's checkpoint names)."""
+    ``names`` optionally gives display names for A/B/C/VAE in the metadata (the WebUI's checkpoint names).
+
+    Two phases, each with its own progress callable (a face shows them as two bars, or one after the other):
+
+    1. hashing (only with ``save_metadata``, only inputs the hash cache lacks): ``hash_progress(done_bytes,
+       total_bytes, file_name)``, see :func:`input_hashes`. ``hash_cache``: the ``HashCache`` to read and fill,
+       True (default) for the default one, False for none (every input is hashed);
+    2. merging: ``progress(done_keys, total_keys, key)``.
+
+    With every input in the hash cache (or ``save_metadata`` off) each input file is read once."""
     t0 = time.perf_counter()
     recipe.validate()
     out = Path(output)
@@ -636,7 +650,7 @@ def merge_files(recipe: MergeRecipe, output: PathLike, overwrite: bool = False, 
         ab = [sources[n] for n in ("A", "B", "C") if n in sources]
         arch, _ = _check_arch(ab)
         plan = _Plan(recipe, ab[0], ab[1:], sources.get("VAE"), arch)
-        hashes = _compute_hashes(sources) if recipe.save_metadata else {}
+        hashes = _hashes_for(recipe, sources, hash_cache, hash_progress)
         plan.report.input_sha256 = {n: h[0] for n, h in hashes.items()}
         meta = build_metadata(recipe, sources, hashes, arch, out, names, plan.report) if recipe.save_metadata else {}
         nworkers = workers if workers is not None else min(2, os.cpu_count() or 1)
@@ -740,14 +754,17 @@ def save_current_merge(result: MergeResult, path: PathLike, overwrite: bool = Fa
 def merge_in_memory(recipe: MergeRecipe, a: Optional[StateLike] = None, b: Optional[StateLike] = None,
                     c: Optional[StateLike] = None, vae: Optional[StateLike] = None,
                     into: Optional[torch.nn.Module] = None, progress: Optional[Progress] = None,
-                    workers: int = 1, names: Optional[Dict[str, str]] = None) -> MergeResult:
+                    workers: int = 1, names: Optional[Dict[str, str]] = None,
+                    hash_cache: Union[HashCache, bool, None] = True,
+                    hash_progress: Optional[HashProgress] = None) -> MergeResult:
     """Apply ``recipe`` without writing a file.
 
     ``a``/``b``/``c``/``vae`` override the recipe's paths with a path, a state dict or an ``nn.Module``. With
     ``into`` (typically the loaded model, also passed as ``a``), results are copied into the module's own tensors
     (cast once from float32 to each parameter's dtype, on its device) and nothing else is kept; keys the module
     lacks are skipped. Otherwise a new state dict in the recipe's dtype is returned. Integer tensors and
-    position_ids follow the same rules as :func:`merge_files`."""
+    position_ids follow the same rules as :func:`merge_files`; so do ``hash_cache`` and ``hash_progress`` (inputs
+    given as files only)."""
     t0 = time.perf_counter()
     recipe.validate()
     dev = _device(recipe)
@@ -766,7 +783,7 @@ def merge_in_memory(recipe: MergeRecipe, a: Optional[StateLike] = None, b: Optio
                     return t.dtype
                 return recipe.torch_dtype if src.is_floating_point else src
         plan = _Plan(recipe, ab[0], ab[1:], sources.get("VAE"), arch, dtype_for)
-        hashes = _compute_hashes(sources) if recipe.save_metadata else {}
+        hashes = _hashes_for(recipe, sources, hash_cache, hash_progress)
         plan.report.input_sha256 = {n: h[0] for n, h in hashes.items()}
         meta = build_metadata(recipe, sources, hashes, arch, None, names, plan.report) if recipe.save_metadata else {}
         result_sd: Dict[str, torch.Tensor] = {}
@@ -804,4 +821,4 @@ def merge_in_memory(recipe: MergeRecipe, a: Optional[StateLike] = None, b: Optio
 
 
 __all__ = ["MergeReport", "MergeResult", "merge_files", "merge_in_memory", "save_current_merge", "build_metadata",
-           "CHUNK_ELEMENTS"]
+           "input_hashes", "HASH_ALGOS", "Progress", "HashProgress", "CHUNK_ELEMENTS"]

@@ -102,7 +102,8 @@ def current_merge(host: Any, model: Any = None) -> Optional[LiveMerge]:
 
 
 def merge_into_loaded(host: Any, recipe: MergeRecipe, names: Dict[str, str], name: str,
-                      progress: Optional[Progress] = None) -> LiveMerge:
+                      progress: Optional[Progress] = None, hash_cache: Any = True,
+                      hash_progress: Any = None) -> LiveMerge:
     """Merge the (resolved, validated) ``recipe`` into the host's loaded model (no file); returns the record.
 
     ``host`` is used only as the holder of the loaded model (its ``ModelHooks``): names were resolved by the job."""
@@ -119,7 +120,8 @@ def merge_into_loaded(host: Any, recipe: MergeRecipe, names: Dict[str, str], nam
         if prev is not None:
             delattr(model, ATTR)  # from here on the loaded weights are no longer that merge
         try:
-            res = merge_in_memory(recipe, a=recipe.model_a, into=model, progress=progress, workers=2, names=names)
+            res = merge_in_memory(recipe, a=recipe.model_a, into=model, progress=progress, workers=2, names=names,
+                                  hash_cache=hash_cache, hash_progress=hash_progress)
             meta = dict(res.metadata)
             digest = hashlib.sha256(json.dumps(meta, sort_keys=True).encode("utf-8")).hexdigest()
             rec = LiveMerge(recipe=recipe, names=names, report=res.report, metadata=meta, name=name, sha256=digest,

@@ -10,13 +10,10 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 import torch
 
 from ..errors import InvalidInputError
-from ..ops.merge import METHOD_MODELS, METHODS
+from . import methods as _methods
 from . import presets as _presets
 
 DTYPES: Dict[str, torch.dtype] = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
-#: defaults of ``beta`` per method (None: required)
-BETA_DEFAULTS: Dict[str, Optional[float]] = {"weighted_sum": 0.0, "add_difference": 0.0, "sum_twice": None,
-                                             "triple_sum": None, "ties": 0.2, "dare": 0.9}
 BlockSpec = Union[str, Sequence[float], None]
 
 
@@ -24,7 +21,8 @@ BlockSpec = Union[str, Sequence[float], None]
 class MergeRecipe:
     """A merge, as data.
 
-    ``alpha`` (M) is the share of B. ``beta``: sum_twice / triple_sum: the share of C; ties: the density (fraction
+    ``alpha`` (M) is the share of B. ``beta`` is the method's second parameter (:mod:`lib_sdtoolkit.merge.methods`
+    declares its meaning, default and range): sum_twice / triple_sum: the share of C; ties: the density (fraction
     of each task vector kept, default 0.2); dare: the drop rate p (default 0.9).
     ``blocks`` / ``blocks_beta``: per-block ratios (SD1/SD2: 25 values IN00..IN11, M00, OUT00..OUT11 or 26 with
     BASE first; SDXL: 19 or 20) as a list or a comma-separated string; ``preset``: a named preset instead.
@@ -64,7 +62,8 @@ class MergeRecipe:
     def effective_beta(self) -> float:
         if self.beta is not None:
             return float(self.beta)
-        d = BETA_DEFAULTS.get(self.method)
+        spec = _methods.REGISTRY.get(self.method)
+        d = spec.beta.default if spec is not None and spec.beta is not None else None
         return 0.0 if d is None else d
 
     def to_dict(self) -> Dict[str, Any]:
@@ -90,10 +89,12 @@ class MergeRecipe:
 
     # ---------------------------------------------------------------------------------------------------------
     def validate(self) -> None:
-        """Check everything that can be checked without opening the models (raises ``InvalidInputError``)."""
-        if self.method not in METHODS:
-            raise InvalidInputError(f"unknown merge method {self.method!r}; use one of {', '.join(METHODS)}")
-        lo, hi = METHOD_MODELS[self.method]
+        """Check everything that can be checked without opening the models (raises ``InvalidInputError``).
+
+        Model counts, the required ``beta`` and every range come from the method's declaration
+        (:mod:`lib_sdtoolkit.merge.methods`)."""
+        spec = _methods.get(self.method)
+        lo, hi = spec.models
         n = len(self.models)
         if self.model_b is None or (self.model_c is not None and self.model_b is None):
             raise InvalidInputError(f"{self.method} needs models A and B")
@@ -104,20 +105,13 @@ class MergeRecipe:
             raise InvalidInputError(f"unknown output dtype {self.dtype!r}; use fp16, bf16 or fp32")
         if self.blocks is not None and self.preset:
             raise InvalidInputError("give either block ratios or a preset, not both")
-        if BETA_DEFAULTS.get(self.method, 0.0) is None and self.beta is None and self.blocks_beta is None:
-            raise InvalidInputError(f"{self.method} needs beta (the share of C)")
+        if (spec.beta is not None and spec.beta.default is None and self.beta is None
+                and self.blocks_beta is None):
+            raise InvalidInputError(f"{self.method} needs beta (the {spec.beta.meaning})")
         for name in ("alpha", "beta", "base_alpha"):
             v = getattr(self, name)
             if v is not None and (not isinstance(v, (int, float)) or not math.isfinite(float(v))):
                 raise InvalidInputError(f"{name} must be a finite number, got {v!r}")
-        if self.method == "ties":
-            d = self.effective_beta
-            if not 0.0 < d <= 1.0:
-                raise InvalidInputError(f"ties: beta is the density and must be in (0, 1], got {d}")
-        if self.method == "dare":
-            p = self.effective_beta
-            if not 0.0 <= p < 1.0:
-                raise InvalidInputError(f"dare: beta is the drop rate and must be in [0, 1), got {p}")
         if self.preset:
             _presets.get_preset(self.preset)  # unknown preset -> error now
         if self.discard:
@@ -129,18 +123,12 @@ class MergeRecipe:
             raise InvalidInputError(f"unknown device {self.device!r}; use cpu or cuda")
         if str(self.device).startswith("cuda") and not torch.cuda.is_available():
             raise InvalidInputError("--device cuda asked but CUDA is not available here")
-        if not self.allow_extrapolation:
-            self._check_range("alpha", [self.alpha])
-            if self.base_alpha is not None:
-                self._check_range("base_alpha", [self.base_alpha])
-            if self.method in ("sum_twice", "triple_sum") and self.beta is not None:
-                self._check_range("beta", [self.beta])
-
-    def _check_range(self, name: str, values: Sequence[float]) -> None:
-        bad = [v for v in values if not 0.0 <= float(v) <= 1.0]
-        if bad:
-            raise InvalidInputError(
-                f"{name} {bad[0]:g} is outside [0, 1] (pass allow_extrapolation / --allow-extrapolation to allow it)")
+        ex = self.allow_extrapolation
+        if spec.beta is not None and (self.beta is not None or spec.beta.default is not None):
+            spec.beta.check(self.effective_beta, self.method, ex)
+        spec.alpha.check(self.alpha, self.method, ex)
+        if self.base_alpha is not None:
+            spec.alpha.check(self.base_alpha, self.method, ex, "base_alpha")
 
     # ---------------------------------------------------------------------------------------------------------
     def block_ratios(self, family: str) -> Tuple[Dict[str, float], Dict[str, float]]:
@@ -151,16 +139,19 @@ class MergeRecipe:
         names = list(convention(MBW, family).blocks)
         alpha = self._ratios(family, names, self.blocks, self.preset, self.alpha, self.base_alpha)
         beta = self._ratios(family, names, self.blocks_beta, None, self.effective_beta, None)
-        if not self.allow_extrapolation:
-            self._check_range("block ratio", list(alpha.values()))
-            if self.method in ("sum_twice", "triple_sum"):
-                self._check_range("beta block ratio", list(beta.values()))
-            if self.method == "triple_sum":
-                over = [k for k in names if alpha[k] + beta[k] > 1.0 + 1e-9]
-                if over:
-                    raise InvalidInputError(
-                        f"triple_sum: alpha + beta > 1 in block {over[0]} (A would get a negative share); pass "
-                        f"--allow-extrapolation to allow it")
+        spec = _methods.get(self.method)
+        ex = self.allow_extrapolation
+        for v in alpha.values():
+            spec.alpha.check(v, self.method, ex, "block ratio")
+        if spec.beta is not None:
+            for v in beta.values():
+                spec.beta.check(v, self.method, ex, "beta block ratio")
+        if spec.shares_of_a and not ex:
+            over = [k for k in names if alpha[k] + beta[k] > 1.0 + 1e-9]
+            if over:
+                raise InvalidInputError(
+                    f"{self.method}: alpha + beta > 1 in block {over[0]} (A would get a negative share); pass "
+                    f"--allow-extrapolation to allow it")
         return alpha, beta
 
     @staticmethod
@@ -187,4 +178,4 @@ class MergeRecipe:
                                                                       and not self.blocks.strip()))
 
 
-__all__ = ["MergeRecipe", "DTYPES", "BETA_DEFAULTS"]
+__all__ = ["MergeRecipe", "DTYPES"]

@@ -21,6 +21,9 @@ DARE (Yu et al. 2023): each entry of each task vector is dropped with probabilit
 scaled by ``1/(1-p)``; the random mask comes from a CPU ``torch.Generator`` seeded with
 :func:`key_seed` ``(seed, key, index)``, so a merge is reproducible on any device and in any key order.
 
+What each method takes (models, ratios and their ranges, whether it can be chunked) is declared once, in
+:mod:`lib_sdtoolkit.merge.methods`; this module holds only the maths.
+
 ``inplace=True`` lets a function overwrite its (already float32, caller-owned) inputs to save memory; the
 rounding is the same as the out-of-place form.
 """
@@ -150,12 +153,5 @@ def dare(a: torch.Tensor, others: Sequence[torch.Tensor], alpha: Number, p: Numb
     return a32 + acc * float(alpha)
 
 
-METHODS = ("weighted_sum", "add_difference", "sum_twice", "triple_sum", "ties", "dare")
-#: how many models each method takes (min, max), A included
-METHOD_MODELS = {"weighted_sum": (2, 2), "add_difference": (3, 3), "sum_twice": (3, 3), "triple_sum": (3, 3),
-                 "ties": (2, 3), "dare": (2, 3)}
-#: methods that are elementwise (can be computed chunk by chunk)
-ELEMENTWISE = ("weighted_sum", "add_difference", "sum_twice", "triple_sum")
-
 __all__ = ["f32", "weighted_sum", "add_difference", "sum_twice", "triple_sum", "ties_trim", "ties_merge", "ties",
-           "key_seed", "dare_mask", "dare_delta", "dare", "METHODS", "METHOD_MODELS", "ELEMENTWISE"]
+           "key_seed", "dare_mask", "dare_delta", "dare"]

@@ -15,6 +15,7 @@ import gradio as gr
 
 from ..errors import SdToolkitError
 from ..host import Host
+from ..merge import methods as merge_methods
 from .common import error_html, gradio_progress, keep_value, supported_kwargs
 
 #: what the Merge tab says on Forge, where the three loaded-model buttons are not offered
@@ -26,7 +27,7 @@ log = logging.getLogger(__name__)
 
 TITLE = "Merge"
 ELEM_ID = "merge"
-METHODS = ["weighted_sum", "add_difference", "sum_twice", "triple_sum", "ties", "dare"]
+METHODS = list(merge_methods.names())  # the registry's methods, in declaration order
 NONE = "None"
 #: the Device dropdown's first entry: the host's device (--sdtoolkit-device in the WebUI)
 DEFAULT_DEVICE = "default"
@@ -101,9 +102,8 @@ def merge_request(values: Dict[str, Any], **fixed: Any):
 
 
 def _uses_beta(method: Any) -> bool:
-    from ..merge.recipe import BETA_DEFAULTS
-
-    return method in BETA_DEFAULTS and method not in ("weighted_sum", "add_difference")
+    """The method declares a second parameter (share of C, density, drop rate): the beta slider is sent."""
+    return method in merge_methods.REGISTRY and merge_methods.REGISTRY[method].beta is not None
 
 
 def _run(job: str, host: Host, request: Any, progress: Any) -> Any:
@@ -196,14 +196,15 @@ def build(host: Host) -> None:
                               elem_id="sdtoolkit_merge_a")
         model_b = gr.Dropdown(label="Model B (share M)", choices=ckpts, value=ckpts[1] if len(ckpts) > 1 else None,
                               elem_id="sdtoolkit_merge_b")
-        model_c = gr.Dropdown(label="Model C (add difference, sum twice, triple sum; optional for TIES/DARE)",
+        model_c = gr.Dropdown(label=f"Model C ({merge_methods.model_c_label()})",
                               choices=[""] + ckpts, value="", elem_id="sdtoolkit_merge_c")
         refresh_btn = gr.Button("Refresh", elem_id="sdtoolkit_merge_refresh", elem_classes=["sdtoolkit-tool"])
     with gr.Row():
-        method = gr.Dropdown(label="Method", choices=METHODS, value="weighted_sum", elem_id="sdtoolkit_merge_method")
+        method = gr.Dropdown(label="Method", choices=list(merge_methods.names()), value="weighted_sum",
+                             elem_id="sdtoolkit_merge_method")
         alpha = gr.Slider(label="M (alpha, share of B)", minimum=0.0, maximum=1.0, step=0.01, value=0.5,
                           elem_id="sdtoolkit_merge_alpha")
-        beta = gr.Slider(label="beta (share of C / TIES density / DARE drop rate)", minimum=0.0, maximum=1.0,
+        beta = gr.Slider(label=f"beta ({merge_methods.beta_label()})", minimum=0.0, maximum=1.0,
                          step=0.01, value=0.2, elem_id="sdtoolkit_merge_beta")
     with gr.Accordion("Merge block weighted", open=False):
         with gr.Row():

@@ -15,7 +15,7 @@ Module types are tried in the WebUI's order; the first that accepts the module's
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Dict, List, Optional, Sequence, Set, Tuple
 
 import torch
