@@ -54,7 +54,7 @@ class FieldSpec:
     type: Any
     default: Any
     required: bool
-    help: str
+    help: Any  # text, or a callable giving it (read when shown)
     choices: Any  # a tuple, a callable returning one, or None: read it with choices_of()
     minimum: Optional[float]
     maximum: Optional[float]

@@ -33,7 +33,7 @@ def add_request_arguments(parser: Any, request: type, skip: Sequence[str] = ()) 
     for s in request.fields():
         if not s.cli or s.name in skip:
             continue
-        help_text = s.help or None
+        help_text = (s.help() if callable(s.help) else s.help) or None
         if s.positional:
             nargs = ("+" if s.required else "*") if s.is_list else (None if s.required else "?")
             parser.add_argument(s.name, nargs=nargs, metavar=s.metavar or s.name.upper(), help=help_text,
@@ -126,7 +126,7 @@ def body_model(request: type, exclude: Sequence[str] = ()) -> Any:
         if not s.api or s.name in exclude:
             continue
         tp = s.type
-        kw: Dict[str, Any] = {"description": s.help or None}
+        kw: Dict[str, Any] = {"description": (s.help() if callable(s.help) else s.help) or None}
         if s.required:
             fields[s.name] = (tp, Field(..., **kw))
         elif isinstance(s.default, (list, dict)):

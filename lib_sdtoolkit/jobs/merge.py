@@ -34,7 +34,7 @@ class MergeRequest(Request):
                                    model="checkpoint", positional=True, metavar="C")
     method: str = param("weighted_sum", help="merge method (see the methods below)", choices=_method_names)
     alpha: float = param(0.5, help="M, the share of B: weighted_sum = A*(1-M) + B*M; add_difference = A + (B-C)*M")
-    beta: Optional[float] = param(None, help=_merge_methods.beta_help())
+    beta: Optional[float] = param(None, help=_merge_methods.beta_help)  # asked when shown: the registry may grow
     blocks: Optional[Union[str, List[float]]] = param(
         None, help='per-block M: "v1,...,v25" (SD1/SD2; 26 with BASE first) or 19/20 values (SDXL)')
     blocks_beta: Optional[Union[str, List[float]]] = param(None, help="per-block beta, same form as blocks")
