@@ -4,7 +4,7 @@ Two files are *byte duplicates* when their sha256 match, and *weight duplicates*
 hashes match although the bytes differ (``.pt`` vs ``.safetensors``, fp32 vs its fp16 copy, bare vs
 ``first_stage_model.`` keys, extra metadata, EMA / ``loss.*`` / DDPM junk).
 
-Content hash (``sdt-content-v2``), computed from the tensors, not the file:
+Content hash (``sdt-content-v3``), computed from the tensors, not the file:
 
 1. ``arch.detect`` + ``arch.split_components`` classify the keys; ``ema`` and ``junk`` (``model_ema.*``,
    ``loss.*``, DDPM buffers, anything outside the architecture's components) are dropped. Files of an unknown
@@ -25,7 +25,8 @@ Content hash (``sdt-content-v2``), computed from the tensors, not the file:
    the sha256 of their concatenation is the content hash. The same is done per component (``components``), so
    the VAE baked into a checkpoint has the same ``components["vae"]`` as the standalone VAE file.
    (v1 hashed each tensor with BLAKE3; v2 uses hashlib's sha256 so that dedup needs no optional package: the
-   WebUI does not ship ``blake3``. Cached v1 entries are recomputed.)
+   WebUI does not ship ``blake3``. v3 keeps the marker keys ``v_pred`` / ``ztsnr`` / ``edm_*`` as their own
+   component: a v-prediction SDXL and its eps twin are not duplicates. Cached older entries are recomputed.)
 5. ``exact``: the same formula over the *exact* values: each floating tensor is written in the narrowest of
    fp16, fp32, fp64 that holds every one of its values bit for bit (so an fp16 file and its fp32 upcast agree,
    an fp32 file and its fp16 rounding do not). Files with the same content hash but different ``exact`` hashes
@@ -73,7 +74,7 @@ from .inspect import human_bytes
 PathLike = Union[str, "os.PathLike[str]"]
 ProgressFn = Callable[[int, int, str], None]
 
-CONTENT_VERSION = "sdt-content-v2"
+CONTENT_VERSION = "sdt-content-v3"
 CANONICAL_DTYPE = torch.float16
 KINDS = ("vae", "checkpoint", "lora", "controlnet", "any")
 ACTIONS = ("report", "hardlink", "move")

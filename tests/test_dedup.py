@@ -49,7 +49,7 @@ def test_same_weights_same_content_hash(vae_variants):
 
 
 def test_content_hash_follows_the_documented_formula(fixture_files):
-    """Recompute sdt-content-v2 with plain torch + hashlib from the module docstring."""
+    """Recompute sdt-content-v3 with plain torch + hashlib from the module docstring."""
     from safetensors.torch import load_file
 
     sd = load_file(str(fixture_files["vae"]))
