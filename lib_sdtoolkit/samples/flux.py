@@ -24,7 +24,7 @@ from typing import Dict, List, Mapping, Optional, Tuple, Union
 
 import torch
 
-from .factory import _device_ctx, get_config, make_tensor
+from .factory import _device_ctx, _diffusers, get_config, make_tensor
 
 PathLike = Union[str, "os.PathLike[str]"]
 Shape = Tuple[int, ...]
@@ -87,8 +87,9 @@ def bfl_specs(width: str = "tiny", variant: str = "dev", depth: int = DEPTH, dep
 
 def build_diffusers_transformer(width: str = "tiny", variant: str = "dev", device: Optional[str] = None
                                 ) -> torch.nn.Module:
-    """diffusers ``FluxTransformer2DModel`` with Flux.1's depths at ``width`` (default init)."""
-    from diffusers import FluxTransformer2DModel
+    """diffusers ``FluxTransformer2DModel`` with Flux.1's depths at ``width`` (default init). diffusers is not
+    shipped by A1111: without it, a MissingDependencyError says so (the factory's one guard)."""
+    FluxTransformer2DModel = _diffusers().FluxTransformer2DModel
 
     c = _FLUX[width]
     head_dim = c["hidden"] // c["heads"]
