@@ -207,10 +207,10 @@ def _generate(f, tags):
     return p
 
 
-def _live(f, key):
-    if key.startswith("diffusion_model."):
-        return dict(f.kmodel.named_parameters())[key]
-    return dict(f.engine.forge_objects.clip.cond_stage_model.named_parameters())[key]
+def _live(f):
+    """{parameter: the tensor the model holds now} (the patchers swap Parameters, so read them after each load)."""
+    return {k: v.detach() for k, v in [*f.kmodel.named_parameters(),
+                                       *f.engine.forge_objects.clip.cond_stage_model.named_parameters()]}
 
 
 def test_script_on_both_patchers_merges_the_lora_once_and_restores_exactly(forge, lora_file):
@@ -229,15 +229,18 @@ def test_script_on_both_patchers_merges_the_lora_once_and_restores_exactly(forge
                        lambda k: tuple(f.base[k].shape) if k in f.base else None)
     names = {k: payload.weights.name for k, (_, payload) in [*ps.unet.items(), *ps.clip.items()]}
     assert len(names) == len(ps.unet) + len(ps.clip) > 40
-    for key, name in names.items():
+    live = _live(f)
+    for key, name in list(names.items())[::4]:       # every 4th layer of the file (speed), both models
         w0 = f.base[key]
         m = 0.7 if key.startswith("clip_l.") else 0.4
         want = w0.float() + m * _expected_delta(sd, name).reshape(w0.shape)
-        torch.testing.assert_close(_live(f, key).detach().float(), want, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(live[key].float(), want, rtol=1e-5, atol=1e-6)
+    assert all(not torch.equal(live[k], f.base[k]) for k in names)      # every layer of the file landed
     untouched = [k for k in f.base if k not in names]
-    assert untouched and all(torch.equal(_live(f, k).detach(), f.base[k]) for k in untouched)
+    assert untouched and all(torch.equal(live[k], f.base[k]) for k in untouched)
 
     p = _generate(f, [])                                # the next generation without <sdtlora>: weights restored
     assert "SD Toolkit Lora" not in p.extra_generation_params
+    live = _live(f)
     for key, w0 in f.base.items():
-        assert torch.equal(_live(f, key).detach(), w0), key
+        assert torch.equal(live[key], w0), key
