@@ -244,3 +244,41 @@ def test_script_on_both_patchers_merges_the_lora_once_and_restores_exactly(forge
     live = _live(f)
     for key, w0 in f.base.items():
         assert torch.equal(live[key], w0), key
+
+
+def test_script_beside_forges_own_lora_gives_the_sum(forge, lora_file):
+    """<lora:net:0.3> (Forge's loader: its patch set on forge_objects_after_applying_lora, here as ``diff`` patches of
+    the file's ΔW) with <sdtlora:net:0.4>: every layer gets W + 0.3 ΔW + 0.4 ΔW; then Forge's alone: W + 0.3 ΔW."""
+    f = forge
+    _, sd = lora_file
+    e = f.engine
+    unet_map = {"lora_unet_" + k[len("diffusion_model."):-len(".weight")].replace(".", "_"): k
+                for k in f.base if k.startswith("diffusion_model.") and k.endswith(".weight")}
+    clip_map = {"lora_te_" + k[len("clip_l.transformer."):-len(".weight")].replace(".", "_"): k
+                for k in f.base if k.startswith("clip_l.") and k.endswith(".weight") and ".encoder.layers." in k}
+    ps = build_patches(ActiveNetwork(load_network(lora_file[0], "SD1")), "SD1", unet_map, clip_map,
+                       lambda k: tuple(f.base[k].shape) if k in f.base else None)
+    names = {k: payload.weights.name for k, (_, payload) in [*ps.unet.items(), *ps.clip.items()]}
+    delta = {k: _expected_delta(sd, n).reshape(f.base[k].shape) for k, n in list(names.items())[::4]}
+
+    def forge_lora(strength):     # extensions-builtin/sd_forge_lora networks.load_networks + load_lora_for_models
+        fo = e.forge_objects_original
+        unet, clip = fo.unet.clone(), fo.clip.clone()
+        for obj, pre in ((unet, "diffusion_model."), (clip, "clip_l.")):
+            patches = {k: ("diff", (d,)) for k, d in delta.items() if k.startswith(pre)}
+            if f.flavour == "forge201":
+                obj.add_patches(filename="forge-lora:net", patches=patches, strength_patch=strength)
+            else:
+                obj.add_patches(patches, strength)
+        e.forge_objects.unet, e.forge_objects.clip = unet, clip
+        e.forge_objects_after_applying_lora = e.forge_objects.shallow_copy()
+
+    forge_lora(0.3)
+    _generate(f, [["net", "0.4"]])
+    live = _live(f)
+    for k, d in delta.items():
+        torch.testing.assert_close(live[k].float(), f.base[k].float() + 0.7 * d, rtol=1e-5, atol=1e-5)
+    _generate(f, [])
+    live = _live(f)
+    for k, d in delta.items():
+        torch.testing.assert_close(live[k].float(), f.base[k].float() + 0.3 * d, rtol=1e-5, atol=1e-5)
