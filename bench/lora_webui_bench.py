@@ -111,13 +111,15 @@ class LatentDiffusion(nn.Module):
 
 
 def build_model(width: str):
-    from bench.lora_bench import build_unet, randomize
+    """SD1.5 in the WebUI layout with random fp32 weights: ``full``, ``mid`` (the UNet at half the channels) or
+    ``tiny`` (the factory's test width; tests/test_lora_webui_bench.py)."""
+    from bench.lora_bench import _randomize, build_unet
     from lib_sdtoolkit.samples import factory
 
-    cfg = factory.get_config("SD1", "full")
-    unet = randomize(build_unet(width, False), torch.device("cpu"), torch.float32)
-    te = randomize(factory.build_text_encoder(cfg.text_encoders[0], device="meta"), torch.device("cpu"),
-                   torch.float32)
+    cfg = factory.get_config("SD1", "tiny" if width == "tiny" else "full")
+    unet = _randomize(build_unet(width, False), torch.device("cpu"), torch.float32, seed=0)
+    te = _randomize(factory.build_text_encoder(cfg.text_encoders[0], device="meta"), torch.device("cpu"),
+                    torch.float32, seed=1)
     emb = te.text_model.embeddings                         # to_empty left the buffer uninitialised
     emb.position_ids.copy_(torch.arange(emb.position_ids.shape[-1]).expand_as(emb.position_ids))
     return LatentDiffusion(unet, te).eval()

@@ -15,7 +15,10 @@ inside the patch - ``lbw=`` works - and the patches go to clones of ``p.sd_model
   then applied for every step and the generation's comments and the log say so.
 Forge calls a patch type it does not know through ``backend.patcher.lora.extra_weight_calculators``; Forge Neo's
 patcher takes ComfyUI ``WeightAdapterBase`` objects instead. Both are supported; where neither exists the log and
-the comments say that ``<sdtlora>`` is unavailable and nothing is registered.
+the comments say that ``<sdtlora>`` is unavailable and nothing is registered. The patchers' other differences are
+handled in ``lib_sdtoolkit.lora.patcher_bridge``: ``add_patches(filename=..., online_mode=...)`` (Forge 2.0.x) or
+``add_patches(patches, strength)`` (Neo on ComfyUI's ModelPatcher), and ``model_lora_keys_clip`` returning the key
+map (Forge 2.0.x) or ``(keys, key map)`` (Neo).
 """
 import importlib.util
 import logging
@@ -36,7 +39,8 @@ if IS_FORGE:
     from lib_sdtoolkit.lora.apply import ActiveNetwork, loaded_architecture
     from lib_sdtoolkit.lora.blocks import load_user_presets, resolve_block_weights
     from lib_sdtoolkit.lora.network import NetworkCache
-    from lib_sdtoolkit.lora.patcher_bridge import PATCH_TYPE, apply_patch, build_patches, unavailable_options
+    from lib_sdtoolkit.lora.patcher_bridge import (PATCH_TYPE, add_patch_sets, apply_patch, build_patches,
+                                                   key_map_of, unavailable_options)
     from lib_sdtoolkit.lora.registry import LoraRegistry
     from lib_sdtoolkit.lora.syntax import ExtraNetworkParams, request_from_params
 
@@ -132,8 +136,8 @@ if IS_FORGE:
             fo = sd_model.forge_objects_original
             ident = (id(fo.unet.model), id(fo.clip.cond_stage_model))
             if self._keys[0] != ident:
-                unet_keys = model_lora_keys_unet(fo.unet.model, {})
-                clip_keys = model_lora_keys_clip(fo.clip.cond_stage_model, {})
+                unet_keys = key_map_of(model_lora_keys_unet, fo.unet.model)
+                clip_keys = key_map_of(model_lora_keys_clip, fo.clip.cond_stage_model)
                 shapes = {k: tuple(v.shape) for k, v in fo.unet.model.named_parameters()}
                 shapes.update({k: tuple(v.shape) for k, v in fo.clip.cond_stage_model.named_parameters()})
                 self._keys = (ident, (unet_keys, clip_keys), shapes)
@@ -199,17 +203,10 @@ if IS_FORGE:
                 return
             sd_model = p.sd_model
             obj = getattr(sd_model.forge_objects, which)
-            patcher = obj.patcher if which == "clip" else obj
-            todo = [ps for ps in sets if getattr(ps, which) and
-                    not any(k[0] == ps.identifier for k in patcher.lora_patches)]
-            if not todo:
-                return
-            online = _online_mode(sd_model)
-            new = obj.clone()
-            for ps in todo:
-                patches = {k: self.wrap(v[1]) for k, v in getattr(ps, which).items()}
-                new.add_patches(filename=ps.identifier, patches=patches, strength_patch=1.0, online_mode=online)
-            setattr(sd_model.forge_objects, which, new)
+            new = add_patch_sets(obj, obj.patcher if which == "clip" else obj, sets, which, self.wrap,
+                                 online=lambda: _online_mode(sd_model))
+            if new is not None:
+                setattr(sd_model.forge_objects, which, new)
 
     network = None
     _KIND, _WRAP = _patch_value_factory()

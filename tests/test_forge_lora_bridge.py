@@ -119,3 +119,166 @@ def test_zero_strength_patch_leaves_the_weight_bit_identical(lora_file):
     layer = net.layers[0]
     w = torch.randn(layer.weights.t["lora_up.weight"].shape[0], layer.weights.t["lora_down.weight"].shape[1])
     assert torch.equal(apply_patch(w.clone(), 0.0, LayerPatch(layer.weights, 1.0)), w)
+
+
+# ------------------------------------------------------------------ scripts/sdtoolkit_forge_lora.py on both patchers
+# The Forge flavours of the WebUI double (tests/webui_double/forge/): Forge 2.0.1's patcher (add_patches(*, filename,
+# ...), lora_patches, LoraLoader.refresh, extra_weight_calculators) and Forge Neo's (ComfyUI's ModelPatcher:
+# add_patches(patches, strength_patch), patches per key, WeightAdapterBase values, model_lora_keys_clip returning
+# (keys, map)). A generation is driven at the points Forge calls the script: the extra networks' activate, the
+# script's after_extra_networks_activate and process_batch (CLIP; Forge's conds are computed right after), Forge's
+# reset of forge_objects before sampling, process_before_every_sampling (UNet), and the patcher's load.
+import copy  # noqa: E402
+import sys  # noqa: E402
+import types  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+ROOT = Path(__file__).resolve().parent.parent
+DOUBLE = ROOT / "tests" / "webui_double"
+if str(DOUBLE) not in sys.path:
+    sys.path.append(str(DOUBLE))
+
+
+def _load(patcher, flavour):
+    """The patcher's own load: Forge 2.0.1 refresh_loras() (memory_management's load), Neo patch_model()."""
+    if flavour == "forge201":
+        patcher.refresh_loras()
+    else:
+        patcher.patch_model()
+
+
+@pytest.fixture(params=["forge201", "neo"])
+def forge(request, sd1, lora_file, tmp_path, monkeypatch):
+    import argparse
+
+    from webui_harness import unuse_forge, use_forge
+
+    flavour = request.param
+    use_forge(flavour)
+    try:
+        from backend.diffusion_engine.base import ForgeDiffusionEngine, ForgeObjects
+        from backend.patcher.clip import CLIP
+        from backend.patcher.unet import UnetPatcher
+        from modules import extra_networks, script_callbacks, script_loading, shared
+
+        kmodel = torch.nn.Module()                       # Forge's KModel: the UNet at .diffusion_model
+        kmodel.diffusion_model = copy.deepcopy(sd1["unet"])
+        kmodel.storage_dtype = torch.float32
+        clip_l = torch.nn.Module()                       # the CLIP-L engine: the HF text model at .transformer
+        clip_l.transformer = copy.deepcopy(sd1["text_encoder"])
+        engine = ForgeDiffusionEngine(ForgeObjects(UnetPatcher(kmodel), CLIP({"clip_l": clip_l}), None, None),
+                                      is_sd1=True)
+        lora_dir = tmp_path / "Lora"
+        lora_dir.mkdir()
+        (lora_dir / "net.safetensors").write_bytes(Path(lora_file[0]).read_bytes())
+        monkeypatch.setattr(shared, "cmd_opts", argparse.Namespace(lora_dir=str(lora_dir), lora_dirs=[]))
+        script_callbacks.clear_callbacks()
+        extra_networks.initialize()
+        mod = script_loading.load_module(str(ROOT / "scripts" / "sdtoolkit_forge_lora.py"))
+        script_callbacks.before_ui_callback()
+        base = {k: v.detach().clone() for k, v in [*kmodel.named_parameters(), *engine.forge_objects.clip
+                                                    .cond_stage_model.named_parameters()]}
+        yield types.SimpleNamespace(flavour=flavour, mod=mod, engine=engine, kmodel=kmodel, base=base,
+                                    registry=extra_networks.extra_network_registry)
+    finally:
+        from modules import extra_networks, script_callbacks
+
+        script_callbacks.clear_callbacks()
+        extra_networks.initialize()
+        unuse_forge()
+
+
+def _generate(f, tags):
+    """One generation with ``tags`` = [[name, te, unet], ...] as <sdtlora> params; returns p."""
+    from lib_sdtoolkit.lora.syntax import ExtraNetworkParams
+
+    e = f.engine
+    p = types.SimpleNamespace(sd_model=e, extra_generation_params={}, comments=[])
+    p.comment = p.comments.append
+    e.forge_objects = e.forge_objects_after_applying_lora.shallow_copy()
+    f.mod.network.activate(p, [ExtraNetworkParams.from_items(t) for t in tags])
+    script = f.mod.SdToolkitForgeLoraScript()
+    script.after_extra_networks_activate(p)
+    script.process_batch(p)            # nothing reset in between: the CLIP set must not be added twice
+    _load(e.forge_objects.clip.patcher, f.flavour)
+    e.forge_objects = e.forge_objects_after_applying_lora.shallow_copy()     # Forge, before each sampling pass
+    script.process_before_every_sampling(p)
+    _load(e.forge_objects.unet, f.flavour)
+    return p
+
+
+def _live(f):
+    """{parameter: the tensor the model holds now} (the patchers swap Parameters, so read them after each load)."""
+    return {k: v.detach() for k, v in [*f.kmodel.named_parameters(),
+                                       *f.engine.forge_objects.clip.cond_stage_model.named_parameters()]}
+
+
+def test_script_on_both_patchers_merges_the_lora_once_and_restores_exactly(forge, lora_file):
+    f = forge
+    assert f.mod.IS_FORGE and f.mod.network is not None and f.registry["sdtlora"] is f.mod.network
+    assert f.mod._KIND == ("calculator" if f.flavour == "forge201" else "adapter")
+    _, sd = lora_file
+    p = _generate(f, [["net", "0.7", "0.4"]])
+    assert p.extra_generation_params["SD Toolkit Lora"] == "net: 0.7/0.4" and p.comments == []
+    # which parameter each file module lands on: the Forge key naming checked in the first test of this file
+    unet_map = {"lora_unet_" + k[len("diffusion_model."):-len(".weight")].replace(".", "_"): k
+                for k in f.base if k.startswith("diffusion_model.") and k.endswith(".weight")}
+    clip_map = {"lora_te_" + k[len("clip_l.transformer."):-len(".weight")].replace(".", "_"): k
+                for k in f.base if k.startswith("clip_l.") and k.endswith(".weight") and ".encoder.layers." in k}
+    ps = build_patches(ActiveNetwork(load_network(lora_file[0], "SD1")), "SD1", unet_map, clip_map,
+                       lambda k: tuple(f.base[k].shape) if k in f.base else None)
+    names = {k: payload.weights.name for k, (_, payload) in [*ps.unet.items(), *ps.clip.items()]}
+    assert len(names) == len(ps.unet) + len(ps.clip) > 40
+    live = _live(f)
+    for key, name in list(names.items())[::4]:       # every 4th layer of the file (speed), both models
+        w0 = f.base[key]
+        m = 0.7 if key.startswith("clip_l.") else 0.4
+        want = w0.float() + m * _expected_delta(sd, name).reshape(w0.shape)
+        torch.testing.assert_close(live[key].float(), want, rtol=1e-5, atol=1e-6)
+    assert all(not torch.equal(live[k], f.base[k]) for k in names)      # every layer of the file landed
+    untouched = [k for k in f.base if k not in names]
+    assert untouched and all(torch.equal(live[k], f.base[k]) for k in untouched)
+
+    p = _generate(f, [])                                # the next generation without <sdtlora>: weights restored
+    assert "SD Toolkit Lora" not in p.extra_generation_params
+    live = _live(f)
+    for key, w0 in f.base.items():
+        assert torch.equal(live[key], w0), key
+
+
+def test_script_beside_forges_own_lora_gives_the_sum(forge, lora_file):
+    """<lora:net:0.3> (Forge's loader: its patch set on forge_objects_after_applying_lora, here as ``diff`` patches of
+    the file's ΔW) with <sdtlora:net:0.4>: every layer gets W + 0.3 ΔW + 0.4 ΔW; then Forge's alone: W + 0.3 ΔW."""
+    f = forge
+    _, sd = lora_file
+    e = f.engine
+    unet_map = {"lora_unet_" + k[len("diffusion_model."):-len(".weight")].replace(".", "_"): k
+                for k in f.base if k.startswith("diffusion_model.") and k.endswith(".weight")}
+    clip_map = {"lora_te_" + k[len("clip_l.transformer."):-len(".weight")].replace(".", "_"): k
+                for k in f.base if k.startswith("clip_l.") and k.endswith(".weight") and ".encoder.layers." in k}
+    ps = build_patches(ActiveNetwork(load_network(lora_file[0], "SD1")), "SD1", unet_map, clip_map,
+                       lambda k: tuple(f.base[k].shape) if k in f.base else None)
+    names = {k: payload.weights.name for k, (_, payload) in [*ps.unet.items(), *ps.clip.items()]}
+    delta = {k: _expected_delta(sd, n).reshape(f.base[k].shape) for k, n in list(names.items())[::4]}
+
+    def forge_lora(strength):     # extensions-builtin/sd_forge_lora networks.load_networks + load_lora_for_models
+        fo = e.forge_objects_original
+        unet, clip = fo.unet.clone(), fo.clip.clone()
+        for obj, pre in ((unet, "diffusion_model."), (clip, "clip_l.")):
+            patches = {k: ("diff", (d,)) for k, d in delta.items() if k.startswith(pre)}
+            if f.flavour == "forge201":
+                obj.add_patches(filename="forge-lora:net", patches=patches, strength_patch=strength)
+            else:
+                obj.add_patches(patches, strength)
+        e.forge_objects.unet, e.forge_objects.clip = unet, clip
+        e.forge_objects_after_applying_lora = e.forge_objects.shallow_copy()
+
+    forge_lora(0.3)
+    _generate(f, [["net", "0.4"]])
+    live = _live(f)
+    for k, d in delta.items():
+        torch.testing.assert_close(live[k].float(), f.base[k].float() + 0.7 * d, rtol=1e-5, atol=1e-5)
+    _generate(f, [])
+    live = _live(f)
+    for k, d in delta.items():
+        torch.testing.assert_close(live[k].float(), f.base[k].float() + 0.3 * d, rtol=1e-5, atol=1e-5)

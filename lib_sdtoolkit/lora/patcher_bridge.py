@@ -12,6 +12,11 @@ format we read works there, with the multiplier of each layer - te/unet weight x
 into the payload: per-layer strength is something one ``add_patches`` call (one strength for all its keys) cannot
 carry. Nothing here imports the host; the host's key map (kohya name -> patcher key) is passed in.
 
+Two patcher shapes exist (tests/webui_double/forge/README.md): Forge 2.0.x's own (``add_patches(*, filename, patches,
+strength_patch, strength_model, online_mode)``, sets kept in ``lora_patches``) and the ComfyUI ModelPatcher Forge Neo
+moved to (``add_patches(patches, strength_patch, strength_model)``, patches appended per key);
+:func:`add_patch_sets` adds a set once on either, :func:`key_map_of` reads either key-map return shape.
+
 What a patcher cannot carry: ``start=``/``stop=`` step ranges (the patcher merges once per sampling pass, not per
 step) - :func:`build_patches` leaves them to the caller to report.
 """
@@ -165,5 +170,70 @@ def unavailable_options(a: ActiveNetwork) -> List[str]:
     return out
 
 
-__all__ = ["PATCH_TYPE", "LayerPatch", "PatchSet", "apply_patch", "build_patches", "patcher_key",
-           "unavailable_options"]
+# ------------------------------------------------------------------ the two patcher shapes (Forge 2.0.x, Forge Neo)
+def key_map_of(fn: Callable, model) -> Dict[str, str]:
+    """kohya name -> parameter from the host's key-map function ``fn(model, key_map)``: Forge 2.0.x returns the map;
+    Forge Neo's (ComfyUI's) ``model_lora_keys_clip`` returns ``(state-dict keys, map)``; both fill the dict given."""
+    given: Dict[str, str] = {}
+    out = fn(model, given)
+    if isinstance(out, tuple):
+        out = out[-1]
+    return out if isinstance(out, dict) else given
+
+
+def takes_filename(patcher) -> bool:
+    """Whether the patcher's ``add_patches`` takes ``filename=`` (Forge's own patcher: one patch set per file, kept in
+    ``lora_patches`` under ``(filename, strength_patch, strength_model, online_mode)``) or not (ComfyUI's
+    ModelPatcher, as Forge Neo now has: ``add_patches(patches, strength_patch, strength_model)`` appends per key)."""
+    import inspect
+
+    try:
+        return "filename" in inspect.signature(patcher.add_patches).parameters
+    except (TypeError, ValueError):
+        return False
+
+
+def _payload(value) -> Optional[LayerPatch]:
+    """Our LayerPatch inside a patch value (an adapter holding ``.patch``, or a ``(PATCH_TYPE, payload)`` tuple)."""
+    patch = getattr(value, "patch", None)
+    if isinstance(patch, LayerPatch):
+        return patch
+    if isinstance(value, tuple) and len(value) == 2 and value[0] == PATCH_TYPE:
+        return value[1]
+    return None
+
+
+def carries(patcher, ps: PatchSet, which: str, named: bool) -> bool:
+    """Whether ``patcher`` already holds this patch set: by identifier where sets are named, else by finding the
+    set's own payload among the patches of its first parameter."""
+    if named:
+        return any(k[0] == ps.identifier for k in getattr(patcher, "lora_patches", {}))
+    patches = getattr(ps, which)
+    key = next(iter(patches))
+    mine = patches[key][1]
+    return any(_payload(entry[1]) is mine for entry in getattr(patcher, "patches", {}).get(key, ()))
+
+
+def add_patch_sets(obj, patcher, sets: Sequence[PatchSet], which: str, wrap: Callable,
+                   online: Callable[[], bool] = lambda: False):
+    """A clone of ``obj`` (the host's UNet patcher, or its CLIP object whose ``.patcher`` is ``patcher``) with the
+    ``which`` ("unet"/"clip") patches of every set it does not carry yet, each value made by ``wrap(LayerPatch)``;
+    None when there is nothing to add (adding twice would double the delta). ``online()`` (Forge's on-the-fly mode
+    for quantized weights) is asked only where ``add_patches`` takes it."""
+    named = takes_filename(patcher)
+    todo = [ps for ps in sets if getattr(ps, which) and not carries(patcher, ps, which, named)]
+    if not todo:
+        return None
+    on = bool(online()) if named else False
+    new = obj.clone()
+    for ps in todo:
+        patches = {k: wrap(v[1]) for k, v in getattr(ps, which).items()}
+        if named:
+            new.add_patches(filename=ps.identifier, patches=patches, strength_patch=1.0, online_mode=on)
+        else:
+            new.add_patches(patches, 1.0)
+    return new
+
+
+__all__ = ["PATCH_TYPE", "LayerPatch", "PatchSet", "add_patch_sets", "apply_patch", "build_patches", "carries",
+           "key_map_of", "patcher_key", "takes_filename", "unavailable_options"]

@@ -8,6 +8,9 @@
     demo, tabs = w.create_ui()        # before_ui, ui_settings, ui_tabs -> gr.TabItem per tab (section 1.6)
     app = w.start_app(demo)           # FastAPI + app_started_callback(demo, app); start_app(None) = --nowebui
     app = w.start_app(demo, api=True) # with the WebUI's own /sdapi/v1 routes (--api), mounted first as create_api
+
+    use_forge("forge201" | "neo") / unuse_forge(): Forge's root packages (modules_forge, backend) of one flavour on
+    sys.path after the double (forge/README.md).
 """
 from __future__ import annotations
 
@@ -28,6 +31,37 @@ def use_double() -> None:
     mod = sys.modules.get("modules")
     if mod is not None and not os.path.abspath(getattr(mod, "__file__", "") or "").startswith(DOUBLE_DIR):
         raise RuntimeError(f"another 'modules' package is already imported: {mod!r}")
+
+
+FORGE_FLAVOURS = ("forge201", "neo")
+_FORGE_PACKAGES = ("modules_forge", "backend")
+
+
+def _forget_forge_modules() -> None:
+    for name in list(sys.modules):
+        if name.split(".", 1)[0] in _FORGE_PACKAGES:
+            del sys.modules[name]
+
+
+def use_forge(flavour: str) -> str:
+    """Forge = the A1111 double plus Forge's root packages (``modules_forge``, ``backend``) of one flavour
+    (forge/README.md): put that flavour's folder on ``sys.path`` right after the double; returns the folder."""
+    if flavour not in FORGE_FLAVOURS:
+        raise ValueError(f"unknown Forge flavour {flavour!r}; one of {FORGE_FLAVOURS}")
+    use_double()
+    unuse_forge()
+    folder = os.path.join(DOUBLE_DIR, "forge", flavour)
+    sys.path.insert(1, folder)
+    return folder
+
+
+def unuse_forge() -> None:
+    """Back to plain A1111: no Forge flavour on ``sys.path`` and none of its modules imported."""
+    for flavour in FORGE_FLAVOURS:
+        folder = os.path.join(DOUBLE_DIR, "forge", flavour)
+        while folder in sys.path:
+            sys.path.remove(folder)
+    _forget_forge_modules()
 
 
 class WebUIDouble:

@@ -1,0 +1,1 @@
+"""Forge Neo ``backend`` (double: the model patchers only; see ../README.md)."""

@@ -1,0 +1,45 @@
+"""Forge Neo backend/patcher/lora.py (double): ``merge_lora_to_weight`` as Neo has it.
+
+Shapes kept: a patch value that is a ``weight_adapter.WeightAdapterBase`` is computed by its ``calculate_weight(weight,
+key, strength, strength_model, offset, function, computation_dtype)``; a ``(type, payload)`` value of a type other
+than ``diff``/``set`` raises (``extra_weight_calculators`` is still defined but no longer read).
+"""
+import torch
+
+from modules_forge.packages.comfy.lora import model_lora_keys_clip, model_lora_keys_unet, weight_adapter  # noqa: F401
+
+extra_weight_calculators = {}
+
+
+@torch.inference_mode()
+def merge_lora_to_weight(patches, weight, key="online_lora", computation_dtype=torch.float32):
+    dtype_backup = None
+    if computation_dtype == weight.dtype:
+        weight = weight.clone()
+    else:
+        dtype_backup, weight = weight.dtype, weight.to(dtype=computation_dtype)
+    for p in patches:
+        strength, v, strength_model, offset, function = p[0], p[1], p[2], p[3], p[4]
+        if function is None:
+            function = lambda a: a  # noqa: E731
+        if strength_model != 1.0:
+            weight *= strength_model
+        if isinstance(v, weight_adapter.WeightAdapterBase):
+            out = v.calculate_weight(weight, key, strength, strength_model, offset, function, computation_dtype)
+            if out is not None:
+                weight = out
+            continue
+        if len(v) == 1:
+            patch_type = "diff"
+        else:
+            patch_type, v = v[0], v[1]
+        if patch_type == "diff":
+            if strength != 0.0:
+                weight += function(strength * v[0].to(weight.device, weight.dtype))
+        elif patch_type == "set":
+            weight.copy_(v[0])
+        else:
+            raise ValueError(f'"{key}" of type "{patch_type}" is not recognized...')
+    if dtype_backup is not None:
+        weight = weight.to(dtype=dtype_backup)
+    return weight
