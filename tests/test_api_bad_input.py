@@ -22,7 +22,7 @@ from PIL import Image
 
 from lib_sdtoolkit.errors import SdToolkitError
 from lib_sdtoolkit.host import StandaloneHost
-from lib_sdtoolkit.server import SdToolkitRoute, make_router
+from lib_sdtoolkit.server import SdToolkitRoute
 from lib_sdtoolkit.server.app import create_app
 from lib_sdtoolkit.validate import MAX_IMAGE_PIXELS, check_device, check_path_text
 

@@ -11,12 +11,10 @@ on pickles), the latent reader (``tiled_vae.vae.read_latent``) and the metadata 
 from __future__ import annotations
 
 import io
-import json
 import math
 import struct
 import sys
 from pathlib import Path
-from typing import Any
 
 import pytest
 

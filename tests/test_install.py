@@ -23,7 +23,7 @@ import subprocess
 import sys
 import venv
 from pathlib import Path
-from typing import Dict, Iterator, List, Set, Tuple
+from typing import Dict, Iterator, List, Tuple
 
 import pytest
 

@@ -12,7 +12,6 @@ tensors and the key map of the reference (diffusers-style kohya names -> ldm mod
 output."""
 from __future__ import annotations
 
-import copy
 import logging
 import sys
 import types

@@ -355,7 +355,7 @@ def test_api_route_over_the_corpus(route, api, corpus, tmp_path):
                 v = f"unclean: the answer does not name the file: {js['detail'][:200]}"
         elif r.status_code == 200:
             may = kind == "semantic" or (kind == "latent" and route != "POST vae/decode (latent)")
-            v = "clean" if may else f"unclean: 200 for a bad file"
+            v = "clean" if may else "unclean: 200 for a bad file"
         else:
             v = f"unclean: {r.status_code}"
         counts[v.split(" ")[0].rstrip(":")] = counts.get(v.split(" ")[0].rstrip(":"), 0) + 1
