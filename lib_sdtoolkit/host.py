@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import os
 import re
-import sys
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from pathlib import Path
@@ -65,21 +64,12 @@ def _is_under(path: Path, folder: Path) -> bool:
 
 
 def _tqdm_sink() -> ProgressSink:
-    bars: Dict[str, Any] = {}
+    """The host's default progress sink: the one tqdm adapter (:func:`lib_sdtoolkit.progress.tqdm_progress`, quiet
+    when stderr is not a terminal)."""
+    from .progress import tqdm_progress
 
-    def sink(desc: str, done: int, total: Optional[int]) -> None:
-        from tqdm import tqdm  # tqdm is light; imported lazily so hosts stay cheap to build
-
-        bar = bars.get(desc)
-        if bar is None:
-            bar = bars[desc] = tqdm(total=total, desc=desc, file=sys.stderr, leave=False)
-        bar.n = done
-        bar.refresh()
-        if total is not None and done >= total:
-            bar.close()
-            bars.pop(desc, None)
-
-    return sink
+    bars = tqdm_progress()
+    return lambda desc, done, total: bars(desc, done, total, "")
 
 
 @dataclass

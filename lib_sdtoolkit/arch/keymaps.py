@@ -282,12 +282,6 @@ def unet_diffusers_key_to_ldm(key: str, arch: str) -> str:
     raise KeyError(key)
 
 
-def _strip(key: str, prefix: str) -> str:
-    if prefix and not key.startswith(prefix):
-        raise KeyError(key)
-    return key[len(prefix):]
-
-
 def unet_ldm_to_diffusers_keys(keys: Iterable[str], arch: str, prefix: str = "") -> Dict[str, str]:
     """``{ldm_key: diffusers_key}`` for every UNet key in ``keys`` that starts with ``prefix`` (e.g.
     ``"model.diffusion_model."``); other keys are skipped. Raises KeyError for a UNet key of unknown structure."""

@@ -155,10 +155,6 @@ class ControlNetUnit:
             if value < slider.minimum or value > slider.maximum:
                 setattr(self, name, slider.value)
 
-    @property
-    def is_active(self) -> bool:
-        return bool(self.enabled)
-
 
 def _as_bool(v: Any, name: str) -> bool:
     if isinstance(v, bool):

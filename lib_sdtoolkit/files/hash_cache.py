@@ -244,16 +244,6 @@ class HashCache:
                 self._trouble(e)
                 return []
 
-    def forget(self, path: PathLike) -> None:
-        self._run("DELETE FROM files WHERE path=?", (_key(path),))
-
-    def prune_missing(self) -> int:
-        """Drop entries whose file no longer exists. Returns how many."""
-        paths = [r[0] for r in self._run("SELECT path FROM files")]
-        gone = [p for p in paths if not os.path.exists(p)]
-        self._run("DELETE FROM files WHERE path=?", [(p,) for p in gone], many=True)
-        return len(gone)
-
     def __len__(self) -> int:
         rows = self._run("SELECT COUNT(*) FROM files")
         return int(rows[0][0]) if rows else 0

@@ -142,10 +142,6 @@ class TensorInfo:
     def numel(self) -> int:
         return int(math.prod(self.shape))
 
-    @property
-    def is_floating(self) -> bool:
-        return self.dtype.is_floating_point
-
 
 class ModelReader(abc.ABC):
     """Base class of the lazy readers. Use as a context manager."""
@@ -179,10 +175,6 @@ class ModelReader(abc.ABC):
 
     def __iter__(self) -> Iterator[str]:
         return iter(self._infos)
-
-    @property
-    def tensor_bytes(self) -> int:
-        return sum(i.nbytes for i in self._infos.values())
 
     @abc.abstractmethod
     def get(self, key: str) -> torch.Tensor:
@@ -391,19 +383,6 @@ class SafetensorsReader(ModelReader):
             return handle.get_tensor(key)
         except Exception as e:
             raise ModelFileError(f"cannot read tensor: {one_line(str(e))}", self.path, key) from None
-
-    def read_raw(self, key: str) -> bytes:
-        """The tensor's bytes as stored (no dtype conversion)."""
-        info = self.info(key)
-        try:
-            with open_regular(self.path) as fh:
-                fh.seek(info.offset)
-                data = fh.read(info.nbytes)
-        except OSError as e:
-            raise ModelFileError(f"cannot read: {e.strerror or e}", self.path, key) from None
-        if len(data) != info.nbytes:
-            raise ModelFileError("the file got shorter while it was read", self.path, key)
-        return data
 
     def close(self) -> None:
         self._handle = None

@@ -74,11 +74,6 @@ def load_user_presets(path: Optional[PathLike]) -> Dict[str, List[float]]:
     return parse_presets_text(p.read_text(encoding="utf-8"), str(p))
 
 
-def block_ids(arch: str) -> List[str]:
-    """Every lora-block-weight block id of ``arch``, BASE first."""
-    return list(convention(LBW, arch).blocks)
-
-
 def resolve_block_weights(spec: Optional[str], arch: str,
                           user_presets: Optional[Mapping[str, List[float]]] = None) -> Optional[Dict[str, float]]:
     """A preset name or a comma-separated list -> {block id: ratio} over every block of ``arch`` (None = no block

@@ -182,11 +182,6 @@ def tiny_config(arch: str, variant: Optional[str] = None) -> ArchConfig:
     return get_config(arch, "tiny", variant)
 
 
-def full_config(arch: str, variant: Optional[str] = None) -> ArchConfig:
-    """:func:`get_config` at the real width of released checkpoints."""
-    return get_config(arch, "full", variant)
-
-
 # ------------------------------------------------------------------------------------------------------ modules
 
 class LdmAutoencoderKL(nn.Module):

@@ -69,15 +69,6 @@ class Program:
     flavour: str              # "ldm" | "diffusers"
     module: nn.Module = field(repr=False, default=None)
 
-    @property
-    def n_groupnorms(self) -> int:
-        return sum(1 for o in self.ops if o.kind == "gn") + sum(1 for o in self.ops if o.kind == "attn")
-
-    @property
-    def scale_steps(self) -> int:
-        """Number of x2 resolution changes (3 for the SD VAE)."""
-        return sum(1 for o in self.ops if o.kind in ("up", "down"))
-
 
 def _conv(m: nn.Module, name: str) -> Op:
     if not isinstance(m, nn.Conv2d):
@@ -289,6 +280,3 @@ def param_device(module: nn.Module) -> torch.device:
     for p in module.parameters():
         return p.device
     return torch.device("cpu")
-
-
-
