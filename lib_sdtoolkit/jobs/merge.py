@@ -173,8 +173,9 @@ def run_in_memory(host: Any, req: MergeRequest, progress: Progress) -> MergeJobR
 
     recipe = _recipe(host, req)
     with hash_cache(host) as cache:
-        rec = merge_into_loaded(host, recipe, display_names(host, recipe), Path(default_output_name(recipe)).stem,
-                                progress=progress.counter("merging"), hash_cache=cache,
+        rec = merge_into_loaded(host.model_hooks, recipe, display_names(host, recipe),
+                                Path(default_output_name(recipe)).stem, progress=progress.counter("merging"),
+                                hash_cache=cache,
                                 hash_progress=progress.counter("hashing inputs"))
     return MergeJobReport(name=rec.name, in_memory=True, title=rec.title, sha256=rec.sha256,
                           original_file=rec.original_file, _engine=rec.report)
@@ -194,7 +195,7 @@ def run_save_current(host: Any, req: SaveCurrentRequest, progress: Progress) -> 
     from ..merge.engine import merge_files
     from ..merge.live import current_merge_checked
 
-    rec = current_merge_checked(host)
+    rec = current_merge_checked(host.model_hooks)
     out = host.resolve_output(req.output, "checkpoint", suffixes=OUTPUT_SUFFIXES, add_suffix=".safetensors",
                               plain=not host.trusted, default=rec.name + ".safetensors")
     with hash_cache(host) as cache:
@@ -224,7 +225,7 @@ class RestoreReport(Report):
 def run_restore(host: Any, req: RestoreRequest, progress: Progress) -> RestoreReport:
     from ..merge.live import restore_loaded_model
 
-    path = restore_loaded_model(host)
+    path = restore_loaded_model(host.model_hooks)
     return RestoreReport(restored=host.display_name(path, "checkpoint"), path=str(path))
 
 

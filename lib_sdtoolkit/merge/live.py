@@ -1,11 +1,15 @@
 """Merge into the model a face has loaded (the WebUI's current checkpoint), without writing a file.
 
-``merge_into_loaded(host, recipe, ...)`` (called by the merge job, which resolved the recipe's names) runs, between ``host.begin_model_change(model)`` and ``host.end_model_change(model, info)``, runs
+``merge_into_loaded(hooks, recipe, ...)`` (called by the merge job, which resolved the recipe's names) runs,
+between ``hooks.begin_change(model)`` and ``hooks.end_change(model, info)``,
 :func:`~lib_sdtoolkit.merge.engine.merge_in_memory` with ``into=model``: every input, A included, is read from its
 file key by key (so LoRA deltas the WebUI patched into the loaded weights never leak into the merge) and each
 result is copied into the model's own tensor in the model's dtype; no second copy of the model is made. ``info``
 tells the face what is loaded now (a name, a title, a sha256 of the merge metadata as supermerger does, the
 metadata), so the WebUI can show a checkpoint stand-in and fire its model-loaded callbacks.
+
+``hooks`` is the face's :class:`~lib_sdtoolkit.host.ModelHooks` (``host.model_hooks``; None where the face holds
+no model): plain callables, so this module never sees a Host.
 
 The merge is recorded on the model object (attribute :data:`ATTR`) with the face's identity token of what is
 loaded; it is "current" only while the face still reports that token (loading any other weights drops it).
@@ -76,46 +80,49 @@ class LiveMerge:
         return d
 
 
-def _need_model(host: Any) -> Any:
-    if not getattr(host, "has_loaded_model_support", False):
+def _need_model(hooks: Any) -> Any:
+    if hooks is None:
         raise InvalidInputError("this face holds no model in memory (in-memory merges are for the WebUI); "
                                 "merge to a file instead")
-    model = host.loaded_model()
+    model = hooks.get_model()
     if model is None:
         raise InvalidInputError("no model is loaded; load a checkpoint in the WebUI first")
     return model
 
 
-def current_merge(host: Any, model: Any = None) -> Optional[LiveMerge]:
+def _loaded_file(hooks: Any, model: Any) -> Optional[str]:
+    f = hooks.checkpoint_file(model)
+    return str(f) if f else None
+
+
+def current_merge(hooks: Any, model: Any = None) -> Optional[LiveMerge]:
     """The merge the loaded model holds now, or None (nothing merged, or other weights were loaded since)."""
-    if not getattr(host, "has_loaded_model_support", False):
+    if hooks is None:
         return None
-    model = model if model is not None else host.loaded_model()
+    model = model if model is not None else hooks.get_model()
     if model is None:
         return None
     rec = getattr(model, ATTR, None)
     if not isinstance(rec, LiveMerge):
         return None
-    if rec.identity is not host.loaded_model_identity(model):
+    if rec.identity is not hooks.identity(model):
         return None
     return rec
 
 
-def merge_into_loaded(host: Any, recipe: MergeRecipe, names: Dict[str, str], name: str,
+def merge_into_loaded(hooks: Any, recipe: MergeRecipe, names: Dict[str, str], name: str,
                       progress: Optional[Progress] = None, hash_cache: Any = True,
                       hash_progress: Any = None) -> LiveMerge:
-    """Merge the (resolved, validated) ``recipe`` into the host's loaded model (no file); returns the record.
-
-    ``host`` is used only as the holder of the loaded model (its ``ModelHooks``): names were resolved by the job."""
-    model = _need_model(host)
+    """Merge the (resolved, validated) ``recipe`` into the face's loaded model (no file); returns the record."""
+    model = _need_model(hooks)
     inputs = {p: _stat(p) for p in (recipe.model_a, recipe.model_b, recipe.model_c, recipe.bake_vae) if p}
     lock = _model_lock(model)
     if not lock.acquire(blocking=False):
         raise InvalidInputError("another merge into the loaded model is running; wait for it to finish")
     try:
-        prev = current_merge(host, model)
-        original = prev.original_file if prev is not None else host.loaded_model_file(model)
-        host.begin_model_change(model)
+        prev = current_merge(hooks, model)
+        original = prev.original_file if prev is not None else _loaded_file(hooks, model)
+        hooks.begin_change(model)
         info: Optional[Dict[str, Any]] = None
         if prev is not None:
             delattr(model, ATTR)  # from here on the loaded weights are no longer that merge
@@ -129,19 +136,19 @@ def merge_into_loaded(host: Any, recipe: MergeRecipe, names: Dict[str, str], nam
             info = rec.info()
         finally:
             # with info=None the face only undoes what begin_model_change did (the weights may be partly merged)
-            host.end_model_change(model, info)
-        rec.identity = host.loaded_model_identity(model)
+            hooks.end_change(model, info)
+        rec.identity = hooks.identity(model)
         setattr(model, ATTR, rec)
     finally:
         lock.release()
     return rec
 
 
-def current_merge_checked(host: Any) -> LiveMerge:
+def current_merge_checked(hooks: Any) -> LiveMerge:
     """The loaded model's current merge, its input files checked unchanged (size, mtime) so that writing it
     again gives the same bytes."""
-    model = _need_model(host)
-    rec = current_merge(host, model)
+    model = _need_model(hooks)
+    rec = current_merge(hooks, model)
     if rec is None:
         raise InvalidInputError("the loaded model holds no in-memory merge (merge into the loaded model first; "
                                 "loading another checkpoint forgets it)")
@@ -156,19 +163,22 @@ def current_merge_checked(host: Any) -> LiveMerge:
     return rec
 
 
-def restore_loaded_model(host: Any) -> str:
+def restore_loaded_model(hooks: Any) -> str:
     """Reload the checkpoint that was loaded before the in-memory merge (drops the merge); returns its path."""
-    model = _need_model(host)
-    rec = current_merge(host, model)
-    original = rec.original_file if rec is not None else host.loaded_model_file(model)
+    model = _need_model(hooks)
+    rec = current_merge(hooks, model)
+    original = rec.original_file if rec is not None else _loaded_file(hooks, model)
     if not original:
         raise InvalidInputError("the file the model was loaded from is unknown; load the checkpoint again yourself")
     lock = _model_lock(model)
     if not lock.acquire(blocking=False):
         raise InvalidInputError("a merge into the loaded model is running; wait for it to finish")
     try:
-        host.restore_loaded_model(model, original)
-        for m in {id(model): model, id(host.loaded_model()): host.loaded_model()}.values():
+        if hooks.reload is None:
+            raise InvalidInputError("this face cannot reload the loaded model; load the checkpoint again yourself")
+        hooks.reload(model, os.fspath(original))
+        now = hooks.get_model()
+        for m in {id(model): model, id(now): now}.values():
             if m is not None and ATTR in m.__dict__:
                 delattr(m, ATTR)
     finally:

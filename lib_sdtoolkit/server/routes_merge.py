@@ -41,7 +41,7 @@ def register(router: APIRouter, host: Host) -> None:
 
         supported = host.has_loaded_model_support
         model = host.loaded_model() if supported else None
-        rec = current_merge(host, model) if model is not None else None
+        rec = current_merge(host.model_hooks, model) if model is not None else None
         f = host.loaded_model_file(model) if model is not None else None
         return {"supported": supported, "loaded": model is not None,
                 "loaded_file": host.display_name(f, "checkpoint") if f else None,
