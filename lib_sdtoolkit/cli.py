@@ -19,6 +19,7 @@ COMMAND_MODULES = (
     "lib_sdtoolkit.lora.cli",
     "lib_sdtoolkit.tiled_vae_cli",
     "lib_sdtoolkit.controlnet.cli",
+    "lib_sdtoolkit.workflow_cli",  # compare, history, history-rerun, recipe
     "lib_sdtoolkit.server.cli",
 )
 

@@ -42,6 +42,10 @@ BODIES = {
     "prune": {"path": "sd15-tiny", "output": "jobroutes-pruned.safetensors"},
     "hash": {"paths": ["vae-tiny"], "algos": ["crc32"]},
     "dedup": {"kind": "vae"},
+    "compare": {"models": ["sd15-tiny", "sd15-tiny.safetensors"]},
+    "history": {},
+    "history-rerun": {"entry": "0000000000"},
+    "recipe": {"model": "sd15-tiny"},
 }
 #: jobs that need a loaded model: on the standalone app they answer 422 whatever the body
 NEEDS_LOADED_MODEL = {"merge-save-current", "merge-restore"}

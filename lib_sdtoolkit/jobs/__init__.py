@@ -36,6 +36,10 @@ JOB_MODULES: Dict[str, str] = {
     "vae-encode": "lib_sdtoolkit.jobs.tiled_vae",
     "controlnet-detect": "lib_sdtoolkit.jobs.controlnet",
     "controlnet-models": "lib_sdtoolkit.jobs.controlnet",
+    "compare": "lib_sdtoolkit.jobs.compare",
+    "history": "lib_sdtoolkit.jobs.history",
+    "history-rerun": "lib_sdtoolkit.jobs.history",
+    "recipe": "lib_sdtoolkit.jobs.history",
 }
 
 
@@ -51,9 +55,18 @@ def get(name: str) -> JobSpec:
     mod = importlib.import_module(mod_name)
     specs = getattr(mod, "SPECS", None) or {getattr(mod, "SPEC").name: getattr(mod, "SPEC")}
     try:
-        return specs[name]
+        spec = specs[name]
     except KeyError:
         raise InvalidInputError(f"job module {mod_name} does not define job {name!r}") from None
+    from ..history import is_recorded
+
+    if is_recorded(name):  # every face's run of a merge, prune or LoRA tool lands in the recipe history
+        from dataclasses import replace
+
+        from ._record import recording
+
+        spec = replace(spec, run=recording(name, spec.run))
+    return spec
 
 
 def run(name: str, host: Any, request: Union[Request, Mapping[str, Any]], progress: Any = None) -> Report:

@@ -13,6 +13,7 @@ from typing import Any, Dict, List, Optional, Union
 from ..errors import InvalidInputError
 from ..merge import methods as _merge_methods  # torch-free: the declarations only
 from ..progress import Progress
+from ._record import hash_cache
 from .base import JobSpec, Report, Request, param
 
 OUTPUT_SUFFIXES = (".safetensors", ".ckpt")
@@ -56,11 +57,13 @@ class MergeRequest(Request):
                                              "checkpoint folder (default: named after the inputs)",
                                   flag="--output", short="-o")
     overwrite: bool = param(False, help="replace an existing output")
+    custom_name: Optional[str] = param(None, help="the name the metadata records (the WebUI's custom_name; "
+                                                  "default: the output file's name)", metavar="NAME")
     in_memory: bool = param(False, help="merge into the loaded model instead of writing a file (WebUI)", cli=False)
     workers: Optional[int] = param(None, help="worker threads (default 2)", minimum=1, maximum=64, api=False)
 
     def recipe_fields(self) -> Dict[str, Any]:
-        skip = {"output", "overwrite", "in_memory", "workers"}
+        skip = {"output", "overwrite", "in_memory", "workers", "custom_name"}
         return {k: v for k, v in self.to_dict().items() if k not in skip}
 
     def check(self) -> None:
@@ -125,15 +128,6 @@ def display_names(host: Any, recipe: Any) -> Dict[str, str]:
     return {k: v for k, v in names.items() if v}
 
 
-def hash_cache(host: Any) -> Any:
-    """The host's hash cache (``sdtoolkit_hash_cache`` setting, else the default place): the merge reads its input
-    hashes from it and stores the ones it computes, so a later merge reads each input once."""
-    from ..files.hash_cache import HashCache
-
-    settings = getattr(host, "settings", None) or {}
-    return HashCache(settings.get("sdtoolkit_hash_cache") or None)
-
-
 def default_output_name(recipe: Any) -> str:
     """``A_B[_C]_method_tag.safetensors``; the tag is the preset, else the block list's digest, else alpha, so
     two merges that differ only in blocks / preset never collide."""
@@ -163,7 +157,8 @@ def run(host: Any, req: MergeRequest, progress: Progress) -> MergeJobReport:
     with hash_cache(host) as cache:
         report = merge_files(recipe, out, overwrite=req.overwrite, progress=progress.counter("merging"),
                              workers=req.workers, names=display_names(host, recipe), cancel=progress.cancel_event,
-                             hash_cache=cache, hash_progress=progress.counter("hashing inputs"))
+                             hash_cache=cache, hash_progress=progress.counter("hashing inputs"),
+                             custom_name=req.custom_name)
     host.refresh("checkpoint")
     return MergeJobReport(name=host.display_name(out, "checkpoint"), _engine=report)
 

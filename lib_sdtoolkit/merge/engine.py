@@ -486,7 +486,7 @@ def _decode(meta: Mapping[str, str], key: str) -> Any:
 
 def build_metadata(recipe: MergeRecipe, sources: Dict[str, _Source], hashes: Dict[str, Tuple[str, str]],
                    arch: ArchInfo, output: Optional[Path], names: Optional[Dict[str, str]] = None,
-                   report: Optional[MergeReport] = None) -> Dict[str, str]:
+                   report: Optional[MergeReport] = None, custom_name: Optional[str] = None) -> Dict[str, str]:
     """The metadata the WebUI's merger writes (A1111 1.10 modules/extras.py ``run_modelmerger`` with its defaults
     "Save metadata" and "Copy metadata from merged models"), with our recipe fields added:
 
@@ -496,7 +496,8 @@ def build_metadata(recipe: MergeRecipe, sources: Dict[str, _Source], hashes: Dic
     4. ``sd_merge_models``: for each input in A, B, C order, ``{sha256: {name, legacy_hash, sd_merge_recipe (the
        input's own recipe, or None)}}`` followed by the input's own ``sd_merge_models`` (its parents), JSON.
 
-    Only string values are copied (a safetensors header holds nothing else)."""
+    Only string values are copied (a safetensors header holds nothing else). ``custom_name`` (the WebUI's field)
+    defaults to the output's file name without its suffix."""
     names = names or {}
     copied: Dict[str, str] = {}
     for n in ("A", "B", "C"):
@@ -513,7 +514,7 @@ def build_metadata(recipe: MergeRecipe, sources: Dict[str, _Source], hashes: Dic
         "interp_method": spec.webui_name or recipe.method,
         "multiplier": recipe.alpha,
         "save_as_half": recipe.dtype == "fp16",
-        "custom_name": output.stem if output is not None else None,
+        "custom_name": custom_name or (output.stem if output is not None else None),
         "config_source": 0,
         "bake_in_vae": names.get("VAE") or (Path(recipe.bake_vae).name if recipe.bake_vae else "None"),
         "discard_weights": recipe.discard or "",
@@ -623,10 +624,12 @@ def _device(recipe: MergeRecipe) -> torch.device:
 def merge_files(recipe: MergeRecipe, output: PathLike, overwrite: bool = False, progress: Optional[Progress] = None,
                 workers: Optional[int] = None, names: Optional[Dict[str, str]] = None,
                 cancel: Optional[threading.Event] = None, hash_cache: Union[HashCache, bool, None] = True,
-                hash_progress: Optional[HashProgress] = None) -> MergeReport:
+                hash_progress: Optional[HashProgress] = None, custom_name: Optional[str] = None) -> MergeReport:
     """Run ``recipe`` on its model files and write ``output`` (``.safetensors`` streamed; ``.ckpt`` built in memory).
 
-    ``names`` optionally gives display names for A/B/C/VAE in the metadata (the WebUI's checkpoint names).
+    ``names`` optionally gives display names for A/B/C/VAE in the metadata (the WebUI's checkpoint names);
+    ``custom_name`` the name the metadata records (default: the output's stem; a history re-run keeps the
+    original's, so that its file is byte-identical).
 
     Two phases, each with its own progress callable (a face shows them as two bars, or one after the other):
 
@@ -652,7 +655,8 @@ def merge_files(recipe: MergeRecipe, output: PathLike, overwrite: bool = False, 
         plan = _Plan(recipe, ab[0], ab[1:], sources.get("VAE"), arch)
         hashes = _hashes_for(recipe, sources, hash_cache, hash_progress)
         plan.report.input_sha256 = {n: h[0] for n, h in hashes.items()}
-        meta = build_metadata(recipe, sources, hashes, arch, out, names, plan.report) if recipe.save_metadata else {}
+        meta = (build_metadata(recipe, sources, hashes, arch, out, names, plan.report, custom_name)
+                if recipe.save_metadata else {})
         nworkers = workers if workers is not None else min(2, os.cpu_count() or 1)
         if suffix == ".safetensors":
             specs = [(i.name, i.dtype, i.shape) for i in plan.items]

@@ -19,7 +19,7 @@ from ..plugins import import_present
 
 log = logging.getLogger(__name__)
 
-TAB_ORDER = ("inspect", "merge", "prune", "hashes", "lora", "tiled_vae", "controlnet")
+TAB_ORDER = ("inspect", "merge", "prune", "hashes", "lora", "tiled_vae", "controlnet", "compare", "history")
 APP_TITLE = "SD Toolkit"
 EXTENSION_ROOT = Path(__file__).resolve().parents[2]
 STYLE_CSS = EXTENSION_ROOT / "style.css"
