@@ -58,14 +58,6 @@ def get(name: str) -> JobSpec:
         spec = specs[name]
     except KeyError:
         raise InvalidInputError(f"job module {mod_name} does not define job {name!r}") from None
-    from ..history import is_recorded
-
-    if is_recorded(name):  # every face's run of a merge, prune or LoRA tool lands in the recipe history
-        from dataclasses import replace
-
-        from ._record import recording
-
-        spec = replace(spec, run=recording(name, spec.run))
     return spec
 
 

@@ -1,7 +1,7 @@
 """Recording finished runs in the recipe history (:mod:`lib_sdtoolkit.history`), and the host's hash cache.
 
-:func:`lib_sdtoolkit.jobs.get` wraps the ``run`` of every recorded job (merges, prune, the LoRA tools that write a
-file) with :func:`recording`, so every face's run is recorded the same way. Recording never fails a run: the
+:class:`~lib_sdtoolkit.jobs.base.JobSpec` wraps the ``run`` of every recorded job (merges, prune, the LoRA tools
+that write a file) with :func:`recording` when the spec is made, so every face's run is recorded the same way. Recording never fails a run: the
 output is written and good, its history line is a convenience.
 """
 from __future__ import annotations

@@ -302,5 +302,15 @@ class JobSpec:
     help: str
     description: str = ""
 
+    def __post_init__(self) -> None:
+        # a run that writes a model file from a recipe (merge, prune, the LoRA tools) is appended to its output
+        # folder's history (:mod:`lib_sdtoolkit.history`), whichever face calls ``run``
+        from ..history import is_recorded
+
+        if is_recorded(self.name):
+            from ._record import recording
+
+            object.__setattr__(self, "run", recording(self.name, self.run))
+
 
 __all__ = ["param", "Request", "Report", "JobSpec", "FieldSpec", "field_specs", "choices_of"]

@@ -5,7 +5,7 @@ entry, and the recipes a model file carries in its metadata.
 * ``history-rerun``: run an entry's request again into a new file and say whether it is byte-identical;
 * ``recipe``: the recipes in a model's metadata (ours, and the WebUI merger's ``sd_merge_recipe``).
 
-Recording is :func:`lib_sdtoolkit.jobs._record.record`, wrapped around the recorded jobs by ``jobs.get``.
+Recording is :func:`lib_sdtoolkit.jobs._record.record`, wrapped around the recorded jobs' run by ``JobSpec``.
 """
 from __future__ import annotations
 
