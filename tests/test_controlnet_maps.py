@@ -219,3 +219,46 @@ def test_pixel_perfect_resolution_is_used_as_computed():
     assert res == int(np.round(max(2100 / 40, 1400 / 60) * 40)) == 2100
     got = P.require_preprocessor("threshold")(img, res, 100, pixel_perfect=True)
     assert np.array_equal(got, _ref("threshold", img, res, 100))
+
+
+# ------------------------------------------------------------------------------------------------- the panel
+
+def test_panel_sliders_follow_the_module_and_pixel_perfect(tmp_path):
+    """The standalone tab: each module's own labels/ranges/defaults (not 'Threshold A/B' on 0..256 for all, not a
+    64-clamped '-1'), Pixel Perfect with a target size giving upstream's resolution."""
+    import gradio as gr
+
+    from lib_sdtoolkit.host import StandaloneHost
+    from lib_sdtoolkit.ui import controlnet_tab as T
+
+    res, a, b = T.slider_kwargs("canny")
+    assert (res["label"], res["minimum"], res["maximum"], res["value"], res["visible"]) == \
+        ("Resolution", 64, 2048, 512, True)
+    assert (a["label"], a["minimum"], a["maximum"], a["value"]) == ("Low Threshold", 1, 255, 100)
+    assert (b["label"], b["value"]) == ("High Threshold", 200)
+    res, a, b = T.slider_kwargs("recolor_luminance")
+    assert res == {"visible": False} and a["label"] == "Gamma Correction" and b == {"visible": False}
+    assert T.slider_kwargs("canny", pixel_perfect=True)[0]["visible"] is False
+    assert [u["visible"] for u in T.slider_updates("none")] == [False, False, False]
+
+    host = StandaloneHost(models_dir=tmp_path)
+    with gr.Blocks() as demo:
+        T.build(host)
+    comps = {c.elem_id: c for c in demo.blocks.values() if getattr(c, "elem_id", None)}
+    assert comps["sdtoolkit_cn_a"].label == "Low Threshold" and comps["sdtoolkit_cn_a"].maximum == 255
+    assert comps["sdtoolkit_cn_res"].value == 512 and "sdtoolkit_cn_pixel_perfect" in comps
+
+    img = IMG[:60, :90]
+    vals = {"image": img, "module": "threshold", "resolution": 512, "threshold_a": 127, "threshold_b": 0,
+            "pixel_perfect": True, "width": 800, "height": 600, "resize_mode": "Crop and Resize"}
+    got, msg = T.run_detect(host, vals)  # 60x90 -> 600x800 covering: k = max(600/60, 800/90) = 10
+    want_res = P.pixel_perfect_resolution(img, 600, 800, ResizeMode.INNER_FIT)
+    assert want_res == 600 and f"pixel perfect: resolution {want_res} for 800x600" in msg
+    assert np.array_equal(got, _ref("threshold", img, want_res, 127))
+    got, msg = T.run_detect(host, dict(vals, resize_mode="Resize and Fill", width=512, height=512))
+    fill_res = P.pixel_perfect_resolution(img, 512, 512, ResizeMode.OUTER_FIT)  # k = min(512/60, 512/90)
+    assert fill_res == int(np.round(512 / 90 * 60)) == 341
+    assert np.array_equal(got, _ref("threshold", img, fill_res, 127))
+    # -1 is the module's default, not the slider's minimum
+    got, _ = T.run_detect(host, dict(vals, pixel_perfect=False, resolution=-1))
+    assert got.shape[:2] == (512, 768)
