@@ -161,6 +161,18 @@ def test_every_command_prints_valid_json_and_nothing_else(files, capsys):
         assert "\r" not in err and "it/s" not in err and "%|" not in err, (path, err[:300])
 
 
+def test_json_stdout_holds_only_json_in_a_fresh_process(files):
+    """A fresh process imports the ldm VAE modules during the job, and ldm prints "No module 'xformers'" on
+    stdout at import: that line must not land in front of the JSON."""
+    out = files["out"] / "fresh-lat.safetensors"
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    run = subprocess.run([sys.executable, "-m", "lib_sdtoolkit", "vae", "encode", str(files["img"]), "--vae",
+                          str(files["vae"]), "-o", str(out), "--json"], cwd=ROOT, env=env, capture_output=True,
+                         text=True, timeout=600)
+    assert run.returncode == 0, run.stderr
+    assert json.loads(run.stdout)["output"] == str(out)
+
+
 def test_human_output_is_a_table(files, capsys):
     assert cli.main(["hash", str(files["dups"]), "--algo", "sha256,crc32", "--no-cache"]) == 0
     lines = capsys.readouterr().out.splitlines()
