@@ -19,6 +19,7 @@ from lib_sdtoolkit.controlnet.models import ControlModelCache, DEFAULT_CACHE_SIZ
 from lib_sdtoolkit.controlnet.registry import prepare_units
 from lib_sdtoolkit.jobs.controlnet import model_resolver, model_titles
 from lib_sdtoolkit.controlnet.unit import ControlMode, ControlNetUnit, ResizeMode
+from lib_sdtoolkit.ui.controlnet_tab import slider_updates
 
 log = logging.getLogger("sdtoolkit.controlnet")
 SECTION = ("sdtoolkit_controlnet", "SD Toolkit ControlNet")
@@ -118,6 +119,17 @@ def _restore_on_close(p):
     p.close = close_and_restore
 
 
+def _numpy_seed(p):
+    """sd-webui-controlnet's shuffle seed: (seed + subseed) & 0xFFFFFFFF, all_seeds[0] standing in for a -1."""
+    try:
+        first = int(p.all_seeds[0]) if getattr(p, "all_seeds", None) else 0
+        seed = first if p.seed == -1 else max(int(p.seed), 0)
+        subseed = first if p.subseed == -1 else max(int(p.subseed), 0)
+        return sdt_pre.shuffle_seed(seed, subseed)
+    except (AttributeError, TypeError, ValueError):
+        return None
+
+
 def unit_count():
     try:
         return max(1, int(shared.opts.data.get("sdtoolkit_controlnet_unit_count", 3)))
@@ -159,10 +171,10 @@ if not EXTERNAL:
             with gr.Row():
                 start = gr.Slider(0.0, 1.0, value=0.0, step=0.01, label="Starting Control Step")
                 end = gr.Slider(0.0, 1.0, value=1.0, step=0.01, label="Ending Control Step")
-            with gr.Row():
-                res = gr.Slider(64, 2048, value=512, step=8, label="Preprocessor Resolution")
-                thr_a = gr.Slider(0, 256, value=100, step=1, label="Threshold A")
-                thr_b = gr.Slider(0, 256, value=200, step=1, label="Threshold B")
+            with gr.Row():  # labels, ranges and defaults follow the module (its own slider data)
+                res = gr.Slider(64, 2048, value=512, step=8, label="Resolution", visible=False)
+                thr_a = gr.Slider(0, 1, value=0, label="(unused)", visible=False)
+                thr_b = gr.Slider(0, 1, value=0, label="(unused)", visible=False)
             control_mode = gr.Radio([m.value for m in ControlMode], value=ControlMode.BALANCED.value,
                                     label="Control Mode")
             resize_mode = gr.Radio([m.value for m in ResizeMode], value=ResizeMode.INNER_FIT.value,
@@ -178,6 +190,8 @@ if not EXTERNAL:
                 d.update(dict(zip(names, values)))
                 return d
 
+            module.change(slider_updates, inputs=[module, pixel_perfect], outputs=[res, thr_a, thr_b])
+            pixel_perfect.change(slider_updates, inputs=[module, pixel_perfect], outputs=[res, thr_a, thr_b])
             for f in fields:
                 f.change(to_state, inputs=fields, outputs=[state])
 
@@ -204,7 +218,7 @@ if not EXTERNAL:
             init = getattr(p, "init_images", None)
             prepared = prepare_units(units, model_resolver(make_host()), _cache, p.height, p.width, unet=unet,
                                      init_image=init[0] if init else None, dtype=param.dtype, device=param.device,
-                                     warn=log.warning)
+                                     warn=log.warning, seed=_numpy_seed(p))
             if hasattr(p, "comments"):
                 for w in prepared.warnings:
                     p.comments[w] = 1

@@ -363,7 +363,8 @@ def test_detect_cli_api_and_tab_give_the_same_map(models_dir, tmp_path, capsys):
     out = tmp_path / "edges.png"
     assert main(["controlnet", "detect", str(src), "-m", "canny", "--res", "64", "--threshold-a", "90", "--b", "180",
                  "-o", str(out)]) == 0
-    assert f"{out}: 64x64 (canny)" in capsys.readouterr().out
+    printed = capsys.readouterr().out.splitlines()  # a name/value table
+    assert printed[0].split() == ["output", str(out)] and printed[2].split() == ["map", "64x64", "px"], printed
     r = _app_client(host).post("/controlnet/detect", json={
         "controlnet_module": "canny", "controlnet_input_images": [_png_b64(_square())],
         "controlnet_processor_res": 64, "controlnet_threshold_a": 90, "controlnet_threshold_b": 180})

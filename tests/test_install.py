@@ -45,6 +45,7 @@ DEPENDENCIES_OF_PINS = {
     "triton": "torch==2.1.2 (Linux x86_64) requires triton==2.1.0",
     "huggingface-hub": "transformers==4.30.2 requires huggingface-hub<1.0,>=0.14.1",
     "starlette": "fastapi==0.94.0 requires starlette<0.27.0,>=0.26.0",
+    "opencv-python": "facexlib==0.3.0 requires opencv-python (its requirements.txt); A1111's own modules import cv2",
 }
 #: modules the WebUI itself puts on sys.path (its own package, its repositories/, Forge's packages)
 WEBUI_PROVIDED = {"modules", "modules_forge", "backend", "ldm", "sgm", "k_diffusion", "launch"}

@@ -1,17 +1,18 @@
-"""Weight-free ControlNet preprocessors, resize modes and pixel-perfect resolution (numpy / torch / PIL; no cv2).
+"""Weight-free ControlNet preprocessors, resize modes and pixel-perfect resolution (OpenCV, as upstream).
 
-Semantics follow sd-webui-controlnet's model-free preprocessors (module names, slider ranges and defaults, the
-resize-with-pad-to-64 step). Where upstream calls OpenCV we re-implement the same algorithm:
+The maps are sd-webui-controlnet's, pixel for pixel: users' ControlNet models were trained and tuned on them, so
+every step makes the same OpenCV call upstream makes (``cv2.resize`` INTER_AREA / INTER_CUBIC / INTER_NEAREST,
+``cv2.Canny``, ``cv2.GaussianBlur`` in 8-bit fixed point or float as upstream feeds it, ``cv2.cvtColor`` to Lab /
+HSV, ``cv2.remap``), with the same sizes and roundings, its de-facto quirks included (the uint8 wrap-around in
+scribble_xdog, RGB data fed to the BGR conversions) and its seeded shuffle (NumPy's legacy MT19937 stream).
+tests/test_controlnet_maps.py checks each module against OpenCV calls written there from upstream's steps.
 
-* ``canny``: OpenCV ``cv2.Canny(img, low, high)`` with its defaults (3x3 Sobel with replicated border, L1 gradient
-  magnitude |gx|+|gy|, per-pixel channel with the largest magnitude on colour input, 4-direction non-maximum
-  suppression with the tan(22.5 deg) test and OpenCV's tie rules, integer thresholds, 8-connected hysteresis);
-* ``cv2.GaussianBlur(img, (0, 0), sigma)``: kernel size round(sigma*3*2+1)|1 for uint8, round(sigma*4*2+1)|1 for
-  float32, BORDER_REFLECT_101;
-* ``INTER_AREA`` / ``INTER_CUBIC`` resizes are done with PIL's BOX / BICUBIC filters (not bit-identical to OpenCV).
+The slider table :data:`SLIDERS` is upstream's slider data per preprocessor (labels, ranges, defaults, steps):
+the panels, ``/controlnet/module_list`` and the unit checks read it.
 
 Preprocessors that need downloaded network weights are listed in :data:`UNAVAILABLE` with the reason; they are never
-faked.
+faked. (The fit of a map to the generation size, :func:`apply_resize_mode`, still uses PIL filters: upstream's
+high_quality_resize with its edge thinning is not reproduced.)
 """
 from __future__ import annotations
 
@@ -23,6 +24,7 @@ import struct
 from dataclasses import dataclass
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
+import cv2
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
@@ -151,191 +153,110 @@ def _pad64(x: int) -> int:
 def _scaled_size(h: int, w: int, k: float, resolution: float) -> Tuple[int, int]:
     if not math.isfinite(k) or k <= 0:
         raise InvalidInputError(f"resolution must be a positive finite number, got {resolution!r}")
-    h_t, w_t = max(1, int(round(h * k))), max(1, int(round(w * k)))
+    # upstream: int(np.round(float(H) * k)) -- numpy's round half to even, not Python's int(x + 0.5)
+    h_t, w_t = int(np.round(float(h) * k)), int(np.round(float(w) * k))
+    if h_t < 1 or w_t < 1:
+        raise InvalidInputError(f"a {w}x{h} image at resolution {resolution:g} would have no pixels "
+                                f"({w_t}x{h_t}); use a higher resolution or a less elongated image")
     check_output_size(w_t + _pad64(w_t), h_t + _pad64(h_t), f"a {w}x{h} image", resolution)
     return h_t, w_t
 
 
 def resize_image_with_pad(img: np.ndarray, resolution: float) -> Tuple[np.ndarray, Callable[[np.ndarray], np.ndarray]]:
-    """Scale so the short side is ``resolution``, pad right/bottom (edge values) to a multiple of 64; returns the
-    padded image and a function cutting a result back to the scaled size (upstream's resize_image_with_pad)."""
+    """sd-webui-controlnet's resize step: scale by k = resolution / min(H, W) with ``cv2.resize`` (INTER_CUBIC
+    when k > 1, INTER_AREA otherwise), sizes ``round(H*k)`` x ``round(W*k)``, then pad right and bottom with edge
+    values to a multiple of 64. Returns the padded image and ``remove_pad`` cutting a result back to the scaled
+    size."""
     img = hwc3(img)
     h_raw, w_raw = img.shape[:2]
     k = float(resolution) / float(min(h_raw, w_raw))
     h_t, w_t = _scaled_size(h_raw, w_raw, k, resolution)
-    img = resize_uint8(img, w_t, h_t, "cubic" if k > 1 else "area")
+    img = cv2.resize(img, (w_t, h_t), interpolation=cv2.INTER_CUBIC if k > 1 else cv2.INTER_AREA)
     padded = np.pad(img, [[0, _pad64(h_t)], [0, _pad64(w_t)], [0, 0]], mode="edge")
 
     def remove_pad(x: np.ndarray) -> np.ndarray:
-        return np.ascontiguousarray(x[:h_t, :w_t])
+        return np.ascontiguousarray(x[:h_t, :w_t]).copy()
 
     return np.ascontiguousarray(padded), remove_pad
 
 
 # ------------------------------------------------------------------------------------------------- filters
 
-def gaussian_kernel(sigma: float, ksize: int) -> np.ndarray:
-    r = ksize // 2
-    x = np.arange(-r, r + 1, dtype=np.float64)
-    k = np.exp(-(x * x) / (2.0 * sigma * sigma))
-    return k / k.sum()
-
-
 def gaussian_blur(img: np.ndarray, sigma: float) -> np.ndarray:
-    """``cv2.GaussianBlur(img, (0, 0), sigma)`` for uint8 (rounded back to uint8) or float32 HxW(xC) images."""
-    if sigma <= 0:
-        return img.copy()
-    is_u8 = img.dtype == np.uint8
-    ksize = int(round(sigma * (3 if is_u8 else 4) * 2 + 1)) | 1
-    k = gaussian_kernel(sigma, ksize)
-    r = ksize // 2
-    x = img.astype(np.float64)
-    squeeze = x.ndim == 2
-    if squeeze:
-        x = x[:, :, None]
-    # separable, as shifted-slice sums: memory O(H*W) (torch's CPU float64 conv2d unfolds the image ksize times,
-    # 6.5 GB per channel for a 2048x8192 map at sigma 6)
-    # BORDER_REFLECT_101 == numpy "reflect"; numpy handles pads longer than the image
-    xp = np.pad(x, [[r, r], [r, r], [0, 0]], mode="reflect")
-    h, w = x.shape[:2]
-    tmp = np.zeros((h + 2 * r, w, x.shape[2]), np.float64)
-    for i in range(ksize):
-        tmp += k[i] * xp[:, i:i + w]
-    del xp
-    out = np.zeros((h, w, x.shape[2]), np.float64)
-    for i in range(ksize):
-        out += k[i] * tmp[i:i + h]
-    if squeeze:
-        out = out[:, :, 0]
-    if is_u8:
-        return np.clip(np.floor(out + 0.5), 0, 255).astype(np.uint8)
-    return out.astype(np.float32)
-
-
-_TG22 = int(0.4142135623730950488016887242097 * (1 << 15) + 0.5)
+    """``cv2.GaussianBlur(img, (0, 0), sigma)`` (uint8 in OpenCV's 8-bit fixed point, float32 in float)."""
+    return cv2.GaussianBlur(img, (0, 0), float(sigma))
 
 
 def canny(img: np.ndarray, low: float, high: float) -> np.ndarray:
-    """OpenCV-style Canny edge map (HxW uint8, 0/255) of an HxW or HxWxC uint8 image."""
-    if img.ndim == 2:
-        img = img[:, :, None]
-    low_i, high_i = int(math.floor(low)), int(math.floor(high))
-    if low_i > high_i:
-        low_i, high_i = high_i, low_i
-    x = img.astype(np.int32)
-    p = np.pad(x, [[1, 1], [1, 1], [0, 0]], mode="edge")
-    dx = (p[:-2, 2:] + 2 * p[1:-1, 2:] + p[2:, 2:]) - (p[:-2, :-2] + 2 * p[1:-1, :-2] + p[2:, :-2])
-    dy = (p[2:, :-2] + 2 * p[2:, 1:-1] + p[2:, 2:]) - (p[:-2, :-2] + 2 * p[:-2, 1:-1] + p[:-2, 2:])
-    mag = np.abs(dx) + np.abs(dy)
-    if mag.shape[2] > 1:  # colour: per pixel, the channel with the largest magnitude (first one on ties)
-        idx = np.argmax(mag, axis=2)[:, :, None]
-        dx = np.take_along_axis(dx, idx, 2)
-        dy = np.take_along_axis(dy, idx, 2)
-        mag = np.take_along_axis(mag, idx, 2)
-    dx, dy, mag = dx[:, :, 0].astype(np.int64), dy[:, :, 0].astype(np.int64), mag[:, :, 0]
-    H, W = mag.shape
-    m = np.pad(mag, 1, mode="constant")  # outside the image counts as 0
-    c = m[1:-1, 1:-1]
-    left, right = m[1:-1, :-2], m[1:-1, 2:]
-    up, down = m[:-2, 1:-1], m[2:, 1:-1]
-    ul, ur, dl, dr = m[:-2, :-2], m[:-2, 2:], m[2:, :-2], m[2:, 2:]
-    xs, ys = np.abs(dx), np.abs(dy) << 15
-    tg22x = xs * _TG22
-    tg67x = tg22x + (xs << 16)
-    horiz = ys < tg22x
-    vert = (~horiz) & (ys > tg67x)
-    diag = ~(horiz | vert)
-    same_sign = (dx ^ dy) >= 0  # s = 1: compare (y-1, x-1) and (y+1, x+1); else (y-1, x+1) and (y+1, x-1)
-    keep = np.zeros((H, W), dtype=bool)
-    keep |= horiz & (c > left) & (c >= right)
-    keep |= vert & (c > up) & (c >= down)
-    keep |= diag & same_sign & (c > ul) & (c > dr)
-    keep |= diag & ~same_sign & (c > ur) & (c > dl)
-    cand = keep & (c > low_i)
-    strong = cand & (c > high_i)
-    edges = _hysteresis(cand, strong)
-    return (edges * 255).astype(np.uint8)
+    """``cv2.Canny(img, int(low), int(high))``: HxW uint8 edge map (0/255)."""
+    return cv2.Canny(np.ascontiguousarray(img), int(low), int(high))
 
 
-def _hysteresis(cand: np.ndarray, strong: np.ndarray) -> np.ndarray:
-    """Candidates 8-connected (through candidates) to a strong pixel."""
-    if not strong.any():
-        return np.zeros_like(cand)
-    try:
-        from scipy import ndimage
-
-        labels, n = ndimage.label(cand, structure=np.ones((3, 3), dtype=bool))
-        good = np.zeros(n + 1, dtype=bool)
-        good[np.unique(labels[strong])] = True
-        good[0] = False
-        return good[labels]
-    except ImportError:  # pragma: no cover - scipy ships with the WebUI (scikit-image); plain fallback
-        out = strong.copy()
-        while True:
-            p = np.pad(out, 1)
-            grown = np.zeros_like(out)
-            for dy in range(3):
-                for dx in range(3):
-                    grown |= p[dy:dy + out.shape[0], dx:dx + out.shape[1]]
-            grown &= cand
-            if (grown == out).all():
-                return out
-            out = grown
+def _noise_disk(h: int, w: int, f: int, rng: np.random.RandomState) -> np.ndarray:
+    """Smooth noise in [0, 1], HxW: uniform samples on a coarse (h//f+2)x(w//f+2) grid (the legacy MT19937
+    stream ``np.random.uniform`` draws from), enlarged with ``cv2.resize`` INTER_CUBIC, cropped by f on each side
+    and min-max normalised (upstream's make_noise_disk)."""
+    noise = rng.uniform(0.0, 1.0, size=(h // f + 2, w // f + 2, 1))
+    noise = cv2.resize(noise, (w + 2 * f, h + 2 * f), interpolation=cv2.INTER_CUBIC)
+    noise = noise[f:f + h, f:f + w]
+    noise = noise - np.min(noise)
+    return noise / np.max(noise)
 
 
-def _bilinear_remap(img: np.ndarray, map_x: np.ndarray, map_y: np.ndarray) -> np.ndarray:
-    """``cv2.remap(img, (map_x, map_y), INTER_LINEAR)`` for in-range coordinates."""
-    h, w = img.shape[:2]
-    x0 = np.clip(np.floor(map_x).astype(np.int64), 0, w - 1)
-    y0 = np.clip(np.floor(map_y).astype(np.int64), 0, h - 1)
-    x1, y1 = np.minimum(x0 + 1, w - 1), np.minimum(y0 + 1, h - 1)
-    fx = (map_x - np.floor(map_x))[..., None]
-    fy = (map_y - np.floor(map_y))[..., None]
-    f = img.astype(np.float32)
-    top = f[y0, x0] * (1 - fx) + f[y0, x1] * fx
-    bot = f[y1, x0] * (1 - fx) + f[y1, x1] * fx
-    return np.clip(np.floor(top * (1 - fy) + bot * fy + 0.5), 0, 255).astype(np.uint8)
-
-
-def _noise_disk(h: int, w: int, f: int, rng: np.random.Generator) -> np.ndarray:
-    import torch
-
-    noise = rng.uniform(0.0, 1.0, size=(h // f + 2, w // f + 2))
-    t = torch.from_numpy(noise)[None, None]
-    t = torch.nn.functional.interpolate(t, size=(h + 2 * f, w + 2 * f), mode="bicubic", align_corners=False)
-    n = t[0, 0].numpy()[f:f + h, f:f + w].copy()
-    n -= n.min()
-    mx = n.max()
-    return n / mx if mx > 0 else n
-
-
-def _srgb_luminance_lab_l(img: np.ndarray) -> np.ndarray:
-    """L of ``cv2.cvtColor(img, COLOR_BGR2LAB)`` for uint8 input (0..255 scale). Upstream feeds RGB data to the
-    BGR conversion, so channel 0 is weighted as blue; we keep that to produce the same maps."""
-    f = img.astype(np.float64) / 255.0
-    lin = np.where(f <= 0.04045, f / 12.92, ((f + 0.055) / 1.055) ** 2.4)
-    b, g, r = lin[..., 0], lin[..., 1], lin[..., 2]
-    y = 0.212671 * r + 0.715160 * g + 0.072169 * b
-    fy = np.where(y > 0.008856, np.cbrt(y), 7.787 * y + 16.0 / 116.0)
-    L = np.where(y > 0.008856, 116.0 * fy - 16.0, 903.3 * y)
-    return np.clip(np.round(L * 255.0 / 100.0), 0, 255).astype(np.uint8)
+def shuffle_seed(seed: int, subseed: int) -> int:
+    """The NumPy seed sd-webui-controlnet sets before preprocessing: (seed + subseed) & 0xFFFFFFFF (its
+    set_numpy_seed; pass the WebUI's p.seed / p.subseed, or all_seeds[0] where they are -1)."""
+    return (int(seed) + int(subseed)) & 0xFFFFFFFF
 
 
 # --------------------------------------------------------------------------------------------- preprocessors
 
 @dataclass(frozen=True)
 class Slider:
+    """One slider of a preprocessor, as sd-webui-controlnet declares it (its PreprocessorParameter): the label the
+    panel shows, the range a value must lie in, the default (what -1 means) and the step. ``visible=False``: the
+    panel hides it; the value still applies (shuffle runs at 512 unless Pixel Perfect says otherwise)."""
+
     label: str
     minimum: float
     maximum: float
     value: float
-    step: float = 1.0
+    step: float = 0.01
+    visible: bool = True
 
     def api_json(self) -> Dict[str, Any]:
         return {"name": self.label, "value": self.value, "min": self.minimum, "max": self.maximum, "step": self.step}
 
+    def gradio_kwargs(self) -> Dict[str, Any]:
+        """What the panel's slider takes on a module change: label, range, step, default, visibility."""
+        return {"label": self.label, "minimum": self.minimum, "maximum": self.maximum, "step": self.step,
+                "value": self.value, "visible": self.visible}
 
+
+#: the resolution slider every resolution-using preprocessor has upstream (64..2048, default 512, step 8)
 RESOLUTION = Slider("Resolution", 64, 2048, 512, 8)
+
+#: (resolution, slider_1, slider_2) per preprocessor: sd-webui-controlnet's own slider data (the classes in
+#: scripts/preprocessor/model_free_preprocessors.py and the legacy table; unset steps are its default 0.01).
+#: None: the preprocessor has no such slider (the value is not used).
+SLIDERS: Dict[str, Tuple[Optional[Slider], Optional[Slider], Optional[Slider]]] = {
+    "none": (None, None, None),
+    "canny": (RESOLUTION, Slider("Low Threshold", 1, 255, 100, 1), Slider("High Threshold", 1, 255, 200, 1)),
+    "invert": (None, None, None),
+    "threshold": (RESOLUTION, Slider("Binarization Threshold", 0, 255, 127), None),
+    "color": (RESOLUTION, None, None),
+    "shuffle": (Slider("Resolution", 64, 2048, 512, 8, visible=False), None, None),
+    "blur_gaussian": (RESOLUTION, Slider("Sigma", 0.01, 64.0, 9.0), None),
+    "scribble_xdog": (RESOLUTION, Slider("XDoG Threshold", 1, 64, 32), None),
+    "tile_resample": (None, Slider("Down Sampling Rate", 1.0, 8.0, 1.0, 0.01), None),
+    "tile_colorfix": (None, Slider("Variation", 3.0, 32.0, 8.0, 1.0), None),
+    "tile_colorfix+sharp": (None, Slider("Variation", 3.0, 32.0, 8.0, 1.0), Slider("Sharpness", 0.0, 2.0, 1.0, 0.01)),
+    "lineart_standard": (RESOLUTION, None, None),
+    "recolor_luminance": (None, Slider("Gamma Correction", 0.1, 2.0, 1.0, 0.001), None),
+    "recolor_intensity": (None, Slider("Gamma Correction", 0.1, 2.0, 1.0, 0.001), None),
+}
+
+_UNIT_FIELDS = ("processor_res", "threshold_a", "threshold_b")
 
 
 @dataclass(frozen=True)
@@ -352,29 +273,52 @@ class Preprocessor:
     note: str = ""
 
     def sliders(self) -> List[Dict[str, Any]]:
-        return [s.api_json() for s in (self.resolution, self.slider_1, self.slider_2) if s is not None]
+        return [s.api_json() for s in (self.resolution, self.slider_1, self.slider_2) if s is not None and s.visible]
+
+    def resolve(self, resolution: Optional[float] = -1, slider_1: Optional[float] = -1,
+                slider_2: Optional[float] = -1, pixel_perfect: bool = False) -> Tuple[float, float, float, List[str]]:
+        """The values to run with and what was changed: -1 (or None) is the slider's default; a value outside the
+        slider's range is replaced by the default as sd-webui-controlnet does, and a line says so (its clients
+        send fixed values, webuiapi 512/64/64 for every module); the resolution must be a whole number."""
+        out: List[float] = []
+        notes: List[str] = []
+        for v, s, field in ((resolution, self.resolution, _UNIT_FIELDS[0]), (slider_1, self.slider_1, _UNIT_FIELDS[1]),
+                            (slider_2, self.slider_2, _UNIT_FIELDS[2])):
+            if v is None:
+                out.append(float(s.value) if s is not None else -1.0)
+                continue
+            v = finite(v, field)
+            if s is None:
+                out.append(v)
+                continue
+            if v == -1:
+                out.append(float(s.value))
+                continue
+            if s is self.resolution and v != int(v):
+                raise InvalidInputError(f"{field} must be a whole number of pixels, got {v:g}")
+            if s is self.resolution and pixel_perfect and v >= 1:
+                out.append(float(v))
+                continue
+            if v < s.minimum or v > s.maximum:
+                notes.append(f"{field} {v:g} is outside {self.name}'s {s.label} range {s.minimum:g}..{s.maximum:g}: "
+                             f"used its default {s.value:g}")
+                out.append(float(s.value))
+                continue
+            out.append(float(v))
+        return out[0], out[1], out[2], notes
 
     def __call__(self, image: Any, resolution: float = -1, slider_1: float = -1, slider_2: float = -1,
-                 seed: Optional[int] = None) -> np.ndarray:
-        res = _in_range(resolution, self.resolution, "processor_res")
-        a = _in_range(slider_1, self.slider_1, "threshold_a")
-        b = _in_range(slider_2, self.slider_2, "threshold_b")
+                 seed: Optional[int] = None, notes: Optional[List[str]] = None,
+                 pixel_perfect: bool = False) -> np.ndarray:
+        """The detected map (HxWx3 uint8). ``seed``: the NumPy seed of random preprocessors (shuffle; None: a
+        fresh one). ``notes``: a list that gets a line for every slider value that was replaced.
+        ``pixel_perfect``: ``resolution`` came from :func:`pixel_perfect_resolution` (used as it is)."""
+        res, a, b, changed = self.resolve(resolution, slider_1, slider_2, pixel_perfect=pixel_perfect)
+        if notes is not None:
+            notes.extend(changed)
         img = decode_image(image)
         out = self.fn(img, res=res, a=a, b=b, seed=seed)
         return hwc3(np.ascontiguousarray(out))
-
-
-def _in_range(v: Optional[float], s: Optional[Slider], name: str = "value") -> float:
-    """``v`` when inside the slider's range; the slider's default when out of range or unset (upstream sends -1
-    for "default"); NaN / Inf / non-numbers are refused (422)."""
-    if v is None:
-        return float(s.value) if s is not None else -1.0
-    v = finite(v, name)
-    if s is None:
-        return v
-    if v < s.minimum or v > s.maximum:
-        return float(s.value)
-    return float(v)
 
 
 def _p_none(img, **kw):
@@ -398,24 +342,29 @@ def _p_threshold(img, res, a, **kw):
 
 
 def _p_color(img, res, **kw):
+    # upstream's color annotator: shortest side to res with INTER_AREA (also when enlarging), sizes rounded as
+    # round(long/short * res); a (w//64)x(h//64) INTER_CUBIC grid; INTER_NEAREST back to full size
     h, w = img.shape[:2]
-    k = float(res) / float(min(h, w))
-    h_t, w_t = _scaled_size(h, w, k, res)
-    img = resize_uint8(img, w_t, h_t)
-    h, w = img.shape[:2]
-    small = resize_uint8(img, max(1, w // 64), max(1, h // 64), "cubic")
-    return resize_uint8(small, w, h, "nearest")
+    if h < w:
+        h_t, w_t = int(res), int(round(w / h * res))
+    else:
+        h_t, w_t = int(round(h / w * res)), int(res)
+    check_output_size(w_t, h_t, f"a {w}x{h} image", res)
+    x = cv2.resize(img, (w_t, h_t), interpolation=cv2.INTER_AREA)
+    small = cv2.resize(x, (w_t // 64, h_t // 64), interpolation=cv2.INTER_CUBIC)
+    return cv2.resize(small, (w_t, h_t), interpolation=cv2.INTER_NEAREST)
 
 
 def _p_shuffle(img, res, seed=None, **kw):
     x, remove_pad = resize_image_with_pad(img, res)
     x = remove_pad(x)
     h, w = x.shape[:2]
-    rng = np.random.default_rng(seed)
+    rng = np.random.RandomState(None if seed is None else int(seed) & 0xFFFFFFFF)
     f = 256
-    mx = _noise_disk(h, w, f, rng) * float(w - 1)
-    my = _noise_disk(h, w, f, rng) * float(h - 1)
-    return _bilinear_remap(x, mx, my)
+    fx = _noise_disk(h, w, f, rng) * float(w - 1)
+    fy = _noise_disk(h, w, f, rng) * float(h - 1)
+    flow = np.stack([fx, fy], axis=2).astype(np.float32)
+    return cv2.remap(x, flow, None, cv2.INTER_LINEAR)
 
 
 def _p_blur(img, res, a, **kw):
@@ -429,8 +378,12 @@ def _p_xdog(img, res, a, **kw):
     g1 = gaussian_blur(f, 0.5)
     g2 = gaussian_blur(f, 5.0)
     dog = (255 - np.min(g2 - g1, axis=2)).clip(0, 255).astype(np.uint8)
+    # de facto upstream: 2 * (255 - dog) is computed in uint8 and wraps modulo 256 (a dog of 0..127 gives
+    # 2..254, 128 gives 254 - 256 + 2 ...): strong edges can fall below the threshold; its maps look like this
+    diff = (np.uint8(255) - dog).astype(np.uint8)
+    doubled = (diff.astype(np.uint16) * 2 % 256).astype(np.uint8)
     out = np.zeros_like(x)
-    out[2 * (255 - dog.astype(np.int32)) > a] = 255
+    out[doubled > a] = 255
     return remove_pad(out)
 
 
@@ -438,7 +391,10 @@ def _p_tile_resample(img, a, **kw):
     if a < 1.1:
         return img
     h, w = img.shape[:2]
-    return resize_uint8(img, int(float(w) / a), int(float(h) / a), "area")
+    h_t, w_t = int(float(h) / float(a)), int(float(w) / float(a))
+    if h_t < 1 or w_t < 1:
+        raise InvalidInputError(f"a {w}x{h} image down-sampled by {a:g} would have no pixels")
+    return cv2.resize(img, (w_t, h_t), interpolation=cv2.INTER_AREA)
 
 
 def _p_lineart_standard(img, res, **kw):
@@ -447,52 +403,48 @@ def _p_lineart_standard(img, res, **kw):
     g = gaussian_blur(f, 6.0)
     intensity = np.min(g - f, axis=2).clip(0, 255)
     sel = intensity[intensity > 8]
-    med = float(np.median(sel)) if sel.size else 0.0
-    intensity = intensity / max(16.0, med) * 127.0
+    med = float(np.median(sel)) if sel.size else 0.0  # upstream: max(16, nan) is 16
+    intensity /= max(16.0, med)
+    intensity *= 127
     return remove_pad(intensity.clip(0, 255).astype(np.uint8))
 
 
 def _p_recolor_luminance(img, a, **kw):
-    lum = _srgb_luminance_lab_l(img).astype(np.float32) / 255.0
+    # upstream converts the RGB array with COLOR_BGR2LAB (channel 0 weighted as blue): kept, its maps are these
+    lum = cv2.cvtColor(img, cv2.COLOR_BGR2LAB)[:, :, 0].astype(np.float32) / 255.0
     return ((lum ** a) * 255.0).clip(0, 255).astype(np.uint8)
 
 
 def _p_recolor_intensity(img, a, **kw):
-    v = img.max(axis=2).astype(np.float32) / 255.0  # HSV value
+    v = cv2.cvtColor(img, cv2.COLOR_BGR2HSV)[:, :, 2].astype(np.float32) / 255.0
     return ((v ** a) * 255.0).clip(0, 255).astype(np.uint8)
 
 
-_GAMMA = Slider("Gamma Correction", 0.1, 2.0, 1.0, 0.001)
-_VARIATION = Slider("Variation", 3.0, 32.0, 8.0, 1.0)
+def _pre(name: str, fn: Callable[..., np.ndarray], label: str = "", **kw: Any) -> Preprocessor:
+    res, s1, s2 = SLIDERS[name]
+    return Preprocessor(name, fn, label or name, resolution=res, slider_1=s1, slider_2=s2, **kw)
+
 
 PREPROCESSORS: Dict[str, Preprocessor] = {p.name: p for p in [
-    Preprocessor("none", _p_none, "none", resolution=None),
-    Preprocessor("canny", _p_canny, "canny", slider_1=Slider("Low Threshold", 0, 256, 100),
-                 slider_2=Slider("High Threshold", 0, 256, 200), tags=("Canny",), soft_in_hr_fix=True),
-    Preprocessor("invert", _p_invert, "invert (from white bg & black line)", resolution=None,
-                 tags=("Canny", "Lineart", "Scribble", "Sketch", "MLSD")),
-    Preprocessor("threshold", _p_threshold, "threshold", slider_1=Slider("Binarization Threshold", 0, 255, 127)),
-    Preprocessor("color", _p_color, "t2ia_color_grid", tags=("T2I-Adapter",)),
-    Preprocessor("shuffle", _p_shuffle, "shuffle", tags=("Shuffle",)),
-    Preprocessor("blur_gaussian", _p_blur, "blur_gaussian", slider_1=Slider("Sigma", 0.01, 64.0, 9.0, 0.01),
-                 tags=("Tile", "Blur")),
-    Preprocessor("scribble_xdog", _p_xdog, "scribble_xdog", slider_1=Slider("XDoG Threshold", 1, 64, 32),
-                 tags=("Scribble", "Sketch")),
-    Preprocessor("tile_resample", _p_tile_resample, "tile_resample", resolution=None,
-                 slider_1=Slider("Down Sampling Rate", 1.0, 8.0, 1.0, 0.01), tags=("Tile", "Blur")),
-    Preprocessor("tile_colorfix", _p_none, "tile_colorfix", resolution=None, slider_1=_VARIATION,
-                 tags=("Tile", "Blur"),
-                 note="the map is the input image (as upstream); the colour fix itself runs during sampling in the "
-                      "UNet hook (hook.UnetHook.apply_colorfix)"),
-    Preprocessor("tile_colorfix+sharp", _p_none, "tile_colorfix+sharp", resolution=None, slider_1=_VARIATION,
-                 slider_2=Slider("Sharpness", 0.0, 2.0, 1.0, 0.01), tags=("Tile", "Blur"),
-                 note="the map is the input image (as upstream); colour fix and sharpening run during sampling"),
-    Preprocessor("lineart_standard", _p_lineart_standard, "lineart_standard (from white bg & black line)",
-                 tags=("Lineart",)),
-    Preprocessor("recolor_luminance", _p_recolor_luminance, "recolor_luminance", resolution=None,
-                 slider_1=_GAMMA, tags=("Recolor",)),
-    Preprocessor("recolor_intensity", _p_recolor_intensity, "recolor_intensity", resolution=None,
-                 slider_1=_GAMMA, tags=("Recolor",)),
+    _pre("none", _p_none),
+    _pre("canny", _p_canny, tags=("Canny",), soft_in_hr_fix=True),
+    _pre("invert", _p_invert, "invert (from white bg & black line)",
+         tags=("Canny", "Lineart", "Scribble", "Sketch", "MLSD")),
+    _pre("threshold", _p_threshold),
+    _pre("color", _p_color, "t2ia_color_grid", tags=("T2I-Adapter",)),
+    _pre("shuffle", _p_shuffle, tags=("Shuffle",)),
+    _pre("blur_gaussian", _p_blur, tags=("Tile", "Blur")),
+    _pre("scribble_xdog", _p_xdog, tags=("Scribble", "Sketch")),
+    _pre("tile_resample", _p_tile_resample, tags=("Tile", "Blur")),
+    _pre("tile_colorfix", _p_none, tags=("Tile", "Blur"),
+         note="the map is the input image (as upstream); the colour fix itself runs during sampling in the "
+              "UNet hook (hook.UnetHook.apply_colorfix)"),
+    _pre("tile_colorfix+sharp", _p_none, tags=("Tile", "Blur"),
+         note="the map is the input image (as upstream); colour fix and sharpening run during sampling"),
+    _pre("lineart_standard", _p_lineart_standard, "lineart_standard (from white bg & black line)",
+         tags=("Lineart",)),
+    _pre("recolor_luminance", _p_recolor_luminance, tags=("Recolor",)),
+    _pre("recolor_intensity", _p_recolor_intensity, tags=("Recolor",)),
 ]}
 
 _W = "needs downloaded network weights ({}), which SD Toolkit does not ship or download"
@@ -628,4 +580,5 @@ def map_to_hint(detected: np.ndarray) -> "Any":
 __all__ = ["Preprocessor", "Slider", "PREPROCESSORS", "UNAVAILABLE", "ALIASES", "get_preprocessor",
            "require_preprocessor", "run_preprocessor", "module_list", "module_detail", "decode_image",
            "encode_png_base64", "hwc3", "canny", "gaussian_blur", "resize_image_with_pad", "apply_resize_mode",
-           "pixel_perfect_resolution", "map_to_hint", "canonical_name", "COLORFIX_MODULES"]
+           "pixel_perfect_resolution", "map_to_hint", "canonical_name", "COLORFIX_MODULES", "SLIDERS",
+           "RESOLUTION", "shuffle_seed"]

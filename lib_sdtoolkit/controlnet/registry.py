@@ -48,10 +48,12 @@ class PreparedUnits:
 def prepare_units(unit_dicts: Sequence[Any], resolve_model: Callable[[str], Path], cache: Any, height: int,
                   width: int,
                   unet: Any = None, init_image: Any = None, dtype: Any = None, device: Any = "cpu",
-                  warn: Optional[Callable[[str], None]] = None) -> PreparedUnits:
+                  warn: Optional[Callable[[str], None]] = None, seed: Optional[int] = None) -> PreparedUnits:
     """Validate and load every enabled unit. Errors never stop the generation: the unit is skipped and a warning
     naming it and the problem is recorded (and passed to ``warn``). ``resolve_model(title)`` turns a unit's model
-    title into its file (the face's gate: :func:`lib_sdtoolkit.jobs.controlnet.model_resolver`)."""
+    title into its file (the face's gate: :func:`lib_sdtoolkit.jobs.controlnet.model_resolver`). ``seed``: the NumPy
+    seed of random preprocessors (shuffle), upstream's ``(p.seed + p.subseed) & 0xFFFFFFFF``
+    (:func:`lib_sdtoolkit.controlnet.preprocessors.shuffle_seed`)."""
     import torch
 
     from .hook import HookUnit
@@ -68,6 +70,8 @@ def prepare_units(unit_dicts: Sequence[Any], resolve_model: Callable[[str], Path
             continue
         if not unit.enabled:
             continue
+        for note in unit.adjustments:
+            _warn(out, warn, note)
         try:
             pre = require_preprocessor(unit.module)
             has_image = unit.image is not None and not (isinstance(unit.image, str) and not unit.image)
@@ -78,7 +82,7 @@ def prepare_units(unit_dicts: Sequence[Any], resolve_model: Callable[[str], Path
             res = unit.processor_res
             if unit.pixel_perfect:
                 res = pixel_perfect_resolution(img, height, width, unit.resize_mode)
-            detected = pre(img, res, unit.threshold_a, unit.threshold_b)
+            detected = pre(img, res, unit.threshold_a, unit.threshold_b, seed=seed, pixel_perfect=unit.pixel_perfect)
             fitted = apply_resize_mode(detected, height, width, unit.resize_mode)
             model = cache.get(resolve_model(unit.model), dtype=dtype or torch.float32, device=device)
             if unet is not None:

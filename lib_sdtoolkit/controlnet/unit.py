@@ -3,9 +3,12 @@
 A unit arrives as a dict from the API (``alwayson_scripts.controlnet.args[i]``), from the WebUI panels or from a
 client such as ``webuiapi``. :meth:`ControlNetUnit.from_dict` accepts the display strings of the enums, their legacy
 aliases and the legacy integer indexes, the deprecated field aliases (``guidance`` -> ``guidance_end``, ``lowvram`` ->
-``low_vram``, ``input_image`` -> ``image``, ``mask_image`` -> ``mask``), resets ``processor_res`` / ``threshold_a`` /
-``threshold_b`` to the preprocessor's slider default when they lie outside the slider range (as upstream does), and
-rejects ``guidance_start > guidance_end``.
+``low_vram``, ``input_image`` -> ``image``, ``mask_image`` -> ``mask``), and checks the ranges upstream's pydantic
+model declares: weight 0..2, guidance_start / guidance_end 0..1 with start <= end, a whole-number processor_res (a
+clear 422 otherwise, never a silent change). ``processor_res`` / ``threshold_a`` / ``threshold_b`` of -1 mean the
+preprocessor's slider default; another value outside the slider's range is replaced by that default as upstream
+does (clients such as webuiapi send 512/64/64 for every module), and :attr:`ControlNetUnit.adjustments` says so
+(the generation's comments and the log show it).
 """
 from __future__ import annotations
 
@@ -81,6 +84,9 @@ class ControlNetUnit:
     save_detected_map: bool = True
     advanced_weighting: Optional[list] = None
 
+    #: lines naming each slider value :meth:`bound_check_params` replaced (not a field: never sent or read)
+    adjustments = ()
+
     # ------------------------------------------------------------------------------------------------------
     @classmethod
     def field_names(cls) -> list:
@@ -122,14 +128,18 @@ class ControlNetUnit:
         self.resize_mode = _enum_value(self.resize_mode, ResizeMode, _RESIZE_ALIASES, "resize_mode")
         self.control_mode = _enum_value(self.control_mode, ControlMode, _CONTROL_ALIASES, "control_mode")
         self.hr_option = _enum_value(self.hr_option, HiResFixOption, _HR_ALIASES, "hr_option")
-        self.weight = _as_float(self.weight, "weight")
-        self.guidance_start = _as_float(self.guidance_start, "guidance_start")
-        self.guidance_end = _as_float(self.guidance_end, "guidance_end")
+        self.weight = _in_bounds(_as_float(self.weight, "weight"), "weight", 0.0, 2.0)
+        self.guidance_start = _in_bounds(_as_float(self.guidance_start, "guidance_start"), "guidance_start", 0.0, 1.0)
+        self.guidance_end = _in_bounds(_as_float(self.guidance_end, "guidance_end"), "guidance_end", 0.0, 1.0)
         if self.guidance_start > self.guidance_end:
             raise InvalidInputError(f"ControlNet unit: guidance_start ({self.guidance_start}) must not be greater "
                                     f"than guidance_end ({self.guidance_end})")
         for name in ("processor_res", "threshold_a", "threshold_b"):
             setattr(self, name, _as_float(getattr(self, name), name))
+        if self.processor_res != int(self.processor_res):
+            raise InvalidInputError(f"ControlNet unit: processor_res must be a whole number of pixels, got "
+                                    f"{self.processor_res:g}")
+        self.processor_res = int(self.processor_res)
         self.bound_check_params()
         if self.advanced_weighting is not None:
             try:
@@ -139,21 +149,28 @@ class ControlNetUnit:
         return self
 
     def bound_check_params(self) -> None:
-        """Reset processor_res / threshold_a / threshold_b that lie outside the module's slider range (or are
-        unset, -1) to the slider's default, as sd-webui-controlnet does. Unknown modules keep their values (the
-        module itself is reported when the unit runs)."""
-        from .preprocessors import get_preprocessor  # local: preprocessors imports numpy/PIL only
+        """-1 -> the module's slider default; another value outside the slider's range -> the default too, as
+        sd-webui-controlnet does, with a line in :attr:`adjustments` naming the value, the range and the default.
+        Unknown modules keep their values (the module itself is reported when the unit runs)."""
+        from .preprocessors import get_preprocessor  # local: preprocessors imports numpy/cv2/PIL only
 
         pre = get_preprocessor(self.module)
         if pre is None:
             return
-        for name, slider in (("processor_res", pre.resolution), ("threshold_a", pre.slider_1),
-                             ("threshold_b", pre.slider_2)):
-            value = getattr(self, name)
-            if slider is None:
-                continue
-            if value < slider.minimum or value > slider.maximum:
-                setattr(self, name, slider.value)
+        res, a, b, notes = pre.resolve(self.processor_res, self.threshold_a, self.threshold_b)
+        if pre.resolution is not None:
+            self.processor_res = int(res)
+        if pre.slider_1 is not None:
+            self.threshold_a = a
+        if pre.slider_2 is not None:
+            self.threshold_b = b
+        self.adjustments = tuple(f"ControlNet unit ({pre.name}): {n}" for n in notes)
+
+
+def _in_bounds(v: float, name: str, lo: float, hi: float) -> float:
+    if v < lo or v > hi:
+        raise InvalidInputError(f"ControlNet unit: {name} must be between {lo:g} and {hi:g}, got {v:g}")
+    return v
 
 
 def _as_bool(v: Any, name: str) -> bool:

@@ -126,23 +126,36 @@ def field_specs(cls: type) -> Tuple[FieldSpec, ...]:
     return got
 
 
-def _coerce(spec: FieldSpec, value: Any, where: str) -> Any:
-    """``value`` as the field's type, or a 422 naming the field. Lenient only where faces differ harmlessly:
-    gradio numbers arrive as float (an int field takes 3.0), a list may arrive as a comma string."""
+#: face -> how that face names a request field in error text (the CLI registers its flags, ``--overwrite``,
+#: in :mod:`lib_sdtoolkit.jobs.faces`); a face not listed says the field's name
+FIELD_LABELS: Dict[str, Callable[[FieldSpec], str]] = {}
+
+
+def field_label(spec: FieldSpec, face: str) -> str:
+    """The name ``face`` shows the user for ``spec`` (its CLI flag on the command line)."""
+    fn = FIELD_LABELS.get(face)
+    return fn(spec) if fn is not None else spec.name
+
+
+def _coerce(spec: FieldSpec, value: Any, where: str, label: Optional[str] = None) -> Any:
+    """``value`` as the field's type, or a 422 naming the field (as ``label``, default its name). Lenient only
+    where faces differ harmlessly: gradio numbers arrive as float (an int field takes 3.0), a list may arrive as a
+    comma string."""
+    name = label or spec.name
     if value is None:
         if spec.optional or (spec.required is False and spec.default is None):
             return None
-        raise InvalidInputError(f"{where}: {spec.name} must not be null")
+        raise InvalidInputError(f"{where}: {name} must not be null")
     tp = spec.base
     origin = typing.get_origin(tp)
     if origin is typing.Union:  # e.g. Union[str, List[float]]: accept any member as it is
         for member in typing.get_args(tp):
             try:
-                return _coerce_simple(member, value, spec.name, where)
+                return _coerce_simple(member, value, name, where)
             except InvalidInputError:
                 continue
-        raise InvalidInputError(f"{where}: {spec.name} has the wrong type ({type(value).__name__})")
-    return _coerce_simple(tp, value, spec.name, where)
+        raise InvalidInputError(f"{where}: {name} has the wrong type ({type(value).__name__})")
+    return _coerce_simple(tp, value, name, where)
 
 
 def _coerce_simple(tp: Any, value: Any, name: str, where: str) -> Any:
@@ -223,13 +236,14 @@ class Request:
         where = cls.job or cls.__name__
         kwargs: Dict[str, Any] = {}
         for name, spec in specs.items():
+            label = field_label(spec, face)
             if name not in data:
                 if spec.required:
-                    raise InvalidInputError(f"{where}: {name} is required")
+                    raise InvalidInputError(f"{where}: {label} is required")
                 continue
-            v = _coerce(spec, data[name], where)
+            v = _coerce(spec, data[name], where, label)
             if v is not None:
-                _check_value(spec, v, where)
+                _check_value(spec, v, where, label)
             kwargs[name] = v
         req = cls(**kwargs)
         req.check()
@@ -251,17 +265,18 @@ def choices_of(spec: FieldSpec) -> Optional[Tuple[Any, ...]]:
     return tuple(c()) if callable(c) else c
 
 
-def _check_value(spec: FieldSpec, v: Any, where: str) -> None:
+def _check_value(spec: FieldSpec, v: Any, where: str, label: Optional[str] = None) -> None:
+    name = label or spec.name
     items = v if isinstance(v, list) else [v]
     choices = choices_of(spec)
     for x in items:
         if choices is not None and x not in choices:
-            raise InvalidInputError(f"{where}: {spec.name} {x!r} is not one of {', '.join(map(str, choices))}")
+            raise InvalidInputError(f"{where}: {name} {x!r} is not one of {', '.join(map(str, choices))}")
         if isinstance(x, (int, float)) and not isinstance(x, bool):
             if spec.minimum is not None and x < spec.minimum:
-                raise InvalidInputError(f"{where}: {spec.name} must be >= {spec.minimum:g}, got {x:g}")
+                raise InvalidInputError(f"{where}: {name} must be >= {spec.minimum:g}, got {x:g}")
             if spec.maximum is not None and x > spec.maximum:
-                raise InvalidInputError(f"{where}: {spec.name} must be <= {spec.maximum:g}, got {x:g}")
+                raise InvalidInputError(f"{where}: {name} must be <= {spec.maximum:g}, got {x:g}")
 
 
 def _plain(v: Any) -> Any:
@@ -313,4 +328,5 @@ class JobSpec:
             object.__setattr__(self, "run", recording(self.name, self.run))
 
 
-__all__ = ["param", "Request", "Report", "JobSpec", "FieldSpec", "field_specs", "choices_of"]
+__all__ = ["param", "Request", "Report", "JobSpec", "FieldSpec", "field_specs", "choices_of", "FIELD_LABELS",
+           "field_label"]

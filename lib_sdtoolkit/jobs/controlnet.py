@@ -24,8 +24,8 @@ from .base import JobSpec, Report, Request, param
 
 @dataclass
 class DetectRequest(Request):
-    """A preprocessor run on one or more images (the sliders as sd-webui-controlnet's: -1 = the module's default,
-    a value outside the slider's range falls back to the default too)."""
+    """A preprocessor run on one or more images (the sliders as sd-webui-controlnet's: -1 = the module's default;
+    a value outside the slider's range falls back to the default too, and the report's note says so)."""
 
     job = "controlnet-detect"
 
@@ -33,12 +33,26 @@ class DetectRequest(Request):
     images: List[Any] = param(default_factory=list, help="images: base64 (raw or a data: URI)", cli=False)
     module: str = param("canny", help="the preprocessor (`controlnet modules` lists them)", flag="--module",
                         short="-m")
-    resolution: float = param(-1.0, help="processor resolution (-1: the module's default)", flag="--res")
-    threshold_a: float = param(-1.0, help="the module's first slider (-1: its default)", flag="--a",
-                               short="--threshold-a")
-    threshold_b: float = param(-1.0, help="the module's second slider (-1: its default)", flag="--b",
-                               short="--threshold-b")
-    seed: Optional[int] = param(None, help="seed for random preprocessors (shuffle)")
+    resolution: int = param(-1, help="processor resolution in pixels: the short side the image is scaled to "
+                                     "before detection (-1: the module's default, 512; range 64..2048)",
+                            flag="--res", metavar="PX")
+    threshold_a: float = param(-1.0, help="the module's first slider, e.g. canny's Low Threshold (-1: its default; "
+                                          "`controlnet modules` lists each module's sliders and ranges)",
+                               flag="--a", short="--threshold-a", metavar="A")
+    threshold_b: float = param(-1.0, help="the module's second slider, e.g. canny's High Threshold (-1: its "
+                                          "default)", flag="--b", short="--threshold-b", metavar="B")
+    seed: Optional[int] = param(None, help="NumPy seed of random preprocessors (shuffle); the WebUI uses "
+                                           "(seed + subseed) & 0xFFFFFFFF of the generation; default: a fresh one")
+    pixel_perfect: bool = param(False, help="compute the resolution from the target size (--width/--height) and "
+                                            "--resize-mode so the map lands 1:1 on the generation, as "
+                                            "sd-webui-controlnet's Pixel Perfect")
+    width: int = param(512, help="target width of the generation (with --pixel-perfect)", minimum=64,
+                       maximum=16384, metavar="PX")
+    height: int = param(512, help="target height of the generation (with --pixel-perfect)", minimum=64,
+                        maximum=16384, metavar="PX")
+    resize_mode: str = param("Crop and Resize", help="how the map is fitted to the target (with --pixel-perfect): "
+                                                     "Resize and Fill uses the smaller scale, the others the larger",
+                             choices=("Just Resize", "Crop and Resize", "Resize and Fill"))
     output: Optional[str] = param(None, help="the detected map to write (PNG unless the suffix names another "
                                              "image format)", flag="--output", short="-o", api=False)
     overwrite: bool = param(False, help="replace an existing output", api=False)
@@ -59,10 +73,11 @@ class DetectReport(Report):
     def to_dict(self) -> dict:
         from ..controlnet.preprocessors import encode_png_base64
 
+        extra = {"note": self.note} if self.note else {}  # e.g. a slider value replaced by its default
         if self.output is not None:
             return {"info": "Success", "output": self.output, "module": self.module, "width": self.width,
-                    "height": self.height}
-        return {"info": "Success", "images": [encode_png_base64(m) for m in self._maps]}
+                    "height": self.height, **extra}
+        return {"info": "Success", "images": [encode_png_base64(m) for m in self._maps], **extra}
 
     @property
     def maps(self) -> List[Any]:
@@ -117,13 +132,22 @@ def run_detect(host: Any, req: DetectRequest, progress: Progress) -> DetectRepor
         raise InvalidInputError(f"at most {MAX_DETECT_IMAGES} images per request, got {len(sources)}")
     out = _output(host, req, sources, src)
     maps = []
+    notes: List[str] = []
     for i, (data, what) in enumerate(sources):
         progress("detecting", i, len(sources), what)
-        maps.append(pre(P.decode_image(data, what=what), req.resolution, req.threshold_a, req.threshold_b,
-                        seed=req.seed))
+        img = P.decode_image(data, what=what)
+        res = req.resolution
+        if req.pixel_perfect and pre.resolution is not None:
+            from ..controlnet.modes import ResizeMode
+
+            res = P.pixel_perfect_resolution(img, req.height, req.width, ResizeMode(req.resize_mode))
+            notes.append(f"pixel perfect: resolution {res} for {req.width}x{req.height} ({req.resize_mode})")
+        maps.append(pre(img, res, req.threshold_a, req.threshold_b, seed=req.seed, notes=notes,
+                        pixel_perfect=req.pixel_perfect))
     progress("detecting", len(sources), len(sources))
     h, w = maps[0].shape[:2]
-    report = DetectReport(module=pre.name, width=int(w), height=int(h), note=pre.note or "", _maps=maps)
+    note = "; ".join(dict.fromkeys([pre.note] + notes if pre.note else notes))
+    report = DetectReport(module=pre.name, width=int(w), height=int(h), note=note, _maps=maps)
     if out is not None:
         from ..files import atomic_path
 

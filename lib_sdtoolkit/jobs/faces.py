@@ -10,19 +10,73 @@ pydantic and fastapi are imported only by the API helpers; argparse only by the 
 """
 from __future__ import annotations
 
+import contextlib
 import json
+import re
 import sys
 import typing
 from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
 from ..errors import SdToolkitError
 from ..progress import Progress, tqdm_progress
-from .base import FieldSpec, JobSpec, Report, Request, choices_of
+from .base import FIELD_LABELS, FieldSpec, JobSpec, Report, Request, choices_of
 
 
 # ------------------------------------------------------------------------------------------------- the CLI
 def _flag(spec: FieldSpec) -> str:
     return spec.flag or "--" + spec.name.replace("_", "-")
+
+
+def cli_label(spec: FieldSpec) -> str:
+    """How the command line names a field in errors: its flag (``--overwrite``), a positional its metavar."""
+    if spec.positional:
+        return spec.metavar or spec.name.upper()
+    if spec.base is bool and spec.default is True:
+        return spec.negate or "--no-" + spec.name.replace("_", "-")
+    return _flag(spec)
+
+
+FIELD_LABELS["cli"] = cli_label
+
+
+def _help_with_default(spec: FieldSpec, text: Optional[str]) -> Optional[str]:
+    """The field's help plus its default where the help does not say it (bools and empty defaults: nothing)."""
+    if not text:
+        return text
+    d = spec.default
+    if spec.base is bool or d is None or d == [] or d == "" or spec.positional or "default" in text.lower():
+        return text
+    shown = f"{d:g}" if isinstance(d, float) else str(d)
+    return f"{text} (default: {shown})"
+
+
+def format_table(headers: Sequence[str], rows: Sequence[Sequence[Any]], right: Sequence[int] = ()) -> str:
+    """A plain text table: a header line, a rule, one line per row; columns padded to their widest cell
+    (``right``: indexes of columns aligned right, e.g. sizes and counts)."""
+    cells = [[str(h) for h in headers]] + [["" if c is None else str(c) for c in r] for r in rows]
+    widths = [max(len(r[i]) for r in cells) for i in range(len(headers))]
+
+    def line(r: Sequence[str]) -> str:
+        return "  ".join(c.rjust(w) if i in right else c.ljust(w) for i, (c, w) in enumerate(zip(r, widths))).rstrip()
+
+    return "\n".join([line(cells[0]), line(["-" * w for w in widths])] + [line(r) for r in cells[1:]])
+
+
+def key_value_table(pairs: Sequence[Tuple[str, Any]]) -> str:
+    """``name  value`` lines, the names padded to one width (a one-result report)."""
+    pairs = [(k, v) for k, v in pairs if v is not None and v != ""]
+    w = max((len(k) for k, _ in pairs), default=0)
+    return "\n".join(f"{k.ljust(w)}  {v}" for k, v in pairs)
+
+
+def cli_error_text(message: str, request: type) -> str:
+    """An error's text as the command line should say it: "pass overwrite" names the flag, "--overwrite"."""
+    labels = {s.name: cli_label(s) for s in request.fields() if s.cli}
+
+    def sub(m: "re.Match[str]") -> str:
+        return m.group(1) + labels.get(m.group(2), m.group(2))
+
+    return re.sub(r"\b(pass |use |set |with )(\w+)\b", sub, message)
 
 
 def add_request_arguments(parser: Any, request: type, skip: Sequence[str] = ()) -> None:
@@ -33,7 +87,7 @@ def add_request_arguments(parser: Any, request: type, skip: Sequence[str] = ()) 
     for s in request.fields():
         if not s.cli or s.name in skip:
             continue
-        help_text = (s.help() if callable(s.help) else s.help) or None
+        help_text = _help_with_default(s, (s.help() if callable(s.help) else s.help) or None)
         if s.positional:
             nargs = ("+" if s.required else "*") if s.is_list else (None if s.required else "?")
             parser.add_argument(s.name, nargs=nargs, metavar=s.metavar or s.name.upper(), help=help_text,
@@ -41,9 +95,10 @@ def add_request_arguments(parser: Any, request: type, skip: Sequence[str] = ()) 
             continue
         names = [_flag(s)] + ([s.short] if s.short else [])
         if s.base is bool:
-            if s.default is True:
+            if s.default is True:  # the flag turns the field off: its help says what is turned off
                 parser.add_argument(s.negate or "--no-" + s.name.replace("_", "-"), dest=s.name,
-                                    action="store_false", default=argparse.SUPPRESS, help=help_text)
+                                    action="store_false", default=argparse.SUPPRESS,
+                                    help=f"turn off (on by default): {help_text}" if help_text else None)
             else:
                 parser.add_argument(*names, dest=s.name, action="store_true", default=argparse.SUPPRESS,
                                     help=help_text)
@@ -71,30 +126,41 @@ def request_from_args(request: type, args: Any) -> Request:
 
 def add_cli(subparsers: Any, spec: JobSpec, command: Optional[str] = None, *, host_factory: Any = None,
             render: Optional[Callable[[Report], str]] = None, epilog: Optional[str] = None,
-            exit_code: Optional[Callable[[Report], int]] = None, quiet_flag: bool = False,
+            exit_code: Optional[Callable[[Report], int]] = None, quiet_flag: bool = True,
             json_view: Optional[Callable[[Report], Any]] = None,
             stderr: Optional[Callable[[Report], Sequence[str]]] = None) -> Any:
-    """Register ``command`` (default: the job's name) running ``spec`` with a tqdm progress on stderr
-    (``quiet_flag``: also ``-q/--quiet``, no progress bars even on a terminal).
+    """Register ``command`` (default: the job's name) running ``spec`` with the one progress helper
+    (:func:`lib_sdtoolkit.progress.tqdm_progress`: bars on stderr when it is a terminal, nothing in logs and pipes;
+    ``-q/--quiet``: none at all).
 
     ``render``: the text printed (default ``report.summary()``); ``json_view``: what ``--json`` prints (default
     ``report.to_dict()``); ``stderr``: lines printed on stderr in both modes (files that could not be read);
-    ``exit_code``: the exit status from the report (default 0)."""
+    ``exit_code``: the exit status from the report (default 0). While the job runs, whatever a library prints
+    goes to stderr, so stdout holds the report alone (``--json`` output stays valid JSON). Errors name the
+    command line's flags (``--overwrite``, not ``overwrite``)."""
     import argparse
 
     p = subparsers.add_parser(command or spec.name, help=spec.help, description=spec.description or spec.help,
                               epilog=epilog, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_request_arguments(p, spec.request)
-    p.add_argument("--json", dest="_json", action="store_true", help="print the report as JSON")
-    if quiet_flag:
+    p.add_argument("--json", dest="_json", action="store_true",
+                   help="print the report as JSON on stdout (nothing else goes to stdout)")
+    if quiet_flag and not any(s.name == "quiet" for s in spec.request.fields()):  # vae: the request's own
         p.add_argument("-q", "--quiet", dest="_quiet", action="store_true", help="no progress bars")
 
     def handler(args: argparse.Namespace) -> int:
         from ..host import LocalHost
 
-        req = request_from_args(spec.request, args)
-        host = host_factory(args) if host_factory is not None else LocalHost()
-        report = spec.run(host, req, Progress() if getattr(args, "_quiet", False) else tqdm_progress())
+        try:
+            req = request_from_args(spec.request, args)
+            host = host_factory(args) if host_factory is not None else LocalHost()
+            with contextlib.redirect_stdout(sys.stderr):  # libraries' prints ("No module 'xformers'") off stdout
+                report = spec.run(host, req, Progress() if getattr(args, "_quiet", False) else tqdm_progress())
+        except SdToolkitError as e:
+            text = cli_error_text(str(e), spec.request)
+            if text != str(e):
+                e.args = (text,)
+            raise
         if getattr(args, "_json", False):
             view = json_view(report) if json_view is not None else report.to_dict()
             print(json.dumps(view, indent=2, default=str))
@@ -224,5 +290,5 @@ def error_text(exc: BaseException) -> str:
 
 
 __all__ = ["add_request_arguments", "request_from_args", "add_cli", "body_model", "dump_body", "host_progress",
-           "add_route",
+           "add_route", "format_table", "key_value_table", "cli_label", "cli_error_text",
            "ui_request", "bind", "error_text"]

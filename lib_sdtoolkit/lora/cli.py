@@ -1,13 +1,43 @@
 """``python -m lib_sdtoolkit lora ACTION``: one sub-command per LoRA job (``jobs.lora.ACTIONS``), flags derived
-from its request."""
+from its request; the results as short tables (``--json``: the report as the API answers it)."""
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Callable, Dict
 
 EPILOGS = {
     "bake": "LORA[:MULT]: a trailing :number is the multiplier (default 1), e.g. style.safetensors:0.7",
     "extract": "--clamp-quantile 1 keeps the factors as the SVD gives them; --dtype sets the written precision.",
 }
+
+
+def _size(path: Any) -> str:
+    import os
+
+    from ..inspect import human_bytes
+
+    try:
+        return f"{path} ({human_bytes(os.path.getsize(path))})"
+    except (OSError, TypeError):
+        return str(path)
+
+
+def render_extract(r: Any) -> str:
+    from ..jobs.faces import key_value_table
+
+    ranks = f"{r.rank}" + (f" (conv {r.conv_rank})" if r.conv_rank else "")
+    return key_value_table([("output", _size(r.output)), ("architecture", r.arch), ("layers", r.layers),
+                            ("rank", ranks), ("identical layers skipped", r.skipped_identical or None)])
+
+
+def render_bake(r: Any) -> str:
+    from ..jobs.faces import format_table, key_value_table
+
+    head = key_value_table([("output", _size(r.output)), ("architecture", r.arch), ("tensors changed", r.touched)])
+    rows = [(x["path"], f"{x['multiplier']:g}", x["layers"], x.get("unmatched") or 0) for x in r.loras]
+    return head + "\n\n" + format_table(["LoRA", "multiplier", "layers", "unmatched"], rows, right=(1, 2, 3))
+
+
+RENDER: Dict[str, Callable[[Any], str]] = {"extract": render_extract, "bake": render_bake}
 
 
 def register(subparsers: Any) -> None:
@@ -17,5 +47,5 @@ def register(subparsers: Any) -> None:
     p = subparsers.add_parser("lora", help=f"LoRA tools: {', '.join(ACTIONS)}")
     sub = p.add_subparsers(dest="lora_command", metavar="ACTION")
     for action, spec in ACTIONS.items():
-        add_cli(sub, spec, action, epilog=EPILOGS.get(action), quiet_flag=action != "inspect")
+        add_cli(sub, spec, action, epilog=EPILOGS.get(action), render=RENDER.get(action))
     p.set_defaults(func=lambda a: (p.print_help(), 2)[1])

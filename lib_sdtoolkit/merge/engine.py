@@ -185,7 +185,7 @@ class MergeReport:
         lines = [f"Merged {self.architecture} with {self.method}: {self.keys_total} keys "
                  f"({self.merged} merged, {self.copied_from_a} from A) in {self.seconds:.1f} s"]
         if self.output:
-            lines.append(f"Output: {self.output} ({self.bytes_written / 1e6:.1f} MB)")
+            lines.append(f"Output: {self.output} ({self.bytes_written / 2 ** 20:.1f} MiB)")
         if self.missing_from_b:
             lines.append(f"{len(self.missing_from_b)} keys missing from B were taken from A "
                          f"(first: {self.missing_from_b[0]})")

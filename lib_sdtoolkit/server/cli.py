@@ -27,6 +27,8 @@ def register(subparsers: Any) -> None:
                    help="if no models are found, create the generated sample library without asking "
                         "(in ./sample_models unless a folder is given)")
     p.add_argument("--no-ui", action="store_true", help="serve only the HTTP API")
+    p.add_argument("--json", action="store_true",
+                   help="print one JSON line on stdout once the address is free: {url, models_dir, ui}")
     p.set_defaults(func=serve)
 
 
@@ -71,13 +73,42 @@ def ensure_models(host: StandaloneHost, sample: bool, stdin: Optional[TextIO] = 
     return True
 
 
+def _bindable(host: str, port: int) -> bool:
+    """Whether ``host:port`` can be bound now (as uvicorn binds it: SO_REUSEADDR, the address family of host)."""
+    import socket
+
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except socket.gaierror:
+        return True  # not ours to judge: uvicorn reports a bad host name itself
+    family, _, _, _, addr = infos[0]
+    with socket.socket(family, socket.SOCK_STREAM) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind(addr)
+        except OSError:
+            return False
+    return True
+
+
+def check_port(host: str, port: int) -> None:
+    """A clear error naming a free port when ``port`` is taken (instead of uvicorn's "address already in use"
+    after the URL was printed)."""
+    if _bindable(host, port):
+        return
+    free = next((p for p in range(port + 1, min(port + 100, 65536)) if _bindable(host, p)), None)
+    hint = f"; --port {free} is free" if free is not None else ""
+    raise InvalidInputError(f"port {port} on {host} is already in use (another SD Toolkit or a WebUI?){hint}")
+
+
 def serve(args: argparse.Namespace) -> int:
     host = make_host(args)
+    check_port(args.host, int(args.port))
     from ..outputs import sweep_host_temps
 
     for removed in sweep_host_temps(host):
         print(f"removed a stale temporary file left by a killed write: {removed}", file=sys.stderr)
-    ensure_models(host, args.sample)
+    ensure_models(host, args.sample, stdout=sys.stderr if getattr(args, "json", False) else None)
     from .app import create_app
 
     app = create_app(host, ui=not args.no_ui)
@@ -87,9 +118,15 @@ def serve(args: argparse.Namespace) -> int:
     import uvicorn
 
     shown = f"[{args.host}]" if ":" in args.host else args.host
-    print(f"SD Toolkit on http://{shown}:{args.port}/  (models: {host.models_root})", file=sys.stderr)
+    url = f"http://{shown}:{args.port}/"
+    if getattr(args, "json", False):
+        import json
+
+        print(json.dumps({"url": url, "models_dir": str(host.models_root) if host.models_root else None,
+                          "ui": not args.no_ui}), flush=True)
+    print(f"SD Toolkit on {url}  (models: {host.models_root})", file=sys.stderr)
     uvicorn.run(app, host=args.host, port=int(args.port), log_level="warning")
     return 0
 
 
-__all__ = ["register", "serve", "make_host", "ensure_models", "DEFAULT_HOST", "DEFAULT_PORT"]
+__all__ = ["register", "serve", "make_host", "ensure_models", "check_port", "DEFAULT_HOST", "DEFAULT_PORT"]
