@@ -7,7 +7,7 @@ at the rank both ways (``lowrank.truncated(..., mode="full" | "randomized")``), 
 distinct shape: seconds each way and the error ratio ‖ΔW − approx‖_rand / ‖ΔW − approx‖_full (1 = optimal), then
 the totals over every layer (a shape's time times its count), the speed-up and the largest error ratio.
 
-    python bench/lora_svd_bench.py --rank 32 --threads 2 [--power 0.5] [--conv]
+    python bench/lora_svd_bench.py --rank 32 --threads 2 [--power 0.5] [--conv] [--min-rows N]
 """
 from __future__ import annotations
 
@@ -46,6 +46,7 @@ def main() -> int:
     ap.add_argument("--power", type=float, default=0.5, help="singular values ∝ i^-power")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--conv", action="store_true", help="also the ResNet/sampler layers (--conv-rank)")
+    ap.add_argument("--min-rows", type=int, default=0, help="only the shapes with at least this many rows")
     a = ap.parse_args()
     import torch
 
@@ -60,6 +61,8 @@ def main() -> int:
     worst = 1.0
     g = torch.Generator().manual_seed(0)
     for (m, n), count in sorted(shapes.items()):
+        if m < a.min_rows:
+            continue
         k = min(m, n)
         u = torch.linalg.qr(torch.randn(m, k, generator=g)).Q
         v = torch.linalg.qr(torch.randn(n, k, generator=g)).Q

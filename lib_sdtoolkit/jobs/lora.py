@@ -402,7 +402,8 @@ class MergeRequest(Request):
                                            "exact (concatenated factors)", minimum=1)
     model: Optional[str] = param(None, help="a checkpoint giving the conv kernel of LoHa/LoKr layers (default: "
                                             "the architecture's layout)", model="checkpoint")
-    dtype: Optional[str] = param(None, help="dtype of the written factors (default: the widest of the inputs)",
+    dtype: Optional[str] = param(None, help="dtype of the written factors (default: the inputs' when they agree, else "
+                                           "fp32)",
                                  choices=DTYPES)
     device: str = param("cpu", help="cpu or cuda")
     svd: str = param("auto", help="for --rank with LyCORIS inputs: auto (randomised for large layers), full or "

@@ -138,7 +138,7 @@ def merge_loras(inputs: Sequence[Tuple[PathLike, float]], out: PathLike, rank: O
     names: Dict[Any, str] = {}                 # group key -> module name written
     contribs: Dict[Any, List[Tuple[formats.LayerWeights, float, Path, Any]]] = {}
     dropped_embeddings: List[str] = []
-    wide = torch.float16
+    seen_dtypes: set = set()
     for idx, (p, w) in enumerate(inputs):
         p = Path(p)
         with open_model(p) as r:
@@ -165,9 +165,8 @@ def merge_loras(inputs: Sequence[Tuple[PathLike, float]], out: PathLike, rank: O
                     raise InvalidInputError("module with a bias delta: a LoRA file has no place for it; cannot "
                                             "be merged", p, mod)
                 tensors = {part: r.get(k) for part, k in parts.items()}
-                for v in tensors.values():
-                    if v.is_floating_point() and v.dtype.itemsize > wide.itemsize:
-                        wide = v.dtype
+                seen_dtypes.update(v.dtype for part, v in tensors.items()
+                                   if v.is_floating_point() and part not in ("alpha", "scale"))
                 layer = formats.make_layer(mod, tensors, str(p))
                 bad = formats.nonfinite_parts(layer)
                 if bad:
@@ -181,7 +180,16 @@ def merge_loras(inputs: Sequence[Tuple[PathLike, float]], out: PathLike, rank: O
                 contribs[gk].append((layer, float(w), p, target))
         merged_from.append({"file": p.name, "weight": float(w), "metadata": meta})
     assert arch is not None
-    out_dtype = DTYPES[dtype] if dtype else (wide if wide in DTYPES.values() else torch.float32)
+    if not order:
+        raise InvalidInputError("no network module in any input; nothing to merge", inputs[0][0])
+    if dtype:
+        out_dtype = DTYPES[dtype]
+    elif seen_dtypes <= {torch.float16}:
+        out_dtype = torch.float16
+    elif seen_dtypes <= {torch.bfloat16}:
+        out_dtype = torch.bfloat16
+    else:  # fp32 inputs, or fp16 and bf16 mixed: fp32 holds both
+        out_dtype = torch.float32
     layout = keymaps.load_layout(base_arch(arch))
     model_shapes = None
     if model is not None:
