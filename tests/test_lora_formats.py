@@ -165,4 +165,5 @@ def test_full_and_norm_deltas():
     dw, dbias = delta({"w_norm": rnd(8), "b_norm": rnd(8)}, rnd(8))
     assert dw.shape == (8,) and dbias.shape == (8,)
     assert formats.classify({"w_norm", "b_norm"}) == "norm"
-    assert formats.classify({"oft_blocks"}) is None
+    assert formats.classify({"oft_blocks"}) == "oft"  # OFT/BOFT: tests/test_lora_surgery.py
+    assert formats.classify({"a1.weight", "a2.weight", "b1.weight", "b2.weight"}) is None  # GLoRA: not read

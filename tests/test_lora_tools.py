@@ -232,6 +232,46 @@ def test_extract_bake_inspect_give_the_same_result_on_every_face(faces, capsys):
     assert reports[0]["metadata"]["ss_network_dim"] == "3"
 
 
+def test_resize_merge_inspect_give_the_same_result_on_every_face(faces, capsys):
+    ck, lo = faces["ck"], faces["lora"]
+    # resize, every field away from its default
+    out = lo / "par-rs.safetensors"
+    reports, files = _three_faces(
+        faces, capsys, "resize",
+        [lo / "given.safetensors", "-o", out, "--rank", "2", "--dynamic-method", "sv_fro", "--dynamic-param", "0.9",
+         "--dtype", "fp16", "--overwrite"],
+        {"lora": "given", "output": "par-rs", "rank": 2, "dynamic_method": "sv_fro", "dynamic_param": 0.9,
+         "dtype": "fp16", "overwrite": True},
+        {"lora": "given.safetensors", "output": "par-rs.safetensors", "rank": 2.0, "dynamic_method": "sv_fro",
+         "dynamic_param": 0.9, "dtype": "fp16", "device": "cpu", "overwrite": True},
+        out)
+    assert reports[0] == reports[1] == reports[2] and files[0] == files[1] == files[2]
+    assert reports[0]["name"] == "par-rs.safetensors" and reports[0]["size_after"] < reports[0]["size_before"]
+    assert {v.dtype for v in load_state_dict(out).values()} == {torch.float16}
+
+    # merge: "NAME:W" on the CLI and in the tab, {"lora", "weight"} in the API; a rank and a checkpoint
+    out = lo / "par-mg.safetensors"
+    reports, files = _three_faces(
+        faces, capsys, "merge",
+        [f"{lo / 'given.safetensors'}:0.5", str(lo / "par-rs.safetensors"), "-o", out, "--rank", "2", "--model",
+         ck / "base.safetensors", "--dtype", "fp32", "--svd", "full", "--overwrite"],
+        {"loras": [{"lora": "given", "weight": 0.5}, {"lora": "par-rs"}], "output": "par-mg", "rank": 2,
+         "model": "base", "dtype": "fp32", "svd": "full", "overwrite": True},
+        {"loras": "given:0.5\npar-rs\n", "output": "par-mg", "rank": 2, "model": "base.safetensors",
+         "dtype": "fp32", "device": "cpu", "svd": "full", "overwrite": True},
+        out)
+    assert reports[0] == reports[1] == reports[2] and files[0] == files[1] == files[2]
+    assert [x["weight"] for x in reports[0]["inputs"]] == [0.5, 1.0]
+
+    # inspect against a checkpoint
+    reports, _ = _three_faces(faces, capsys, "inspect", [out, "--model", ck / "base.safetensors"],
+                              {"lora": "par-mg", "model": "base"},
+                              {"lora": "par-mg.safetensors", "model": "base.safetensors"}, None)
+    assert reports[0] == reports[1] == reports[2]
+    assert reports[0]["model"] == "base.safetensors" and reports[0]["not_applied"] == []
+    assert sum(b["layers"] for b in reports[0]["blocks"].values()) == sum(reports[0]["targets"].values())
+
+
 def test_cli_prints_a_summary_unless_json(faces, capsys):
     ck, lo = faces["ck"], faces["lora"]
     capsys.readouterr()
@@ -304,10 +344,13 @@ def test_tab_refresh_and_writes_update_the_lists(faces):
     assert "fresh.safetensors" not in json.dumps(comp("sdtoolkit_lora_inspect_file")["props"]["choices"])
     shutil.copyfile(ck / "base.safetensors", ck / "fresh.safetensors")
     shutil.copyfile(ck / "base.safetensors", lo / "not-a-lora-but-listed.safetensors")
-    ups = fn("sdtoolkit_lora_refresh")("given.safetensors", "tuned.safetensors", "base.safetensors", None)
-    assert len(ups) == 4 and "not-a-lora-but-listed.safetensors" in names(ups[0])
-    assert ups[0]["value"] == "given.safetensors" and ups[1]["value"] == "tuned.safetensors"
-    assert all("fresh.safetensors" in names(u) for u in ups[1:]) and ups[3]["value"] is None
+    # the LoRA lists (inspect, resize) then the checkpoint lists (tuned, base, bake, inspect's, merge's)
+    ups = fn("sdtoolkit_lora_refresh")("given.safetensors", None, "tuned.safetensors", "base.safetensors", None,
+                                       None, "base.safetensors")
+    assert len(ups) == 7 and all("not-a-lora-but-listed.safetensors" in names(u) for u in ups[:2])
+    assert ups[0]["value"] == "given.safetensors" and ups[2]["value"] == "tuned.safetensors"
+    assert all("fresh.safetensors" in names(u) for u in ups[2:]) and ups[4]["value"] is None
+    assert ups[6]["value"] == "base.safetensors"
 
     class NoProgress:
         def __call__(self, *a, **k):
@@ -325,9 +368,24 @@ def test_tab_refresh_and_writes_update_the_lists(faces):
                                         "tab-ex:1", "tab-bake", False)
     assert "sdtoolkit-ok" in out[0] and all("tab-bake.safetensors" in names(u) for u in out[1:])
     assert [u["value"] for u in out[1:]] == ["tuned.safetensors", None, "base.safetensors"]
-    # Inspect's button, and an error shown in the tab
-    assert "ranks      : 2 x3" in fn("sdtoolkit_lora_inspect_btn")("tab-ex.safetensors")
-    assert "sdtoolkit-error" in fn("sdtoolkit_lora_inspect_btn")(None)
+    # Resize's and Merge's buttons: the new LoRA is listed and picked for Inspect
+    out = fn("sdtoolkit_lora_resize_btn")(NoProgress(), None, "tab-ex.safetensors", 1, "fixed", 0.9, "keep", "cpu",
+                                          "tab-rs.safetensors", False)
+    assert "sdtoolkit-ok" in out[0] and "Wrote tab-rs.safetensors" in out[0] and out[1]["value"] == "tab-rs.safetensors"
+    assert load_state_dict(lo / "tab-rs.safetensors")[
+        "lora_te_text_model_encoder_layers_3_mlp_fc1.lora_up.weight"].shape[1] == 1
+    out = fn("sdtoolkit_lora_merge_btn")(NoProgress(), None, "tab-ex:0.5\ngiven\n", 0, None, "fp16", "cpu",
+                                         "tab-mg", False)
+    assert "sdtoolkit-ok" in out[0] and out[1]["value"] == "tab-mg.safetensors"
+    assert load_state_dict(lo / "tab-mg.safetensors")[
+        "lora_te_text_model_encoder_layers_3_mlp_fc1.lora_up.weight"].dtype == torch.float16
+    # Inspect's button: tables with a bar per block (no JSON dump), and an error shown in the tab
+    page = fn("sdtoolkit_lora_inspect_btn")("tab-ex.safetensors", None)
+    assert "<table" in page and "sdtoolkit-bar" in page and "IN01" in page and "{" not in page
+    assert "Every module would be applied" in page
+    page = fn("sdtoolkit_lora_inspect_btn")("tab-ex.safetensors", "base.safetensors")
+    assert "Checked against" in page and "base.safetensors" in page
+    assert "sdtoolkit-error" in fn("sdtoolkit_lora_inspect_btn")(None, None)
 
 
 INPUT_FIELDS = [  # (action, field, a valid body without that field)
@@ -336,11 +394,15 @@ INPUT_FIELDS = [  # (action, field, a valid body without that field)
     ("bake", "checkpoint", {"loras": [{"lora": "given"}], "output": "gate-out"}),
     ("bake", "loras", {"checkpoint": "base", "output": "gate-out"}),
     ("inspect", "lora", {}),
+    ("inspect", "model", {"lora": "given"}),
+    ("resize", "lora", {"rank": 1, "output": "gate-out"}),
+    ("merge", "loras", {"output": "gate-out"}),
+    ("merge", "model", {"loras": ["given"], "output": "gate-out"}),
 ]
 
 
 def _gate_body(field, value, body):
-    return {**body, field: [{"lora": value}] if field == "loras" else value}
+    return {**body, field: [{"lora": value}] if field == "loras" else value}  # bake's and merge's form alike
 
 
 def _no_gate_output(faces):
@@ -363,6 +425,8 @@ def test_routes_gate_every_input_name(faces, tuned, action, field, body):
     ("extract", {"tuned": "tuned", "base": "base", "output": "gate-x"}),
     ("bake", {"checkpoint": "base", "loras": [{"lora": "given"}], "output": "gate-x"}),
     ("inspect", {"lora": "given"}),
+    ("resize", {"lora": "given", "rank": 1, "output": "gate-x"}),
+    ("merge", {"loras": [{"lora": "given"}], "output": "gate-x"}),
 ])
 def test_routes_refuse_unknown_fields_and_outputs_elsewhere(faces, action, body):
     c = faces["client"]
@@ -372,6 +436,11 @@ def test_routes_refuse_unknown_fields_and_outputs_elsewhere(faces, action, body)
         for out in ("../gate-up.safetensors", str(faces["root"].parent / "gate-abs.safetensors"), "sub/gate-s"):
             r = c.post(f"/sdtoolkit/v1/lora/{action}", json={**body, "output": out})
             assert r.status_code == 422 and "plain file name" in r.json()["detail"], r.text
+    if action == "merge":
+        for item, msg in (({"lora": "given", "multiplier": 1}, "unknown field"), ({"weight": 1}, "lora is required"),
+                          ({"lora": "given", "weight": "x"}, "must be a number")):
+            r = c.post("/sdtoolkit/v1/lora/merge", json={**body, "loras": [item]})
+            assert r.status_code == 422 and msg in r.json()["detail"], r.text
     if action == "bake":
         for item, msg in (({"lora": "given", "weight": 1}, "unknown field"), ({"multiplier": 1}, "lora is required"),
                           ({"lora": "given", "multiplier": "x"}, "must be a number"), (3, "must be")):

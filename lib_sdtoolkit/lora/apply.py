@@ -45,7 +45,7 @@ from ..arch.families import base_arch
 from ..errors import SdToolkitError
 from . import formats
 from .blocks import active_at_step, block_key
-from .network import BoundLayer, Network, check_shapes
+from .network import UNKNOWN_TARGET, BoundLayer, Network, check_shapes, partly_text
 
 log = logging.getLogger(__name__)
 
@@ -273,6 +273,7 @@ class ApplyResult:
     applied: List[str] = field(default_factory=list)
     errors: List[str] = field(default_factory=list)
     touched: int = 0          # parameters rewritten or restored by this call
+    warnings: List[str] = field(default_factory=list)  # networks applied partly, with the reasons
     cached: bool = False      # True when nothing had to be done
 
     def __bool__(self) -> bool:
@@ -344,7 +345,25 @@ class _Base(abc.ABC):
                 continue
             ok.append(a)
             result.applied.append(a.network.name)
+            partly = self._partly(a)
+            if partly:
+                result.warnings.append(partly)
         return ok
+
+    def _partly(self, a: ActiveNetwork) -> Optional[str]:
+        """The modules of an applied network that are not applied, with their reasons (once per network: logged
+        as a warning the first time; ``lora inspect FILE --model CHECKPOINT`` lists them all)."""
+        key = ("partly", a.net_id)
+        if key not in self._valid:
+            net = a.network
+            skipped = net.not_applied() + [
+                (layer.weights.name, UNKNOWN_TARGET) for layer in net.layers
+                if self.binding.resolve(layer.weight_key, layer.target.qkv_index) is None]
+            total = len(net.layers) + len(net.unmatched) + len(net.unknown_type)
+            self._valid[key] = partly_text(net.name, total, skipped) if skipped else None
+            if skipped:
+                log.warning("sdtoolkit lora: %s", self._valid[key])
+        return self._valid[key]
 
     def set_step(self, step: Optional[int]) -> ApplyResult:
         """Sampling step (for start=/stop= ranges): re-selects the active networks; cheap when nothing changes."""

@@ -6,7 +6,15 @@ from typing import Any, Callable, Dict
 
 EPILOGS = {
     "bake": "LORA[:MULT]: a trailing :number is the multiplier (default 1), e.g. style.safetensors:0.7",
-    "extract": "--clamp-quantile 1 keeps the factors as the SVD gives them; --dtype sets the written precision.",
+    "extract": "The factors are the SVD's (a difference of rank <= --rank comes back to --dtype's precision); "
+               "--clamp-quantile 0.99 clamps them as kohya does (lossy). --json lists every layer's rank and kept "
+               "energy.",
+    "resize": "sv_ratio P: keep singular values > s_max/P; sv_fro P: keep the fraction P of the Frobenius norm; "
+              "sv_cumulative P: keep the fraction P of the sum of singular values (kohya's resize_lora.py rules).",
+    "merge": "LORA[:WEIGHT]: a trailing :number is the weight (default 1; negative subtracts). The output's "
+             "metadata key sdtoolkit_merged_from holds [{file, weight, metadata}] of every input.",
+    "inspect": "Reasons a module is not applied: unknown target name, unsupported type; with --model also shape "
+               "mismatch and wrong architecture.",
 }
 
 

@@ -1,11 +1,16 @@
 """Extract a LoRA from the difference of two checkpoints (tuned − base) by truncated SVD, per layer.
 
-Both inputs are read lazily, one layer at a time; only the rank-r factors are kept until they are written (kohya
-key names, ``alpha = rank`` so the scale is 1, and the ``ss_*`` metadata the WebUI's Lora extension reads).
+Both inputs are read lazily, one layer at a time; only the factors are kept until they are written (kohya key
+names, ``alpha = rank`` so the scale is 1, and the ``ss_*`` metadata the WebUI's Lora extension reads).
 Attention layers (attn1/attn2 q/k/v/out, ff, proj_in/out) and the text encoders' attention/MLP are extracted at
 ``rank``; with ``conv_rank`` also the ResNet and up/down-sampler layers (convs at ``conv_rank``, linears at ``rank``).
-``clamp_quantile`` (kohya's default 0.99) clamps the factors' entries at that quantile of their magnitudes; 1 or None
-disables it. Layers that are identical in both files are skipped.
+
+Faithful by default: the factors are the SVD's, so a difference whose rank is at most ``rank`` comes back to the
+output dtype's precision. ``clamp_quantile`` (kohya's 0.99 is lossy: ~4 % relative error on an exactly low-rank
+difference) clamps the factors' entries at that quantile of their magnitudes only when given (1 or None: off).
+``rank_mode="energy"`` picks each layer's rank as the smallest that keeps ``energy`` of ‖ΔW‖²_F (``rank`` is then
+the cap). The SVD is randomised for large layers (:mod:`lib_sdtoolkit.lora.lowrank`). The summary lists every
+layer with its rank and kept energy. Layers that are identical in both files are skipped.
 """
 from __future__ import annotations
 
@@ -22,6 +27,7 @@ from ..arch.families import base_arch
 from ..errors import ArchitectureError, InvalidInputError
 from ..files import StreamingSafetensorsWriter, check_output_path, open_model
 from ..validate import check_device, finite
+from . import lowrank
 
 PathLike = Union[str, "os.PathLike[str]"]
 _ATTN = ("attn1", "attn2", ".ff.", "proj_in", "proj_out", "self_attn", "attn.in_proj", "attn.out_proj", ".mlp.")
@@ -58,26 +64,39 @@ def _clamp(u: torch.Tensor, vh: torch.Tensor, q: Optional[float]) -> Tuple[torch
     return u.clamp(-hi, hi), vh.clamp(-hi, hi)
 
 
-def svd_factors(diff: torch.Tensor, rank: int, clamp_quantile: Optional[float] = None
-                ) -> Tuple[torch.Tensor, torch.Tensor]:
-    """(up, down) with up @ down ≈ diff (2-D or conv 4-D), shapes as kohya stores them."""
+def svd_factors(diff: torch.Tensor, rank: int, clamp_quantile: Optional[float] = None, rank_mode: str = "fixed",
+                energy: Optional[float] = None, svd: str = "auto"
+                ) -> Tuple[torch.Tensor, torch.Tensor, float, str]:
+    """(up, down, kept energy, svd method) with up @ down ≈ diff (2-D or conv 4-D), shapes as kohya stores them.
+    The kept energy is measured on the factors as written (after a clamp), against ``diff``."""
     out_dim = diff.shape[0]
     mat = diff.reshape(out_dim, -1).float()
-    r = min(rank, *mat.shape)
-    u, s, vh = torch.linalg.svd(mat, full_matrices=False)
-    u = u[:, :r] * s[:r]
-    vh = vh[:r]
-    u, vh = _clamp(u, vh, clamp_quantile)
+    tr = lowrank.truncated(mat, rank, rank_mode, energy, svd)
+    u, vh = tr.up, tr.down
+    kept = tr.energy
+    if clamp_quantile is not None and clamp_quantile < 1.0:
+        u, vh = _clamp(u, vh, clamp_quantile)
+        kept = lowrank.kept_energy(mat, u, vh)
+    r = u.shape[1]
     if diff.dim() == 4:
-        return u.reshape(out_dim, r, 1, 1), vh.reshape(r, *diff.shape[1:])
-    return u, vh
+        return u.reshape(out_dim, r, 1, 1), vh.reshape(r, *diff.shape[1:]), kept, tr.method
+    return u, vh, kept, tr.method
 
 
 def extract_lora(tuned: PathLike, base: PathLike, out: PathLike, rank: int = 32, conv_rank: Optional[int] = None,
-                 clamp_quantile: Optional[float] = 0.99, device: str = "cpu", dtype: str = "fp16",
+                 clamp_quantile: Optional[float] = None, device: str = "cpu", dtype: str = "fp16",
                  overwrite: bool = False, progress: Optional[Callable[[int, int], None]] = None,
-                 min_diff: float = 0.0) -> Dict[str, object]:
-    """Write ``out`` (.safetensors) and return a summary (layers, rank, arch, skipped)."""
+                 min_diff: float = 0.0, rank_mode: str = "fixed", energy: float = 0.95,
+                 svd: str = "auto") -> Dict[str, object]:
+    """Write ``out`` (.safetensors) and return a summary (layers, rank, arch, skipped, per-layer rank and kept
+    energy)."""
+    if rank_mode not in ("fixed", "energy"):
+        raise InvalidInputError(f"rank mode must be fixed or energy, got {rank_mode!r}")
+    if svd not in lowrank.SVD_MODES:
+        raise InvalidInputError(f"svd must be one of {', '.join(lowrank.SVD_MODES)}, got {svd!r}")
+    energy = finite(energy, "energy", 0.0, 1.0)
+    if energy <= 0.0:
+        raise InvalidInputError("energy must be > 0 (the fraction of each layer's ‖ΔW‖² to keep)")
     if rank < 1 or (conv_rank is not None and conv_rank < 1):
         raise InvalidInputError("rank and conv-rank must be >= 1")
     if clamp_quantile is not None and not (isinstance(clamp_quantile, (int, float))
@@ -115,6 +134,7 @@ def extract_lora(tuned: PathLike, base: PathLike, out: PathLike, rank: int = 32,
             r = conv_rank if (is_conv and conv_rank is not None) else rank
             todo.append((name, t, r))
         factors: Dict[str, torch.Tensor] = {}
+        per_layer: List[Dict[str, object]] = []
         skipped = 0
         for i, (name, t, r) in enumerate(todo):
             a = rt.get(t.weight_key).to(dev, torch.float32)
@@ -127,7 +147,8 @@ def extract_lora(tuned: PathLike, base: PathLike, out: PathLike, rank: int = 32,
             if float(diff.abs().max()) <= min_diff:
                 skipped += 1
                 continue
-            up, down = svd_factors(diff, r, clamp_quantile)
+            up, down, kept, method = svd_factors(diff, r, clamp_quantile, rank_mode, energy, svd)
+            per_layer.append({"name": name, "rank": int(up.shape[1]), "energy": round(kept, 6), "svd": method})
             factors[name + ".lora_up.weight"] = up.to("cpu", DTYPES[dtype]).contiguous()
             factors[name + ".lora_down.weight"] = down.to("cpu", DTYPES[dtype]).contiguous()
             factors[name + ".alpha"] = torch.tensor(float(up.shape[1]), dtype=DTYPES[dtype])
@@ -152,4 +173,6 @@ def extract_lora(tuned: PathLike, base: PathLike, out: PathLike, rank: int = 32,
         for k, v in factors.items():
             w.write(k, v)
     return {"output": str(outp), "arch": arch, "layers": len(factors) // 3, "skipped_identical": skipped,
-            "rank": rank, "conv_rank": conv_rank}
+            "rank": rank, "conv_rank": conv_rank, "rank_mode": rank_mode,
+            "energy": energy if rank_mode == "energy" else None, "clamp_quantile": clamp_quantile,
+            "min_energy": min(x["energy"] for x in per_layer), "layer_report": per_layer}

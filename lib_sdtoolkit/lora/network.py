@@ -25,6 +25,22 @@ from .names import resolve_name, split_key
 
 PathLike = Union[str, "os.PathLike[str]"]
 
+#: why a module of a file is not applied: ``lora inspect --model`` and the WebUI's warning use the same words
+UNKNOWN_TARGET = "unknown target name"
+SHAPE_MISMATCH = "shape mismatch"
+WRONG_ARCH = "wrong architecture"
+UNSUPPORTED_TYPE = "unsupported type"
+REASONS = (UNKNOWN_TARGET, SHAPE_MISMATCH, WRONG_ARCH, UNSUPPORTED_TYPE)
+
+
+def partly_text(name: str, total: int, skipped: List[Tuple[str, str]]) -> str:
+    """``NAME applies partly: K of N modules not applied: 2 unknown target name (e.g. m1), ...``"""
+    by: Dict[str, List[str]] = {}
+    for mod, reason in skipped:
+        by.setdefault(reason, []).append(mod)
+    what = "; ".join(f"{len(v)} {r} (e.g. {v[0]})" for r, v in by.items())
+    return f"{name} applies partly: {len(skipped)} of {total} modules not applied: {what}"
+
 
 @dataclass
 class BoundLayer:
@@ -71,6 +87,10 @@ class Network:
 
     def nbytes(self) -> int:
         return sum(layer.weights.nbytes() for layer in self.layers)
+
+    def not_applied(self) -> List[Tuple[str, str]]:
+        """(module, reason) of every module of the file that is not applied to a model of ``arch``."""
+        return [(m, UNKNOWN_TARGET) for m in self.unmatched] + [(m, UNSUPPORTED_TYPE) for m in self.unknown_type]
 
     def report(self) -> str:
         parts = [f"{self.name}: {len(self.layers)} layers ({', '.join(f'{k} {v}' for k, v in self.kinds.items())})"]

@@ -1,9 +1,11 @@
 """LoRA routes: ``GET /sdtoolkit/v1/loras`` and ``POST /sdtoolkit/v1/lora/ACTION`` for every LoRA job
-(``jobs.lora.ACTIONS``: extract, bake, inspect), the body being the job's request (unknown fields: 422).
+(``jobs.lora.ACTIONS``: extract, bake, inspect, resize, merge), the body being the job's request (unknown fields:
+422).
 
 Inputs are names or paths under the host's model folders; ``output`` is a plain file name written into the LoRA
-folder (extract) or the checkpoint output folder (bake). Bake takes ``loras`` as
-``[{"lora": NAME, "multiplier": M}, ...]``. Errors are 4xx ``{"detail": ...}``.
+folder (extract, resize, merge) or the checkpoint output folder (bake). Bake takes ``loras`` as
+``[{"lora": NAME, "multiplier": M}, ...]``, merge as ``[{"lora": NAME, "weight": W}, ...]``; inspect's and merge's
+optional ``model`` is a checkpoint name. Errors are 4xx ``{"detail": ...}``.
 """
 from __future__ import annotations
 

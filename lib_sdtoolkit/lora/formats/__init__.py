@@ -1,6 +1,7 @@
 """Network formats: which parts a module has, and its ΔW in fp32.
 
-Each network type is one small module (``lora``, ``loha``, ``lokr``, ``ia3``, ``full``, ``norm``) exposing
+Each network type is one small module (``lora``, ``loha``, ``lokr``, ``ia3``, ``full``, ``norm``,
+``oft``) exposing
 ``KIND``, ``accepts(parts)``, ``rank(t)``, ``scaled`` (whether alpha/rank applies) and ``delta(t, weight, dyn)``
 returning the unscaled ΔW (and bias delta) in fp32, shaped like the target weight. :func:`compute_delta` adds what is
 common to all types, in the WebUI's order (A1111 ``NetworkModule.finalize_updown``):
@@ -21,10 +22,10 @@ from typing import Dict, List, Optional, Sequence, Set, Tuple
 import torch
 
 from ...errors import ModelFileError
-from . import full, ia3, loha, lokr, lora, norm
+from . import full, ia3, loha, lokr, lora, norm, oft
 
 #: tried in this order (A1111 networks.module_types order)
-TYPES = (lora, loha, ia3, lokr, full, norm)
+TYPES = (lora, loha, ia3, lokr, full, norm, oft)
 #: parts every type may carry besides its own
 COMMON_PARTS = {"alpha", "scale", "dora_scale", "bias"}
 
@@ -87,7 +88,9 @@ def make_layer(name: str, tensors: Dict[str, torch.Tensor], path: Optional[str] 
     kind = classify(set(tensors))
     if kind is None:
         raise FormatError(f"unknown network module type with parts {sorted(tensors)}", path, name)
-    t = {k: v for k, v in tensors.items() if k not in ("alpha", "scale", "dora_scale")}
+    # OFT's alpha is its constraint, part of its formula: it stays among its tensors
+    t = {k: v for k, v in tensors.items()
+         if k not in ("alpha", "scale", "dora_scale") or (k == "alpha" and kind == "oft")}
     alpha = tensors.get("alpha")
     scale = tensors.get("scale")
     return LayerWeights(name, kind, t,
