@@ -63,16 +63,48 @@ def ensure_models(host: StandaloneHost, sample: bool, stdin: Optional[TextIO] = 
         answer = stdin.readline().strip().lower()
         if answer not in ("", "y", "yes"):
             return False
-    from ..samples import factory  # heavy; only when needed
+    from ..samples import library  # heavy; only when needed
 
     print(f"Writing the sample library to {host.models_root} ...", file=stdout)
-    factory.write_sample_library(host.models_root)
+    library.write_sample_library(host.models_root)
     host.refresh(None)
     return True
 
 
+def port_problem(host: str, port: int) -> Optional[str]:
+    """Why ``host:port`` cannot be bound (with a free port to try instead), or None when it can. Checked before
+    the app starts, so a busy port gives this message instead of uvicorn's traceback after the URL was printed."""
+    import errno
+    import socket
+
+    def try_bind(p: int) -> Optional[OSError]:
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        with socket.socket(family, socket.SOCK_STREAM) as s:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn binds: TIME_WAIT is no conflict
+            try:
+                s.bind((host, p))
+            except OSError as e:
+                return e
+        return None
+
+    err = try_bind(port)
+    if err is None:
+        return None
+    if err.errno not in (errno.EADDRINUSE, errno.EACCES):
+        return f"cannot listen on {host}:{port}: {err.strerror or err}"
+    why = "is already in use (another SD Toolkit or WebUI?)" if err.errno == errno.EADDRINUSE else \
+        "needs more rights than this user has"
+    free = next((p for p in range(port + 1, min(port + 50, 65536)) if try_bind(p) is None), None)
+    hint = f"; try --port {free}" if free else "; pick another one with --port"
+    return f"port {port} on {host} {why}{hint}"
+
+
 def serve(args: argparse.Namespace) -> int:
     host = make_host(args)
+    problem = port_problem(args.host, int(args.port))
+    if problem:
+        print(f"error: {problem}", file=sys.stderr)
+        return 2
     from ..outputs import sweep_host_temps
 
     for removed in sweep_host_temps(host):
