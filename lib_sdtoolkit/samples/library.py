@@ -2,8 +2,9 @@
 on which every tab of the app does its job on the first click, written in seconds.
 
 * ``Stable-diffusion/sd15-tiny.safetensors`` and ``sd15-tiny-finetune.safetensors``: two SD1 checkpoints of the same
-  family (the second is the first plus a small UNet/text-encoder drift, as a fine-tune is), so the default merge,
-  LoRA extraction and block-weight presets work; ``sdxl-tiny.safetensors``: an SDXL one, to show the refusal of a
+  family (the second is the first plus a small UNet/text-encoder drift, as a fine-tune is, saved as a trainer saves
+  it: fp32 with the UNet's EMA copy, so Prune has something to prune), so the default merge, LoRA extraction and
+  block-weight presets work; ``sdxl-tiny.safetensors``: an SDXL one, to show the refusal of a
   cross-family merge. All at tiny width with every key of the real file (layouts: :mod:`.tiny_layouts`).
 * ``VAE/vae-tiny.safetensors``: an ldm VAE with the real key layout whose weights are *constructed* (not trained) so
   that decode(encode(image)) is recognisably the image: the encoder averages 8x8 pixels into the latent's first three
@@ -174,27 +175,36 @@ def encode_latent(vae: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
 
 # ------------------------------------------------------------------------------------------------ checkpoints
 def _checkpoint(arch: str, seed: int, vae_sd: Optional[Dict[str, torch.Tensor]] = None,
-                drift: Optional[Tuple[int, float]] = None) -> Dict[str, torch.Tensor]:
+                drift: Optional[Tuple[int, float]] = None, training_output: bool = False) -> Dict[str, torch.Tensor]:
     """A tiny ``arch`` checkpoint with the factory's values (``factory.write_checkpoint(..., seed, fp16)`` gives the
     same tensors); ``vae_sd`` replaces its ``first_stage_model.*``; ``drift=(seed, scale)`` adds a deterministic
-    drift to the UNet and text-encoder weights (a fine-tune of the same model)."""
+    drift to the UNet and text-encoder weights (a fine-tune of the same model). ``training_output``: fp32 with the
+    UNet's EMA copy (``model_ema.*``), as a trainer saves it (what Prune is for)."""
+    from ..arch.keymaps import UNET_PREFIX, ema_key_of
     from . import factory
     from .tiny_layouts import tiny_layout
 
     out: Dict[str, torch.Tensor] = {}
     gen = torch.Generator().manual_seed(drift[0]) if drift is not None else None
+    dtype_out = torch.float32 if training_output else torch.float16
     for key, shape, dtype in tiny_layout(arch):  # module order: the drift's draws follow it
         natural = getattr(torch, dtype)
-        t = factory.make_tensor(key, shape, seed, torch.float16, natural)
+        t = factory.make_tensor(key, shape, seed, dtype_out, natural)
         if gen is not None and t.is_floating_point() and not key.startswith("first_stage_model."):
-            t = (t.float() + torch.randn(shape, generator=gen) * (0.02 * drift[1])).to(torch.float16)
+            t = (t.float() + torch.randn(shape, generator=gen) * (0.02 * drift[1])).to(dtype_out)
         out[key] = t
+        if training_output and key.startswith(UNET_PREFIX) and t.is_floating_point():
+            ema_gen = gen if gen is not None else torch.Generator().manual_seed(seed)
+            out[ema_key_of(key)] = (t.float() + torch.randn(shape, generator=ema_gen) * 2e-4).to(dtype_out)
+    if training_output:
+        out["model_ema.decay"] = torch.tensor(0.9999, dtype=torch.float32)
+        out["model_ema.num_updates"] = torch.tensor(20000, dtype=torch.int32)
     if vae_sd is not None:
         for k, v in vae_sd.items():
             key = "first_stage_model." + k
             if key not in out:
                 raise AssertionError(f"sample VAE key {k} is not in the {arch} layout")
-            out[key] = v.to(torch.float16).contiguous()
+            out[key] = v.to(dtype_out).contiguous()
     return dict(sorted(out.items()))
 
 
@@ -257,7 +267,8 @@ def write_sample_library(models_dir: PathLike, progress: Optional[Callable[[str,
     for name, arch, seed, drift in (("sd15", "SD1", 1, None), ("sd15-finetune", "SD1", 1, (11, 0.3)),
                                     ("sdxl", "SDXL", 2, None)):
         if not paths[name].exists():
-            sd = _checkpoint(arch, seed, vae_sd if arch == "SD1" else None, drift)
+            sd = _checkpoint(arch, seed, vae_sd if arch == "SD1" else None, drift,
+                             training_output=name == "sd15-finetune")
             files.save_safetensors(paths[name], sd, SAMPLE_META)
         tick(name)
     if not paths["lora"].exists():

@@ -207,6 +207,7 @@ class _Picker:
     extra: Tuple[str, ...]  # entries before the models ("", "None")
     multiselect: bool
     keep_empty: bool       # an empty value stays empty (an optional picker) instead of taking the first entry
+    default_index: int = 0  # the entry an empty / vanished value falls back to (Model B: the second one)
 
 
 @dataclass
@@ -235,8 +236,11 @@ class PickerSet:
                 out.append(_update(choices=choices, value=[c for c in (cur or []) if c in choices]))
             elif p.keep_empty and not cur:
                 out.append(_update(choices=choices, value=cur))
+            elif cur in choices:
+                out.append(_update(choices=choices, value=cur))
             else:
-                out.append(_update(choices=choices, value=keep_value(choices, cur)))
+                out.append(_update(choices=choices,
+                                   value=choices[min(p.default_index, len(choices) - 1)] if choices else None))
         return out
 
     def wire(self, host: Host, blocks: Any = None) -> None:
@@ -266,11 +270,12 @@ _BUILDING: List[PickerSet] = []
 
 
 def register_picker(component: Any, kinds: Sequence[str], tagged: bool = False, extra: Sequence[str] = (),
-                    multiselect: bool = False, keep_empty: bool = False) -> Any:
+                    multiselect: bool = False, keep_empty: bool = False, default_index: int = 0) -> Any:
     """Declare a model dropdown (entries of ``kinds``: ``[kind] name`` when ``tagged``, else display names, after
     ``extra``) so that writes and page loads refresh it. Returns the component."""
     if _BUILDING:
-        _BUILDING[-1].pickers.append(_Picker(component, tuple(kinds), tagged, tuple(extra), multiselect, keep_empty))
+        _BUILDING[-1].pickers.append(_Picker(component, tuple(kinds), tagged, tuple(extra), multiselect, keep_empty,
+                                             default_index))
     return component
 
 

@@ -366,7 +366,7 @@ def build(host: Host) -> None:
                                   ("checkpoint",))
         model_b = register_picker(gr.Dropdown(label="Model B", choices=ckpts,
                                               value=ckpts[1] if len(ckpts) > 1 else None,
-                                              elem_id="sdtoolkit_merge_b"), ("checkpoint",))
+                                              elem_id="sdtoolkit_merge_b"), ("checkpoint",), default_index=1)
         model_c = register_picker(gr.Dropdown(label="Model C", choices=[""] + ckpts, value="",
                                               visible=first.takes_c, elem_id="sdtoolkit_merge_c"),
                                   ("checkpoint",), extra=("",), keep_empty=True)
