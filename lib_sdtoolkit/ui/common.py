@@ -218,12 +218,23 @@ class PickerSet:
 
     pickers: List[_Picker] = field(default_factory=list)
     writers: List[Any] = field(default_factory=list)
+    #: inputs whose default is a sample library file (image, latent): filled when empty and the file exists
+    samples: List[Tuple[Any, str]] = field(default_factory=list)
 
     def components(self) -> List[Any]:
-        return [p.component for p in self.pickers]
+        return [p.component for p in self.pickers] + [c for c, _ in self.samples]
 
     def refresh(self, host: Host, *current: Any) -> List[Any]:
+        """Updates for every picker (then every sample input) given their current values, in that order."""
         host.refresh(None)
+        n = len(self.pickers)
+        out = self._refresh_pickers(host, *current[:n])
+        for (_, name), cur in zip(self.samples, current[n:]):
+            path = sample_file(host, name) if cur is None else None
+            out.append(_update(value=path) if path else _update())
+        return out
+
+    def _refresh_pickers(self, host: Host, *current: Any) -> List[Any]:
         cache: Dict[Tuple[Tuple[str, ...], bool], List[str]] = {}
         out = []
         for p, cur in zip(self.pickers, current):
@@ -285,6 +296,14 @@ def writes(event: Any) -> Any:
     if _BUILDING:
         _BUILDING[-1].writers.append(event)
     return event
+
+
+def register_sample(component: Any, name: str) -> Any:
+    """Declare an input whose default is the sample library's ``name`` file (see :func:`sample_file`): when the
+    library appears after the UI was built (the Create button), a write or page load fills the empty input."""
+    if _BUILDING:
+        _BUILDING[-1].samples.append((component, name))
+    return component
 
 
 class building_pickers:

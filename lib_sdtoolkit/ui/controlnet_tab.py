@@ -48,8 +48,8 @@ def build(host: Any) -> None:
                     "The preprocessor preview below still works.", elem_classes=["sdtoolkit-warning"])
     with gr.Row():
         with gr.Column():
-            from .common import sample_file
-            image = gr.Image(label="Input image", type="numpy", value=sample_file(host, "image"), elem_id="sdtoolkit_cn_image")
+            from .common import register_sample, sample_file
+            image = register_sample(gr.Image(label="Input image", type="numpy", value=sample_file(host, "image"), elem_id="sdtoolkit_cn_image"), "image")
             module = gr.Dropdown(P.module_list(), value="canny", label="Preprocessor", elem_id="sdtoolkit_cn_module")
             res = gr.Slider(64, 2048, value=512, step=8, label="Resolution (-1 = default)")
             with gr.Row():

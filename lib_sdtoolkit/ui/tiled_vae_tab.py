@@ -18,7 +18,8 @@ import gradio as gr
 
 from ..errors import InvalidInputError, SdToolkitError
 from ..host import Host
-from .common import error_html, gradio_progress, model_choices, register_picker, sample_file, stop_button
+from .common import (error_html, gradio_progress, model_choices, register_picker, register_sample, sample_file,
+                     stop_button)
 
 log = logging.getLogger(__name__)
 
@@ -146,6 +147,7 @@ def build(host: Host) -> None:
             latent = gr.File(label="Latent (.safetensors, tensor 'latent'; the sample library's, or the last "
                                    "encoded one)", file_types=[".safetensors"], value=sample_file(host, "latent"),
                              elem_id="sdtoolkit_tiled_vae_latent")
+            register_sample(latent, "latent")
             compare = gr.Checkbox(True, label="Also run a full decode beside it (when it fits in memory)",
                                   elem_id="sdtoolkit_tiled_vae_compare")
             dec_btn = gr.Button("Decode", variant="primary", elem_id="sdtoolkit_tiled_vae_decode")
@@ -156,6 +158,7 @@ def build(host: Host) -> None:
         with gr.Tab("Encode"):
             image = gr.Image(label="Image (sides multiple of 8)", type="pil", value=sample_file(host, "image"),
                              elem_id="sdtoolkit_tiled_vae_image")
+            register_sample(image, "image")
             enc_btn = gr.Button("Encode", variant="primary", elem_id="sdtoolkit_tiled_vae_encode")
             enc_file = gr.File(label="Latent file", elem_id="sdtoolkit_tiled_vae_latent_out")
             enc_report = gr.HTML(elem_id="sdtoolkit_tiled_vae_encode_report")
