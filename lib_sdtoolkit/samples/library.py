@@ -175,11 +175,13 @@ def encode_latent(vae: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
 
 # ------------------------------------------------------------------------------------------------ checkpoints
 def _checkpoint(arch: str, seed: int, vae_sd: Optional[Dict[str, torch.Tensor]] = None,
-                drift: Optional[Tuple[int, float]] = None, training_output: bool = False) -> Dict[str, torch.Tensor]:
+                drift: Optional[Tuple[int, float]] = None, training_output: bool = False,
+                base: Optional[Dict[str, torch.Tensor]] = None) -> Dict[str, torch.Tensor]:
     """A tiny ``arch`` checkpoint with the factory's values (``factory.write_checkpoint(..., seed, fp16)`` gives the
     same tensors); ``vae_sd`` replaces its ``first_stage_model.*``; ``drift=(seed, scale)`` adds a deterministic
     drift to the UNet and text-encoder weights (a fine-tune of the same model). ``training_output``: fp32 with the
-    UNet's EMA copy (``model_ema.*``), as a trainer saves it (what Prune is for)."""
+    UNet's EMA copy (``model_ema.*``), as a trainer saves it (what Prune is for). ``base``: the same checkpoint
+    already built (its tensors are the starting point instead of generating them again)."""
     from ..arch.keymaps import UNET_PREFIX, ema_key_of
     from . import factory
     from .tiny_layouts import tiny_layout
@@ -189,7 +191,8 @@ def _checkpoint(arch: str, seed: int, vae_sd: Optional[Dict[str, torch.Tensor]] 
     dtype_out = torch.float32 if training_output else torch.float16
     for key, shape, dtype in tiny_layout(arch):  # module order: the drift's draws follow it
         natural = getattr(torch, dtype)
-        t = factory.make_tensor(key, shape, seed, dtype_out, natural)
+        t = base[key].to(dtype_out) if base is not None and key in base else \
+            factory.make_tensor(key, shape, seed, dtype_out, natural)
         if gen is not None and t.is_floating_point() and not key.startswith("first_stage_model."):
             t = (t.float() + torch.randn(shape, generator=gen) * (0.02 * drift[1])).to(dtype_out)
         out[key] = t
@@ -264,11 +267,15 @@ def write_sample_library(models_dir: PathLike, progress: Optional[Callable[[str,
         files.save_safetensors(paths["latent"], {"latent": lat.float().contiguous()},
                                {"sdtoolkit.latent_scaled": "true", "sdtoolkit.scaling_factor": repr(SD_SCALE)})
     tick("latent")
+    sd15: Optional[Dict[str, torch.Tensor]] = None
     for name, arch, seed, drift in (("sd15", "SD1", 1, None), ("sd15-finetune", "SD1", 1, (11, 0.3)),
                                     ("sdxl", "SDXL", 2, None)):
         if not paths[name].exists():
+            # the fine-tune starts from the released fp16 weights (generated once)
             sd = _checkpoint(arch, seed, vae_sd if arch == "SD1" else None, drift,
-                             training_output=name == "sd15-finetune")
+                             training_output=name == "sd15-finetune", base=sd15 if name == "sd15-finetune" else None)
+            if name == "sd15":
+                sd15 = sd
             files.save_safetensors(paths[name], sd, SAMPLE_META)
         tick(name)
     if not paths["lora"].exists():
