@@ -140,6 +140,16 @@ def build(host: Host) -> None:
         return msg, res, gr.update(choices=new, value=keep_value(new, vals["choice"]))
 
     refresh_btn.click(do_refresh, inputs=[model], outputs=[model])
+    preview_inputs = [model, path, only, keep_ema, keep_junk, dtype]
     inspect_btn.click(lambda c, p, o, ke, kj, d: preview(host, c, p, o, ke, kj, d),
-                      inputs=[model, path, only, keep_ema, keep_junk, dtype], outputs=[summary, plan])
+                      inputs=preview_inputs, outputs=[summary, plan])
+
+    def follow(shown, c, p, o, ke, kj, d):
+        """A preview on screen follows the options (the output name it announces is never stale)."""
+        if not shown:
+            return gr.update(), gr.update()
+        return preview(host, c, p, o, ke, kj, d)
+
+    for comp in (only, dtype, keep_ema, keep_junk):
+        comp.change(follow, inputs=[summary] + preview_inputs, outputs=[summary, plan])
     writes(prune_btn.click(do_prune, inputs=prune_inputs, outputs=[status, result_json, model]))
