@@ -154,7 +154,7 @@ def chart_html(values: Dict[str, float]) -> str:
     unet = [(n, values[n]) for n in names if n != "BASE"]
     lo = min([0.0] + list(values.values()))
     hi = max([1.0] + list(values.values()))
-    W, H, L, R, T, B = 720, 230, 44, 10, 12, 58
+    W, H, L, R, T, B = 720, 230, 44, 36, 12, 58
     gap = 46 if base is not None else 0
     step = (W - L - R - gap) / max(1, len(unet) - 1)
 
