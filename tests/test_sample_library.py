@@ -93,21 +93,21 @@ def test_sample_sd1_checkpoint_has_the_factory_values(lib):
 
 
 def test_constructed_vae_decodes_the_sample_latent_to_the_sample_image(lib, host):
-    """Through the vae-decode job, tiled (64 px tiles, so GroupNorm statistics are gathered over several tiles):
+    """Through the vae-decode job, tiled (128 px tiles, so GroupNorm statistics are gathered over several tiles):
     the decode is recognisably the sample image, checked against the PNG with numpy (PSNR and correlation)."""
     from PIL import Image
 
     root, paths = lib
     want = np.asarray(Image.open(paths["image"]).convert("RGB"))
     lat = base64.b64encode(paths["latent"].read_bytes()).decode()  # sent as data, as the tab and API do
-    rep = run("vae-decode", host, {"vae": "vae-tiny", "latent_safetensors_b64": lat, "tile_size": 64,
-                                   "device": "cpu", "compare": True})
+    rep = run("vae-decode", host, {"vae": "vae-tiny", "latent_safetensors_b64": lat, "tile_size": 128,
+                                   "device": "cpu"})
     got = np.asarray(rep.image.convert("RGB"))
     assert got.shape == want.shape
     psnr, corr = _psnr_corr(got, want)
     assert psnr > 20 and corr > 0.9, (psnr, corr)
     # the SDXL sample's VAE is the factory's random one, same layout: nothing like it (the check can fail)
-    rnd = run("vae-decode", host, {"vae": "sdxl-tiny", "latent_safetensors_b64": lat, "device": "cpu",
+    rnd = run("vae-decode", host, {"vae": "sdxl-tiny", "latent_safetensors_b64": lat, "device": "cpu", "full": True,
                                    "scaling_factor": 0.18215})
     _, rnd_corr = _psnr_corr(np.asarray(rnd.image.convert("RGB")), want)
     assert abs(rnd_corr) < 0.5, rnd_corr
@@ -325,8 +325,12 @@ def test_every_picker_is_refreshed_after_a_writing_event_and_on_load(lib, tmp_pa
     refreshing = [d for d in deps if set(d["outputs"]) == out_ids]
     assert len(refreshing) == len(pickers.writers) + 1         # one per writer, one on load
     shutil.copy(root / library.NAMES["sd15"], root / "Stable-diffusion" / "written-later.safetensors")
-    current = [None] * len(pickers.pickers)
+    current = [None] * len(pickers.components())
     ups = pickers.refresh(host, *current)
+    assert len(ups) == len(current)
+    assert [u.get("value") for u in ups[len(pickers.pickers):]] == [str(root / library.NAMES["latent"]),
+                                                                     str(root / library.NAMES["image"]),
+                                                                     str(root / library.NAMES["image"])]
     a = next(u for p, u in zip(pickers.pickers, ups) if p.component.elem_id == "sdtoolkit_merge_a")
     b = next(u for p, u in zip(pickers.pickers, ups) if p.component.elem_id == "sdtoolkit_merge_b")
     assert "written-later.safetensors" in a["choices"]

@@ -225,8 +225,9 @@ class PickerSet:
         return [p.component for p in self.pickers] + [c for c, _ in self.samples]
 
     def refresh(self, host: Host, *current: Any) -> List[Any]:
-        """Updates for every picker (then every sample input) given their current values, in that order."""
-        host.refresh(None)
+        """Updates for every picker (then every sample input) given their current values, in that order. The lists
+        are read from the folders (``host.list_models`` walks them each time); the host's own lists (the WebUI's)
+        are not re-scanned here: a job that writes refreshes them itself, and a page load must not."""
         n = len(self.pickers)
         out = self._refresh_pickers(host, *current[:n])
         for (_, name), cur in zip(self.samples, current[n:]):
