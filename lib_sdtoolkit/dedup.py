@@ -460,8 +460,23 @@ def _gain(files: List[ScannedFile]) -> int:
     return total
 
 
-def find_duplicates(files: Sequence[ScannedFile]) -> List[DupGroup]:
-    """Group files by content hash (or by sha256 when no content hash could be made), largest gain first."""
+def _keep_key(prefer: Sequence[str]) -> Callable[[str], Tuple[Any, ...]]:
+    """The keeper order: a file the user chose to keep first (matched by absolute or real path), then
+    :func:`keeper_sort_key`."""
+    chosen = {os.path.abspath(p) for p in prefer} | {os.path.realpath(p) for p in prefer}
+
+    def key(path: str) -> Tuple[Any, ...]:
+        mine = os.path.abspath(path) in chosen or (os.path.realpath(path) in chosen and not os.path.islink(path))
+        return (0 if mine else 1,) + keeper_sort_key(path)
+
+    return key
+
+
+def find_duplicates(files: Sequence[ScannedFile], keep: Sequence[str] = ()) -> List[DupGroup]:
+    """Group files by content hash (or by sha256 when no content hash could be made), largest gain first. In each
+    group the copy kept is one of ``keep`` when the group holds one (two in one group: an error), else the first by
+    :func:`keeper_sort_key`."""
+    order = _keep_key(keep)
     by_key: Dict[Tuple[str, str], List[ScannedFile]] = {}
     for f in files:
         if f.content:
@@ -472,15 +487,19 @@ def find_duplicates(files: Sequence[ScannedFile]) -> List[DupGroup]:
     for (what, key), members in by_key.items():
         if len(members) < 2:
             continue
-        members = sorted(members, key=lambda f: keeper_sort_key(f.path))
+        members = sorted(members, key=lambda f: order(f.path))
+        if keep and len([f for f in members if order(f.path)[0] == 0]) > 1:
+            both = [f.path for f in members if order(f.path)[0] == 0]
+            raise InvalidInputError(f"keep names {len(both)} copies of the same weights ({', '.join(both)}); "
+                                    f"choose one per group")
         shas: Dict[str, List[str]] = {}
         for f in members:
             shas.setdefault(f.sha256 or f.path, []).append(f.path)
-        byte_sets = sorted(shas.values(), key=lambda ps: (members[0].path not in ps, keeper_sort_key(ps[0])))
+        byte_sets = sorted(shas.values(), key=lambda ps: (members[0].path not in ps, order(ps[0])))
         exacts: Dict[str, List[str]] = {}
         for f in members:
             exacts.setdefault(f.exact or f.sha256 or f.path, []).append(f.path)
-        exact_sets = sorted(exacts.values(), key=lambda ps: (members[0].path not in ps, keeper_sort_key(ps[0])))
+        exact_sets = sorted(exacts.values(), key=lambda ps: (members[0].path not in ps, order(ps[0])))
         match = "bytes" if len(shas) == 1 else ("content" if len(exacts) == 1 else "near")
         kinds = {f.kind for f in members}
         groups.append(DupGroup(match, key, members, byte_sets, _gain(members),
@@ -753,8 +772,9 @@ class DedupResult:
 
 def dedup(paths: Sequence[PathLike], kind: str = "any", action: str = "report", to: Optional[PathLike] = None,
           cache: Optional[HashCache] = None, progress: Optional[ProgressFn] = None,
-          allowed: Optional[Callable[[str], Optional[str]]] = None) -> DedupResult:
-    """Scan, group and (only when ``action`` says so) act. The ``to`` folder is never scanned."""
+          allowed: Optional[Callable[[str], Optional[str]]] = None, keep: Sequence[str] = ()) -> DedupResult:
+    """Scan, group and (only when ``action`` says so) act. The ``to`` folder is never scanned. ``keep``: the copies
+    to keep (one per group at most; other groups keep the first by :func:`keeper_sort_key`)."""
     if action not in ACTIONS:
         raise InvalidInputError(f"unknown action '{action}' (expected one of {', '.join(ACTIONS)})")
     if action == "move" and to is None:
@@ -764,7 +784,7 @@ def dedup(paths: Sequence[PathLike], kind: str = "any", action: str = "report", 
     if to is not None and not Path(to).is_dir():
         raise InvalidInputError("the --to folder does not exist", to)
     rep = scan(paths, kind, cache, progress, exclude=[to] if to is not None else [])
-    groups = find_duplicates(rep.files)
+    groups = find_duplicates(rep.files, keep)
     links = symlinks_under(paths) if action == "move" else None
     acts = apply_action(groups, action, to, links, allowed)
     return DedupResult(rep, groups, acts, action)

@@ -1,8 +1,9 @@
 """The standalone app in a real browser: Debian's Chromium (headless) driven by Playwright.
 
-Starts `create_app` on an empty models folder on a free 127.0.0.1 port, creates the sample library with the
-button the app offers, picks each sample checkpoint in the Inspect tab and reads its architecture. Nothing is
-downloaded: Playwright drives /usr/bin/chromium (`.ci/run` installs it with apt when missing).
+Starts `create_app` once on an empty models folder on a free 127.0.0.1 port, creates the sample library with the
+button the app offers, picks each sample checkpoint in the Inspect tab and reads its architecture; then, on a fresh
+page load and with clicks on defaults only, every tab does its job on the sample library (issue 15's "done when").
+Nothing is downloaded: Playwright drives /usr/bin/chromium (`.ci/run` installs it with apt when missing).
 """
 from __future__ import annotations
 
@@ -30,6 +31,8 @@ pytestmark = pytest.mark.skipif(not os.path.exists(CHROMIUM),
 
 #: uncaught exceptions thrown by scripts in the page (``page.on("pageerror")``), for the whole module
 PAGE_ERRORS: list = []
+#: the app's models folder (set by the app_url fixture)
+APP: dict = {}
 
 
 def _free_port() -> int:
@@ -47,6 +50,7 @@ def app_url(tmp_path_factory):
 
     host = StandaloneHost(models_dir=tmp_path_factory.mktemp("browser") / "models", create=True)
     assert host.is_empty()
+    APP["root"] = host.models_root
     port = _free_port()
     server = uvicorn.Server(uvicorn.Config(create_app(host), host="127.0.0.1", port=port, log_level="warning"))
     thread = threading.Thread(target=server.run, daemon=True)
@@ -175,5 +179,116 @@ def test_sub_tab_actions_keep_table_headers_and_throw_no_page_errors(page):
     _inspect(page, ".sdtoolkit-error")
     assert _headers(page, "sdtoolkit_inspect_components") == INSPECT_HEADERS
     assert "0" not in _body_cells(page, "sdtoolkit_inspect_components")
+    page.wait_for_timeout(300)
+    assert PAGE_ERRORS == []
+
+
+# --------------------------------------------------------------------------------------------- issue 15: done when
+def _choose_first(page, elem_id: str) -> str:
+    """Open a dropdown and click its first entry (a click on what the app offers)."""
+    page.click(f"#{elem_id} input")
+    first = page.locator("ul.options li").first
+    text = first.inner_text().strip()
+    first.click()
+    page.keyboard.press("Escape")
+    return text
+
+
+def _options(page, elem_id: str) -> list:
+    page.click(f"#{elem_id} input")
+    page.locator("ul.options li").first.wait_for()
+    opts = [t.strip() for t in page.locator("ul.options li").all_inner_texts()]
+    page.keyboard.press("Escape")
+    return opts
+
+
+def _image_of(page, selector: str):
+    """The PIL image an <img> in the page shows (a data URL or a file URL of the app)."""
+    import base64
+    import io
+
+    from PIL import Image
+
+    img = page.locator(f"{selector} img").first
+    img.wait_for()
+    src = img.get_attribute("src")
+    if src.startswith("data:"):
+        raw = base64.b64decode(src.split(",", 1)[1])
+    else:
+        raw = page.request.get(src if "://" in src else page.url.rstrip("/") + "/" + src.lstrip("/")).body()
+    return Image.open(io.BytesIO(raw)).convert("RGB")
+
+
+def test_every_tab_works_on_the_sample_library_with_clicks_on_defaults(page, app_url):
+    """A fresh page (the pickers fill on load), then only clicks on what the app offers: a merge whose result is in
+    Model A's list without Refresh, prune, hash + dedup, LoRA inspect, Tiled VAE encode -> decode giving back a
+    recognisable image (PSNR and correlation against the sample PNG, computed here with numpy), ControlNet detect."""
+    import numpy as np
+    from PIL import Image
+
+    from lib_sdtoolkit.samples.library import NAMES
+
+    root = APP["root"]
+    assert (root / NAMES["image"]).is_file(), "the inspect flow test creates the sample library first"
+    page.goto(app_url)
+    page.wait_for_function(
+        "() => { const i = document.querySelector('#sdtoolkit_merge_a input'); return i && i.value; }")
+
+    # merge: defaults (the first two checkpoints, same family)
+    _open_tab(page, "Merge")
+    assert page.input_value("#sdtoolkit_merge_a input") != page.input_value("#sdtoolkit_merge_b input")
+    assert not page.locator("#sdtoolkit_merge_c").is_visible()          # weighted_sum takes no C
+    assert "A*(1-M) + B*M" in page.inner_text("#sdtoolkit_merge_formula")
+    page.click("#sdtoolkit_merge_run")
+    page.wait_for_selector("#sdtoolkit_merge_status .sdtoolkit-ok")
+    merged = page.inner_text("#sdtoolkit_merge_status b").strip()
+    assert merged.endswith(".safetensors") and (root / "Stable-diffusion" / merged).is_file()
+    page.wait_for_timeout(500)                                        # the refresh follows the merge event
+    assert merged in _options(page, "sdtoolkit_merge_a")               # no Refresh click
+
+    # prune: the default picker is the trainer's fp32 + EMA fine-tune
+    _open_tab(page, "Prune & inspect")
+    assert merged in " ".join(_options(page, "sdtoolkit_prune_model"))
+    page.click("#sdtoolkit_prune_run")
+    page.wait_for_selector("#sdtoolkit_prune_status .sdtoolkit-ok")
+    assert "Wrote" in page.inner_text("#sdtoolkit_prune_status")
+
+    # hashes of the first model offered, then dedup (kind vae: the VAE and its byte copy)
+    _open_tab(page, "Hashes & dedup")
+    _choose_first(page, "sdtoolkit_hashes_files")
+    page.click("#sdtoolkit_hashes_run")
+    page.wait_for_selector("#sdtoolkit_hashes_status .sdtoolkit-ok")
+    assert len(_body_cells(page, "sdtoolkit_hashes_table")) >= 8
+    page.click("#sdtoolkit_dedup_scan")
+    page.wait_for_selector("#sdtoolkit_dedup_status .sdtoolkit-ok")
+    cells = " ".join(_body_cells(page, "sdtoolkit_dedup_table"))
+    assert "vae-tiny-copy.safetensors" in cells and "1 duplicate groups" in page.inner_text("#sdtoolkit_dedup_status")
+    assert "vae-tiny.safetensors" in page.inner_text("#sdtoolkit_dedup_keep")   # the kept copy, changeable
+
+    # LoRA inspect: the picker was filled on load
+    _open_tab(page, "LoRA tools")
+    page.click("#sdtoolkit_lora_inspect_btn")
+    page.wait_for_selector("#sdtoolkit_lora_inspect_tab pre.sdtoolkit-mono")
+    assert "error" not in page.inner_text("#sdtoolkit_lora_inspect_tab").lower()
+
+    # Tiled VAE: encode the sample image, then decode the latent it gave
+    _open_tab(page, "Tiled VAE")
+    page.locator("#sdtoolkit_tab_tiled_vae div.tab-nav button", has_text="Encode").first.click()
+    page.click("#sdtoolkit_tiled_vae_encode")
+    page.wait_for_selector("#sdtoolkit_tiled_vae_encode_report:has-text('latent')")
+    page.locator("#sdtoolkit_tab_tiled_vae div.tab-nav button", has_text="Decode").first.click()
+    page.click("#sdtoolkit_tiled_vae_decode")
+    got = np.asarray(_image_of(page, "#sdtoolkit_tiled_vae_out_tiled"), dtype=np.float64)
+    want = np.asarray(Image.open(root / NAMES["image"]).convert("RGB"), dtype=np.float64)
+    assert got.shape == want.shape
+    psnr = 10 * np.log10(255.0 ** 2 / ((got - want) ** 2).mean())
+    corr = np.corrcoef(got.ravel(), want.ravel())[0, 1]
+    assert psnr > 20 and corr > 0.9, (psnr, corr)
+
+    # ControlNet: the default preprocessor on the sample image
+    _open_tab(page, "ControlNet")
+    page.click("#sdtoolkit_cn_run")
+    edges = np.asarray(_image_of(page, "#sdtoolkit_cn_map").convert("L"))
+    assert edges.max() > 0 and edges.min() == 0                       # a canny map of the drawn edges
     page.wait_for_timeout(300)
     assert PAGE_ERRORS == []

@@ -259,7 +259,8 @@ def test_serve_sample_creates_the_library(tmp_path):
     h = StandaloneHost(models_dir=tmp_path / "m", create=True)
     assert serve_cli.ensure_models(h, sample=True, stdout=io.StringIO()) is True
     archs = {p.name: inspect_file(p)["architecture"] for p in h.list_models("checkpoint")}
-    assert archs == {"sd15-tiny.safetensors": "SD1", "sdxl-tiny.safetensors": "SDXL"}
+    assert archs == {"sd15-tiny.safetensors": "SD1", "sd15-tiny-finetune.safetensors": "SD1",
+                     "sdxl-tiny.safetensors": "SDXL"}
     assert serve_cli.ensure_models(h, sample=True, stdout=io.StringIO()) is False  # not empty any more
 
 

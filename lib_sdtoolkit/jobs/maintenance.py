@@ -342,6 +342,8 @@ class DedupRequest(Request):
     to: Optional[str] = param(None, help="where action move puts duplicates (API/UI: a folder under the model "
                                          "folders, created if missing)", metavar="DIR")
     confirm: bool = param(False, help="must be true for hardlink and move (they change files)", cli=False)
+    keep: Optional[List[str]] = param(None, help="the copies to keep, at most one per duplicate group (default: "
+                                                 ".safetensors first, then the shortest name)", metavar="FILE")
     cache: Optional[str] = param(None, help="hash cache file (default: $SDTOOLKIT_CACHE_DIR/hashes-v2.sqlite or "
                                             "~/.cache/sd-toolkit/hashes-v2.sqlite)", metavar="PATH", api=False)
     no_cache: bool = param(False, help="neither read nor write the hash cache", api=False)
@@ -410,10 +412,12 @@ def run_dedup(host: Any, req: DedupRequest, progress: Progress) -> DedupReport:
 
     from ..dedup import dedup
 
+    # the copies to keep go through the gate like every client path
+    keep = [str(host.resolve_input(k, None)) for k in (req.keep or [])]
     cache = _open_cache(host, req)
     try:
         res = dedup(folders, req.kind, req.action, to, cache, tick,
-                    allowed=allowed if req.action != "report" else None)
+                    allowed=allowed if req.action != "report" else None, keep=keep)
     finally:
         if cache is not None:
             cache.close()

@@ -65,45 +65,48 @@ def ensure_models(host: StandaloneHost, sample: bool, stdin: Optional[TextIO] = 
         answer = stdin.readline().strip().lower()
         if answer not in ("", "y", "yes"):
             return False
-    from ..samples import factory  # heavy; only when needed
+    from ..samples import library  # heavy; only when needed
 
     print(f"Writing the sample library to {host.models_root} ...", file=stdout)
-    factory.write_sample_library(host.models_root)
+    library.write_sample_library(host.models_root)
     host.refresh(None)
     return True
 
 
-def _bindable(host: str, port: int) -> bool:
-    """Whether ``host:port`` can be bound now (as uvicorn binds it: SO_REUSEADDR, the address family of host)."""
+def port_problem(host: str, port: int) -> Optional[str]:
+    """Why ``host:port`` cannot be bound (with a free port to try instead), or None when it can. Checked before
+    the app starts, so a busy port gives this message instead of uvicorn's traceback after the URL was printed."""
+    import errno
     import socket
 
-    try:
-        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
-    except socket.gaierror:
-        return True  # not ours to judge: uvicorn reports a bad host name itself
-    family, _, _, _, addr = infos[0]
-    with socket.socket(family, socket.SOCK_STREAM) as s:
-        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            s.bind(addr)
-        except OSError:
-            return False
-    return True
+    def try_bind(p: int) -> Optional[OSError]:
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        with socket.socket(family, socket.SOCK_STREAM) as s:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn binds: TIME_WAIT is no conflict
+            try:
+                s.bind((host, p))
+            except OSError as e:
+                return e
+        return None
 
-
-def check_port(host: str, port: int) -> None:
-    """A clear error naming a free port when ``port`` is taken (instead of uvicorn's "address already in use"
-    after the URL was printed)."""
-    if _bindable(host, port):
-        return
-    free = next((p for p in range(port + 1, min(port + 100, 65536)) if _bindable(host, p)), None)
-    hint = f"; --port {free} is free" if free is not None else ""
-    raise InvalidInputError(f"port {port} on {host} is already in use (another SD Toolkit or a WebUI?){hint}")
+    err = try_bind(port)
+    if err is None:
+        return None
+    if err.errno not in (errno.EADDRINUSE, errno.EACCES):
+        return f"cannot listen on {host}:{port}: {err.strerror or err}"
+    why = "is already in use (another SD Toolkit or WebUI?)" if err.errno == errno.EADDRINUSE else \
+        "needs more rights than this user has"
+    free = next((p for p in range(port + 1, min(port + 50, 65536)) if try_bind(p) is None), None)
+    hint = f"; try --port {free} (it is free)" if free else "; pick another one with --port"
+    return f"port {port} on {host} {why}{hint}"
 
 
 def serve(args: argparse.Namespace) -> int:
     host = make_host(args)
-    check_port(args.host, int(args.port))
+    problem = port_problem(args.host, int(args.port))
+    if problem:
+        print(f"error: {problem}", file=sys.stderr)
+        return 2
     from ..outputs import sweep_host_temps
 
     for removed in sweep_host_temps(host):

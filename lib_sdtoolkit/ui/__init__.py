@@ -31,15 +31,47 @@ def discover_tabs(strict: bool = False) -> List[ModuleType]:
     return import_present([f"{__name__}.{name}_tab" for name in TAB_ORDER], "tab", strict)
 
 
-def build_tabs(host: Host, strict: bool = False) -> List[str]:
+def build_tabs(host: Host, strict: bool = False, blocks: Optional[gr.Blocks] = None) -> List[str]:
     """Build every available tab inside the current Blocks context. Returns the titles built.
 
-    A tab whose ``build`` raises shows the error instead of taking the whole UI down (unless ``strict``)."""
+    A tab whose ``build`` raises shows the error instead of taking the whole UI down (unless ``strict``). The model
+    pickers the tabs declare (``common.register_picker``) are refreshed after every event that writes a model file
+    (``common.writes``) and, with ``blocks``, when the page loads."""
+    from .common import building_pickers
+
+    with building_pickers() as pickers:
+        titles = _build_each(host, strict)
+    pickers.wire(host, blocks)
+    return titles
+
+
+#: pickers of tabs that do not declare them themselves (elem_id -> kinds, keep an empty value empty)
+ADOPTED_PICKERS = {
+    "sdtoolkit_lora_inspect_file": (("lora",), False),
+    "sdtoolkit_lora_tuned": (("checkpoint",), True),
+    "sdtoolkit_lora_base": (("checkpoint",), True),
+    "sdtoolkit_lora_bake_ckpt": (("checkpoint",), True),
+}
+
+
+def _adopt_pickers(block: Any) -> None:
+    """Register the dropdowns of :data:`ADOPTED_PICKERS` found under ``block`` (display names, single choice)."""
+    from .common import register_picker
+
+    for child in getattr(block, "children", None) or []:
+        spec = ADOPTED_PICKERS.get(getattr(child, "elem_id", None) or "")
+        if spec is not None and isinstance(child, gr.Dropdown):
+            register_picker(child, spec[0], keep_empty=spec[1])
+        _adopt_pickers(child)
+
+
+def _build_each(host: Host, strict: bool) -> List[str]:
     titles = []
     for mod in discover_tabs(strict=strict):
-        with gr.Tab(mod.TITLE, elem_id=f"sdtoolkit_tab_{mod.ELEM_ID}"):
+        with gr.Tab(mod.TITLE, elem_id=f"sdtoolkit_tab_{mod.ELEM_ID}") as tab:
             try:
                 mod.build(host)
+                _adopt_pickers(tab)
             except Exception as exc:
                 if strict:
                     raise
@@ -61,7 +93,7 @@ def build_webui_blocks(host: Host) -> gr.Blocks:
     """The Blocks the WebUI renders as its "SD Toolkit" tab (the WebUI adds style.css itself)."""
     with gr.Blocks(analytics_enabled=False) as blocks:
         with gr.Tabs(elem_id="sdtoolkit_tabs"):
-            build_tabs(host)
+            build_tabs(host, blocks=blocks)
     return blocks
 
 
@@ -76,7 +108,7 @@ def build_app(host: Host, title: str = APP_TITLE) -> gr.Blocks:
     with gr.Blocks(title=title, css=read_css(), theme=local_theme(), analytics_enabled=False) as demo:
         gr.Markdown(f"# {title}", elem_classes=["sdtoolkit-header"])
         with gr.Tabs(elem_id="sdtoolkit_tabs"):
-            build_tabs(host)
+            build_tabs(host, blocks=demo)
     return demo
 
 

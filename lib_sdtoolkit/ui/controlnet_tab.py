@@ -93,7 +93,10 @@ def build(host: Any) -> None:
     res_kw, a_kw, b_kw = slider_kwargs(DEFAULT_MODULE)
     with gr.Row():
         with gr.Column():
-            image = gr.Image(label="Input image", type="numpy", elem_id="sdtoolkit_cn_image")
+            from .common import register_sample, sample_file
+
+            image = register_sample(gr.Image(label="Input image", type="numpy", value=sample_file(host, "image"),
+                                             elem_id="sdtoolkit_cn_image"), "image")
             module = gr.Dropdown(P.module_list(), value=DEFAULT_MODULE, label="Preprocessor",
                                  elem_id="sdtoolkit_cn_module")
             pixel_perfect = gr.Checkbox(label="Pixel Perfect", value=False, elem_id="sdtoolkit_cn_pixel_perfect")

@@ -10,7 +10,8 @@ import gradio as gr
 
 from ..errors import SdToolkitError
 from ..host import Host
-from .common import empty_table, error_html, gradio_progress, human_bytes, model_choices, parse_choice
+from .common import (empty_table, error_html, gradio_progress, human_bytes, model_choices, parse_choice,
+                     register_picker, stop_button, writes)
 
 log = logging.getLogger(__name__)
 
@@ -47,7 +48,7 @@ def run_hashes(host: Host, picked: List[str], progress: Any = None) -> Tuple[str
     from ..jobs import get
 
     try:
-        res = get("hash").run(host, hash_request(picked), gradio_progress(progress)).to_dict()
+        res = get("hash").run(host, hash_request(picked), gradio_progress(progress, stop_key="hashes")).to_dict()
     except SdToolkitError as exc:
         return error_html(exc), empty_table(HASH_HEADERS), None
     except Exception as exc:
@@ -83,23 +84,47 @@ def _summary(res: Dict[str, Any]) -> str:
 
 
 def dedup_request(kind: str, folders: str, action: str = "report", to: Optional[str] = None,
-                  confirm: bool = False):
-    """The dedup job's request from the tab's values (folders: a comma-separated text box)."""
+                  confirm: bool = False, keep: Optional[List[str]] = None):
+    """The dedup job's request from the tab's values (folders: a comma-separated text box; keep: the copies the
+    user chose to keep, one per group)."""
     from ..jobs.faces import ui_request
     from ..jobs.maintenance import DedupRequest
 
     names = [f.strip() for f in (folders or "").split(",") if f.strip()] or None
     return ui_request(DedupRequest, {"kind": kind, "folders": names, "action": action, "to": to or None,
-                                     "confirm": bool(confirm)})
+                                     "confirm": bool(confirm), "keep": list(keep or []) or None})
+
+
+def keep_choices(res: Optional[Dict[str, Any]]) -> Tuple[List[str], List[str]]:
+    """(every file of every duplicate group, the keepers) of a dedup result, for the "copies to keep" picker."""
+    if not res:
+        return [], []
+    files = [f for g in res.get("groups", []) for f in [g["keeper"]] + list(g["duplicates"])]
+    return files, [g["keeper"] for g in res.get("groups", [])]
+
+
+def one_per_group(picked: List[str], before: List[str], groups: List[List[str]]) -> List[str]:
+    """The "copies to keep" selection with at most one file per group: where a group now has two, the one just
+    added wins (a pick replaces its group's keeper)."""
+    picked = list(picked or [])
+    added = [p for p in picked if p not in (before or [])]
+    drop = set()
+    for g in groups or []:
+        mine = [p for p in picked if p in g]
+        if len(mine) > 1:
+            winner = next((p for p in mine if p in added), mine[-1])
+            drop.update(p for p in mine if p != winner)
+    return [p for p in picked if p not in drop]
 
 
 def run_dedup(host: Host, kind: str, folders: str, action: str = "report", to: Optional[str] = None,
-              confirm: bool = False, progress: Any = None) -> Tuple[str, List[List[Any]], Any]:
+              confirm: bool = False, progress: Any = None,
+              keep: Optional[List[str]] = None) -> Tuple[str, List[List[Any]], Any]:
     from ..jobs import get
 
     try:
-        req = dedup_request(kind, folders, action, to, confirm)
-        res = get("dedup").run(host, req, gradio_progress(progress)).to_dict()
+        req = dedup_request(kind, folders, action, to, confirm, keep)
+        res = get("dedup").run(host, req, gradio_progress(progress, stop_key="hashes")).to_dict()
     except SdToolkitError as exc:
         return error_html(exc), empty_table(_dedup_headers()), None
     except Exception as exc:
@@ -115,11 +140,13 @@ def build(host: Host) -> None:
     choices = model_choices(host, all_kinds)
     gr.Markdown("### File hashes")
     with gr.Row(elem_classes=["sdtoolkit-picker"]):
-        files = gr.Dropdown(label="Models", choices=choices, multiselect=True, elem_id="sdtoolkit_hashes_files",
-                            scale=5)
+        files = register_picker(gr.Dropdown(label="Models", choices=choices, multiselect=True,
+                                            value=choices[:1], elem_id="sdtoolkit_hashes_files", scale=5),
+                                all_kinds, tagged=True, multiselect=True)
         refresh_btn = gr.Button("Refresh", elem_id="sdtoolkit_hashes_refresh", elem_classes=["sdtoolkit-tool"],
                                 scale=1, min_width=90)
-    hash_btn = gr.Button("Compute hashes", variant="primary", elem_id="sdtoolkit_hashes_run")
+    with gr.Row():
+        hash_btn = gr.Button("Compute hashes", variant="primary", elem_id="sdtoolkit_hashes_run")
     hash_status = gr.HTML(elem_id="sdtoolkit_hashes_status")
     hash_table = gr.Dataframe(value=empty_table(HASH_HEADERS), headers=HASH_HEADERS, interactive=False,
                               elem_id="sdtoolkit_hashes_table",
@@ -133,9 +160,13 @@ def build(host: Host) -> None:
                              lines=1, elem_id="sdtoolkit_dedup_folders", scale=3)
     scan_btn = gr.Button("Scan for duplicates", variant="primary", elem_id="sdtoolkit_dedup_scan")
     dedup_status = gr.HTML(elem_id="sdtoolkit_dedup_status")
+    stop_button("hashes", dedup_status)
     dedup_table = gr.Dataframe(value=empty_table(TABLE_HEADERS), headers=TABLE_HEADERS, interactive=False,
                                elem_id="sdtoolkit_dedup_table",
                                label="Duplicate groups (keep = the copy that stays)")
+    keep = gr.Dropdown(label="Copies to keep, one per group (set from the scan: .safetensors first, then the "
+                             "shortest name; pick another copy of a group to keep it instead)", choices=[],
+                       multiselect=True, elem_id="sdtoolkit_dedup_keep")
     with gr.Row():
         link_btn = gr.Button("Replace byte duplicates with hard links...", elem_id="sdtoolkit_dedup_hardlink")
         to = gr.Textbox(label="Move duplicates to (folder under the model folders)", lines=1,
@@ -158,30 +189,48 @@ def build(host: Host) -> None:
     def do_hash(picked, progress=gr.Progress()):
         return run_hashes(host, picked, progress)
 
-    def do_scan(k, f, progress=gr.Progress()):
-        return run_dedup(host, k, f, progress=progress)
+    groups_state = gr.State([])
+    kept_state = gr.State([])
 
-    def ask(action: str, k: str, f: str, target: str):
+    def do_scan(k, f, kept, groups, progress=gr.Progress()):
+        # the choices of an earlier scan still listed in this one are kept; others (another kind) are not sent
+        kept = [p for p in (kept or []) if any(p in g for g in groups or [])]
+        msg, rows, res = run_dedup(host, k, f, progress=progress, keep=kept)
+        if res is None:
+            return msg, rows, res, gr.update(), groups, kept
+        everything, keepers = keep_choices(res)
+        new_groups = [[g["keeper"]] + list(g["duplicates"]) for g in res.get("groups", [])]
+        return msg, rows, res, gr.update(choices=everything, value=keepers), new_groups, keepers
+
+    def on_keep(picked, before, groups):
+        fixed = one_per_group(picked, before, groups)
+        return (gr.update() if fixed == list(picked or []) else gr.update(value=fixed)), fixed
+
+    def ask(action: str, k: str, f: str, target: str, kept: List[str]):
         what = ("replace every byte-identical duplicate with a hard link to the kept copy (same filesystem only; "
                 "files with the same weights but different bytes are left alone)" if action == "hardlink" else
                 f"move every duplicate into '{html.escape(target or '(no folder given)')}'")
+        keeping = (f" Kept: {html.escape(', '.join(kept))}." if kept else "")
         text = (f'<div class="sdtoolkit-warn">This will {what} for kind <b>{html.escape(k)}</b>'
-                f'{" in " + html.escape(f) if f else ""}. Nothing is deleted. Continue?</div>')
+                f'{" in " + html.escape(f) if f else ""}.{keeping} Nothing is deleted. Continue?</div>')
         return action, gr.update(visible=True), text
 
-    def do_confirm(action, k, f, target, progress=gr.Progress()):
+    def do_confirm(action, k, f, target, kept, progress=gr.Progress()):
         if action not in ("hardlink", "move"):
             return gr.update(visible=False), "", gr.update(), None, ""
-        msg, rows, res = run_dedup(host, k, f, action, target if action == "move" else None, True, progress)
+        msg, rows, res = run_dedup(host, k, f, action, target if action == "move" else None, True, progress,
+                                   keep=kept)
         return gr.update(visible=False), msg, rows, res, ""
 
     refresh_btn.click(do_refresh, inputs=[files], outputs=[files])
     hash_btn.click(do_hash, inputs=[files], outputs=[hash_status, hash_table, dedup_json])
-    scan_btn.click(do_scan, inputs=[kind, folders], outputs=[dedup_status, dedup_table, dedup_json])
-    link_btn.click(lambda k, f, t: ask("hardlink", k, f, t), inputs=[kind, folders, to],
+    scan_btn.click(do_scan, inputs=[kind, folders, keep, groups_state],
+                   outputs=[dedup_status, dedup_table, dedup_json, keep, groups_state, kept_state])
+    keep.change(on_keep, inputs=[keep, kept_state, groups_state], outputs=[keep, kept_state])
+    link_btn.click(lambda k, f, t, kp: ask("hardlink", k, f, t, kp), inputs=[kind, folders, to, keep],
                    outputs=[pending, confirm_box, confirm_text])
-    move_btn.click(lambda k, f, t: ask("move", k, f, t), inputs=[kind, folders, to],
+    move_btn.click(lambda k, f, t, kp: ask("move", k, f, t, kp), inputs=[kind, folders, to, keep],
                    outputs=[pending, confirm_box, confirm_text])
     cancel_btn.click(lambda: ("", gr.update(visible=False)), outputs=[pending, confirm_box])
-    confirm_btn.click(do_confirm, inputs=[pending, kind, folders, to],
-                      outputs=[confirm_box, dedup_status, dedup_table, dedup_json, pending])
+    writes(confirm_btn.click(do_confirm, inputs=[pending, kind, folders, to, keep],
+                             outputs=[confirm_box, dedup_status, dedup_table, dedup_json, pending]))

@@ -10,7 +10,7 @@ import gradio as gr
 from ..errors import InvalidInputError, SdToolkitError
 from ..host import MODEL_KINDS, Host
 from .common import (empty_table, error_html, gradio_progress, human_bytes, keep_value, model_choices, model_picker,
-                     parse_choice)
+                     parse_choice, writes)
 
 log = logging.getLogger(__name__)
 
@@ -88,8 +88,9 @@ def build(host: Host) -> None:
         gr.Markdown(
             "No models found in "
             + ", ".join(f"`{d}`" for d in host.all_model_dirs())
-            + ". Create a small generated sample library (tiny SD1.5 and SDXL checkpoints, a VAE and a "
-              "byte-identical copy of it, and a LoRA, all with the real key layouts) to try the toolkit at once.",
+            + ". Create a small generated sample library to try every tab at once: two tiny SD1.5 checkpoints of "
+              "one family and an SDXL one, a VAE built so that its decode is the encoded image (and a byte copy of "
+              "it), a LoRA, a ControlNet model, a sample image and its latent, all with the real key layouts.",
             elem_classes=["sdtoolkit-hint"])
         sample_btn = gr.Button("Create sample library", elem_id="sdtoolkit_inspect_sample")
     model, refresh_btn, path = model_picker(host, MODEL_KINDS, "inspect")
@@ -110,11 +111,12 @@ def build(host: Host) -> None:
         return (gr.update(choices=new, value=keep_value(new, current)),
                 gr.update(visible=not new and can_sample))
 
-    def do_sample(current: str):
+    def do_sample(current: str, progress=gr.Progress()):
         try:
-            from ..samples import factory  # heavy (torch, ldm); only when asked
+            from ..samples import library  # heavy (torch, ldm); only when asked
 
-            written = factory.write_sample_library(host.models_root)
+            p = gradio_progress(progress)
+            written = library.write_sample_library(host.models_root, lambda n, d, t: p("writing " + n, d, t))
             host.refresh(None)
             msg = f'<div class="sdtoolkit-ok">Sample library written to {html.escape(str(host.models_root))}'
             if written:
@@ -130,7 +132,7 @@ def build(host: Host) -> None:
                 gr.update(visible=not new and can_sample), msg)
 
     refresh_btn.click(do_refresh, inputs=[model], outputs=[model, empty_box])
-    sample_btn.click(do_sample, inputs=[model], outputs=[model, empty_box, status])
+    writes(sample_btn.click(do_sample, inputs=[model], outputs=[model, empty_box, status]))
     def do_inspect(c, p, progress=gr.Progress()):
         return run_inspect(host, c, p, progress)
 

@@ -16,7 +16,7 @@ import gradio as gr
 from ..errors import SdToolkitError
 from ..host import Host
 from ..merge import methods as merge_methods
-from .common import error_html, gradio_progress, keep_value, supported_kwargs
+from .common import error_html, gradio_progress, keep_value, register_picker, stop_button, writes
 
 #: what the Merge tab says on Forge, where the three loaded-model buttons are not offered
 FORGE_NO_LIVE_MERGE = ("**Merge into the loaded model** (and *Save current merge* / *Restore loaded model*) is not "
@@ -42,17 +42,76 @@ def vae_choices(host: Host) -> List[str]:
 
 
 def _family(host: Host, model: Optional[str]) -> str:
-    """SD1 / SD2 / SDXL of a checkpoint (header only), SD1 when unknown."""
+    """The architecture of a checkpoint (header only) when it has merge blocks (arch/blocks' MBW tables: SD1, SD2,
+    SDXL, the refiner, and whatever is added there), else SD1."""
     if not model:
         return "SD1"
     try:
         from ..arch import detect
+        from ..arch.blocks import MBW, convention
         from ..files import read_infos
 
         arch = detect(read_infos(host.resolve(model, "checkpoint"))[1]).architecture
-        return arch if arch in ("SD1", "SD2", "SDXL", "SDXL-refiner") else "SD1"
+        convention(MBW, arch)
+        return arch
     except Exception:
         return "SD1"
+
+
+def block_names(family: str) -> List[str]:
+    """The MBW block names of ``family``, BASE first (from :mod:`lib_sdtoolkit.arch.blocks`)."""
+    from ..arch.blocks import MBW, block_names as names
+
+    return names(family, MBW)
+
+
+def fmt_ratio(v: float) -> str:
+    """A ratio as the editor shows it: rounded to 3 decimals, no trailing zeros (0.199031876929 -> 0.199)."""
+    s = f"{round(float(v), 3):.3f}".rstrip("0").rstrip(".")
+    return "0" if s in ("-0", "") else s
+
+
+def preset_text(preset: str, family: str) -> str:
+    """The block box's text for a preset: BASE first, each value rounded to 3 decimals."""
+    from ..merge.presets import get_preset
+
+    base, vals = get_preset(preset, family)
+    return ",".join(fmt_ratio(v) for v in [base] + list(vals))
+
+
+def preset_texts(preset: str) -> List[str]:
+    """The block box's text of ``preset`` for every architecture with merge blocks."""
+    from ..arch.blocks import MBW, TABLES
+
+    out = []
+    for fam in TABLES[MBW]:
+        try:
+            out.append(preset_text(preset, fam))
+        except SdToolkitError:
+            continue
+    return out
+
+
+def cross_arch_note(preset: Optional[str], family: str) -> str:
+    """What happens to an SD1 preset's 25 UNet values on ``family`` (said, never silent): blocks that SD1 has and
+    ``family`` lacks are cut; blocks the other way round are stretched by ``from_sd1_unet``'s rule."""
+    if not preset:
+        return ""
+    sd1 = block_names("SD1")[1:]
+    target = block_names(family)[1:]
+    if target == sd1:
+        return ""
+    cut = [b for b in sd1 if b not in target]
+    new = [b for b in target if b not in sd1]
+    parts = [f"The presets are SD1 lists of {len(sd1)} UNet values; {family} has {len(target)} UNet blocks."]
+    if cut:
+        from ..arch.blocks import describe
+
+        parts.append(f"Cut: {describe(cut)} (no such blocks in {family}); each other block keeps the value of the "
+                     f"SD1 block of the same name.")
+    if new:
+        parts.append(f"Stretched over {family}'s blocks ({len(new)} blocks without an SD1 name).")
+    return " ".join(parts)
 
 
 def block_table(host: Host, model_a: Optional[str], preset: Optional[str], blocks: Optional[str], alpha: float,
@@ -73,6 +132,109 @@ def block_table(host: Host, model_a: Optional[str], preset: Optional[str], block
     names = list(ratios)
     df = pd.DataFrame({"slot": list(range(len(names))), "block": names, "ratio": [ratios[n] for n in names]})
     return df, msg
+
+
+def block_warnings(values: Dict[str, float], allow_extrapolation: bool = False) -> List[str]:
+    """Values outside [0, 1], by block name."""
+    out = [f"{b} = {fmt_ratio(v)}" for b, v in values.items() if not 0.0 <= v <= 1.0]
+    if not out:
+        return []
+    what = "extrapolates (allowed)" if allow_extrapolation else "is outside [0, 1]: the merge refuses it unless " \
+                                                                  "'Allow ratios outside [0, 1]' is ticked"
+    return [f"{', '.join(out)} {what}."]
+
+
+def chart_html(values: Dict[str, float]) -> str:
+    """An SVG chart of the block ratios: the UNet blocks as a line with their names on the axis, BASE apart on the
+    left as its own point (not joined to the UNet curve); values outside [0, 1] in red beyond the dashed range."""
+    if not values:
+        return ""
+    names = list(values)
+    base = values.get("BASE")
+    unet = [(n, values[n]) for n in names if n != "BASE"]
+    lo = min([0.0] + list(values.values()))
+    hi = max([1.0] + list(values.values()))
+    W, H, L, R, T, B = 720, 230, 44, 36, 12, 58
+    gap = 46 if base is not None else 0
+    step = (W - L - R - gap) / max(1, len(unet) - 1)
+
+    def y(v: float) -> float:
+        return T + (hi - v) / (hi - lo) * (H - T - B)
+
+    parts = [f'<svg class="sdtoolkit-chart" viewBox="0 0 {W} {H}" width="100%" role="img" '
+             f'aria-label="share of B per block">']
+    for v in (0.0, 0.5, 1.0):
+        dash = ' stroke-dasharray="4 3"' if v in (0.0, 1.0) else ""
+        parts.append(f'<line x1="{L}" x2="{W - R}" y1="{y(v):.1f}" y2="{y(v):.1f}" class="sdtoolkit-chart-grid"'
+                     f'{dash}/><text x="{L - 6}" y="{y(v) + 4:.1f}" text-anchor="end" class="sdtoolkit-chart-tick">'
+                     f'{v:g}</text>')
+    if base is not None:
+        bx = L + 14
+        cls = "sdtoolkit-chart-bad" if not 0 <= base <= 1 else "sdtoolkit-chart-base"
+        parts.append(f'<circle cx="{bx}" cy="{y(base):.1f}" r="4.5" class="{cls}"><title>BASE {fmt_ratio(base)}'
+                     f'</title></circle><text x="{bx}" y="{H - B + 14}" text-anchor="middle" '
+                     f'class="sdtoolkit-chart-label">BASE</text>')
+        parts.append(f'<line x1="{L + gap - 12}" x2="{L + gap - 12}" y1="{T}" y2="{H - B}" '
+                     f'class="sdtoolkit-chart-sep"/>')
+    x0 = L + gap
+    pts = " ".join(f"{x0 + i * step:.1f},{y(v):.1f}" for i, (_, v) in enumerate(unet))
+    parts.append(f'<polyline points="{pts}" class="sdtoolkit-chart-line" fill="none"/>')
+    for i, (n, v) in enumerate(unet):
+        x = x0 + i * step
+        cls = "sdtoolkit-chart-bad" if not 0 <= v <= 1 else "sdtoolkit-chart-dot"
+        parts.append(f'<circle cx="{x:.1f}" cy="{y(v):.1f}" r="3.2" class="{cls}"><title>{html.escape(n)} '
+                     f'{fmt_ratio(v)}</title></circle><text transform="translate({x + 3:.1f},{H - B + 8}) '
+                     f'rotate(60)" class="sdtoolkit-chart-label">{html.escape(n)}</text>')
+    parts.append("</svg>")
+    return "".join(parts)
+
+
+def editor_state(host: Host, model_a: Optional[str], preset: Optional[str], blocks: Optional[str], alpha: float,
+                 base_alpha: Optional[str], allow_extrapolation: bool = False) -> Tuple[List[List[Any]], str, str]:
+    """(table rows [block, ratio], chart html, message html) of the block editor for the current values. Without a
+    block list or preset every block takes M: no rows (the table stays empty, so it sends nothing)."""
+    if not (blocks or "").strip() and not preset:
+        return [], "", ('<div class="sdtoolkit-hint">No block list: every block takes M. Pick a preset or type a '
+                        'list to edit per block.</div>')
+    df, msg = block_table(host, model_a, None if blocks else preset, blocks, alpha, base_alpha)
+    if not len(df):
+        return [], "", f'<div class="sdtoolkit-error">{html.escape(msg)}</div>' if msg else ""
+    values = {str(b): float(r) for b, r in zip(df["block"], df["ratio"])}
+    fam = _family(host, model_a)
+    notes = [msg]
+    if preset and blocks == preset_text(preset, fam):
+        notes.append(f"preset {preset}: its exact values are used; the output, report and metadata name it")
+    warn = block_warnings(values, allow_extrapolation)
+    cross = cross_arch_note(preset if blocks == (preset_text(preset, fam) if preset else None) else None, fam)
+    out = f'<div class="sdtoolkit-hint">{html.escape("; ".join(notes))}</div>'
+    for w in warn + ([cross] if cross else []):
+        out += f'<div class="sdtoolkit-warn">{html.escape(w)}</div>'
+    rows = [[b, fmt_ratio(v)] for b, v in values.items()]
+    return rows, chart_html(values), out
+
+
+def table_text(rows: Any) -> str:
+    """The block box's text from the editor's table (BASE first, as shown)."""
+    if rows is None:
+        return ""
+    if hasattr(rows, "values") and hasattr(rows, "columns"):
+        rows = rows.values.tolist()
+    vals = []
+    for row in rows:
+        if len(row) < 2 or str(row[0]).strip() == "":
+            continue
+        v = row[1]
+        try:
+            vals.append(fmt_ratio(float(v)))
+        except (TypeError, ValueError):
+            vals.append(str(v).strip())
+    return ",".join(vals)
+
+
+def method_help(method: str) -> Tuple[bool, bool, Optional[Any], Any, str]:
+    """(takes C, needs C, beta Ratio or None, alpha Ratio, one-line formula) of a registered method."""
+    m = merge_methods.get(method)
+    return m.takes_c, m.needs_c, m.beta, m.alpha, f"**{m.title}**: `{m.formula}` ({m.help})"
 
 
 def _float_or_none(v: Any) -> Optional[float]:
@@ -96,8 +258,14 @@ def merge_request(values: Dict[str, Any], **fixed: Any):
         vals["bake_vae"] = None
     if vals.get("device") == DEFAULT_DEVICE:
         vals["device"] = None
-    if not _uses_beta(vals.get("method")):
+    method = vals.get("method")
+    if not _uses_beta(method):
         vals["beta"] = None
+    if method in merge_methods.REGISTRY and not merge_methods.REGISTRY[method].takes_c:
+        vals["model_c"] = None  # only what the method uses is sent
+    preset, family = vals.pop("preset", None), vals.pop("family", None)
+    if preset and family and (vals.get("blocks") or "").strip() == preset_text(preset, family):
+        vals["preset"], vals["blocks"] = preset, None  # unedited: the preset itself (exact values, its name)
     return ui_request(MergeRequest, vals, **fixed)
 
 
@@ -109,7 +277,7 @@ def _uses_beta(method: Any) -> bool:
 def _run(job: str, host: Host, request: Any, progress: Any) -> Any:
     from ..jobs import get
 
-    return get(job).run(host, request, gradio_progress(progress))
+    return get(job).run(host, request, gradio_progress(progress, stop_key="merge"))
 
 
 def run_merge(host: Host, values: Dict[str, Any], progress: Any = None) -> Tuple[str, str, Optional[dict]]:
@@ -191,39 +359,51 @@ def build(host: Host) -> None:
     from ..merge.presets import preset_names
 
     ckpts = checkpoint_choices(host)
+    first = merge_methods.get("weighted_sum")
     with gr.Row():
-        model_a = gr.Dropdown(label="Model A (primary)", choices=ckpts, value=ckpts[0] if ckpts else None,
-                              elem_id="sdtoolkit_merge_a")
-        model_b = gr.Dropdown(label="Model B (share M)", choices=ckpts, value=ckpts[1] if len(ckpts) > 1 else None,
-                              elem_id="sdtoolkit_merge_b")
-        model_c = gr.Dropdown(label=f"Model C ({merge_methods.model_c_label()})",
-                              choices=[""] + ckpts, value="", elem_id="sdtoolkit_merge_c")
+        model_a = register_picker(gr.Dropdown(label="Model A (primary)", choices=ckpts,
+                                              value=ckpts[0] if ckpts else None, elem_id="sdtoolkit_merge_a"),
+                                  ("checkpoint",))
+        model_b = register_picker(gr.Dropdown(label="Model B", choices=ckpts,
+                                              value=ckpts[1] if len(ckpts) > 1 else None,
+                                              elem_id="sdtoolkit_merge_b"), ("checkpoint",), default_index=1)
+        model_c = register_picker(gr.Dropdown(label="Model C", choices=[""] + ckpts, value="",
+                                              visible=first.takes_c, elem_id="sdtoolkit_merge_c"),
+                                  ("checkpoint",), extra=("",), keep_empty=True)
         refresh_btn = gr.Button("Refresh", elem_id="sdtoolkit_merge_refresh", elem_classes=["sdtoolkit-tool"])
     with gr.Row():
         method = gr.Dropdown(label="Method", choices=list(merge_methods.names()), value="weighted_sum",
                              elem_id="sdtoolkit_merge_method")
-        alpha = gr.Slider(label="M (alpha, share of B)", minimum=0.0, maximum=1.0, step=0.01, value=0.5,
+        alpha = gr.Slider(label=f"M ({first.alpha.meaning})", minimum=0.0, maximum=1.0, step=0.01, value=0.5,
                           elem_id="sdtoolkit_merge_alpha")
         beta = gr.Slider(label=f"beta ({merge_methods.beta_label()})", minimum=0.0, maximum=1.0,
-                         step=0.01, value=0.2, elem_id="sdtoolkit_merge_beta")
+                         step=0.01, value=0.2, visible=first.beta is not None, elem_id="sdtoolkit_merge_beta")
+    formula = gr.Markdown(method_help("weighted_sum")[4], elem_id="sdtoolkit_merge_formula")
     with gr.Accordion("Merge block weighted", open=False):
         with gr.Row():
             preset = gr.Dropdown(label="Preset", choices=[""] + preset_names(), value="",
                                  elem_id="sdtoolkit_merge_preset")
             base_alpha = gr.Textbox(label="Base alpha (text encoder, VAE; blank: from the list / preset / M)",
                                     value="", elem_id="sdtoolkit_merge_base_alpha")
-        blocks = gr.Textbox(label="Block ratios: 25 (SD1/SD2/SDXL refiner: IN00..IN11, M00, OUT00..OUT11) or 19 (SDXL) values, "
-                                  "optionally BASE first", value="", elem_id="sdtoolkit_merge_blocks")
-        plot = gr.LinePlot(x="slot", y="ratio", title="Share of B per block", elem_id="sdtoolkit_merge_plot",
-                           height=220, **supported_kwargs(gr.LinePlot, tooltip=["block", "ratio"], width=600))
-        plot_msg = gr.Markdown(elem_id="sdtoolkit_merge_plot_msg")
+        blocks = gr.Textbox(label="Block ratios: 25 (SD1/SD2/SDXL refiner: IN00..IN11, M00, OUT00..OUT11) or 19 "
+                                  "(SDXL) values, optionally BASE first; or edit the table", value="",
+                            elem_id="sdtoolkit_merge_blocks")
+        with gr.Row():
+            table = gr.Dataframe(headers=["block", "ratio"], datatype=["str", "str"], interactive=True,
+                                 value=[["BASE", ""]], row_count=(1, "dynamic"), col_count=(2, "fixed"),
+                                 label="Ratio per block (share of B), 3 decimals", elem_id="sdtoolkit_merge_table",
+                                 scale=1)
+            with gr.Column(scale=3):
+                chart = gr.HTML(elem_id="sdtoolkit_merge_chart")
+                plot_msg = gr.HTML(elem_id="sdtoolkit_merge_plot_msg")
     with gr.Row():
         dtype = gr.Radio(label="Output dtype", choices=["fp16", "bf16", "fp32"], value="fp16",
                          elem_id="sdtoolkit_merge_dtype")
         device = gr.Dropdown(label=f"Device (default: {getattr(host, 'device', 'cpu')})",
                              choices=[DEFAULT_DEVICE, "cpu", "cuda"], value=DEFAULT_DEVICE,
                              elem_id="sdtoolkit_merge_device")
-        seed = gr.Number(label="Seed (DARE)", value=0, precision=0, elem_id="sdtoolkit_merge_seed")
+        seed = gr.Number(label="Seed (DARE)", value=0, precision=0, visible=first.seeded,
+                         elem_id="sdtoolkit_merge_seed")
     with gr.Row():
         keep_ema = gr.Checkbox(label="Keep EMA", value=False, elem_id="sdtoolkit_merge_keep_ema")
         fix_pos = gr.Checkbox(label="Reset CLIP position_ids (arange 77)", value=False,
@@ -232,11 +412,11 @@ def build(host: Host) -> None:
         overwrite = gr.Checkbox(label="Overwrite an existing output", value=False,
                                 elem_id="sdtoolkit_merge_overwrite")
     with gr.Row():
-        bake_vae = gr.Dropdown(label="Bake in VAE", choices=vae_choices(host), value=NONE,
-                               elem_id="sdtoolkit_merge_vae")
+        bake_vae = register_picker(gr.Dropdown(label="Bake in VAE", choices=vae_choices(host), value=NONE,
+                                               elem_id="sdtoolkit_merge_vae"), ("vae",), extra=(NONE,))
         discard = gr.Textbox(label="Discard weights (regex)", value="", elem_id="sdtoolkit_merge_discard")
-        output = gr.Textbox(label="Output file name (blank: A_B_method_M.safetensors)", value="",
-                            elem_id="sdtoolkit_merge_output")
+        output = gr.Textbox(label="Output file name (blank: A_B_method_ and the preset, the block list's digest or "
+                                  "M)", value="", elem_id="sdtoolkit_merge_output")
     live = host.has_loaded_model_support  # the WebUI: merge into / save / restore the loaded model
     with gr.Row():
         run_btn = gr.Button("Merge", variant="primary", elem_id="sdtoolkit_merge_run")
@@ -246,22 +426,41 @@ def build(host: Host) -> None:
     if not live and getattr(host, "name", "") == "forge":
         gr.Markdown(FORGE_NO_LIVE_MERGE, elem_id="sdtoolkit_merge_forge_note")
     status = gr.HTML(elem_id="sdtoolkit_merge_status")
+    stop_button("merge", status)
     report_text = gr.Textbox(label="Report", lines=6, interactive=False, elem_id="sdtoolkit_merge_report")
     with gr.Accordion("JSON", open=False):
         report_json = gr.JSON(elem_id="sdtoolkit_merge_json")
 
-    def update_plot(a, p, bl, al, ba):
-        df, msg = block_table(host, a, p, bl, al, ba)
-        return gr.update(value=df), msg
+    def on_method(m):
+        takes_c, needs_c, b, a, line = method_help(m)
+        c_label = "Model C (required)" if needs_c else "Model C (optional)"
+        beta_up = (gr.update(visible=True, label=f"beta ({b.meaning})", value=b.default)
+                   if b is not None and b.default is not None else gr.update(visible=b is not None,
+                                                                            label=f"beta ({b.meaning})" if b else
+                                                                            "beta"))
+        return (gr.update(visible=takes_c, label=c_label), gr.update(label=f"M ({a.meaning})"), beta_up,
+                gr.update(visible=merge_methods.get(m).seeded), line)
 
-    def pick_preset(a, p, bl, al, ba):
+    method.change(on_method, inputs=[method], outputs=[model_c, alpha, beta, seed, formula])
+
+    def update_editor(a, p, bl, al, ba, ex):
+        rows, svg, msg = editor_state(host, a, p, bl, al, ba, ex)
+        return gr.update(value=rows or [["BASE", ""]]), svg, msg
+
+    def pick_preset(a, p, bl, al, ba, ex):
         if p:
-            from ..merge.presets import get_preset
+            bl = preset_text(p, _family(host, a))
+        return (bl,) + update_editor(a, p, bl, al, ba, ex)
 
-            base, vals = get_preset(p, _family(host, a))
-            bl = ",".join(repr(float(v)) for v in [base] + vals)  # exact round trip
-        df, msg = block_table(host, a, None, bl, al, ba)
-        return bl, gr.update(value=df), msg
+    def on_model_a(a, p, bl, al, ba, ex):
+        """An unedited preset follows model A's architecture (its block count); an edited list stays as typed."""
+        if p and (bl or "").strip() in preset_texts(p):
+            return pick_preset(a, p, bl, al, ba, ex)
+        return (gr.update(),) + update_editor(a, p, bl, al, ba, ex)
+
+    def from_table(rows, bl):
+        text = table_text(rows)
+        return gr.update() if text == (bl or "").strip() else text
 
     def do_refresh(a, b, c, v):
         host.refresh("checkpoint")
@@ -271,10 +470,12 @@ def build(host: Host) -> None:
                 gr.update(choices=[""] + new, value=keep_value([""] + new, c)),
                 gr.update(choices=vaes, value=keep_value(vaes, v)))
 
-    plot_inputs = [model_a, preset, blocks, alpha, base_alpha]
-    preset.change(pick_preset, inputs=plot_inputs, outputs=[blocks, plot, plot_msg])
-    for comp in (blocks, base_alpha, model_a):
-        comp.change(update_plot, inputs=plot_inputs, outputs=[plot, plot_msg])
+    editor_inputs = [model_a, preset, blocks, alpha, base_alpha, allow_ex]
+    preset.change(pick_preset, inputs=editor_inputs, outputs=[blocks, table, chart, plot_msg])
+    model_a.change(on_model_a, inputs=editor_inputs, outputs=[blocks, table, chart, plot_msg])
+    for comp in (blocks, base_alpha, allow_ex):
+        comp.change(update_editor, inputs=editor_inputs, outputs=[table, chart, plot_msg])
+    table.change(from_table, inputs=[table, blocks], outputs=[blocks])
     refresh_btn.click(do_refresh, inputs=[model_a, model_b, model_c, bake_vae],
                       outputs=[model_a, model_b, model_c, bake_vae])
 
@@ -285,23 +486,30 @@ def build(host: Host) -> None:
         "blocks": blocks, "base_alpha": base_alpha, "dtype": dtype, "keep_ema": keep_ema,
         "fix_position_ids": fix_pos, "bake_vae": bake_vae, "discard": discard, "seed": seed, "device": device,
         "allow_extrapolation": allow_ex, "output": output, "overwrite": overwrite})
+    n_bound = len(merge_inputs)
 
-    # the preset was copied into the block box when picked; the box is what the merge uses
+    def values_of(values: Tuple[Any, ...]) -> Dict[str, Any]:
+        """The bound values, and the preset picker after them (an unedited preset is sent by name)."""
+        vals = unpack(*values[:n_bound])
+        if len(values) > n_bound and values[n_bound]:
+            vals.update(preset=values[n_bound], family=_family(host, vals.get("model_a")))
+        return vals
+
     # gradio finds a gr.Progress default only among the parameters before *values
     def do_merge(progress=gr.Progress(), *values):
-        return run_merge(host, unpack(*values), progress=progress)
+        return run_merge(host, values_of(values), progress=progress)
 
-    run_btn.click(do_merge, inputs=merge_inputs, outputs=[status, report_text, report_json])
+    writes(run_btn.click(do_merge, inputs=merge_inputs + [preset], outputs=[status, report_text, report_json]))
 
     if live:
         def do_in_memory(progress=gr.Progress(), *values):
-            return run_in_memory(host, unpack(*values), progress=progress)
+            return run_in_memory(host, values_of(values), progress=progress)
 
         def do_save_current(out, ow, a, b, c, v, progress=gr.Progress()):
             res = save_current(host, out, ow, progress=progress)
             return res + do_refresh(a, b, c, v)
 
-        mem_btn.click(do_in_memory, inputs=merge_inputs, outputs=[status, report_text, report_json])
-        save_cur_btn.click(do_save_current, inputs=[output, overwrite, model_a, model_b, model_c, bake_vae],
-                           outputs=[status, report_text, report_json, model_a, model_b, model_c, bake_vae])
+        mem_btn.click(do_in_memory, inputs=merge_inputs + [preset], outputs=[status, report_text, report_json])
+        writes(save_cur_btn.click(do_save_current, inputs=[output, overwrite, model_a, model_b, model_c, bake_vae],
+                                  outputs=[status, report_text, report_json, model_a, model_b, model_c, bake_vae]))
         restore_btn.click(lambda: restore_loaded(host), inputs=[], outputs=[status, report_text, report_json])

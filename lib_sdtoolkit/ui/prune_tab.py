@@ -10,7 +10,8 @@ import gradio as gr
 
 from ..errors import SdToolkitError
 from ..host import Host
-from .common import empty_table, error_html, gradio_progress, human_bytes, keep_value, model_choices, model_picker
+from .common import (empty_table, error_html, gradio_progress, human_bytes, keep_value, model_choices, model_picker,
+                     stop_button, writes)
 from .inspect_tab import note_html, picked
 
 log = logging.getLogger(__name__)
@@ -74,7 +75,7 @@ def run_prune(host: Host, values: Dict[str, Any], progress: Any = None) -> Tuple
 
     try:
         req, note = prune_request(host, values)
-        rep = get("prune").run(host, req, gradio_progress(progress))
+        rep = get("prune").run(host, req, gradio_progress(progress, stop_key="prune"))
         res = rep.to_dict()
     except SdToolkitError as exc:
         return error_html(exc), None
@@ -115,6 +116,7 @@ def build(host: Host) -> None:
         overwrite = gr.Checkbox(False, label="Overwrite an existing output", elem_id="sdtoolkit_prune_overwrite")
     prune_btn = gr.Button("Prune", variant="primary", elem_id="sdtoolkit_prune_run")
     status = gr.HTML(elem_id="sdtoolkit_prune_status")
+    stop_button("prune", status)
     with gr.Accordion("JSON", open=False):
         result_json = gr.JSON(elem_id="sdtoolkit_prune_json")
 
@@ -138,6 +140,16 @@ def build(host: Host) -> None:
         return msg, res, gr.update(choices=new, value=keep_value(new, vals["choice"]))
 
     refresh_btn.click(do_refresh, inputs=[model], outputs=[model])
+    preview_inputs = [model, path, only, keep_ema, keep_junk, dtype]
     inspect_btn.click(lambda c, p, o, ke, kj, d: preview(host, c, p, o, ke, kj, d),
-                      inputs=[model, path, only, keep_ema, keep_junk, dtype], outputs=[summary, plan])
-    prune_btn.click(do_prune, inputs=prune_inputs, outputs=[status, result_json, model])
+                      inputs=preview_inputs, outputs=[summary, plan])
+
+    def follow(shown, c, p, o, ke, kj, d):
+        """A preview on screen follows the options (the output name it announces is never stale)."""
+        if not shown:
+            return gr.update(), gr.update()
+        return preview(host, c, p, o, ke, kj, d)
+
+    for comp in (only, dtype, keep_ema, keep_junk):
+        comp.change(follow, inputs=[summary] + preview_inputs, outputs=[summary, plan])
+    writes(prune_btn.click(do_prune, inputs=prune_inputs, outputs=[status, result_json, model]))

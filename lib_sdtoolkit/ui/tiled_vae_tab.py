@@ -18,7 +18,8 @@ import gradio as gr
 
 from ..errors import InvalidInputError, SdToolkitError
 from ..host import Host
-from .common import error_html, gradio_progress, model_choices, parse_choice
+from .common import (error_html, gradio_progress, model_choices, register_picker, register_sample, sample_file,
+                     stop_button)
 
 log = logging.getLogger(__name__)
 
@@ -27,12 +28,16 @@ ELEM_ID = "tiled_vae"
 
 
 def _vae_name(values: Dict[str, Any]) -> str:
-    """The path box wins over the dropdown (``[vae] name`` / ``[checkpoint] name``)."""
+    """The VAE the picker names: the path box while it holds text (picking in the dropdown clears it), else the
+    dropdown's ``[vae] name`` / ``[checkpoint] name``; the report says which (``values["_note"]``)."""
     path = (values.pop("vae_path", None) or "").strip()
     choice = values.pop("vae_choice", None) or ""
-    name = path or parse_choice(choice)[1]
-    if not name:
+    if not path and not choice:
         raise InvalidInputError("pick a VAE or checkpoint, or type its name / path first")
+    from .inspect_tab import picked
+
+    name, _, note = picked(choice, path)
+    values["_note"] = note
     return name
 
 
@@ -43,6 +48,7 @@ def decode_request(values: Dict[str, Any]) -> Any:
 
     vals = dict(values)
     vae = _vae_name(vals)
+    vals.pop("_note", None)
     upload = vals.pop("latent_file", None)
     if upload is None:
         raise InvalidInputError("upload a latent .safetensors file (one tensor 'latent' [1,4,h,w])")
@@ -59,6 +65,7 @@ def encode_request(values: Dict[str, Any]) -> Any:
 
     vals = dict(values)
     vae = _vae_name(vals)
+    vals.pop("_note", None)
     image = vals.pop("image", None)
     if image is None:
         raise InvalidInputError("drop an image first")
@@ -67,13 +74,22 @@ def encode_request(values: Dict[str, Any]) -> Any:
     return ui_request(VaeEncodeRequest, vals, vae=vae, image_b64=base64.b64encode(buf.getvalue()).decode("ascii"))
 
 
+def _note(values: Dict[str, Any]) -> str:
+    from .inspect_tab import note_html, picked
+
+    try:
+        return note_html(picked(values.get("vae_choice"), values.get("vae_path"))[2])
+    except SdToolkitError:
+        return ""
+
+
 def run_decode(host: Host, values: Dict[str, Any], progress: Any = None) -> Tuple[Any, Any, str]:
     """Click handler: (tiled image, full image or None, report html)."""
     from ..jobs import get
 
     try:
-        report = get("vae-decode").run(host, decode_request(values), gradio_progress(progress))
-        return report.image, report.full_image, "<br>".join(html.escape(s) for s in report.lines())
+        report = get("vae-decode").run(host, decode_request(values), gradio_progress(progress, stop_key="tiled_vae"))
+        return report.image, report.full_image, _note(values) + "<br>".join(html.escape(s) for s in report.lines())
     except SdToolkitError as exc:
         return None, None, error_html(exc)
     except Exception as exc:
@@ -86,12 +102,13 @@ def run_encode(host: Host, values: Dict[str, Any], progress: Any = None) -> Tupl
     from ..jobs import get
 
     try:
-        report = get("vae-encode").run(host, encode_request(values), gradio_progress(progress))
+        report = get("vae-encode").run(host, encode_request(values), gradio_progress(progress, stop_key="tiled_vae"))
         fd, out = tempfile.mkstemp(prefix="latent-", suffix=".safetensors")
         with os.fdopen(fd, "wb") as f:
             f.write(report.data)
         how = f"scaled by {report.scaling_factor}" if report.scaled else "unscaled"
-        return out, html.escape(report.plan) + f"<br>latent {tuple(report.shape)}, {how}"
+        return out, (_note(values) + html.escape(report.plan) + f"<br>latent {tuple(report.shape)}, {how}; it is "
+                     f"the Decode tab's latent now")
     except SdToolkitError as exc:
         return None, error_html(exc)
     except Exception as exc:
@@ -111,9 +128,14 @@ def build(host: Host) -> None:
                 "memory. Fast mode estimates the statistics from a downscaled pass (approximate).",
                 elem_classes=["sdtoolkit-hint"])
     with gr.Row():
-        vae = gr.Dropdown(label="VAE or checkpoint", choices=choices, value=choices[0] if choices else None,
-                          elem_id="sdtoolkit_tiled_vae_model", scale=4)
-        vae_path = gr.Textbox(label="...or a name / path", elem_id="sdtoolkit_tiled_vae_path", scale=3)
+        vae = register_picker(gr.Dropdown(label="VAE or checkpoint", choices=choices,
+                                          value=choices[0] if choices else None,
+                                          elem_id="sdtoolkit_tiled_vae_model", scale=4), ("vae", "checkpoint"),
+                              tagged=True)
+        vae_path = gr.Textbox(label="...or a name / path (used while it holds text; picking in the list clears it)",
+                              elem_id="sdtoolkit_tiled_vae_path", scale=3)
+    if hasattr(vae, "select"):
+        vae.select(lambda: "", inputs=[], outputs=[vae_path], queue=False)
     with gr.Row():
         tile = gr.Slider(0, 4096, value=0, step=64, label="Tile size (px, 0 = auto)",
                          elem_id="sdtoolkit_tiled_vae_tile")
@@ -122,8 +144,10 @@ def build(host: Host) -> None:
                           label="Device", elem_id="sdtoolkit_tiled_vae_device")
     with gr.Tabs():
         with gr.Tab("Decode"):
-            latent = gr.File(label="Latent (.safetensors, tensor 'latent')", file_types=[".safetensors"],
+            latent = gr.File(label="Latent (.safetensors, tensor 'latent'; the sample library's, or the last "
+                                   "encoded one)", file_types=[".safetensors"], value=sample_file(host, "latent"),
                              elem_id="sdtoolkit_tiled_vae_latent")
+            register_sample(latent, "latent")
             compare = gr.Checkbox(True, label="Also run a full decode beside it (when it fits in memory)",
                                   elem_id="sdtoolkit_tiled_vae_compare")
             dec_btn = gr.Button("Decode", variant="primary", elem_id="sdtoolkit_tiled_vae_decode")
@@ -132,11 +156,15 @@ def build(host: Host) -> None:
                 out_full = gr.Image(label="Full decode", type="pil", elem_id="sdtoolkit_tiled_vae_out_full")
             dec_report = gr.HTML(elem_id="sdtoolkit_tiled_vae_decode_report")
         with gr.Tab("Encode"):
-            image = gr.Image(label="Image (sides multiple of 8)", type="pil", elem_id="sdtoolkit_tiled_vae_image")
+            image = gr.Image(label="Image (sides multiple of 8)", type="pil", value=sample_file(host, "image"),
+                             elem_id="sdtoolkit_tiled_vae_image")
+            register_sample(image, "image")
             enc_btn = gr.Button("Encode", variant="primary", elem_id="sdtoolkit_tiled_vae_encode")
             enc_file = gr.File(label="Latent file", elem_id="sdtoolkit_tiled_vae_latent_out")
             enc_report = gr.HTML(elem_id="sdtoolkit_tiled_vae_encode_report")
 
+    status = gr.HTML(elem_id="sdtoolkit_tiled_vae_status")
+    stop_button("tiled_vae", status)
     common = {"vae_choice": vae, "vae_path": vae_path, "tile_size": tile, "fast": fast, "device": device}
     dec_inputs, dec_values = bind({**common, "latent_file": latent, "compare": compare})
     enc_inputs, enc_values = bind({**common, "image": image})
@@ -145,7 +173,9 @@ def build(host: Host) -> None:
         return run_decode(host, dec_values(*values), progress)
 
     def _enc(progress=gr.Progress(), *values):
-        return run_encode(host, enc_values(*values), progress)
+        out, report = run_encode(host, enc_values(*values), progress)
+        # the encoded latent becomes the Decode tab's input: encode -> decode needs no download / upload
+        return out, report, (out if out is not None else gr.update())
 
     dec_btn.click(_dec, dec_inputs, [out_tiled, out_full, dec_report])
-    enc_btn.click(_enc, enc_inputs, [enc_file, enc_report])
+    enc_btn.click(_enc, enc_inputs, [enc_file, enc_report, latent])
