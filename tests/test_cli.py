@@ -130,13 +130,26 @@ def _invocations(f: Dict[str, Path]) -> Dict[Tuple[str, ...], List[str]]:
         ("lora", "extract"): [str(f["sd1b"]), str(f["sd1"]), "-o", str(o / "ex.safetensors"), "--rank", "2"],
         ("lora", "bake"): [str(f["sd1"]), f"{o / 'ex.safetensors'}:0.5", "-o", str(o / "baked.safetensors")],
         ("lora", "inspect"): [str(o / "ex.safetensors")],
+        ("lora", "resize"): [str(o / "ex.safetensors"), "-o", str(o / "ex-r1.safetensors"), "--rank", "1"],
+        ("lora", "merge"): [f"{o / 'ex.safetensors'}:0.5", f"{o / 'ex-r1.safetensors'}:0.5", "-o",
+                            str(o / "ex-merged.safetensors")],
         ("vae", "encode"): [str(f["img"]), "--vae", str(f["vae"]), "-o", str(o / "lat.safetensors")],
         ("vae", "decode"): [str(o / "lat.safetensors"), "--vae", str(f["vae"]), "-o", str(o / "dec.png")],
         ("controlnet", "detect"): [str(f["img"]), "-m", "canny", "-o", str(o / "edges.png")],
         ("controlnet", "models"): ["--models-dir", str(f["models"])],
         ("controlnet", "modules"): [],
         ("controlnet", "info"): [str(f["cn"])],
+        ("compare",): [str(f["sd1"]), str(f["sd1b"])],
+        ("history",): [str(o)],
+        # the merge above was recorded in o's history: re-run that entry (its id is known once the merge ran)
+        ("history-rerun",): lambda: [_last_entry(o, "merge"), "--folder", str(o), "--overwrite"],
+        ("recipe",): [str(f["sd1"])],
     }
+
+
+def _last_entry(folder: Path, job: str) -> str:
+    lines = (folder / "sdtoolkit-history.jsonl").read_text().splitlines()
+    return [json.loads(x) for x in lines if json.loads(x)["job"] == job][-1]["id"]
 
 
 #: commands whose --json is checked elsewhere in this file (a server runs until stopped)
@@ -150,7 +163,7 @@ def test_every_command_prints_valid_json_and_nothing_else(files, capsys):
     for path, argv in calls.items():
         if path not in _leaves():
             continue  # a command another branch has not merged yet
-        rc = cli.main(list(path) + argv + ["--json"])
+        rc = cli.main(list(path) + (argv() if callable(argv) else argv) + ["--json"])
         out, err = capsys.readouterr()
         assert rc == 0, (path, err)
         try:

@@ -51,6 +51,9 @@ ADOPTED_PICKERS = {
     "sdtoolkit_lora_tuned": (("checkpoint",), True),
     "sdtoolkit_lora_base": (("checkpoint",), True),
     "sdtoolkit_lora_bake_ckpt": (("checkpoint",), True),
+    "sdtoolkit_lora_inspect_model": (("checkpoint",), True),
+    "sdtoolkit_lora_resize_file": (("lora",), False),
+    "sdtoolkit_lora_merge_model": (("checkpoint",), True),
 }
 
 

@@ -13,7 +13,8 @@ import gradio as gr
 
 from ..errors import InvalidInputError, SdToolkitError
 from ..host import Host
-from .common import empty_table, error_html, gradio_progress, model_choices, parse_choice
+from .common import (empty_table, error_html, gradio_progress, model_choices, parse_choice,
+                     register_picker)
 
 log = logging.getLogger(__name__)
 
@@ -110,6 +111,7 @@ def build(host: Host) -> None:
     with gr.Row(elem_classes=["sdtoolkit-picker"]):
         models = gr.Dropdown(label="Models (two or more)", choices=choices, value=choices[:2], multiselect=True,
                              elem_id="sdtoolkit_compare_models", scale=5)
+        register_picker(models, KINDS, tagged=True, multiselect=True)
         refresh = gr.Button("Refresh", elem_id="sdtoolkit_compare_refresh", elem_classes=["sdtoolkit-tool"],
                             scale=1, min_width=90)
     paths = gr.Textbox(label="...and/or names / paths under the model folders, one per line", lines=2,

@@ -11,7 +11,8 @@ import gradio as gr
 
 from ..errors import InvalidInputError, SdToolkitError
 from ..host import MODEL_KINDS, Host
-from .common import empty_table, error_html, gradio_progress, keep_value, model_choices, parse_choice
+from .common import (empty_table, error_html, gradio_progress, keep_value, model_choices, parse_choice,
+                     register_picker, writes)
 
 log = logging.getLogger(__name__)
 
@@ -99,6 +100,7 @@ def build(host: Host) -> None:
         choices = model_choices(host, MODEL_KINDS)
         model = gr.Dropdown(label="Model", choices=choices, value=choices[0] if choices else None,
                             elem_id="sdtoolkit_history_model")
+        register_picker(model, MODEL_KINDS, tagged=True)
         show = gr.Button("Show recipe", elem_id="sdtoolkit_history_show")
         recipe_note = gr.HTML(elem_id="sdtoolkit_history_recipe_note")
         recipe = gr.JSON(elem_id="sdtoolkit_history_recipe")
@@ -117,5 +119,5 @@ def build(host: Host) -> None:
 
     refresh.click(do_refresh, inputs=[job, entry, model], outputs=[table, status, entry, model])
     job.change(do_refresh, inputs=[job, entry, model], outputs=[table, status, entry, model])
-    rerun.click(do_rerun, inputs=[entry, job, model], outputs=[rerun_status, table, status])
+    writes(rerun.click(do_rerun, inputs=[entry, job, model], outputs=[rerun_status, table, status]))
     show.click(lambda c: run_recipe(host, c), inputs=[model], outputs=[recipe_note, recipe])

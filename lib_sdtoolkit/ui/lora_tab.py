@@ -15,7 +15,7 @@ import gradio as gr
 
 from ..errors import SdToolkitError
 from ..host import Host
-from .common import error_html, gradio_progress, keep_value
+from .common import error_html, gradio_progress, keep_value, writes
 
 log = logging.getLogger(__name__)
 
@@ -229,7 +229,7 @@ def build(host: Host) -> None:
         status, rep = run_action(host, "resize", rs_values(*values), progress)
         return written_lora(status, rep, [lo])
 
-    rs_btn.click(do_resize, inputs=[lora] + rs_inputs, outputs=[rs_res, lora])
+    writes(rs_btn.click(do_resize, inputs=[lora] + rs_inputs, outputs=[rs_res, lora]))
 
     mg_inputs, mg_values = bind({"loras": mg_loras, "rank": mg_rank, "model": mg_model, "dtype": mg_dtype,
                                  "device": mg_device, "output": mg_out, "overwrite": mg_over})
@@ -238,7 +238,7 @@ def build(host: Host) -> None:
         status, rep = run_action(host, "merge", mg_values(*values), progress)
         return written_lora(status, rep, [lo])
 
-    mg_btn.click(do_merge, inputs=[lora] + mg_inputs, outputs=[mg_res, lora])
+    writes(mg_btn.click(do_merge, inputs=[lora] + mg_inputs, outputs=[mg_res, lora]))
 
     ex_inputs, ex_values = bind({"tuned": tuned, "base": base, "rank": rank, "conv_rank": conv_rank,
                                  "clamp_quantile": clamp, "device": device, "dtype": dtype, "output": output,
@@ -249,7 +249,7 @@ def build(host: Host) -> None:
         status, rep = run_action(host, "extract", ex_values(*values), progress)
         return written_lora(status, rep, [lo])
 
-    btn2.click(do_extract, inputs=[lora] + ex_inputs, outputs=[res2, lora])
+    writes(btn2.click(do_extract, inputs=[lora] + ex_inputs, outputs=[res2, lora]))
 
     bk_inputs, bk_values = bind({"checkpoint": ckpt, "loras": loras, "output": output3, "overwrite": overwrite3})
 
@@ -257,4 +257,4 @@ def build(host: Host) -> None:
         status, rep = run_action(host, "bake", bk_values(*values), progress)
         return (status, *_updates(host, "checkpoint", t, b, values[0]))
 
-    btn3.click(do_bake, inputs=[tuned, base] + bk_inputs, outputs=[res3, tuned, base, ckpt])
+    writes(btn3.click(do_bake, inputs=[tuned, base] + bk_inputs, outputs=[res3, tuned, base, ckpt]))
