@@ -37,6 +37,7 @@ BODIES = {
     "lora-extract": {"tuned": "sd15-tiny", "base": "sd15-tiny.safetensors", "rank": 2, "output": "x.safetensors"},
     "lora-bake": {"checkpoint": "sd15-tiny", "loras": ["sample-lora-sd15"], "output": "y.safetensors"},
     "lora-inspect": {"lora": "sample-lora-sd15"},
+    "lora-convert": {"lora": "sample-lora-sd15", "to": "diffusers", "output": "conv.safetensors"},
     "vae-decode": {"vae": "vae-tiny", "latent": [[[0.1] * 4] * 4] * 4, "tile_size": 16},
     "vae-encode": {"vae": "vae-tiny", "image_b64": _PNG},
     "prune": {"path": "sd15-tiny", "output": "jobroutes-pruned.safetensors"},

@@ -32,6 +32,7 @@ JOB_MODULES: Dict[str, str] = {
     "lora-extract": "lib_sdtoolkit.jobs.lora",
     "lora-bake": "lib_sdtoolkit.jobs.lora",
     "lora-inspect": "lib_sdtoolkit.jobs.lora",
+    "lora-convert": "lib_sdtoolkit.jobs.lora_convert",
     "vae-decode": "lib_sdtoolkit.jobs.tiled_vae",
     "vae-encode": "lib_sdtoolkit.jobs.tiled_vae",
     "controlnet-detect": "lib_sdtoolkit.jobs.controlnet",

@@ -13,7 +13,7 @@ see paths and a progress callable only. No torch import here: the CLI's ``--help
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional, Tuple
 
 from ..errors import InvalidInputError
@@ -218,6 +218,8 @@ class InspectReport(Report):
     bundled_embeddings: List[str]
     metadata: Dict[str, str]
     name: str
+    naming: str = "unknown"
+    unmatched_modules: List[Dict[str, str]] = field(default_factory=list)
 
     def summary(self) -> str:
         def counts(d: Dict[str, int], sep: str = " x") -> str:
@@ -225,6 +227,7 @@ class InspectReport(Report):
 
         lines = [f"{self.path}  ({self.format}, {self.tensors} tensors)",
                  f"  base model : {self.base_model}",
+                 f"  naming     : {self.naming}",
                  f"  types      : {counts(self.types)}",
                  f"  ranks      : {counts(self.ranks)}",
                  f"  alphas     : {counts(self.alphas)}",
@@ -233,6 +236,8 @@ class InspectReport(Report):
             lines.append(f"  DoRA layers: {self.dora_layers}")
         if self.unmatched:
             lines.append(f"  unmatched  : {self.unmatched} (e.g. {', '.join(self.unmatched_examples)})")
+        for u in self.unmatched_modules[:20]:
+            lines.append(f"    {u['module']}: {u['reason']}")
         for k in sorted(self.metadata):
             v = self.metadata[k]
             lines.append(f"  {k} = {v if len(v) < 120 else v[:117] + '...'}")

@@ -9,6 +9,7 @@ from ..files import open_model
 from . import formats
 from .network import group_modules, guess_lora_arch
 from .names import resolve_name
+from .detect import detect_naming, unmatched_modules
 
 PathLike = Union[str, "os.PathLike[str]"]
 
@@ -20,6 +21,7 @@ def inspect_lora(path: PathLike) -> Dict[str, Any]:
         meta = dict(r.metadata)
         arch = guess_lora_arch(keys, meta) or "SD1"
         groups, bundled = group_modules(keys, arch)
+        naming = detect_naming(keys, arch)
         kinds: Dict[str, int] = {}
         ranks: Dict[str, int] = {}
         alphas: Dict[str, int] = {}
@@ -52,6 +54,7 @@ def inspect_lora(path: PathLike) -> Dict[str, Any]:
         "base_model": arch, "types": kinds, "ranks": ranks, "alphas": alphas, "dora_layers": dora,
         "conv_kxk_layers": conv, "targets": {k: v for k, v in targets.items() if v},
         "unmatched": len(unmatched), "unmatched_examples": unmatched[:5], "unknown_modules": unknown[:5],
+        "naming": naming, "unmatched_modules": unmatched_modules(keys, arch),
         "bundled_embeddings": sorted({k.split(".")[1] for k in bundled if k.count(".") >= 1}),
         "metadata": meta,
     }
