@@ -99,8 +99,12 @@ def split_key(key: str, arch: str) -> Optional[Tuple[str, str, bool]]:
     for root, component in _PEFT_ROOTS:
         if key.startswith(root):
             m = _PEFT_PART.match(key[len(root):])
-            if not m:
-                return None
+            if not m:  # LyCORIS parts (hada_*, lokr_*, diff...) under diffusers module names
+                s = fluxnames.split_key(key[len(root):])
+                if s is None:
+                    return None
+                prefix = "lora_unet_" if component == "unet" else _kohya_te(component, arch)
+                return prefix + s[0].replace(".", "_"), s[1], True
             mod = m.group("mod")
             mod = re.sub(r"\.processor\.(to_[qkv])_lora$", r".\1", mod)
             mod = re.sub(r"\.processor\.to_out_lora$", ".to_out.0", mod)
