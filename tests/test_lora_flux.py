@@ -526,3 +526,38 @@ def test_convert_faces_agree(tmp_path, capsys):
     assert (root / "Lora" / "ui.safetensors").read_bytes() == data
     for k in ("arch", "source_naming", "naming", "modules_in", "modules_out", "tensors"):
         assert cli_report[k] == r.json()[k] == rep[k]
+
+
+def test_extract_from_two_flux_checkpoints(base, row_map, tmp_path):
+    """tuned = base + an exactly rank-2 ΔW on a fused ``qkv``, on ``linear1``, on the final modulation and on a
+    plain layer: extracting at rank 4 (no clamp, fp32) gives one kohya module per fused weight, and baking it onto
+    the base gives the tuned weights back; from the diffusers-layout pair the same factors come out (the pieces are
+    stacked back into the BFL module before the SVD)."""
+    from lib_sdtoolkit.lora.bake import bake
+    from lib_sdtoolkit.lora.extract import extract_lora
+
+    g = torch.Generator().manual_seed(21)
+    tuned = dict(base["sd"])
+    changed = ["double_blocks.4.img_attn.qkv.weight", "single_blocks.11.linear1.weight",
+               "final_layer.adaLN_modulation.1.weight", "double_blocks.4.txt_mlp.2.weight"]
+    for k in changed:
+        o, i = tuned[k].shape
+        tuned[k] = tuned[k] + (torch.randn(o, 2, generator=g) @ torch.randn(2, i, generator=g)) * 0.1
+    save_safetensors(tmp_path / "tuned.safetensors", tuned)
+    out = extract_lora(tmp_path / "tuned.safetensors", base["bfl"], tmp_path / "x.safetensors", rank=4,
+                       clamp_quantile=None, dtype="fp32")
+    assert out["arch"] == "Flux.1" and out["layers"] == 4
+    x = load_state_dict(tmp_path / "x.safetensors")
+    assert x["lora_unet_double_blocks_4_img_attn_qkv.lora_up.weight"].shape == (3 * H, 4)
+    assert x["lora_unet_single_blocks_11_linear1.lora_up.weight"].shape == (7 * H, 4)
+    baked = load_state_dict(bake(base["bfl"], [(tmp_path / "x.safetensors", 1.0)], tmp_path / "b.safetensors")["output"])
+    for k in tuned:
+        assert torch.allclose(baked[k], tuned[k], atol=1e-5), k
+
+    save_safetensors(tmp_path / "tuned-d.safetensors", to_diffusers(tuned, row_map))
+    save_safetensors(tmp_path / "base-d.safetensors", to_diffusers(base["sd"], row_map))
+    extract_lora(tmp_path / "tuned-d.safetensors", tmp_path / "base-d.safetensors", tmp_path / "xd.safetensors",
+                 rank=4, clamp_quantile=None, dtype="fp32")
+    xd = load_state_dict(tmp_path / "xd.safetensors")
+    assert xd.keys() == x.keys()
+    assert all(torch.equal(xd[k], x[k]) for k in x)
