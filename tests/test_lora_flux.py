@@ -561,3 +561,48 @@ def test_extract_from_two_flux_checkpoints(base, row_map, tmp_path):
     xd = load_state_dict(tmp_path / "xd.safetensors")
     assert xd.keys() == x.keys()
     assert all(torch.equal(xd[k], x[k]) for k in x)
+
+
+def test_sd1_convert_to_diffusers_loads_in_diffusers(tmp_path):
+    """diffusers applies our ``--to diffusers`` SD1 file (its ``lora_adapter_metadata`` carrying rank and alpha per
+    module, both varying) as W + alpha/rank · up @ down computed here in plain torch. (diffusers ignores ``.alpha``
+    keys in its own naming, hence the metadata; its kohya path, on this file, gave every module alpha 1 in 0.39.)"""
+    from diffusers import StableDiffusionPipeline
+
+    from lib_sdtoolkit.arch import keymaps
+    from lib_sdtoolkit.lora.convert import convert
+    from lib_sdtoolkit.samples.factory import build_diffusers_unet
+
+    unet = build_diffusers_unet("SD1").eval()
+    base = {k: v.clone() for k, v in unet.state_dict().items()}
+    g = torch.Generator().manual_seed(4)
+    sd, fused = {}, dict(base)
+    names = [n for n in keymaps.kohya_lora_names("SD1")
+             if n.startswith("lora_unet_down_blocks") and ("attn1_to" in n or "attn2_to_q" in n or "proj_in" in n)]
+    for i, n in enumerate(sorted(names)):
+        wk = next(k for k in base if k.replace(".", "_") == n[len("lora_unet_"):] + "_weight")
+        s = base[wk].shape
+        r, alpha = 2 + i % 3, float(1 + i % 4)
+        dn = torch.randn(r, *s[1:], generator=g) * 0.3
+        up = torch.randn(s[0], r, *([1] * (len(s) - 2)), generator=g) * 0.3
+        sd[f"{n}.lora_down.weight"], sd[f"{n}.lora_up.weight"], sd[f"{n}.alpha"] = dn, up, torch.tensor(alpha)
+        fused[wk] = base[wk] + (alpha / r) * (up.reshape(s[0], r) @ dn.reshape(r, -1)).reshape(s)
+    src = save_safetensors(tmp_path / "k.safetensors", sd)
+    convert(src, tmp_path / "d.safetensors", "diffusers")
+
+    def run(u):
+        gg = torch.Generator().manual_seed(0)
+        with torch.no_grad():
+            return u(torch.randn(1, u.config.in_channels, 16, 16, generator=gg), torch.tensor([10]),
+                     encoder_hidden_states=torch.randn(1, 7, u.config.cross_attention_dim, generator=gg)).sample
+
+    plain = run(unet)
+    unet.load_state_dict(fused)
+    ref = run(unet)
+    unet.load_state_dict(base)
+    state, alphas, md = StableDiffusionPipeline.lora_state_dict(str(tmp_path / "d.safetensors"),
+                                                                return_lora_metadata=True)
+    assert md["unet.alpha_pattern"] and md["unet.rank_pattern"]
+    StableDiffusionPipeline.load_lora_into_unet(state, alphas, unet, adapter_name="x", metadata=md)
+    assert (ref - plain).abs().max() > 1e-3
+    torch.testing.assert_close(run(unet), ref, rtol=1e-4, atol=2e-5)

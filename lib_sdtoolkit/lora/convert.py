@@ -306,6 +306,37 @@ def read_modules(path: PathLike) -> Tuple[str, str, List[Module], Dict[str, str]
     return arch, naming, mods, meta
 
 
+#: the safetensors metadata field diffusers (>= 0.34) reads the LoRA config from: ``{"unet.r": ..,
+#: "unet.lora_alpha": .., "unet.rank_pattern": {..}, "unet.alpha_pattern": {..}, "unet.target_modules": [..]}``
+DIFFUSERS_METADATA_KEY = "lora_adapter_metadata"
+
+
+def _diffusers_adapter_metadata(named: List[Tuple[str, Dict[str, torch.Tensor]]]) -> Dict[str, object]:
+    """The LoRA config diffusers' SD loaders need to apply alpha/rank: they ignore ``.alpha`` keys in its own
+    naming (only its kohya path reads them) and take the config from this metadata instead (Flux's loader reads the
+    ``.alpha`` keys and refuses both at once, so Flux files get none)."""
+    by_comp: Dict[str, Dict[str, Tuple[int, float]]] = {}
+    for name, parts in named:
+        if set(parts) - {"alpha"} != {_UP, _DOWN}:
+            continue
+        comp, mod = name.split(".", 1)
+        r = int(parts[_DOWN].shape[0])
+        a = float(parts["alpha"].double()) if "alpha" in parts else float(r)
+        by_comp.setdefault(comp, {})[mod] = (r, a)
+    out: Dict[str, object] = {}
+    for comp, mods in by_comp.items():
+        ranks = [r for r, _ in mods.values()]
+        alphas = [a for _, a in mods.values()]
+        r0 = max(set(ranks), key=ranks.count)
+        a0 = max(set(alphas), key=alphas.count)
+        out[f"{comp}.r"] = r0
+        out[f"{comp}.lora_alpha"] = a0
+        out[f"{comp}.target_modules"] = sorted(mods)
+        out[f"{comp}.rank_pattern"] = {m: r for m, (r, _) in mods.items() if r != r0}
+        out[f"{comp}.alpha_pattern"] = {m: a for m, (_, a) in mods.items() if a != a0}
+    return out
+
+
 def _part_name(part: str, naming: str) -> str:
     return _DIFFUSERS_PARTS.get(part, part) if naming in ("diffusers", "peft") else part
 
@@ -337,6 +368,11 @@ def convert(src: PathLike, out: PathLike, to: str, overwrite: bool = False,
                 raise InvalidInputError(f"two modules of the input map to {k}", src)
             tensors[k] = t.contiguous()
     meta = dict(meta)
+    meta.pop(DIFFUSERS_METADATA_KEY, None)
+    if to == "diffusers" and not is_flux(arch):
+        adapter = _diffusers_adapter_metadata(named)
+        if adapter:
+            meta[DIFFUSERS_METADATA_KEY] = json.dumps(adapter, sort_keys=True)
     meta["sdtoolkit_lora_convert"] = json.dumps({"from": naming, "to": to, "source": Path(src).name})
     specs = [(k, v.dtype, tuple(v.shape)) for k, v in tensors.items()]
     with StreamingSafetensorsWriter(outp, specs, meta, overwrite=overwrite) as w:
