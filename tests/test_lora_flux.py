@@ -83,6 +83,16 @@ def _model(sd_diffusers):
 
 
 def _forward(m):
+    """One forward pass on one thread: at this width two threads on a busy 2-core machine are 50x slower."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return _forward1(m)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _forward1(m):
     g = torch.Generator().manual_seed(3)
     n_img, n_txt = 8, 5
     with torch.no_grad():
@@ -436,7 +446,7 @@ def _sd_kohya_file(path, arch, seed=0):
     layout = keymaps.load_layout(arch)
     g = torch.Generator().manual_seed(seed)
     sd = {}
-    for i, (name, t) in enumerate(_targets(arch)):
+    for i, (name, t) in enumerate(_targets(arch)[::3]):  # every third target: UNet, text encoders, convs all in
         shape = layout[t.weight_key]
         out_dim = shape[0] // 3 if t.qkv_index is not None else shape[0]
         in_dim = int(torch.tensor(shape[1:]).prod())
@@ -592,9 +602,14 @@ def test_sd1_convert_to_diffusers_loads_in_diffusers(tmp_path):
 
     def run(u):
         gg = torch.Generator().manual_seed(0)
-        with torch.no_grad():
-            return u(torch.randn(1, u.config.in_channels, 16, 16, generator=gg), torch.tensor([10]),
-                     encoder_hidden_states=torch.randn(1, 7, u.config.cross_attention_dim, generator=gg)).sample
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)
+        try:
+            with torch.no_grad():
+                return u(torch.randn(1, u.config.in_channels, 16, 16, generator=gg), torch.tensor([10]),
+                         encoder_hidden_states=torch.randn(1, 7, u.config.cross_attention_dim, generator=gg)).sample
+        finally:
+            torch.set_num_threads(threads)
 
     plain = run(unet)
     unet.load_state_dict(fused)
