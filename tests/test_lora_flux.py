@@ -621,3 +621,23 @@ def test_sd1_convert_to_diffusers_loads_in_diffusers(tmp_path):
     StableDiffusionPipeline.load_lora_into_unet(state, alphas, unet, adapter_name="x", metadata=md)
     assert (ref - plain).abs().max() > 1e-3
     torch.testing.assert_close(run(unet), ref, rtol=1e-4, atol=2e-5)
+
+
+def test_convert_partial_pieces_round_trip(tmp_path):
+    """A diffusers file that trains only ``to_q`` of a double block and ``proj_mlp`` of a single block: kohya holds
+    them zero-padded in the fused module, and back in diffusers naming only those two modules come out, bit-exact."""
+    from lib_sdtoolkit.lora.convert import convert
+
+    g = torch.Generator().manual_seed(0)
+    p = "transformer."
+    sd = {p + "transformer_blocks.0.attn.to_q.lora_A.weight": torch.randn(R, H, generator=g),
+          p + "transformer_blocks.0.attn.to_q.lora_B.weight": torch.randn(H, R, generator=g),
+          p + "single_transformer_blocks.0.proj_mlp.lora_A.weight": torch.randn(3, H, generator=g),
+          p + "single_transformer_blocks.0.proj_mlp.lora_B.weight": torch.randn(4 * H, 3, generator=g)}
+    save_safetensors(tmp_path / "p.safetensors", sd)
+    convert(tmp_path / "p.safetensors", tmp_path / "pk.safetensors", "kohya")
+    k = load_state_dict(tmp_path / "pk.safetensors")
+    assert k["lora_unet_single_blocks_0_linear1.lora_up.weight"].shape == (7 * H, 3)
+    assert not k["lora_unet_single_blocks_0_linear1.lora_up.weight"][:3 * H].any()
+    convert(tmp_path / "pk.safetensors", tmp_path / "pkd.safetensors", "diffusers")
+    assert _same(load_state_dict(tmp_path / "pkd.safetensors"), sd)

@@ -170,6 +170,8 @@ def _split(m: Module, pieces: List[Tuple[str, Tuple[int, int]]], a: int) -> List
     out = []
     alpha = m.parts.get("alpha")
     for j, ((d, _), (lo, hi)) in enumerate(zip(pieces, rows)):
+        if n > 1 and not bool(up[lo:hi].any()):
+            continue  # a piece the fused module leaves alone (a file that trained to_q only): no module for it
         if sparse:
             parts = {_UP: up[lo:hi, j * (r // n):(j + 1) * (r // n)].contiguous(),
                      _DOWN: down[j * (r // n):(j + 1) * (r // n)].contiguous()}
