@@ -39,6 +39,7 @@ BODIES = {
     "lora-inspect": {"lora": "sample-lora-sd15"},
     "lora-resize": {"lora": "sample-lora-sd15", "rank": 1, "output": "z.safetensors"},
     "lora-merge": {"loras": ["sample-lora-sd15"], "output": "m.safetensors"},
+    "lora-convert": {"lora": "sample-lora-sd15", "to": "diffusers", "output": "conv.safetensors"},
     "vae-decode": {"vae": "vae-tiny", "latent": [[[0.1] * 4] * 4] * 4, "tile_size": 16},
     "vae-encode": {"vae": "vae-tiny", "image_b64": _PNG},
     "prune": {"path": "sd15-tiny", "output": "jobroutes-pruned.safetensors"},

@@ -529,10 +529,26 @@ class LoraTarget:
     module: str
     component: str
     qkv_index: Optional[int] = None
+    #: Flux: rows ``(first, count)`` of a fused weight, in units of its input width (``qkv``: q = (0, 1);
+    #: ``linear1``: mlp = (3, 4)); None = the whole weight (see :mod:`lib_sdtoolkit.arch.fluxmaps`)
+    rows: Optional[Tuple[int, int]] = None
+    #: Flux: the file's ΔW has the two halves of its rows swapped against the target (diffusers ``norm_out``)
+    swap: bool = False
 
     @property
     def weight_key(self) -> str:
         return self.module + ("_weight" if self.qkv_index is not None else ".weight")
+
+    def row_slice(self, shape: Tuple[int, ...]) -> Optional[slice]:
+        """The rows of a target weight of ``shape`` this module patches (an offset into a fused weight, as
+        ComfyUI's model_patcher keeps one); None = all of them."""
+        if self.qkv_index is not None:
+            n = int(shape[0]) // 3
+            return slice(self.qkv_index * n, (self.qkv_index + 1) * n)
+        if self.rows is not None:
+            u = int(shape[1])
+            return slice(self.rows[0] * u, (self.rows[0] + self.rows[1]) * u)
+        return None
 
 
 def _module_names(keys: Iterable[str]) -> List[str]:

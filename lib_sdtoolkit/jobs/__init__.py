@@ -34,6 +34,7 @@ JOB_MODULES: Dict[str, str] = {
     "lora-inspect": "lib_sdtoolkit.jobs.lora",
     "lora-resize": "lib_sdtoolkit.jobs.lora",
     "lora-merge": "lib_sdtoolkit.jobs.lora",
+    "lora-convert": "lib_sdtoolkit.jobs.lora_convert",
     "vae-decode": "lib_sdtoolkit.jobs.tiled_vae",
     "vae-encode": "lib_sdtoolkit.jobs.tiled_vae",
     "controlnet-detect": "lib_sdtoolkit.jobs.controlnet",

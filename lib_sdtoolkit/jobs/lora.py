@@ -14,7 +14,7 @@ see paths and a progress callable only. No torch import here: the CLI's ``--help
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional, Tuple
 
 from ..errors import InvalidInputError
@@ -256,6 +256,8 @@ class InspectReport(Report):
     not_applied: List[Dict[str, str]]
     not_applied_counts: Dict[str, int]
     name: str
+    naming: str = "unknown"
+    unmatched_modules: List[Dict[str, str]] = field(default_factory=list)
 
     def summary(self) -> str:
         def counts(d: Dict[str, int], sep: str = " x") -> str:
@@ -263,6 +265,7 @@ class InspectReport(Report):
 
         lines = [f"{self.path}  ({self.format}, {self.tensors} tensors)",
                  f"  base model : {self.base_model}",
+                 f"  naming     : {self.naming}",
                  f"  types      : {counts(self.types)}",
                  f"  ranks      : {counts(self.ranks)}",
                  f"  alphas     : {counts(self.alphas)}",
@@ -285,6 +288,10 @@ class InspectReport(Report):
         else:
             lines.append("  not applied: none" + (" (names and types checked; give --model CHECKPOINT to check "
                                                   "shapes)" if not self.model else ""))
+        if self.unmatched:
+            lines.append(f"  unmatched  : {self.unmatched} (e.g. {', '.join(self.unmatched_examples)})")
+        for u in self.unmatched_modules[:20]:
+            lines.append(f"    {u['module']}: {u['reason']}")
         for k in sorted(self.metadata):
             v = self.metadata[k]
             lines.append(f"  {k} = {v if len(v) < 120 else v[:117] + '...'}")

@@ -36,6 +36,8 @@ def bake(checkpoint: PathLike, loras: Sequence[Tuple[PathLike, float]], out: Pat
     with open_model(checkpoint) as r:
         infos = r.infos()
         a = detect(infos)
+        if a.architecture == "Flux.1" and a.layout != "component":
+            return _bake_flux(r, infos, a, loras, outp, overwrite, progress)
         if not a.is_checkpoint:
             raise ArchitectureError(f"not a Stable Diffusion checkpoint ({a.architecture})", r.path)
         arch = base_arch(a.architecture)
@@ -95,6 +97,39 @@ def bake(checkpoint: PathLike, loras: Sequence[Tuple[PathLike, float]], out: Pat
     return {"output": str(outp), "arch": arch, "touched": touched,
             "loras": [{"path": str(p), "multiplier": m, "layers": len(n.layers), "unmatched": len(n.unmatched)}
                       for (p, m), (n, _) in zip(loras, nets)]}
+
+
+def _bake_flux(r, infos, a, loras, outp, overwrite, progress) -> Dict[str, object]:
+    """The Flux path of :func:`bake`: patches through :class:`.fluxbake.FluxPatches` (any checkpoint layout, fused
+    weights patched by row offset, the ΔW of a layer spread over several keys computed once)."""
+    from .fluxbake import FluxPatches
+
+    shapes = {k: i.shape for k, i in infos.items()}
+    nets = [(load_network(p, "Flux.1"), float(m)) for p, m in loras]
+    layers = [(layer, m) for net, m in nets for layer in net.layers]
+    patches = FluxPatches(layers, a.layout or "bfl", a.prefixes, shapes, r.path)
+    meta = dict(r.metadata) if r.format == "safetensors" else {}
+    meta["sdtoolkit_lora_bake"] = json.dumps([{"lora": Path(p).name, "multiplier": m} for p, m in loras])
+    keys = r.keys()
+    touched = 0
+    with StreamingSafetensorsWriter(outp, [infos[k] for k in keys], meta, overwrite=overwrite) as w:
+        for i, k in enumerate(keys):
+            t = r.get(k)
+            acc = patches.apply(k, t, r)
+            if acc is not None:
+                t = acc.to(infos[k].dtype)
+                touched += 1
+            w.write(k, t.contiguous())
+            if progress:
+                progress(i + 1, len(keys))
+    out = []
+    i0 = 0
+    for (p, m), (n, _) in zip(loras, nets):
+        absent = sum(1 for pl in patches.places[i0:i0 + len(n.layers)] if not pl)
+        i0 += len(n.layers)
+        out.append({"path": str(p), "multiplier": m, "layers": len(n.layers) - absent, "unmatched": len(n.unmatched),
+                    "not_in_checkpoint": absent})
+    return {"output": str(outp), "arch": "Flux.1", "touched": touched, "loras": out}
 
 
 __all__ = ["bake", "MAX_MULTIPLIER"]

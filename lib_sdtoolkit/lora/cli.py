@@ -50,7 +50,10 @@ RENDER: Dict[str, Callable[[Any], str]] = {"extract": render_extract, "bake": re
 
 def register(subparsers: Any) -> None:
     from ..jobs.faces import add_cli
-    from ..jobs.lora import ACTIONS
+    from ..jobs.lora import ACTIONS as LORA_ACTIONS
+    from ..jobs.lora_convert import ACTIONS as CONVERT_ACTIONS
+
+    ACTIONS = {**LORA_ACTIONS, **CONVERT_ACTIONS}
 
     p = subparsers.add_parser("lora", help=f"LoRA tools: {', '.join(ACTIONS)}")
     sub = p.add_subparsers(dest="lora_command", metavar="ACTION")

@@ -115,6 +115,10 @@ def extract_lora(tuned: PathLike, base: PathLike, out: PathLike, rank: int = 32,
     dev = torch.device(device)
     with open_model(tuned) as rt, open_model(base) as rb:
         at, ab = detect(rt.infos()), detect(rb.infos())
+        if ab.architecture == "Flux.1" and ab.layout != "component":  # lora/extract_flux.py: fused layers as one
+            from .extract_flux import extract_flux
+            return extract_flux(rt, rb, at, ab, outp, rank, svd_factors, clamp_quantile, dev, DTYPES[dtype],
+                                overwrite, progress, min_diff, (Path(tuned).name, Path(base).name))
         if not ab.is_checkpoint:
             raise ArchitectureError(f"not a Stable Diffusion checkpoint ({ab.architecture})", rb.path)
         if at.family != ab.family:

@@ -29,9 +29,11 @@ from ..arch.families import base_arch
 from ..errors import ArchitectureError, SdToolkitError
 from ..files import open_model
 from . import formats
-from .names import resolve_name
+from . import fluxnames
+from .names import is_flux, resolve_name
 from .network import (SHAPE_MISMATCH, UNKNOWN_TARGET, UNSUPPORTED_TYPE, WRONG_ARCH, group_modules,
                       guess_lora_arch)
+from .detect import detect_naming, unmatched_modules
 
 PathLike = Union[str, "os.PathLike[str]"]
 
@@ -85,6 +87,8 @@ def _inspect(r: Any, p: Path, mr: Any, model_arch: Optional[str], model_infos: A
     lora_arch = guessed or "SD1"
     arch = model_arch or lora_arch
     groups, bundled = group_modules(keys, arch)
+    naming = detect_naming(keys, arch)
+    flux = is_flux(arch)  # Flux LoRA blocks: BASE, Dnn, Snn (lora.fluxnames)
     try:
         blocks_conv = convention(LBW, arch)
     except SdToolkitError:
@@ -154,9 +158,9 @@ def _inspect(r: Any, p: Path, mr: Any, model_arch: Optional[str], model_infos: A
                 weight = mr.get(t.weight_key).float()
                 if t.qkv_index is not None:
                     weight = weight[t.qkv_index * shape[0]:(t.qkv_index + 1) * shape[0]]
-        if blocks_conv is not None:
+        if blocks_conv is not None or flux:
             try:
-                b = blocks_conv.block_of(t.module)
+                b = fluxnames.block_of(t) if flux else blocks_conv.block_of(t.module)
             except SdToolkitError:
                 b = "BASE"
             ent = blocks.setdefault(b, {"layers": 0, "norm": 0.0})
@@ -174,14 +178,14 @@ def _inspect(r: Any, p: Path, mr: Any, model_arch: Optional[str], model_infos: A
     counts: Dict[str, int] = {}
     for x in not_applied:
         counts[x["reason"]] = counts.get(x["reason"], 0) + 1
-    order = list(blocks_conv.blocks) if blocks_conv is not None else sorted(blocks)
+    order = list(blocks_conv.blocks) if blocks_conv is not None else sorted(blocks, key=lambda b: (b != "BASE", b))
     return {
-        # loraformats (#14.4): the key-name convention (kohya / diffusers / peft / comfy) is theirs to add beside
-        # "format" (the container: safetensors / pickle)
+        # "format" is the container (safetensors / pickle); "naming" the key-name convention (kohya, diffusers, ...)
         "path": str(p), "format": r.format, "file_size": r.file_size, "tensors": len(keys),
         "base_model": lora_arch, "types": kinds, "ranks": ranks, "alphas": alphas, "dora_layers": dora,
         "conv_kxk_layers": conv, "targets": {k: v for k, v in targets.items() if v},
         "unmatched": len(unmatched), "unmatched_examples": unmatched[:5], "unknown_modules": unknown[:5],
+        "naming": naming, "unmatched_modules": unmatched_modules(keys, arch),
         "bundled_embeddings": sorted({k.split(".")[1] for k in bundled if k.count(".") >= 1}),
         "metadata": meta,
         "blocks": {b: blocks[b] for b in order if b in blocks},

@@ -20,6 +20,7 @@ from typing import Dict, Optional, Tuple
 from ..arch import keymaps
 from ..arch.families import FAMILIES, base_arch
 from ..arch.keymaps import LoraTarget
+from . import fluxnames
 
 
 @functools.lru_cache(maxsize=None)
@@ -77,16 +78,33 @@ def _kohya_te(component: str, arch: str) -> str:
         return "lora_te2_" if component == "text_encoder_2" else "lora_te1_"
 
 
+def is_flux(arch: str) -> bool:
+    return arch.startswith("Flux")
+
+
 def split_key(key: str, arch: str) -> Optional[Tuple[str, str, bool]]:
     """(module name in kohya spelling, part name, is_peft) of a file key; None if it is no network key
-    (``bundle_emb.*`` and unknown shapes of key)."""
+    (``bundle_emb.*`` and unknown shapes of key). Flux: the module name as the file spells it
+    (:mod:`lib_sdtoolkit.lora.fluxnames`)."""
     if key.startswith("bundle_emb."):
         return None
+    if is_flux(arch):
+        s = fluxnames.split_key(key)
+        return None if s is None else (s[0], s[1], False)
+    if key.startswith("base_model.model."):  # PEFT's own prefix over the diffusers names
+        key = key[len("base_model.model."):]
+    comfy = _comfy_key(key, arch)
+    if comfy is not None:
+        return comfy
     for root, component in _PEFT_ROOTS:
         if key.startswith(root):
             m = _PEFT_PART.match(key[len(root):])
-            if not m:
-                return None
+            if not m:  # LyCORIS parts (hada_*, lokr_*, diff...) under diffusers module names
+                s = fluxnames.split_key(key[len(root):])
+                if s is None:
+                    return None
+                prefix = "lora_unet_" if component == "unet" else _kohya_te(component, arch)
+                return prefix + s[0].replace(".", "_"), s[1], True
             mod = m.group("mod")
             mod = re.sub(r"\.processor\.(to_[qkv])_lora$", r".\1", mod)
             mod = re.sub(r"\.processor\.to_out_lora$", ".to_out.0", mod)
@@ -99,8 +117,49 @@ def split_key(key: str, arch: str) -> Optional[Tuple[str, str, bool]]:
     return mod, part, False
 
 
+#: ComfyUI's names of the text encoders (``text_encoders.clip_l.transformer.text_model...``) -> kohya prefix
+_COMFY_TE = {"SD1": {"clip_l": "lora_te_"}, "SD2": {"clip_h": "lora_te_"},
+             "SDXL": {"clip_l": "lora_te1_", "clip_g": "lora_te2_"}, "SDXL-refiner": {"clip_g": "lora_te2_"}}
+
+
+def comfy_te_names(arch: str) -> Dict[str, str]:
+    """kohya text-encoder prefix -> ComfyUI's text encoder name, for ``arch``."""
+    try:
+        return {v: k for k, v in _COMFY_TE[base_arch(arch)].items()}
+    except (KeyError, ValueError):
+        return {}
+
+
+def _comfy_key(key: str, arch: str) -> Optional[Tuple[str, str, bool]]:
+    """ComfyUI's spelling (``diffusion_model.<checkpoint module>.lora_up.weight``,
+    ``text_encoders.clip_l.transformer.<HF CLIP module>...``) as (kohya name, part, False); None if not that."""
+    if not key.startswith(("diffusion_model.", "text_encoders.")):
+        return None
+    s = fluxnames.split_key(key)
+    if s is None:
+        return None
+    mod, part = s
+    if mod.startswith("diffusion_model."):
+        try:
+            name = keymaps.kohya_name_of_module(keymaps.UNET_PREFIX + mod[len("diffusion_model."):], arch)
+        except (KeyError, ValueError):
+            return mod, part, False
+        return name, part, False
+    m = re.match(r"^text_encoders\.(\w+)\.transformer\.(.+)$", mod)
+    if m:
+        try:
+            pre = _COMFY_TE[base_arch(arch)].get(m.group(1))
+        except (KeyError, ValueError):
+            pre = None
+        if pre is not None:
+            return pre + m.group(2).replace(".", "_"), part, False
+    return mod, part, False
+
+
 def resolve_name(name: str, arch: str) -> Optional[LoraTarget]:
-    """The target of a kohya-spelled module name, or None."""
+    """The target of a kohya-spelled module name (Flux: any spelling of :mod:`.fluxnames`), or None."""
+    if is_flux(arch):
+        return fluxnames.resolve(name)
     table = lora_names(arch)
     t = table.get(name)
     if t is not None:

@@ -21,7 +21,8 @@ from ..errors import ArchitectureError
 from ..files import open_model
 from . import formats
 from .formats import FormatError, LayerWeights
-from .names import resolve_name, split_key
+from . import fluxnames
+from .names import is_flux, resolve_name, split_key
 
 PathLike = Union[str, "os.PathLike[str]"]
 
@@ -120,7 +121,9 @@ def group_modules(keys: List[str], arch: str) -> Tuple[Dict[str, Dict[str, str]]
 
 
 def guess_lora_arch(keys: List[str], metadata: Dict[str, str]) -> Optional[str]:
-    """SD1 / SD2 / SDXL from key names and ss_* metadata, or None."""
+    """SD1 / SD2 / SDXL / Flux.1 from key names and ss_* metadata, or None."""
+    if fluxnames.looks_like_flux(keys, metadata):
+        return fluxnames.ARCH
     ver = metadata.get("ss_base_model_version", "")
     if ver.startswith("sdxl"):
         return "SDXL"
@@ -140,17 +143,22 @@ def load_network(path: PathLike, arch: str, name: Optional[str] = None) -> Netwo
     """Parse ``path`` for a model of ``arch`` (SD1, SD2, SDXL...). Raises ModelFileError/FormatError/
     ArchitectureError with the file and the layer named."""
     p = Path(path)
-    base = base_arch(arch)
+    flux = is_flux(arch)
+    base = fluxnames.ARCH if flux else base_arch(arch)
     with open_model(p) as r:
         keys = r.keys()
         metadata = dict(r.metadata)
         guessed = guess_lora_arch(keys, metadata)
+        if (guessed == fluxnames.ARCH) != flux:
+            example = keys[0] if keys else "-"
+            raise ArchitectureError(f"this is a{' Flux.1' if guessed == fluxnames.ARCH else ' ' + str(guessed)} "
+                                    f"network and the model is {base}; not applied", p, example.split(".")[0])
         if guessed == "SDXL" and not base.startswith("SDXL"):
             example = next((k for k in keys if k.startswith(("lora_te1_", "lora_te2_", "text_encoder_2."))), keys[0])
             raise ArchitectureError(f"this is an SDXL network (te1/te2 text encoders or sdxl base model in its "
                                     f"metadata) and the model is {base}; not applied", p, example.split(".")[0])
         groups, bundled = group_modules(keys, base)
-        blocks = convention(LBW, base)
+        block_of = fluxnames.block_of if flux else (lambda t, c=convention(LBW, base): c.block_of(t.module))
         layers: List[BoundLayer] = []
         unmatched: List[str] = []
         unknown: List[str] = []
@@ -171,7 +179,7 @@ def load_network(path: PathLike, arch: str, name: Optional[str] = None) -> Netwo
             bad = formats.nonfinite_parts(layer)
             if bad:
                 raise FormatError(f"NaN or inf in {', '.join(bad)}; the network is not applied", p, mod)
-            layers.append(BoundLayer(layer, target, blocks.block_of(target.module)))
+            layers.append(BoundLayer(layer, target, block_of(target)))
     if not layers:
         guessed = guess_lora_arch(keys, metadata)
         example = (unmatched or unknown or keys)[0]
@@ -196,8 +204,9 @@ def check_shapes(net: Network, shapes: Dict[str, Tuple[int, ...]], dyn: Optional
             raise ArchitectureError(f"the model has no layer {layer.weight_key}; not applied", net.path,
                                     layer.weights.name)
         shape = tuple(shape)
-        if layer.target.qkv_index is not None:
-            shape = (shape[0] // 3, *shape[1:])
+        rows = layer.target.row_slice(shape)
+        if rows is not None:
+            shape = (rows.stop - rows.start, *shape[1:])
         try:
             formats.check_layer(layer.weights, shape, dyn)
             if layer.weights.dora_scale is not None:

@@ -34,7 +34,7 @@ log = logging.getLogger(__name__)
 
 API_PREFIX = "/sdtoolkit/v1"
 #: feature route modules, in registration order (missing ones are skipped)
-ROUTE_MODULES = ("inspect", "merge", "maintenance", "lora", "tiled_vae", "controlnet", "workflow")
+ROUTE_MODULES = ("inspect", "merge", "maintenance", "lora", "lora_convert", "tiled_vae", "controlnet", "workflow")
 
 
 def error_status(exc: SdToolkitError) -> int:

@@ -15,6 +15,7 @@ import gradio as gr
 
 from ..errors import SdToolkitError
 from ..host import Host
+from . import lora_convert_panel
 from .common import error_html, gradio_progress, keep_value, writes
 
 log = logging.getLogger(__name__)
@@ -201,6 +202,7 @@ def build(host: Host) -> None:
         overwrite3 = gr.Checkbox(label="Overwrite", value=False)
         btn3 = gr.Button("Bake", variant="primary", elem_id="sdtoolkit_lora_bake_btn")
         res3 = gr.HTML()
+    lora_convert_panel.build(host)
 
     lora_lists = [lora, rs_lora]
     ck_lists = [tuned, base, ckpt, in_model, mg_model]
