@@ -131,6 +131,7 @@ def _invocations(f: Dict[str, Path]) -> Dict[Tuple[str, ...], List[str]]:
         ("lora", "bake"): [str(f["sd1"]), f"{o / 'ex.safetensors'}:0.5", "-o", str(o / "baked.safetensors")],
         ("lora", "inspect"): [str(o / "ex.safetensors")],
         ("lora", "resize"): [str(o / "ex.safetensors"), "-o", str(o / "ex-r1.safetensors"), "--rank", "1"],
+        ("lora", "convert"): [str(o / "ex.safetensors"), "--to", "diffusers", "-o", str(o / "ex-diffusers.safetensors")],
         ("lora", "merge"): [f"{o / 'ex.safetensors'}:0.5", f"{o / 'ex-r1.safetensors'}:0.5", "-o",
                             str(o / "ex-merged.safetensors")],
         ("vae", "encode"): [str(f["img"]), "--vae", str(f["vae"]), "-o", str(o / "lat.safetensors")],
