@@ -439,7 +439,7 @@ def test_peak_memory_stays_within_one_layer(env):
     """Measured at every merged key (the merge's progress callback runs in the grid's thread after each key is
     copied into the model, with the next keys in flight) and around each generation: the heap in use never grows by
     more than a few times the largest tensor (float32 copies of A's and B's tensor and the result) over the level
-    before the grid. A second copy of the model would add its full size (~35 MB here, 13x the bound)."""
+    before the grid. A second copy of the model would add its full size (~35 MB here, 9x the bound)."""
     try:
         _heap_in_use()
     except (OSError, AttributeError):
@@ -472,5 +472,6 @@ def test_peak_memory_stays_within_one_layer(env):
     sample()
     assert len(res.done) == 4 and res.restored_keys > 0
     bound = 4 * largest + (1 << 20)
-    assert model_bytes > 10 * bound
+    assert model_bytes > 8 * bound                                   # a copy of the model could not pass
+    print(f"peak heap growth {peak[0]} B, bound {bound} B, largest tensor (fp32) {largest} B, model {model_bytes} B")
     assert peak[0] <= bound, (peak[0], bound)
