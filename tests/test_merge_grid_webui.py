@@ -475,3 +475,32 @@ def test_peak_memory_stays_within_one_layer(env):
     assert model_bytes > 8 * bound                                   # a copy of the model could not pass
     print(f"peak heap growth {peak[0]} B, bound {bound} B, largest tensor (fp32) {largest} B, model {model_bytes} B")
     assert peak[0] <= bound, (peak[0], bound)
+
+
+@pytest.mark.parametrize("flavour", ["forge201", "neo"])
+def test_forge_says_the_grid_is_unavailable(flavour):
+    """Forge changes weights through its patchers (the Merge tab's in-memory merge is not offered there): the
+    script shows why in its UI and refuses to run with that message, touching nothing."""
+    import gradio as gr
+
+    from webui_harness import unuse_forge, use_forge
+
+    use_forge(flavour)
+    try:
+        from modules import script_callbacks, script_loading
+
+        mod = script_loading.load_module(str(ROOT / "scripts" / "sdtoolkit_merge_grid.py"))
+        try:
+            assert mod.IS_FORGE
+            with gr.Blocks() as demo:
+                mod.SdToolkitMergeGridScript().ui(False)
+            notes = [c["props"].get("value", "") for c in demo.get_config_file()["components"]
+                     if c.get("type") == "html"]
+            assert any("not available on Forge" in n for n in notes), notes
+            with pytest.raises(InvalidInputError, match="not available on Forge: Forge's patchers own"):
+                mod.run_merge_grid(object(), "B", "None", "weighted_sum", 0.5, "", "Alpha", "0, 1", "IN04",
+                                   "Nothing", "", "IN04")
+        finally:
+            script_callbacks.remove_callbacks_for_function(mod.on_app_started)
+    finally:
+        unuse_forge()
