@@ -32,7 +32,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, List, Optional, Sequence, Set, Tuple
 
-from ..errors import InvalidInputError, SdToolkitError
+from ..errors import InvalidInputError, ModelFileError, SdToolkitError
 
 AXIS_KINDS = ("alpha", "beta", "preset", "method", "block", "seed")
 #: what the faces show per kind
@@ -363,8 +363,8 @@ def check_restorable(model_keys: Sequence[str], cells: Sequence[GridCell], origi
         with open_model(m) as r:
             missing = [k for k in r.infos() if k in keys and k not in have]
         if missing:
-            raise InvalidInputError(f"model A has {len(missing)} tensors the loaded checkpoint lacks (first: "
-                                    f"{missing[0]}); they could not be restored after the grid", )
+            raise ModelFileError(f"model A has {len(missing)} tensors the loaded checkpoint lacks (first: "
+                                    f"{missing[0]}); they could not be restored after the grid", m)
 
 
 def run_grid(model: Any, cells: List[GridCell], generate: Callable[[GridCell], Any], *,
