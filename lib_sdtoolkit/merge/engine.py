@@ -760,7 +760,8 @@ def merge_in_memory(recipe: MergeRecipe, a: Optional[StateLike] = None, b: Optio
                     into: Optional[torch.nn.Module] = None, progress: Optional[Progress] = None,
                     workers: int = 1, names: Optional[Dict[str, str]] = None,
                     hash_cache: Union[HashCache, bool, None] = True,
-                    hash_progress: Optional[HashProgress] = None) -> MergeResult:
+                    hash_progress: Optional[HashProgress] = None,
+                    select: Optional[Callable[[Any], bool]] = None) -> MergeResult:
     """Apply ``recipe`` without writing a file.
 
     ``a``/``b``/``c``/``vae`` override the recipe's paths with a path, a state dict or an ``nn.Module``. With
@@ -768,7 +769,11 @@ def merge_in_memory(recipe: MergeRecipe, a: Optional[StateLike] = None, b: Optio
     (cast once from float32 to each parameter's dtype, on its device) and nothing else is kept; keys the module
     lacks are skipped. Otherwise a new state dict in the recipe's dtype is returned. Integer tensors and
     position_ids follow the same rules as :func:`merge_files`; so do ``hash_cache`` and ``hash_progress`` (inputs
-    given as files only)."""
+    given as files only).
+
+    ``select(item)`` (with ``into`` only): called once per planned output key before anything is computed (``item``
+    has ``name``, ``action``, ``block``, ``partial``); keys it answers False for are neither computed nor written
+    (the XY grid rewrites only the keys whose inputs changed since the previous cell)."""
     t0 = time.perf_counter()
     recipe.validate()
     dev = _device(recipe)
@@ -806,7 +811,8 @@ def merge_in_memory(recipe: MergeRecipe, a: Optional[StateLike] = None, b: Optio
                 res = plan.compute(it, dev)
                 with torch.no_grad():
                     dst.copy_(res)
-            _run_items(plan, plan.items, work, workers, progress)
+            todo = plan.items if select is None else [i for i in plan.items if select(i)]
+            _run_items(plan, todo, work, workers, progress)
         else:
             def work(it: _Item) -> None:
                 res = plan.compute(it, dev)

@@ -28,9 +28,14 @@ from modules.sd_hijack import model_hijack
 
 
 class Processed:
-    def __init__(self, p, images_list, info=""):
+    # A1111 1.10's signature (seed and info positional after the images; infotexts one per image, default info)
+    def __init__(self, p, images_list, seed=-1, info="", subseed=None, all_prompts=None, all_negative_prompts=None,
+                 all_seeds=None, all_subseeds=None, index_of_first_image=0, infotexts=None, comments=""):
         self.images = images_list
+        self.seed = seed
         self.info = info
+        self.infotexts = infotexts or [info] * len(images_list)
+        self.all_seeds = all_seeds or getattr(p, "all_seeds", None) or [seed]
         self.comments = "".join(f"{comment}\n" for comment in getattr(p, "comments", {}))
         self.extra_generation_params = dict(getattr(p, "extra_generation_params", {}) or {})
 

@@ -36,6 +36,13 @@ class AfterCFGCallbackParams:
         self.x, self.sampling_step, self.total_sampling_steps = x, sampling_step, total_sampling_steps
 
 
+class ImageGridLoopParams:
+    def __init__(self, imgs, cols, rows):
+        self.imgs = imgs
+        self.cols = cols
+        self.rows = rows
+
+
 @dataclasses.dataclass
 class ExtraNoiseParams:
     noise: Any
@@ -165,6 +172,10 @@ def cfg_after_cfg_callback(params):
 
 def extra_noise_callback(params):
     _run("extra_noise", params)
+
+
+def image_grid_callback(params):
+    return _run("image_grid", params)
 
 
 def infotext_pasted_callback(infotext, params):
