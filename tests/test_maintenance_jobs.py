@@ -303,3 +303,28 @@ def test_stop_leaves_nothing_behind(lib, tmp_path):
         jobs.run("hash", host, {"paths": ["big.ckpt"]}, progress)
     with HashCache(tmp_path / "stop-cache.sqlite") as c:
         assert len(c) == 0
+
+
+def test_prune_tab_inspect_button_shows_what_pruning_keeps(lib):
+    """The Prune tab's Inspect button (its handler ``preview``) in the real A1111 1.10.1 raised
+    ``TypeError: 'NoneType' object is not callable``: it passed None as the inspect job's progress."""
+    from lib_sdtoolkit.ui.prune_tab import preview
+
+    host, root, _, _ = lib
+    summary, rows = preview(host, "[checkpoint] big.ckpt", "", [], False, False, "fp16")
+    assert "sdtoolkit-ok" in summary and "big.ckpt" in summary
+    kept = {r[0]: r[3] for r in rows}
+    assert {"unet", "vae", "text_encoder", "ema", "junk"} <= set(kept) and kept["ema"] == "no" and kept["unet"] == "yes"
+
+
+def test_prune_takes_a_bare_output_name_like_merge(lib):
+    """A name without a suffix gets ``.safetensors`` (the Merge and LoRA tools do the same; the real A1111's Prune tab
+    refused "sdt-ui-pruned-11" with "the output must end in .safetensors, ...")."""
+    from lib_sdtoolkit.ui.prune_tab import run_prune
+
+    host, root, _, _ = lib
+    msg, res = run_prune(host, {"choice": "[checkpoint] big.ckpt", "path": "", "only": [], "dtype": "fp16",
+                                "keep_ema": False, "keep_junk": False, "fix_position_ids": False, "bare": False,
+                                "output": "bare-name", "overwrite": False})
+    assert res is not None and res.get("written"), msg
+    assert (root / "Stable-diffusion" / "bare-name.safetensors").is_file()

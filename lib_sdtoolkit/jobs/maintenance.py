@@ -166,7 +166,8 @@ def prune_output(host: Any, req: PruneRequest, src: Path, options: Any) -> "tupl
     default = default_output_name(src, options)
     if host.trusted:
         default = str(src.parent / default)
-    out = host.resolve_output(req.output, out_kind, suffixes=PRUNE_SUFFIXES, default=default)
+    out = host.resolve_output(req.output, out_kind, suffixes=PRUNE_SUFFIXES, default=default,
+                              add_suffix=".safetensors")  # a bare name, as merge and the LoRA tools take it
     return out, out_kind
 
 

@@ -72,7 +72,11 @@ def apply_patch(weight: torch.Tensor, strength: float, patch: LayerPatch) -> tor
         if tuple(w2.shape) != (up.shape[0], down.shape[1]):
             raise ValueError(f"{lw.name}: factors {list(up.shape)} x {list(down.shape)} do not fit "
                              f"{list(weight.shape)}")
-        w2.addmm_(up.to(weight.dtype), down.to(weight.dtype), alpha=s * m)
+        # the hosts' own order (Forge 2.0.1 merge_lora_to_weight, ComfyUI/Neo LoRAAdapter.calculate_weight):
+        # ΔW = up @ down, scaled by strength x alpha/rank, then added - so <sdtlora:x:s> lands on the very bits
+        # <lora:x:s> does. A fused addmm rounds differently (about 1 ulp), and a 1-ulp change of the weights can
+        # change a sampled image by many levels (measured in the real Forge 2.0.1: see tests/test_forge_lora_bridge)
+        w2.add_(torch.mm(up.to(weight.dtype), down.to(weight.dtype)).mul_(s * m))
         return weight
     dw, _ = formats.compute_delta(lw, weight, patch.dyn, device=weight.device)
     weight.add_(dw.to(weight.dtype), alpha=m)

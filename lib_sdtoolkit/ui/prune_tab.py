@@ -45,7 +45,8 @@ def preview(host: Host, choice: Optional[str], path: Optional[str], only: List[s
 
     try:
         name, kind, note = picked(choice, path)
-        report = get("inspect").run(host, ui_request(InspectRequest, {"path": [name], "kind": kind}), None)
+        report = get("inspect").run(host, ui_request(InspectRequest, {"path": [name], "kind": kind}),
+                                   gradio_progress(None))  # a job takes a Progress, never None
         rep = report.to_dict()
         out_name = default_output_name(rep["name"], PruneOptions(dtype=dtype, only=list(only or []) or None))
     except SdToolkitError as exc:

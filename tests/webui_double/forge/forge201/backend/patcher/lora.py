@@ -3,7 +3,10 @@
 Shapes kept: ``extra_weight_calculators`` (patch type -> ``f(weight, strength, payload)``), the key maps return a
 dict (kohya name -> parameter), a patch entry is ``[strength_patch, value, strength_model, offset, function]``,
 ``LoraLoader.refresh`` re-merges only when the identifiers of the patch sets change, restoring its own backup first.
-Only the ``diff`` patch type of the built-in ones is kept (the double merges our patches, not Forge's LoRA maths).
+Of the built-in patch types ``diff`` and ``lora`` are kept, and ``load_lora`` for a plain kohya LoRA (``lora_up`` /
+``lora_down`` / ``alpha``; comfyui_lora_collection's is the one Forge picks for that), so a test can run Forge's own
+``<lora:...>`` beside ours. Forge's order of operations for ``lora`` matters and is kept: ``ΔW = up @ down`` in fp32,
+then ``(strength * alpha/rank) * ΔW`` cast to the weight's dtype, then added (a fused ``addmm`` rounds differently).
 """
 import torch
 
@@ -14,6 +17,19 @@ extra_weight_calculators = {}
 LORA_CLIP_MAP = {"mlp.fc1": "mlp_fc1", "mlp.fc2": "mlp_fc2", "self_attn.k_proj": "self_attn_k_proj",
                  "self_attn.q_proj": "self_attn_q_proj", "self_attn.v_proj": "self_attn_v_proj",
                  "self_attn.out_proj": "self_attn_out_proj"}
+
+
+def load_lora(lora, to_load):
+    """(patch dict {parameter: ("lora", (up, down, alpha, mid, dora_scale))}, the file's keys not used)."""
+    patches, used = {}, set()
+    for name, param in to_load.items():
+        up, down = f"{name}.lora_up.weight", f"{name}.lora_down.weight"
+        if up not in lora or down not in lora:
+            continue
+        alpha = lora[f"{name}.alpha"].item() if f"{name}.alpha" in lora else None
+        used.update(k for k in (up, down, f"{name}.alpha") if k in lora)
+        patches[param] = ("lora", (lora[up], lora[down], alpha, None, None))
+    return patches, {k: v for k, v in lora.items() if k not in used}
 
 
 def model_lora_keys_clip(model, key_map={}):  # noqa: B006 - Forge's own signature
@@ -53,6 +69,11 @@ def merge_lora_to_weight(patches, weight, key="online_lora", computation_dtype=t
         if patch_type == "diff":
             if strength != 0.0:
                 weight += strength * v[0].to(weight.device, weight.dtype)
+        elif patch_type == "lora":
+            up, down = v[0].to(weight.device, computation_dtype), v[1].to(weight.device, computation_dtype)
+            alpha = v[2] / down.shape[0] if v[2] is not None else 1.0
+            diff = torch.mm(up.flatten(start_dim=1), down.flatten(start_dim=1)).reshape(weight.shape)
+            weight += ((strength * alpha) * diff).type(weight.dtype)
         elif patch_type in extra_weight_calculators:
             weight = extra_weight_calculators[patch_type](weight, strength, v)
         else:

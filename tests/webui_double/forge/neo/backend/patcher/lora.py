@@ -6,7 +6,8 @@ than ``diff``/``set`` raises (``extra_weight_calculators`` is still defined but 
 """
 import torch
 
-from modules_forge.packages.comfy.lora import model_lora_keys_clip, model_lora_keys_unet, weight_adapter  # noqa: F401
+from modules_forge.packages.comfy.lora import (load_lora, model_lora_keys_clip,  # noqa: F401 - Neo re-exports them
+                                               model_lora_keys_unet, weight_adapter)
 
 extra_weight_calculators = {}
 

@@ -1,7 +1,8 @@
 """Forge Neo modules_forge/packages/comfy/weight_adapter (ComfyUI's): the adapter base class and the list of adapter
-classes ``load_lora`` tries (the double has none of ComfyUI's own adapters)."""
+classes ``load_lora`` tries (the double keeps only the plain LoRA one)."""
 from .base import WeightAdapterBase
+from .lora import LoRAAdapter
 
-adapters = []
+adapters = [LoRAAdapter]
 
-__all__ = ["WeightAdapterBase", "adapters"]
+__all__ = ["LoRAAdapter", "WeightAdapterBase", "adapters"]
