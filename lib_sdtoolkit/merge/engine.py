@@ -749,12 +749,18 @@ class MergeResult:
     recipe: MergeRecipe
     state_dict: Optional[Dict[str, torch.Tensor]] = None
     module: Optional[torch.nn.Module] = None
+    #: merged into a module: A's marker keys (``v_pred``, ``ztsnr``...), which a loaded model holds no tensor for;
+    #: saving the merge writes them, so a v-pred model saved from the WebUI stays v-pred
+    markers: Dict[str, torch.Tensor] = field(default_factory=dict)
 
     def tensors(self) -> Dict[str, torch.Tensor]:
         if self.state_dict is not None:
             return self.state_dict
         assert self.module is not None
-        return dict(self.module.state_dict())
+        out = dict(self.module.state_dict())
+        for k, t in self.markers.items():
+            out.setdefault(k, t)
+        return out
 
     def save(self, path: PathLike, overwrite: bool = False, dtype: Optional[str] = None) -> Path:
         """Write the merge (floats cast to ``dtype``, default the recipe's; ints untouched) atomically."""
@@ -769,14 +775,18 @@ def save_current_merge(result: MergeResult, path: PathLike, overwrite: bool = Fa
     check_output_path(out, [m for m in result.recipe.models if isinstance(m, str)], overwrite)
     target = DTYPES[dtype or result.recipe.dtype]
     sd = result.tensors()
+
+    def dt(k: str, t: torch.Tensor) -> torch.dtype:  # markers as stored (hosts test the key), ints never cast
+        return target if t.dtype.is_floating_point and not is_marker_key(k) else t.dtype
+
     if out.suffix.lower() == ".safetensors":
-        specs = [(k, target if t.dtype.is_floating_point else t.dtype, tuple(t.shape)) for k, t in sd.items()]
+        specs = [(k, dt(k, t), tuple(t.shape)) for k, t in sd.items()]
         with StreamingSafetensorsWriter(out, specs, result.metadata or None, overwrite=overwrite) as w:
             for k, t in sd.items():
-                w.write(k, t.detach().to("cpu", target if t.dtype.is_floating_point else t.dtype).contiguous())
+                w.write(k, t.detach().to("cpu", dt(k, t)).contiguous())
     else:
-        save_ckpt(out, {k: (t.detach().cpu().to(target) if t.dtype.is_floating_point else t.detach().cpu())
-                        for k, t in sd.items()}, extra=dict(result.metadata), overwrite=overwrite)
+        save_ckpt(out, {k: t.detach().cpu().to(dt(k, t)) for k, t in sd.items()}, extra=dict(result.metadata),
+                  overwrite=overwrite)
     return out
 
 
@@ -816,6 +826,7 @@ def merge_in_memory(recipe: MergeRecipe, a: Optional[StateLike] = None, b: Optio
         plan.report.input_sha256 = {n: h[0] for n, h in hashes.items()}
         meta = build_metadata(recipe, sources, hashes, arch, None, names, plan.report) if recipe.save_metadata else {}
         result_sd: Dict[str, torch.Tensor] = {}
+        markers: Dict[str, torch.Tensor] = {}
         lock = threading.Lock()
         if target_sd is not None:
             _check_module_keys(plan, target_sd, arch)
@@ -824,6 +835,10 @@ def merge_in_memory(recipe: MergeRecipe, a: Optional[StateLike] = None, b: Optio
             def work(it: _Item) -> None:
                 dst = target_sd.get(it.name)
                 if dst is None:
+                    if is_marker_key(it.name):  # kept beside the module, written by save_current_merge
+                        t = plan.compute(it, dev)
+                        with lock:
+                            markers[it.name] = t
                     return
                 if tuple(dst.shape) != tuple(it.shape):
                     raise ArchitectureError(f"module tensor shape {tuple(dst.shape)} differs from the merge's "
@@ -845,7 +860,7 @@ def merge_in_memory(recipe: MergeRecipe, a: Optional[StateLike] = None, b: Optio
     rep = plan.report
     rep.seconds = time.perf_counter() - t0
     if into is not None:
-        return MergeResult(rep, meta, recipe, module=into)
+        return MergeResult(rep, meta, recipe, module=into, markers=markers)
     return MergeResult(rep, meta, recipe, state_dict=result_sd)
 
 
