@@ -10,7 +10,6 @@ module tree (by object identity) and sd-mecha's shipped ``flux-flux.yaml`` for t
 from __future__ import annotations
 
 import math
-import re
 import zlib
 
 import numpy as np

@@ -8,7 +8,6 @@ Flux's ``vae/config.json`` has them), run whole; its scale/shift are what diffus
 from __future__ import annotations
 
 import base64
-import io
 import json
 import shutil
 
@@ -18,7 +17,7 @@ import torch
 
 from lib_sdtoolkit import cli
 from lib_sdtoolkit.arch import keymaps
-from lib_sdtoolkit.files import load_state_dict, open_model, save_safetensors
+from lib_sdtoolkit.files import open_model, save_safetensors
 from lib_sdtoolkit.samples import flux
 from lib_sdtoolkit.tiled_vae import TiledVAEConfig, plan_for
 from lib_sdtoolkit.tiled_vae.vae import decode, encode, load_vae, save_latent
