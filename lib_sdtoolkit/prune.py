@@ -6,7 +6,9 @@
   integer and bool tensors keep theirs. CLIP ``position_ids`` are an index tensor and are never converted;
   ``fix_position_ids`` replaces them with ``arange`` in int64 (a merge may have turned 76 into 75.9975).
 * ``only`` keeps just some components (``unet``, ``vae``, ``text_encoder``, ``text_encoder_2``; ``text_encoders``
-  means both). Extracting exactly one component can write *bare* keys (the component prefix removed):
+  means both). Flux.1: ``transformer`` (``unet`` names it too), ``vae``, ``text_encoder`` (CLIP-L),
+  ``text_encoder_2`` (T5-XXL); an all-in-one file drops whatever is not named.
+* marker keys (``v_pred``, ``ztsnr``, ``edm_*``) are kept, as stored, whenever the UNet / transformer is. Extracting exactly one component can write *bare* keys (the component prefix removed):
   that is the default for ``only=["vae"]``, because a standalone VAE file (the WebUI's ``models/VAE``) holds
   ``encoder.*``/``decoder.*`` keys; other components keep their prefixes unless ``bare=True``.
 * The output goes through the atomic streaming writer (``.safetensors``) one tensor at a time, or is saved as a
@@ -122,6 +124,9 @@ def plan_prune(reader: Any, options: PruneOptions) -> PrunePlan:
     groups = split_components(infos, info)
     present = [c for c in groups if c not in ("ema", "junk", "marker")]
     wanted = options.only
+    if wanted is not None and "transformer" in groups and "unet" not in groups:
+        # Flux's denoiser is its transformer: "unet" / "model" name it too
+        wanted = list(dict.fromkeys("transformer" if c == "unet" else c for c in wanted))
     if wanted is not None:
         missing = [c for c in wanted if c not in groups]
         if missing:

@@ -28,8 +28,19 @@ OUT00-OUT08 (20). A list of ratios has every block, with or without BASE (26/25,
 
 A short list names only its blocks; the others get 0, as lora-block-weight expands short lists.
 
-Adding an architecture (Flux.1: BASE + ``double_blocks.N`` -> ``Dnn`` + ``single_blocks.N`` -> ``Snn``) is one more
-row in each table: its block ids, the roots of its block-bearing keys and its rules; nothing else changes.
+``Flux.1`` (both conventions, the same blocks): BASE, D00-D18 (``double_blocks.N``), S00-S37 (``single_blocks.N``),
+58 values, or 57 without BASE. BASE is everything outside the numbered blocks: ``img_in``, ``txt_in``, ``time_in``,
+``vector_in``, ``guidance_in``, ``final_layer`` and, in an all-in-one file, the VAE and the text encoders
+(ComfyUI's ModelMergeFlux1 lists the embedders and ``final_layer`` one by one; here they share BASE, as SD's
+``time_embed``/``out`` share IN00/OUT11 with their neighbours). Every Flux layout is read: BFL bare keys
+(``double_blocks.3.img_attn.qkv.weight``), the all-in-one ``model.diffusion_model.`` prefix (and bare
+``diffusion_model.``), and diffusers' ``transformer_blocks.N`` / ``single_transformer_blocks.N`` (bare or under
+``transformer.``), which are the same blocks in the same order. A key of a block the model cannot have
+(``double_blocks.19``) is an error, as ``input_blocks.11`` is in SDXL.
+
+Adding an architecture is one more row in each table: its block ids, the roots of its block-bearing keys and its
+rules; nothing else changes. :func:`vocabulary` gives every architecture's block names (the UI's block editor and
+plot read it).
 """
 from __future__ import annotations
 
@@ -171,6 +182,25 @@ def _lbw(arch: str, n: int, attention: str) -> BlockConvention:
                            {len(blocks): blocks, len(short): short})
 
 
+FLUX = "Flux.1"
+FLUX_DOUBLE, FLUX_SINGLE = 19, 38
+#: roots of Flux transformer keys, longest first: all-in-one, bare ComfyUI/Forge UNet-folder files, diffusers under
+#: ``transformer.``, then bare keys (BFL ``flux1-dev.safetensors``, diffusers' own ``transformer/`` folder). With
+#: the bare root every key is tried against the rules; VAE / text-encoder keys match none and stay BASE.
+_FLUX_ROOTS = (UNET_PREFIX, "diffusion_model.", "transformer.", "")
+_FLUX_RULES = (Rule(re.compile(r"double_blocks\.(\d+)(?:\.|$)"), "D{:02d}"),
+               Rule(re.compile(r"single_blocks\.(\d+)(?:\.|$)"), "S{:02d}"),
+               Rule(re.compile(r"transformer_blocks\.(\d+)(?:\.|$)"), "D{:02d}"),
+               Rule(re.compile(r"single_transformer_blocks\.(\d+)(?:\.|$)"), "S{:02d}"))
+
+
+def _flux(name: str) -> BlockConvention:
+    blocks = (("BASE",) + tuple(f"D{i:02d}" for i in range(FLUX_DOUBLE))
+              + tuple(f"S{i:02d}" for i in range(FLUX_SINGLE)))
+    return BlockConvention(name, FLUX, blocks, _FLUX_ROOTS, _FLUX_RULES,
+                           {len(blocks): blocks, len(blocks) - 1: blocks[1:]})
+
+
 #: convention -> base architecture -> its blocks and rules
 TABLES: Dict[str, Dict[str, BlockConvention]] = {
     MBW: {
@@ -178,12 +208,14 @@ TABLES: Dict[str, Dict[str, BlockConvention]] = {
         "SD2": _mbw("SD2", 12),
         "SDXL": _mbw("SDXL", 9),
         "SDXL-refiner": _mbw("SDXL-refiner", 12),
+        FLUX: _flux(MBW),
     },
     LBW: {
         "SD1": _lbw("SD1", 12, "BASE IN01 IN02 IN04 IN05 IN07 IN08 M00 OUT03-OUT11"),
         "SD2": _lbw("SD2", 12, "BASE IN01 IN02 IN04 IN05 IN07 IN08 M00 OUT03-OUT11"),
         "SDXL": _lbw("SDXL", 9, "BASE IN04 IN05 IN07 IN08 M00 OUT00-OUT05"),
         "SDXL-refiner": _lbw("SDXL-refiner", 12, "BASE IN04 IN05 IN07 IN08 M00 OUT03-OUT08"),
+        FLUX: _flux(LBW),
     },
 }
 
@@ -195,6 +227,8 @@ def convention(name: str, arch: str) -> BlockConvention:
         table = TABLES[name]
     except KeyError:
         raise ValueError(f"unknown block convention {name!r}; known: {', '.join(TABLES)}") from None
+    if arch in table:  # Flux.1 is no SD family (no row in families.FAMILIES): looked up by its own name
+        return table[arch]
     try:
         return table[base_arch(arch)]
     except (ValueError, KeyError):
@@ -212,14 +246,45 @@ def block_of_key(key: str, arch: str, name: str = MBW) -> str:
     return convention(name, arch).block_of(key)
 
 
+def vocabulary(name: str = MBW) -> Dict[str, List[str]]:
+    """``{architecture: [block ids, BASE first]}`` for every architecture with blocks in the ``name`` convention
+    (SD1, SD2, SDXL, SDXL-refiner, Flux.1): what a block editor or plot shows for a model of each."""
+    return {arch: list(conv.blocks) for arch, conv in TABLES[name].items()}
+
+
+def stretch(values: Sequence[float], n: int) -> List[float]:
+    """``values`` (a curve over evenly spaced slots) read at ``n`` evenly spaced points: the first and last points
+    fall on the first and last slot, point ``j`` at slot position ``j * (len(values) - 1) / (n - 1)``, and a point
+    between two slots takes the straight line between their values (piecewise-linear interpolation)."""
+    m = len(values)
+    if m == 0 or n <= 0:
+        raise ValueError("stretch needs at least one value and one point")
+    if n == 1 or m == 1:
+        return [float(values[0])] * n
+    out: List[float] = []
+    for j in range(n):
+        pos = j * (m - 1) / (n - 1)
+        i = min(int(pos), m - 2)
+        f = pos - i
+        out.append(float(values[i]) * (1.0 - f) + float(values[i + 1]) * f)
+    return out
+
+
 def from_sd1_unet(values: Sequence[float], arch: str) -> List[float]:
     """An SD1 list of 25 UNet values (IN00..IN11, M00, OUT00..OUT11) for ``arch``'s MBW UNet blocks: each block takes
     the value of the SD1 block of the same name (SDXL: IN00..IN08, M00, OUT00..OUT08, i.e. supermerger's
-    ``weighttoxl``; the refiner and SD2: all 25). An architecture whose blocks have other names needs its own rule
-    here (Flux: a stretch over its blocks)."""
+    ``weighttoxl``; the refiner and SD2: all 25).
+
+    Flux.1's blocks have other names: the 25 values are *stretched* over its 57 blocks in model order (D00..D18 then
+    S00..S37) by :func:`stretch`: Flux block ``j`` (0..56) reads the SD curve at slot ``j * 24 / 56``, linearly
+    between the two nearest slots. So D00 takes IN00, S37 takes OUT11, S09 (block 28, the middle) takes M00, and the
+    input half of a preset covers the double blocks and the first 9 single blocks, the output half the rest;
+    flat presets stay flat, a step between two slots becomes one intermediate value."""
     sd1 = convention(MBW, "SD1").blocks[1:]
     if len(values) != len(sd1):
         raise ValueError(f"an SD1 block list has {len(sd1)} UNet values, got {len(values)}")
+    if arch == FLUX:
+        return stretch(values, len(convention(MBW, FLUX).blocks) - 1)
     by_name = dict(zip(sd1, values))
     target = convention(MBW, arch).blocks[1:]
     missing = [b for b in target if b not in by_name]
@@ -229,4 +294,4 @@ def from_sd1_unet(values: Sequence[float], arch: str) -> List[float]:
 
 
 __all__ = ["MBW", "LBW", "CONVENTIONS", "Rule", "BlockConvention", "TABLES", "convention", "block_names",
-           "block_of_key", "from_sd1_unet", "describe"]
+           "block_of_key", "from_sd1_unet", "describe", "vocabulary", "stretch", "FLUX"]

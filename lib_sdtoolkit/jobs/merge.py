@@ -17,6 +17,8 @@ from ._record import hash_cache
 from .base import JobSpec, Report, Request, param
 
 OUTPUT_SUFFIXES = (".safetensors", ".ckpt")
+#: output dtypes (the names of ``merge.recipe.DTYPES``; kept here torch-free for the CLI's --help)
+MERGE_DTYPES = ("fp16", "bf16", "fp32", "fp8_e4m3fn", "fp8_e5m2")
 
 
 def _method_names():
@@ -37,11 +39,15 @@ class MergeRequest(Request):
     alpha: float = param(0.5, help="M, the share of B: weighted_sum = A*(1-M) + B*M; add_difference = A + (B-C)*M")
     beta: Optional[float] = param(None, help=_merge_methods.beta_help)  # asked when shown: the registry may grow
     blocks: Optional[Union[str, List[float]]] = param(
-        None, help='per-block M: "v1,...,v25" (SD1/SD2; 26 with BASE first) or 19/20 values (SDXL)')
+        None, help='per-block M: "v1,...,v25" (SD1/SD2; 26 with BASE first), 19/20 values (SDXL) or 57/58 '
+                   '(Flux.1: D00..D18, S00..S37)')
     blocks_beta: Optional[Union[str, List[float]]] = param(None, help="per-block beta, same form as blocks")
     base_alpha: Optional[float] = param(None, help="M for keys outside the UNet when using blocks")
-    preset: Optional[str] = param(None, help="a named MBW preset (GRAD_V, FLAT_25, WRAP08, ...)")
-    dtype: str = param("fp16", help="output dtype", choices=("fp16", "bf16", "fp32"))
+    preset: Optional[str] = param(None, help="a named MBW preset (GRAD_V, FLAT_25, WRAP08, ...); on Flux.1 its 25 "
+                                             "values are stretched over the 57 blocks (D00 = IN00, S09 = M00, "
+                                             "S37 = OUT11, linear in between)")
+    dtype: str = param("fp16", help="output dtype (fp8: as Flux is shared; maths is float32 in every case)",
+                       choices=MERGE_DTYPES)
     keep_ema: bool = param(False, help="keep model_ema.* keys (dropped by default)")
     fix_position_ids: bool = param(False, help="write CLIP position_ids as arange(77) int64 (default: kept from A)")
     bake_vae: Optional[str] = param(None, help="replace first_stage_model.* from this VAE", model="vae",

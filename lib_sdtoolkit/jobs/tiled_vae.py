@@ -11,8 +11,10 @@ read a file outside the model folders. The VAE (a VAE file or a checkpoint with 
 resolved through the gate too. On a host that is not trusted the latent / image is bounded (the API's limits)
 before any work, and the result comes back as data (a PNG, a latent safetensors); the CLI writes ``-o``.
 
-A latent file holds one tensor ``latent`` [B, 4, h, w]; its metadata ``sdtoolkit.latent_scaled`` says whether it
-is multiplied by the model's scaling factor (0.18215 SD1/SD2, 0.13025 SDXL), ``sdtoolkit.scaling_factor`` which.
+A latent file holds one tensor ``latent`` [B, 4, h, w] ([B, 16, h, w] for the Flux/SD3 VAE); its metadata
+``sdtoolkit.latent_scaled`` says whether it is multiplied by the model's scaling factor (0.18215 SD1/SD2, 0.13025
+SDXL, 0.3611 Flux after subtracting the shift 0.1159), ``sdtoolkit.scaling_factor`` which
+(``sdtoolkit.shift_factor`` the shift, where there is one).
 """
 from __future__ import annotations
 
@@ -44,7 +46,8 @@ DTYPES = ("fp32", "fp16", "bf16")
 class _VaeOptions(Request):
     """The fields decode and encode share (the VAE and how to run it)."""
 
-    vae: str = param(help="a VAE file (ldm or diffusers names) or a checkpoint with first_stage_model.* keys; "
+    vae: str = param(help="a VAE file (ldm or diffusers names; 4-channel SD or 16-channel Flux/SD3 ae.safetensors) "
+                          "or a checkpoint with first_stage_model.* (or Flux all-in-one vae.*) keys; "
                           "API/UI: a name under the VAE or checkpoint folders", model="vae", metavar="VAE_FILE")
     tile_size: Optional[int] = param(None, help="tile core size in image pixels (8..4096; 0 or unset: from free "
                                                 "memory)", minimum=0, maximum=MAX_TILE_PX, metavar="PX")
@@ -56,7 +59,12 @@ class _VaeOptions(Request):
     device: Optional[str] = param(None, help="cpu, cuda, cuda:N (default: cuda when available)")
     dtype: str = param("fp32", help="the VAE's dtype", choices=DTYPES)
     sdxl: bool = param(False, help="the VAE is SDXL's (scaling factor 0.13025)")
-    scaling_factor: Optional[float] = param(None, help="override the latent scaling factor", minimum=1e-6)
+    scaling_factor: Optional[float] = param(None, help="override the latent scaling factor (default: 0.18215 SD1/SD2, "
+                                                       "0.13025 SDXL, 0.3611 the 16-channel Flux VAE, 1.5305 SD3's)",
+                                            minimum=1e-6)
+    shift_factor: Optional[float] = param(None, help="override the latent shift factor of the 16-channel VAE "
+                                                     "(default: 0.1159 Flux, 0.0609 SD3; SD VAEs have none)",
+                                          minimum=-10.0, maximum=10.0)
     overwrite: bool = param(False, help="replace an existing output", api=False)
     quiet: bool = param(False, help="no progress bar, no plan in the summary", api=False)
 
@@ -287,7 +295,7 @@ def _load(req: _VaeOptions, vae_path: Path, device: str) -> Any:
     from ..tiled_vae.vae import load_vae
 
     return load_vae(str(vae_path), device=device, dtype=_torch_dtype(req.dtype), sdxl=True if req.sdxl else None,
-                    scaling_factor=req.scaling_factor)
+                    scaling_factor=req.scaling_factor, shift_factor=req.shift_factor)
 
 
 def _output(host: Any, req: Any, suffixes: Tuple[str, ...], inputs: List[Optional[Path]]) -> Optional[Path]:
@@ -417,6 +425,8 @@ def run_encode(host: Any, req: VaeEncodeRequest, progress: Progress) -> VaeEncod
     lat = encode(vae, x, cfg, full=req.full, scaled=not req.unscaled)
     # the VAE's name, not where the image was (no local path in the file; the same bytes from every face)
     extra = {"sdtoolkit.vae": host.display_name(vae_path)}
+    if getattr(vae, "shift_factor", 0.0):
+        extra["sdtoolkit.shift_factor"] = repr(float(vae.shift_factor))
     report = VaeEncodeReport(shape=[int(s) for s in lat.shape], scaled=not req.unscaled,
                              scaling_factor=float(vae.scaling_factor), plan=plan, _quiet=req.quiet)
     if out is not None:

@@ -207,17 +207,38 @@ class MergeReport:
         return "\n".join(lines)
 
 
+#: architectures the engine merges: the SD checkpoints and Flux.1 (every layout, dev and schnell)
+FLUX = "Flux.1"
+
+
+def _mergeable(i: ArchInfo) -> bool:
+    return i.is_checkpoint or i.architecture == FLUX
+
+
 def _check_arch(sources: Sequence[_Source]) -> Tuple[ArchInfo, List[ArchInfo]]:
     infos = [detect(s.infos()) for s in sources]
     a = infos[0]
     for s, i in zip(sources, infos):
-        if not i.is_checkpoint:
-            raise ArchitectureError(f"is a {i.architecture} file, not a Stable Diffusion checkpoint", s.label)
+        if i.architecture == "SD3":
+            raise ArchitectureError(f"is an SD3/SD3.5 model ({i.variant or 'unknown size'}, {i.layout} layout): "
+                                    f"recognised, but merging SD3 is not supported yet", s.label)
+        if not _mergeable(i):
+            raise ArchitectureError(f"is a {i.architecture} file, not a Stable Diffusion or Flux.1 checkpoint",
+                                    s.label)
     for s, i in zip(sources[1:], infos[1:]):
         if i.architecture != a.architecture:
             raise ArchitectureError(
                 f"cannot merge a {i.architecture} checkpoint with a {a.architecture} one (model A: "
                 f"{sources[0].label})", s.label)
+        if a.architecture == FLUX:
+            # dev and schnell merge (a key only dev has, guidance_in, is taken from A or ignored, as counted in the
+            # report); two layouts do not: their key names differ, so nothing would be merged
+            if i.layout != a.layout:
+                raise ArchitectureError(
+                    f"model {s.name} is a Flux.1 file in the {i.layout} layout but A is {a.layout}: the key names "
+                    f"differ; convert one of them (or prune the transformer out of an all-in-one file) first",
+                    s.label)
+            continue
         if i.variant and i.variant != a.variant:
             raise ArchitectureError(
                 f"model {s.name} is {i.variant} but A is {a.variant or 'a normal model'}: put the {i.variant} model "
@@ -246,11 +267,17 @@ class _Plan:
                                   block_ratios_beta=dict(self.beta) if self.method.beta is not None else {})
         rep = self.report
         vae_map: Dict[str, str] = {}
+        # where A keeps its VAE: first_stage_model. (SD), vae. (Flux all-in-one); a transformer-only Flux has none
+        self.vae_prefix = arch.prefixes.get("vae", VAE_PREFIX) if arch.architecture == FLUX else VAE_PREFIX
+        if vae is not None and arch.architecture == FLUX and "vae" not in arch.prefixes:
+            raise ArchitectureError(f"model A is a Flux.1 transformer without a VAE ({arch.layout} layout): a VAE can "
+                                    f"only be baked into an all-in-one checkpoint", a.label)
         if vae is not None:
+            vp = self.vae_prefix
             for k in vae.keys():
-                bare = k[len(VAE_PREFIX):] if k.startswith(VAE_PREFIX) else k
+                bare = k[len(vp):] if k.startswith(vp) else (k[len(VAE_PREFIX):] if k.startswith(VAE_PREFIX) else k)
                 if _VAE_KEY_RE.match(bare) and vae.infos()[k].dtype.is_floating_point:
-                    vae_map[VAE_PREFIX + bare] = k
+                    vae_map[vp + bare] = k
             if not vae_map:
                 raise ArchitectureError("has no VAE keys (encoder./decoder./quant_conv./post_quant_conv.)", vae.label)
         a_infos = a.infos()
@@ -358,8 +385,10 @@ class _Plan:
         return res.contiguous()
 
     def _vae_key(self, name: str) -> str:
-        bare = name[len(VAE_PREFIX):]
-        return bare if bare in self.vae else name
+        bare = name[len(self.vae_prefix):]
+        if bare in self.vae:
+            return bare
+        return name if name in self.vae else VAE_PREFIX + bare
 
     def _merge(self, item: _Item, device: torch.device, out: Optional[torch.Tensor]) -> torch.Tensor:
         alpha = self.alpha[item.block]
@@ -724,12 +753,18 @@ class MergeResult:
     recipe: MergeRecipe
     state_dict: Optional[Dict[str, torch.Tensor]] = None
     module: Optional[torch.nn.Module] = None
+    #: merged into a module: A's marker keys (``v_pred``, ``ztsnr``...), which a loaded model holds no tensor for;
+    #: saving the merge writes them, so a v-pred model saved from the WebUI stays v-pred
+    markers: Dict[str, torch.Tensor] = field(default_factory=dict)
 
     def tensors(self) -> Dict[str, torch.Tensor]:
         if self.state_dict is not None:
             return self.state_dict
         assert self.module is not None
-        return dict(self.module.state_dict())
+        out = dict(self.module.state_dict())
+        for k, t in self.markers.items():
+            out.setdefault(k, t)
+        return out
 
     def save(self, path: PathLike, overwrite: bool = False, dtype: Optional[str] = None) -> Path:
         """Write the merge (floats cast to ``dtype``, default the recipe's; ints untouched) atomically."""
@@ -744,14 +779,18 @@ def save_current_merge(result: MergeResult, path: PathLike, overwrite: bool = Fa
     check_output_path(out, [m for m in result.recipe.models if isinstance(m, str)], overwrite)
     target = DTYPES[dtype or result.recipe.dtype]
     sd = result.tensors()
+
+    def dt(k: str, t: torch.Tensor) -> torch.dtype:  # markers as stored (hosts test the key), ints never cast
+        return target if t.dtype.is_floating_point and not is_marker_key(k) else t.dtype
+
     if out.suffix.lower() == ".safetensors":
-        specs = [(k, target if t.dtype.is_floating_point else t.dtype, tuple(t.shape)) for k, t in sd.items()]
+        specs = [(k, dt(k, t), tuple(t.shape)) for k, t in sd.items()]
         with StreamingSafetensorsWriter(out, specs, result.metadata or None, overwrite=overwrite) as w:
             for k, t in sd.items():
-                w.write(k, t.detach().to("cpu", target if t.dtype.is_floating_point else t.dtype).contiguous())
+                w.write(k, t.detach().to("cpu", dt(k, t)).contiguous())
     else:
-        save_ckpt(out, {k: (t.detach().cpu().to(target) if t.dtype.is_floating_point else t.detach().cpu())
-                        for k, t in sd.items()}, extra=dict(result.metadata), overwrite=overwrite)
+        save_ckpt(out, {k: t.detach().cpu().to(dt(k, t)) for k, t in sd.items()}, extra=dict(result.metadata),
+                  overwrite=overwrite)
     return out
 
 
@@ -796,6 +835,7 @@ def merge_in_memory(recipe: MergeRecipe, a: Optional[StateLike] = None, b: Optio
         plan.report.input_sha256 = {n: h[0] for n, h in hashes.items()}
         meta = build_metadata(recipe, sources, hashes, arch, None, names, plan.report) if recipe.save_metadata else {}
         result_sd: Dict[str, torch.Tensor] = {}
+        markers: Dict[str, torch.Tensor] = {}
         lock = threading.Lock()
         if target_sd is not None:
             _check_module_keys(plan, target_sd, arch)
@@ -804,6 +844,10 @@ def merge_in_memory(recipe: MergeRecipe, a: Optional[StateLike] = None, b: Optio
             def work(it: _Item) -> None:
                 dst = target_sd.get(it.name)
                 if dst is None:
+                    if is_marker_key(it.name):  # kept beside the module, written by save_current_merge
+                        t = plan.compute(it, dev)
+                        with lock:
+                            markers[it.name] = t
                     return
                 if tuple(dst.shape) != tuple(it.shape):
                     raise ArchitectureError(f"module tensor shape {tuple(dst.shape)} differs from the merge's "
@@ -826,7 +870,7 @@ def merge_in_memory(recipe: MergeRecipe, a: Optional[StateLike] = None, b: Optio
     rep = plan.report
     rep.seconds = time.perf_counter() - t0
     if into is not None:
-        return MergeResult(rep, meta, recipe, module=into)
+        return MergeResult(rep, meta, recipe, module=into, markers=markers)
     return MergeResult(rep, meta, recipe, state_dict=result_sd)
 
 

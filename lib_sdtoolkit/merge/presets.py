@@ -12,6 +12,11 @@ The blocks of each architecture are the ``MBW`` convention of :mod:`lib_sdtoolki
 SDXL refiner 25 UNet blocks, SDXL 19). A preset is given for another architecture block by block name
 (:func:`~lib_sdtoolkit.arch.blocks.from_sd1_unet`): SDXL keeps IN00..IN08, M00 and OUT00..OUT08 (slots 0-8 and 12-21
 of the 25) and drops IN09-11 / OUT09-11, the way supermerger does; the refiner takes all 25.
+
+Flux.1 (BASE, D00-D18, S00-S37: 58 values, 57 without BASE) has no block of an SD name, so a preset is *stretched*
+over its 57 blocks in model order: Flux block ``j`` (D00 = 0 .. D18 = 18, S00 = 19 .. S37 = 56) takes the preset's
+curve at slot ``j * 24 / 56``, linearly between the two nearest slots (IN00 -> D00, M00 -> S09, OUT11 -> S37). The
+preset's BASE is BASE. Flat presets stay flat; a 0/1 step between two slots gets one intermediate value.
 """
 from __future__ import annotations
 
@@ -122,7 +127,7 @@ def preset_names() -> List[str]:
 
 def get_preset(name: str, family: str = "SD1") -> Tuple[float, List[float]]:
     """``(BASE, UNet ratios)`` of a named preset for ``family``, one ratio per UNet block of its ``MBW`` convention
-    (SD1/SD2/SDXL-refiner: 25, SDXL: 19)."""
+    (SD1/SD2/SDXL-refiner: 25, SDXL: 19, Flux.1: 57 stretched, see the module docstring)."""
     key = ALIASES.get(name.strip(), name.strip()) if name else name
     found = PRESETS.get(key) or PRESETS.get(key.upper()) if key else None
     if found is None:
@@ -138,7 +143,7 @@ def unet_block_count(family: str) -> int:
 
 def parse_block_values(blocks: Union[str, Sequence[float]], family: str) -> Tuple[Optional[float], List[float]]:
     """Parse a block list for ``family``: one value per MBW block, with or without BASE first (SD1/SD2/SDXL-refiner
-    26 or 25, SDXL 20 or 19).
+    26 or 25, SDXL 20 or 19, Flux.1 58 or 57).
 
     Returns ``(BASE or None, UNet ratios)``. Raises ``InvalidInputError`` naming the expected counts."""
     if isinstance(blocks, str):

@@ -13,7 +13,11 @@ from ..errors import InvalidInputError
 from . import methods as _methods
 from . import presets as _presets
 
-DTYPES: Dict[str, torch.dtype] = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
+#: output dtypes by name (the job's choices are the same names: ``jobs.merge.MERGE_DTYPES``). The fp8 ones are how
+#: Flux is shared; the float32 result is cast once by torch's own cast (e4m3fn saturates at +-448 in torch >= 2.x's
+#: CPU cast, e5m2 overflows to inf; a weighted sum of fp8 inputs stays in range)
+DTYPES: Dict[str, torch.dtype] = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32,
+                                  "fp8_e4m3fn": torch.float8_e4m3fn, "fp8_e5m2": torch.float8_e5m2}
 BlockSpec = Union[str, Sequence[float], None]
 
 
@@ -25,7 +29,9 @@ class MergeRecipe:
     declares its meaning, default and range): sum_twice / triple_sum: the share of C; ties: the density (fraction
     of each task vector kept, default 0.2); dare: the drop rate p (default 0.9).
     ``blocks`` / ``blocks_beta``: per-block ratios (SD1/SD2: 25 values IN00..IN11, M00, OUT00..OUT11 or 26 with
-    BASE first; SDXL: 19 or 20) as a list or a comma-separated string; ``preset``: a named preset instead.
+    BASE first; SDXL: 19 or 20; Flux.1: 57 values D00..D18, S00..S37 or 58 with BASE first) as a list or a
+    comma-separated string; ``preset``: a named preset instead (stretched over Flux's blocks, see
+    :func:`lib_sdtoolkit.arch.blocks.from_sd1_unet`).
     The BASE ratio (keys outside the UNet) is ``base_alpha`` if given, else BASE of the list / preset, else ``alpha``.
     """
 
@@ -102,7 +108,7 @@ class MergeRecipe:
             need = f"{lo}" if lo == hi else f"{lo} or {hi}"
             raise InvalidInputError(f"{self.method} takes {need} models (A, B{', C' if hi == 3 else ''}), got {n}")
         if self.dtype not in DTYPES:
-            raise InvalidInputError(f"unknown output dtype {self.dtype!r}; use fp16, bf16 or fp32")
+            raise InvalidInputError(f"unknown output dtype {self.dtype!r}; use {', '.join(DTYPES)}")
         if self.blocks is not None and self.preset:
             raise InvalidInputError("give either block ratios or a preset, not both")
         if (spec.beta is not None and spec.beta.default is None and self.beta is None

@@ -5,6 +5,14 @@ A VAE is loaded from a standalone VAE file (ldm names ``encoder.*``/``decoder.*`
 converted through :mod:`lib_sdtoolkit.arch.keymaps`) or from a checkpoint's ``first_stage_model.*`` keys, into
 the real ldm ``Encoder``/``Decoder`` modules (the WebUI's). Scaling factor: 0.18215 (SD1/SD2), 0.13025 (SDXL,
 detected for checkpoints; for a bare VAE file pass ``sdxl=True`` or a factor).
+
+The 16-channel VAE of Flux.1 and SD3 (BFL ``ae.safetensors``: ldm names, bare; diffusers ``AutoencoderKL`` with
+``latent_channels=16`` and no quant convs; the ``vae.`` part of a Flux all-in-one file; ``first_stage_model.`` of an
+SD3 one) has no ``quant_conv``/``post_quant_conv``: they are identities here. Its latents are scaled *and shifted*:
+``latent = (mean - shift) * scale`` and ``z = latent / scale + shift`` (diffusers' Flux/SD3 pipelines): Flux.1
+(and Z-Image, which uses its VAE) scale 0.3611, shift 0.1159; SD3 1.5305 / 0.0609. The two VAEs have the same
+structure, so a bare 16-channel file gets Flux's factors (pass ``scaling_factor``/``shift_factor`` for SD3's); one
+inside an SD3 checkpoint gets SD3's.
 """
 from __future__ import annotations
 
@@ -25,40 +33,61 @@ from . import TiledVAEConfig, tiled_decode, tiled_encode
 
 SD_SCALE = 0.18215
 SDXL_SCALE = 0.13025
+FLUX_SCALE, FLUX_SHIFT = 0.3611, 0.1159
+SD3_SCALE, SD3_SHIFT = 1.5305, 0.0609
 VAE_PREFIX = "first_stage_model."
+#: the VAE inside a Flux.1 all-in-one checkpoint (ComfyUI / Forge)
+FLUX_VAE_PREFIX = "vae."
+_VAE_ROOTS = ("encoder.", "decoder.", "quant_conv.", "post_quant_conv.")
 LATENT_KEY = "latent"
 
 
 class VAEModel(nn.Module):
     """ldm AutoencoderKL's modules with their checkpoint names (``encoder``, ``decoder``, ``quant_conv``,
-    ``post_quant_conv``); ``scaling_factor`` and ``source`` describe where it came from."""
+    ``post_quant_conv``); ``scaling_factor``, ``shift_factor`` and ``source`` describe where it came from.
+    ``quant=False`` (the 16-channel Flux/SD3 VAE): the quant convs are identities."""
 
-    def __init__(self, ddconfig: Mapping, embed_dim: int, scaling_factor: float = SD_SCALE, source: str = ""):
+    def __init__(self, ddconfig: Mapping, embed_dim: int, scaling_factor: float = SD_SCALE, source: str = "",
+                 quant: bool = True, shift_factor: float = 0.0):
         super().__init__()
         from ldm.modules.diffusionmodules.model import Decoder, Encoder
         with contextlib.redirect_stdout(io.StringIO()):  # ldm prints its construction
             self.encoder = Encoder(**ddconfig)
             self.decoder = Decoder(**ddconfig)
         z = ddconfig["z_channels"]
-        self.quant_conv = nn.Conv2d(2 * z, 2 * embed_dim, 1)
-        self.post_quant_conv = nn.Conv2d(embed_dim, z, 1)
+        if quant:
+            self.quant_conv = nn.Conv2d(2 * z, 2 * embed_dim, 1)
+            self.post_quant_conv = nn.Conv2d(embed_dim, z, 1)
+        else:
+            self.quant_conv = nn.Identity()
+            self.post_quant_conv = nn.Identity()
         self.scaling_factor = scaling_factor
+        self.shift_factor = shift_factor
         self.source = source
 
 
+def has_quant_convs(sd: Mapping[str, torch.Tensor]) -> bool:
+    """Whether a bare ldm VAE state dict has ``quant_conv``/``post_quant_conv`` (SD's VAEs; not the 16-channel
+    Flux/SD3 VAE). Only one of the two is an incomplete file."""
+    q, pq = "quant_conv.weight" in sd, "post_quant_conv.weight" in sd
+    if q != pq:
+        raise ArchitectureError(f"VAE weights incomplete: {'post_quant_conv' if q else 'quant_conv'}.weight missing "
+                                f"(an SD VAE has both quant convs, a Flux/SD3 VAE neither)")
+    return q
+
+
 def infer_ddconfig(sd: Mapping[str, torch.Tensor]) -> Tuple[Dict, int]:
-    """ldm ddconfig and embed_dim from a bare ldm VAE state dict's shapes."""
+    """ldm ddconfig and embed_dim from a bare ldm VAE state dict's shapes (embed_dim = z_channels without quant
+    convs)."""
     try:
         ch = sd["encoder.conv_in.weight"].shape[0]
         in_ch = sd["encoder.conv_in.weight"].shape[1]
         z = sd["decoder.conv_in.weight"].shape[1]
         out_ch = sd["decoder.conv_out.weight"].shape[0]
-        embed = sd["post_quant_conv.weight"].shape[1]
+        embed = sd["post_quant_conv.weight"].shape[1] if has_quant_convs(sd) else z
         double_z = sd["encoder.conv_out.weight"].shape[0] == 2 * z
     except KeyError as e:
-        hint = (" (an SD3/Flux-style VAE without quant convs is not supported yet)"
-                if e.args and "quant_conv" in str(e.args[0]) else "")
-        raise ArchitectureError(f"not an SD VAE: key {e.args[0]} missing{hint}") from None
+        raise ArchitectureError(f"not an SD VAE: key {e.args[0]} missing") from None
     levels = sorted({int(m.group(1)) for k in sd for m in [re.match(r"encoder\.down\.(\d+)\.", k)] if m})
     nrb = len({int(m.group(1)) for k in sd for m in [re.match(r"encoder\.down\.0\.block\.(\d+)\.", k)] if m})
     mult = [sd[f"encoder.down.{i}.block.0.conv2.weight"].shape[0] // ch for i in levels]
@@ -68,8 +97,10 @@ def infer_ddconfig(sd: Mapping[str, torch.Tensor]) -> Tuple[Dict, int]:
 
 
 def _as_ldm_vae_dict(sd: Dict[str, torch.Tensor], path: str) -> Dict[str, torch.Tensor]:
-    if any(k.startswith(VAE_PREFIX) for k in sd):
-        return {k[len(VAE_PREFIX):]: v for k, v in sd.items() if k.startswith(VAE_PREFIX)}
+    for prefix in (VAE_PREFIX, FLUX_VAE_PREFIX):
+        if any(k.startswith(prefix) for k in sd):
+            sd = {k[len(prefix):]: v for k, v in sd.items() if k.startswith(prefix)}
+            break
     if any(k.startswith("decoder.up_blocks.") or k.startswith("encoder.down_blocks.") for k in sd):
         from ..arch import keymaps
         return keymaps.convert_vae_diffusers_to_ldm(
@@ -81,19 +112,30 @@ def _as_ldm_vae_dict(sd: Dict[str, torch.Tensor], path: str) -> Dict[str, torch.
 
 
 def load_vae(path: str, device: str = "cpu", dtype: torch.dtype = torch.float32, sdxl: Optional[bool] = None,
-             scaling_factor: Optional[float] = None) -> VAEModel:
-    """Load an SD VAE from a VAE file or a checkpoint (safetensors / ckpt, via ``open_model``)."""
+             scaling_factor: Optional[float] = None, shift_factor: Optional[float] = None) -> VAEModel:
+    """Load a VAE from a VAE file or a checkpoint (safetensors / ckpt, via ``open_model``): SD's 4-channel VAE, or
+    the 16-channel Flux/SD3 one (``ae.safetensors``, diffusers names, or inside a Flux / SD3 checkpoint)."""
     if isinstance(device, str):
         device = check_device(device)  # 'cuda' without CUDA, a typo: a clear 422, before the file is read
     with open_model(path) as r:
-        keys = [k for k in r.keys() if k.startswith(VAE_PREFIX) or k.startswith(
-            ("encoder.", "decoder.", "quant_conv.", "post_quant_conv."))]
+        all_keys = r.keys()
+        if any(k.startswith(VAE_PREFIX) for k in all_keys):
+            prefix = VAE_PREFIX
+        elif any(k.startswith(FLUX_VAE_PREFIX + "decoder.") for k in all_keys):
+            prefix = FLUX_VAE_PREFIX
+        else:
+            prefix = ""
+        keys = [k for k in all_keys if k.startswith(prefix) and k[len(prefix):].startswith(_VAE_ROOTS)]
         if not keys:
-            raise ModelFileError("no VAE weights found (neither encoder./decoder. nor first_stage_model. keys)", path)
+            raise ModelFileError("no VAE weights found (neither encoder./decoder. nor first_stage_model. / vae. "
+                                 "keys)", path)
         is_sdxl = sdxl
-        if is_sdxl is None and any(k.startswith(VAE_PREFIX) for k in keys):
+        arch = None
+        if prefix:
             from ..arch import detect
-            is_sdxl = detect(r.infos()).architecture.startswith("SDXL")
+            arch = detect(r.infos()).architecture
+            if is_sdxl is None:
+                is_sdxl = arch.startswith("SDXL")
         sd = {k: r.get(k) for k in keys}
     sd = _as_ldm_vae_dict(sd, path)
     try:
@@ -105,9 +147,15 @@ def load_vae(path: str, device: str = "cpu", dtype: torch.dtype = torch.float32,
     except (IndexError, ZeroDivisionError, ValueError, TypeError) as e:  # shapes of the wrong rank or size
         raise ArchitectureError(f"not an SD VAE: its tensor shapes do not fit ({type(e).__name__}: {e})",
                                 path) from None
-    factor = scaling_factor or (SDXL_SCALE if is_sdxl else SD_SCALE)
+    quant = has_quant_convs(sd)
+    if quant:
+        factor, shift = scaling_factor or (SDXL_SCALE if is_sdxl else SD_SCALE), shift_factor or 0.0
+    else:  # the 16-channel VAE: SD3's factors inside an SD3 checkpoint, Flux's otherwise (see the module docstring)
+        scale0, shift0 = (SD3_SCALE, SD3_SHIFT) if arch == "SD3" else (FLUX_SCALE, FLUX_SHIFT)
+        factor = scaling_factor or scale0
+        shift = shift0 if shift_factor is None else shift_factor
     try:
-        vae = VAEModel(cfg, embed, factor, source=str(path))
+        vae = VAEModel(cfg, embed, factor, source=str(path), quant=quant, shift_factor=float(shift))
         missing, unexpected = vae.load_state_dict(sd, strict=False)
     except (RuntimeError, ValueError, TypeError, IndexError, ZeroDivisionError) as e:
         first = (str(e).splitlines() or [""])[0][:200]
@@ -126,11 +174,14 @@ def decode(vae: nn.Module, latent: torch.Tensor, cfg: Optional[TiledVAEConfig] =
     produce it). ``full`` runs the decoder as is; otherwise tiled with ``cfg``."""
     check_latent(vae, latent)
     factor = getattr(vae, "scaling_factor", SD_SCALE)
+    shift = float(getattr(vae, "shift_factor", 0.0) or 0.0)
     dt = next(vae.parameters()).dtype
     dev = next(vae.parameters()).device
     z = latent.to(dev, dt)
     if scaled:
         z = z / factor
+        if shift:
+            z = z + shift
     with torch.no_grad():
         h = vae.post_quant_conv(z)
         return vae.decoder(h) if full else tiled_decode(vae.decoder, h, cfg)
@@ -138,15 +189,19 @@ def decode(vae: nn.Module, latent: torch.Tensor, cfg: Optional[TiledVAEConfig] =
 
 def encode(vae: nn.Module, image: torch.Tensor, cfg: Optional[TiledVAEConfig] = None, full: bool = False,
            scaled: bool = True) -> torch.Tensor:
-    """Latent (the posterior's mean, times the scaling factor when ``scaled``) of an image tensor in [-1, 1]."""
+    """Latent (the posterior's mean; when ``scaled``, minus the shift factor and times the scaling factor) of an image
+    tensor in [-1, 1]."""
     factor = getattr(vae, "scaling_factor", SD_SCALE)
+    shift = float(getattr(vae, "shift_factor", 0.0) or 0.0)
     p = next(vae.parameters())
     x = image.to(p.device, p.dtype)
     with torch.no_grad():
         h = vae.encoder(x) if full else tiled_encode(vae.encoder, x, cfg)
         moments = vae.quant_conv(h)
     mean = moments[:, : moments.shape[1] // 2]
-    return mean * factor if scaled else mean
+    if not scaled:
+        return mean
+    return ((mean - shift) if shift else mean) * factor
 
 
 def to_pil(img: torch.Tensor):
@@ -247,8 +302,12 @@ def compare_images(a, b) -> str:
 
 
 def latent_channels(vae: nn.Module) -> Optional[int]:
-    """The channel count of the latents ``vae`` decodes (its post_quant_conv's input), None if unknown."""
+    """The channel count of the latents ``vae`` decodes (its post_quant_conv's input, or the decoder's first conv's
+    where the quant convs are identities), None if unknown."""
     conv = getattr(vae, "post_quant_conv", None)
+    if isinstance(conv, nn.Conv2d):
+        return int(conv.in_channels)
+    conv = getattr(getattr(vae, "decoder", None), "conv_in", None)
     return int(conv.in_channels) if isinstance(conv, nn.Conv2d) else None
 
 
@@ -260,7 +319,7 @@ def check_latent(vae: nn.Module, latent: torch.Tensor, path: Optional[str] = Non
     got = int(latent.shape[1])
     if want is not None and got != want:
         src = getattr(vae, "source", "") or "this VAE"
-        also = (" (16-channel latents come from SD3/Flux VAEs, which this tool does not load yet)"
-                if got == 16 and want == 4 else "")
+        also = (" (16-channel latents come from the Flux/SD3 VAE, ae.safetensors)" if got == 16 and want == 4 else
+                " (4-channel latents come from SD1/SD2/SDXL VAEs)" if got == 4 and want == 16 else "")
         raise InvalidInputError(f"the latent has {got} channels but the VAE {src} decodes {want}-channel latents"
                                 f"{also}", path)

@@ -16,7 +16,9 @@ import gradio as gr
 from ..errors import SdToolkitError
 from ..host import Host
 from ..merge import methods as merge_methods
-from .common import error_html, gradio_progress, keep_value, register_picker, stop_button, writes
+from ..jobs.merge import MERGE_DTYPES
+from .common import (error_html, gradio_progress, keep_value, register_picker, stop_button, supported_kwargs,
+                     writes)
 
 #: what the Merge tab says on Forge, where the three loaded-model buttons are not offered
 FORGE_NO_LIVE_MERGE = ("**Merge into the loaded model** (and *Save current merge* / *Restore loaded model*) is not "
@@ -42,8 +44,8 @@ def vae_choices(host: Host) -> List[str]:
 
 
 def _family(host: Host, model: Optional[str]) -> str:
-    """The architecture of a checkpoint (header only) when it has merge blocks (arch/blocks' MBW tables: SD1, SD2,
-    SDXL, the refiner, and whatever is added there), else SD1."""
+    """The block vocabulary's architecture of a checkpoint (SD1 / SD2 / SDXL / SDXL-refiner / Flux.1; header only),
+    SD1 when unknown."""
     if not model:
         return "SD1"
     try:
@@ -382,11 +384,15 @@ def build(host: Host) -> None:
     with gr.Accordion("Merge block weighted", open=False):
         with gr.Row():
             preset = gr.Dropdown(label="Preset", choices=[""] + preset_names(), value="",
-                                 elem_id="sdtoolkit_merge_preset")
+                                 elem_id="sdtoolkit_merge_preset",
+                                 **supported_kwargs(gr.Dropdown, info="SD presets name 25 blocks; on Flux.1 they "
+                                                    "are stretched over D00..S37 (D00 = IN00, S09 = M00, S37 = OUT11, "
+                                                    "linear in between)"))
             base_alpha = gr.Textbox(label="Base alpha (text encoder, VAE; blank: from the list / preset / M)",
                                     value="", elem_id="sdtoolkit_merge_base_alpha")
-        blocks = gr.Textbox(label="Block ratios: 25 (SD1/SD2/SDXL refiner: IN00..IN11, M00, OUT00..OUT11) or 19 "
-                                  "(SDXL) values, optionally BASE first; or edit the table", value="",
+        blocks = gr.Textbox(label="Block ratios: 25 (SD1/SD2/SDXL refiner: IN00..IN11, M00, OUT00..OUT11), 19 "
+                                  "(SDXL) or 57 (Flux.1: D00..D18, S00..S37) values, optionally BASE first; or edit "
+                                  "the table", value="",
                             elem_id="sdtoolkit_merge_blocks")
         with gr.Row():
             table = gr.Dataframe(headers=["block", "ratio"], datatype=["str", "str"], interactive=True,
@@ -397,7 +403,7 @@ def build(host: Host) -> None:
                 chart = gr.HTML(elem_id="sdtoolkit_merge_chart")
                 plot_msg = gr.HTML(elem_id="sdtoolkit_merge_plot_msg")
     with gr.Row():
-        dtype = gr.Radio(label="Output dtype", choices=["fp16", "bf16", "fp32"], value="fp16",
+        dtype = gr.Radio(label="Output dtype", choices=list(MERGE_DTYPES), value="fp16",
                          elem_id="sdtoolkit_merge_dtype")
         device = gr.Dropdown(label=f"Device (default: {getattr(host, 'device', 'cpu')})",
                              choices=[DEFAULT_DEVICE, "cpu", "cuda"], value=DEFAULT_DEVICE,
