@@ -252,6 +252,10 @@ class SdToolkitLora(extra_networks.ExtraNetwork):
         res = patcher.set_networks(active)
         for e in res.errors:
             log.warning("%s; generation goes on without it", e)
+        if res.warnings:  # a LoRA that applies partly: which modules are left out and why, under the image
+            from modules import sd_hijack
+
+            sd_hijack.model_hijack.comments.extend(res.warnings)
         if res.applied:
             p.extra_generation_params["SD Toolkit Lora"] = ", ".join(
                 f"{a.network.name}: {a.te:g}/{a.unet:g}" for a in active if a.network.name in res.applied)

@@ -404,6 +404,25 @@ def test_missing_lora_is_reported_with_its_tag_under_the_image(env, caplog):
     assert_weights(env, {})
 
 
+def test_a_lora_that_applies_partly_says_why_under_the_image(env):
+    """Issue 14 item 5: the modules a LoRA leaves out, with the reason, shown where the WebUI shows extra-network
+    errors (the comments under the image), not only in the console."""
+    from safetensors.torch import load_file, save_file
+
+    sd = load_file(env.files["style"][0])
+    sd["lora_unet_no_such_layer.lora_down.weight"] = torch.zeros(1, 8)
+    sd["lora_unet_no_such_layer.lora_up.weight"] = torch.zeros(8, 1)
+    sd["lora_unet_no_such_layer.alpha"] = torch.tensor(1.0)
+    save_file(sd, env.lora_dir / "partly.safetensors")
+    start(env, with_builtin=False)
+    p, seen = generate(env, "a cat <lora:partly:0.8>")
+    comments = seen["processed"].comments
+    assert "applies partly" in comments and "unknown target name" in comments, comments
+    assert_weights(env, expected(env.base, env.files["style"][1], STYLE, 0.8, 0.8))   # the rest applies
+    generate(env, "x")
+    assert_weights(env, {})
+
+
 def test_builtin_disabled_we_provide_its_cards_page_and_api(env):
     """Issue 10 defect 6: with the built-in Lora disabled, its "Lora" cards page and GET /sdapi/v1/loras +
     POST /sdapi/v1/refresh-loras disappeared. We provide them, with the built-in's item fields and JSON; beside the
