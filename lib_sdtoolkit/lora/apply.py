@@ -497,7 +497,7 @@ class LoraPatcher(_Base):
                             with torch.no_grad():
                                 param.copy_(saved)
                 else:
-                    with _exact_maths():
+                    with torch.no_grad():
                         self._store.load(k, out=param.detach())
         finally:
             self._drop_backup(k)
@@ -620,7 +620,7 @@ class LoraPatcher(_Base):
         changed by someone else since we wrote it is left as it is."""
         n = 0
         errors: List[str] = []
-        with torch.no_grad():
+        with _exact_maths():
             for k in list(self._backup):
                 if k in self._backup:
                     try:

@@ -88,6 +88,7 @@ class BackupStore:
         self._src_problem = ""
         self._spill = None
         self._spill_end = 0
+        self._n_spill = 0
         self._free: Dict[int, List[int]] = {}
         self._lock = threading.Lock()
         if self.kind == "file":
@@ -231,6 +232,7 @@ class BackupStore:
             raise
         e = Entry("spill", tuple(data.shape), data.dtype, data.device, offset=off, nbytes=nbytes)
         self._entries[k] = e
+        self._n_spill += 1
         return e
 
     # -- reading back
@@ -271,9 +273,10 @@ class BackupStore:
     def drop(self, k: object) -> None:
         e = self._entries.pop(k, None)
         if e is not None and e.kind == "spill":
+            self._n_spill -= 1
             with self._lock:
                 self._free.setdefault(e.nbytes, []).append(e.offset)
-        if not any(x.kind == "spill" for x in self._entries.values()) and self._spill is not None:
+        if self._n_spill == 0 and self._spill is not None and self._spill_end:
             with self._lock:
                 self._spill.truncate(0)
                 self._spill_end = 0
@@ -281,6 +284,7 @@ class BackupStore:
 
     def close(self) -> None:
         self._entries.clear()
+        self._n_spill = 0
         if self._spill is not None:
             self._spill.close()
             self._spill = None
