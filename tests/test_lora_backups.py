@@ -237,3 +237,11 @@ def test_spill_failure_falls_back_to_ram(setup, tmp_path, monkeypatch):
     monkeypatch.undo()
     p.close()
     assert _same(_snap(mods), before) == []
+
+
+def test_default_spill_folder_is_on_disk(tmp_path):
+    from lib_sdtoolkit.lora import backups
+
+    assert backups._memory_fs("/dev/shm") == (os.path.isdir("/dev/shm") and "tmpfs" in open("/proc/mounts").read())
+    d = backups._disk_temp_dir(str(tmp_path / "m.safetensors"))
+    assert d is not None and not backups._memory_fs(d)

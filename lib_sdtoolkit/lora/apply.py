@@ -410,7 +410,8 @@ class LoraPatcher(_Base):
         """What the current backups are: counts per kind, bytes in RAM and in the spill file, and every fallback
         (weight, reason) since the patcher was made."""
         return {"kind": self._store.kind, "count": self._store.counts(), "ram_bytes": self._store.ram_bytes,
-                "spill_bytes": self._store.spill_bytes, "fallbacks": list(self._store.fallbacks)}
+                "spill_bytes": self._store.spill_bytes, "spill_dir": self._store.spill_path,
+                "fallbacks": list(self._store.fallbacks)}
 
     # -- bookkeeping
     def _mark_written(self, k: Tuple[int, str], t: torch.Tensor) -> None:

@@ -12,7 +12,8 @@ Three kinds, chosen per parameter at its first touch:
   descriptor's identity is checked again; a file changed in place since then is refused (new parameters fall back
   to ``spill``; a parameter already relying on it raises :class:`LoraBackupError` on restore, naming the file and
   the key, and keeps its patched value);
-* ``spill``: the original bytes go to an unlinked temporary file (``spill_dir``, default the system temp folder)
+* ``spill``: the original bytes go to an unlinked temporary file (``spill_dir``; default the system temp folder, or,
+  where that is a tmpfs kept in memory, the source checkpoint's folder or the current one)
   with ``pwrite`` and come back with ``preadv``; extents are reused for parameters of the same size; the file is
   truncated to nothing when no backup is left. The process keeps no copy (the page cache may, and gives it back
   under pressure);
@@ -89,6 +90,7 @@ class BackupStore:
         self._spill = None
         self._spill_end = 0
         self._n_spill = 0
+        self.spill_path = ""
         self._free: Dict[int, List[int]] = {}
         self._lock = threading.Lock()
         if self.kind == "file":
@@ -211,10 +213,11 @@ class BackupStore:
         nbytes = src.numel() * src.element_size()
         with self._lock:
             if self._spill is None:
-                d = self.spill_dir or None
+                d = self.spill_dir or _disk_temp_dir(self.source)
                 if d is not None:
                     Path(d).mkdir(parents=True, exist_ok=True)
                 self._spill = tempfile.TemporaryFile(prefix="sdtoolkit-lora-backup-", dir=d)
+                self.spill_path = str(d or tempfile.gettempdir())
             free = self._free.get(nbytes)
             if free:
                 off = free.pop()
@@ -291,6 +294,33 @@ class BackupStore:
         if self._reader is not None:
             self._reader.close()
             self._reader = None
+
+
+def _memory_fs(path: str) -> bool:
+    """Whether ``path`` lives on a file system kept in memory (tmpfs, ramfs): spilling there saves nothing."""
+    best, kind = "", ""
+    try:
+        real = os.path.realpath(path)
+        with open("/proc/mounts") as fh:
+            for line in fh:
+                parts = line.split()
+                if len(parts) < 3:
+                    continue
+                mnt = parts[1]
+                if (real == mnt or real.startswith(mnt.rstrip("/") + "/")) and len(mnt) >= len(best):
+                    best, kind = mnt, parts[2]
+    except OSError:
+        return False
+    return kind in ("tmpfs", "ramfs")
+
+
+def _disk_temp_dir(source) -> Optional[str]:
+    """The system temp folder unless it is in memory; then the source checkpoint's folder or the current one."""
+    cands = [tempfile.gettempdir()] + ([os.path.dirname(os.path.abspath(source))] if source else []) + [os.getcwd()]
+    for d in cands:
+        if os.path.isdir(d) and os.access(d, os.W_OK) and not _memory_fs(d):
+            return d
+    return None
 
 
 def _same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
