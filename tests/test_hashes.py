@@ -428,3 +428,17 @@ def test_each_whole_file_hash_has_its_own_lane(tmp_path):
     b = H.hash_file(p, threads=False, chunk_size=1 << 18)
     assert a.values() == b.values() and a.sha256 == hashlib.sha256(p.read_bytes()).hexdigest()
     assert H.hash_file(p, ["crc32"], threads=True).crc32 == f"{zlib.crc32(p.read_bytes()) & 0xFFFFFFFF:08x}"
+
+
+def test_hash_command_does_not_import_torch(tmp_path):
+    """Issue 18: the whole-command hash time was mostly importing torch (hash_cache -> writer, the job -> dedup)."""
+    f = tmp_path / "x.bin"
+    f.write_bytes(b"abc" * 1000)
+    code = ("import sys, runpy\nsys.argv = ['lib_sdtoolkit', 'hash', '--algo', 'sha256', '--no-cache', '--json', "
+            f"{str(f)!r}]\ntry:\n    runpy.run_module('lib_sdtoolkit', run_name='__main__')\nexcept SystemExit as e:\n"
+            "    assert not e.code, e.code\nprint('TORCH' if 'torch' in sys.modules else 'NO-TORCH')")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         cwd=str(Path(__file__).resolve().parents[1]))
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert hashlib.sha256(b"abc" * 1000).hexdigest() in out.stdout
+    assert out.stdout.strip().splitlines()[-1] == "NO-TORCH"
