@@ -10,8 +10,9 @@ Sides, equal work -- read the header and list the keys (ours also detects the ar
 * ours: ``python -m lib_sdtoolkit inspect FILE --json``;
 * safe_open (lazy): ``safe_open(FILE, "np")``, ``list(keys())``, ``metadata()`` -- the strongest baseline: it reads
   the header only;
-* full load (separately, named as such -- a different job): ``safetensors.torch.load_file(FILE)`` and a
-  ``clone()`` of every tensor (safetensors >= 0.8 ``load_file`` alone is lazy, memory-mapped).
+* naive: ``safetensors.torch.load_file(FILE)`` and ``len()`` of the dict, no clone (safetensors >= 0.8
+  ``load_file`` is lazy, memory-mapped: what a user's naive script costs);
+* ``--with-clone`` (a different job, named as such): ``load_file`` plus a ``clone()`` of every tensor.
 
 Whole commands (``python -m ...`` / ``python -c ...``, start-up included) and in-process (each side in its own child
 process that has imported torch and lib_sdtoolkit first; time and peak RSS above that baseline, the peak reset
@@ -33,6 +34,8 @@ import _common as C  # noqa: E402
 LAZY = ("import sys; from safetensors import safe_open\n"
         "with safe_open(sys.argv[1], 'np') as f:\n    keys = list(f.keys()); meta = f.metadata()\n"
         "print(len(keys))")
+NAIVE = ("import sys; from safetensors.torch import load_file\n"
+         "sd = load_file(sys.argv[1])\nprint(len(sd))")
 FULL = ("import sys; from safetensors.torch import load_file\n"
         "sd = {k: v.clone() for k, v in load_file(sys.argv[1]).items()}\nprint(len(sd))")
 
@@ -54,6 +57,9 @@ elif mode == "lazy":
     with safe_open(path, "np") as f:
         keys = list(f.keys()); meta = f.metadata()
     n = len(keys)
+elif mode == "naive":
+    sd = load_file(path)
+    n = len(sd)
 else:
     sd = {k: v.clone() for k, v in load_file(path).items()}
     n = len(sd)
@@ -67,7 +73,9 @@ def main(argv=None) -> int:
     C.size_arg(ap)
     ap.add_argument("--file", type=Path)
     ap.add_argument("--no-cold", action="store_true")
-    ap.add_argument("--no-full-load", action="store_true", help="leave out the full-load side")
+    ap.add_argument("--no-full-load", action="store_true", help="(default now) leave out the load + clone side")
+    ap.add_argument("--with-clone", action="store_true",
+                    help="add a side that clones every tensor after load_file (a different job: a full copy)")
     args = ap.parse_args(argv)
     log = lambda s: print(s, flush=True)  # noqa: E731
     if args.file:
@@ -105,7 +113,10 @@ def main(argv=None) -> int:
                     lambda o: json.loads(o)["total_keys"]),
               whole("safe_open (lazy)", [C.PY, "-c", LAZY, str(path)], lambda o: int(o.split()[-1]))]
     ispecs = [inproc("ours", "ours"), inproc("safe_open (lazy)", "lazy")]
-    if not args.no_full_load:
+    # the naive side as people write it: load_file and look at the dict (safetensors >= 0.8: memory-mapped, no copy)
+    wspecs.append(whole("load_file (naive)", [C.PY, "-c", NAIVE, str(path)], lambda o: int(o.split()[-1])))
+    ispecs.append(inproc("load_file (naive)", "naive"))
+    if args.with_clone and not args.no_full_load:
         wspecs.append(whole("full load (load_file + clone)", [C.PY, "-c", FULL, str(path)],
                             lambda o: int(o.split()[-1])))
         ispecs.append(inproc("full load (load_file + clone)", "full"))

@@ -21,15 +21,18 @@ sides. Phases:
 1. apply: read LoRA 1 from disk + patch (ours: ``load_network`` + ``set_networks``; diffusers: load + fuse);
 2. switch: to LoRA 2 (ours: ``load_network`` + ``set_networks``; diffusers: ``unfuse_lora``, delete adapter 1,
    load + fuse LoRA 2);
-3. same set again (NOT equal work, shown for what it is): ours ``set_networks`` with the same set is answered from
-   its cache; diffusers has no such cache, the caller skips the call -- the figure printed for diffusers is
-   ``unfuse_lora`` + ``fuse_lora``, what re-applying costs it;
+3. same set again (like with like): ours ``set_networks`` with the same set is answered from its cache; a caller
+   of diffusers compares the asked set with the fused one and does nothing;
 4. same LoRA, new weight (equal work): ours ``set_networks`` with multiplier 0.8; diffusers ``unfuse_lora``,
    ``set_adapters(weights=0.8)``, ``fuse_lora``;
 5. restore: ours ``restore_all``; diffusers ``unfuse_lora`` + delete the adapter. Then every parameter is compared
    with its value before phase 1 (sha1 of its bytes): "exact" when all are bit-identical.
 
-Memory (same source on both sides): peak RSS growth over the base (VmHWM - VmRSS before phase 1, cumulative over
+Our sides, one per backup kind (``--backups file,spill,ram``): ``file`` reads the originals back from the fp16
+checkpoint the weights came from (written before the window; the model's values are fp16-representable on every
+side), ``spill`` writes them to a temporary file in the bench folder, ``ram`` keeps them in memory (the old way).
+
+Memory (same source on every side): peak RSS growth over the base (VmHWM - VmRSS before phase 1, cumulative over
 phases 1-4) and the resident growth after phase 4 (VmRSS). Outputs checked equal: after phase 1 both sides run the
 UNet (8x8 latent) and the text encoder on the same seeded inputs; the max abs difference between ours and diffusers is
 printed beside the LoRA's own effect (max abs difference from the unpatched outputs).
@@ -68,7 +71,8 @@ def _randomize(m, dev, dtype, seed):
     g = torch.Generator(device="cpu").manual_seed(seed)
     with torch.no_grad():
         for p in m.parameters():
-            p.copy_(torch.randn(p.shape, generator=g) * 0.02)
+            # fp16-representable values (as loaded from an fp16 checkpoint), the same on every side
+            p.copy_((torch.randn(p.shape, generator=g) * 0.02).half().float())
     return m.to(dtype)
 
 
@@ -118,7 +122,7 @@ def _fuse_te(te, fuse: bool) -> None:
                 m.unmerge()
 
 
-def child(side: str, width: str, dtype_name: str, device: str, files: list, outdir: str) -> dict:
+def child(side: str, width: str, dtype_name: str, device: str, files: list, outdir: str, backup: str = "") -> dict:
     import torch
 
     sys.path.insert(0, str(C.ROOT))
@@ -185,12 +189,25 @@ def child(side: str, width: str, dtype_name: str, device: str, files: list, outd
         res[name] = time.perf_counter() - t
         res[name + "_cpu"] = time.process_time() - c
 
+    ckpt = None
     if side == "ours":
         from lib_sdtoolkit.lora.apply import ActiveNetwork, LoraPatcher, ModelBinding
         from lib_sdtoolkit.lora.network import load_network
 
         bind = ModelBinding.from_parts("SD1", unet=unet, text_encoder=te)
-        p = LoraPatcher(bind)
+        if backup == "file":
+            # the checkpoint the weights "were loaded from" (fp16, checkpoint keys), written before the window
+            ckpt = os.path.join(outdir, f"model-{width}.safetensors")
+            if not os.path.exists(ckpt):
+                from lib_sdtoolkit.files import save_safetensors
+
+                save_safetensors(ckpt, {k: getattr(m, a).detach().to("cpu", torch.float16).contiguous()
+                                        for k, (m, a) in bind._params.items()})
+            res_file = C.residency([ckpt])
+        gc.collect()
+        C.reset_peak_rss()
+        base = mem_now()
+        p = LoraPatcher(bind, backup=backup or "auto", source=ckpt, spill_dir=outdir)
         nets = {}
 
         def apply(i, mult=1.0):
@@ -205,10 +222,20 @@ def child(side: str, width: str, dtype_name: str, device: str, files: list, outd
         phase("reweight", lambda: apply(1, 0.8))
         res["peak_growth_mb"] = mem_peak() - base
         res["resident_growth_mb"] = mem_now() - base
+        st = p.backup_stats
+        res["backups_file"], res["backups_spill"], res["backups_ram"] = (st["count"][x] for x in ("file", "spill", "ram"))
+        res["fallbacks"] = len(st["fallbacks"])
+        if ckpt:
+            res["ckpt_residency"] = res_file
         phase("restore", lambda: p.restore_all())
+        p.close()
     else:
         from diffusers import StableDiffusionPipeline
         from peft.tuners.tuners_utils import BaseTunerLayer
+
+        gc.collect()
+        C.reset_peak_rss()
+        base = mem_now()
 
         def d_load(i, name):
             state, alphas = StableDiffusionPipeline.lora_state_dict(str(files[i]))
@@ -236,11 +263,25 @@ def child(side: str, width: str, dtype_name: str, device: str, files: list, outd
             unet.fuse_lora(adapter_names=[name])
             _fuse_te(te, True)
 
-        phase("apply", lambda: d_load(0, "a0"))
+        current = {}
+
+        def d_set(name, i, weight=1.0):
+            """What a caller of diffusers does for a requested set: nothing when it is the fused one."""
+            if current.get("set") == (name, weight):
+                return
+            if current.get("set") and current["set"][0] != name:
+                d_unload(current["set"][0])
+            if current.get("set") and current["set"][0] == name:
+                d_refuse(name, weight)
+            else:
+                d_load(i, name)
+            current["set"] = (name, weight)
+
+        phase("apply", lambda: d_set("a0", 0))
         out1 = forward()
-        phase("switch", lambda: (d_unload("a0"), d_load(1, "a1")))
-        phase("same", lambda: d_refuse("a1"))
-        phase("reweight", lambda: d_refuse("a1", 0.8))
+        phase("switch", lambda: d_set("a1", 1))
+        phase("same", lambda: d_set("a1", 1))
+        phase("reweight", lambda: d_set("a1", 1, 0.8))
         res["peak_growth_mb"] = mem_peak() - base
         res["resident_growth_mb"] = mem_now() - base
         phase("restore", lambda: d_unload("a1"))
@@ -249,7 +290,7 @@ def child(side: str, width: str, dtype_name: str, device: str, files: list, outd
     res["restore_exact"] = int(changed == 0)
     res["restore_changed_params"] = changed
     if "error" not in out1 and "error" not in base_out:
-        torch.save({"base": base_out, "lora1": out1}, os.path.join(outdir, f"{side}-outputs.pt"))
+        torch.save({"base": base_out, "lora1": out1}, os.path.join(outdir, f"{side}{backup}-outputs.pt"))
     else:
         res["forward_error"] = out1.get("error") or base_out.get("error")
     return res
@@ -286,10 +327,10 @@ print(json.dumps({"files": files, "touched_mb": touched / 2**20, "layers": len(n
     return C.last_json(r["stdout"])
 
 
-def compare_outputs(tmp: Path) -> dict:
+def compare_outputs(tmp: Path, kind: str) -> dict:
     code = r"""
 import json, sys, torch
-o = torch.load(sys.argv[1] + "/ours-outputs.pt", weights_only=True)
+o = torch.load(sys.argv[1] + "/ours" + sys.argv[2] + "-outputs.pt", weights_only=True)
 d = torch.load(sys.argv[1] + "/diffusers-outputs.pt", weights_only=True)
 r = {}
 for k in ("unet", "te"):
@@ -298,7 +339,7 @@ for k in ("unet", "te"):
     r[k + "_base_ours_vs_diffusers"] = float((o["base"][k] - d["base"][k]).abs().max())
 print(json.dumps(r))
 """
-    return C.last_json(C.run_command([C.PY, "-c", code, str(tmp)])["stdout"])
+    return C.last_json(C.run_command([C.PY, "-c", code, str(tmp), kind])["stdout"])
 
 
 def main(argv=None) -> int:
@@ -308,6 +349,8 @@ def main(argv=None) -> int:
     ap.add_argument("--rank", type=int, default=64)
     ap.add_argument("--width", default=None, choices=["full", "mid", "tiny"])
     ap.add_argument("--repeat", type=int, default=None, help="same as --rounds")
+    ap.add_argument("--backups", default="file,spill,ram",
+                    help="our sides, one per backup kind (lib_sdtoolkit.lora.backups): file, spill, ram")
     C.size_arg(ap)
     ap.add_argument("--child", help=argparse.SUPPRESS)
     a = ap.parse_args(argv)
@@ -332,20 +375,24 @@ def main(argv=None) -> int:
             C.emit_rows(rows, a.rows)
             return 0
 
-        def side(name):
+        def side(name, backup=""):
             spec = {"side": name, "width": width, "dtype_name": a.dtype, "device": a.device, "files": info["files"],
-                    "outdir": str(tmp)}
+                    "outdir": str(tmp), "backup": backup}
             argv = [C.PY, str(Path(__file__).resolve()), "--child", json.dumps(spec)]
+            label = f"ours ({backup})" if backup else name
 
             def run():
                 r = C.run_command(argv, cwd=C.ROOT)
                 return C.last_json(r["stdout"])
-            return C.Side(name, run, command=f"python bench/lora_bench.py --width {width} --dtype {a.dtype} "
-                                              f"--rank {a.rank} --rounds {rounds} (child: {name})")
+            return C.Side(label, run, command=f"python bench/lora_bench.py --width {width} --dtype {a.dtype} "
+                                               f"--rank {a.rank} --rounds {rounds} (child: {label})")
 
-        r = C.alternate([side("ours"), side("diffusers")], rounds, log)
+        kinds = [k.strip() for k in a.backups.split(",") if k.strip()]
+        sides = [side("ours", k) for k in kinds] + [side("diffusers")]
+        names = [s.name for s in sides]
+        r = C.alternate(sides, rounds, log)
         labels = [("apply", "apply: read + patch LoRA 1"), ("switch", "switch to LoRA 2"),
-                  ("same", "same set again (ours: cache hit; diffusers: unfuse+fuse)"),
+                  ("same", "same set again (both: the set is unchanged, nothing to do)"),
                   ("reweight", "same LoRA, weight 0.8 (equal work)"), ("restore", "restore")]
         for k, label in labels:
             C.print_summary(r, k, unit="ms", scale=1000, digits=1, title=label + ", wall", ref="diffusers", log=log)
@@ -355,32 +402,41 @@ def main(argv=None) -> int:
                         title=f"peak RSS growth over the base, phases 1-4 (touched weights {info['touched_mb']:.0f} MiB)")
         C.print_summary(r, "resident_growth_mb", unit="MB", digits=0, ref="diffusers", log=log,
                         title="resident growth after phase 4")
-        exact = {s: all(x.get("restore_exact") for x in r.results[s]) for s in ("ours", "diffusers")}
-        changed = {s: max(x.get("restore_changed_params", 0) for x in r.results[s]) for s in ("ours", "diffusers")}
-        log(f"  restore bit-exact: ours {'yes' if exact['ours'] else 'NO'} ({changed['ours']} params differ), "
-            f"diffusers {'yes' if exact['diffusers'] else 'no'} ({changed['diffusers']} params differ)")
+        for n in names[:-1]:
+            x = r.results[n][-1]
+            log(f"  {n}: backups file {x.get('backups_file')}, spill {x.get('backups_spill')}, ram "
+                f"{x.get('backups_ram')}, fallbacks {x.get('fallbacks')}"
+                + (f"; checkpoint residency before phase 1 {C.fmt_res(x['ckpt_residency'])}" if "ckpt_residency" in x
+                   else ""))
+        exact = {s: all(x.get("restore_exact") for x in r.results[s]) for s in names}
+        changed = {s: max(x.get("restore_changed_params", 0) for x in r.results[s]) for s in names}
+        log("  restore bit-exact: " + ", ".join(f"{s} {'yes' if exact[s] else 'NO'} ({changed[s]} params differ)"
+                                                for s in names))
         try:
-            cmpr = compare_outputs(tmp)
+            cmpr = compare_outputs(tmp, kinds[0])
             check = (f"outputs after LoRA 1, ours vs diffusers: UNet max|d| {cmpr['unet_ours_vs_diffusers']:.2g} "
                      f"(LoRA effect {cmpr['unet_lora_effect']:.2g}, unpatched {cmpr['unet_base_ours_vs_diffusers']:.2g}),"
                      f" CLIP max|d| {cmpr['te_ours_vs_diffusers']:.2g} (LoRA effect {cmpr['te_lora_effect']:.2g})")
         except Exception as e:  # noqa: BLE001
             errs = {x.get("forward_error") for s in r.results.values() for x in s if x.get("forward_error")}
             check = f"outputs not compared: {'; '.join(errs) or e}"
-        check += f"; restore exact: ours {'yes' if exact['ours'] else 'NO'}, diffusers {'yes' if exact['diffusers'] else 'no'}"
+        check += "; restore exact: " + ", ".join(f"{s} {'yes' if exact[s] else 'NO'}" for s in names)
         log(f"  check: {check}")
         cmd = r.sides[0].command.split(" (child")[0]
         bench = f"lora {width} {a.dtype}"
-        for k, label in labels:
-            rows.append(C.row_for(r, bench, label + ", wall", "ours", "diffusers", k, check, "in RAM", cmd,
-                                  unit="ms", scale=1000, digits=1))
         mb = info["touched_mb"]
-        pk = C.med_min_max(r.values("ours", "peak_growth_mb"))[0]
-        rows.append(C.row_for(r, bench, f"peak RSS growth, phases 1-4 (touched weights {mb:.0f} MiB)", "ours",
-                              "diffusers", "peak_growth_mb", check, "in RAM", cmd, unit="MB", digits=0,
-                              target=f"ours = {pk / mb:.2f}x the touched weights (issue 17: factors + one layer)"))
-        rows.append(C.row_for(r, bench, "resident growth after phase 4", "ours", "diffusers", "resident_growth_mb",
-                              check, "in RAM", cmd, unit="MB", digits=0))
+        for n in names[:-1]:
+            cache = {"ours (file)": "originals read back from the fp16 checkpoint (page cache warm)",
+                     "ours (spill)": "originals spilled to a temp file", "ours (ram)": "originals kept in RAM"}.get(n, "")
+            for k, label in labels:
+                rows.append(C.row_for(r, bench, label + ", wall", n, "diffusers", k, check, cache, cmd,
+                                      unit="ms", scale=1000, digits=1))
+            pk = C.med_min_max(r.values(n, "peak_growth_mb"))[0]
+            rows.append(C.row_for(r, bench, f"peak RSS growth, phases 1-4 (touched weights {mb:.0f} MiB)", n,
+                                  "diffusers", "peak_growth_mb", check, cache, cmd, unit="MB", digits=0,
+                                  target=f"{n} = {pk / mb:.2f}x the touched weights (issue 17: factors + one layer)"))
+            rows.append(C.row_for(r, bench, "resident growth after phase 4", n, "diffusers", "resident_growth_mb",
+                                  check, cache, cmd, unit="MB", digits=0))
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     C.emit_rows(rows, a.rows)

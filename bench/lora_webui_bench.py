@@ -222,18 +222,75 @@ def run(width: str, builtin: bool, rank: int, latent: int, baseline: bool = Fals
         print(f"built-in disabled: peak growth {mib(worst)} = {worst / touched:.2f}x the touched weights "
               f"({mib(touched)})", flush=True)
     script_callbacks.script_unloaded_callback()
+    import json
+
+    print(json.dumps({"worst": worst, "worst_extra": worst_extra, "touched": touched, "factors": factors,
+                      "largest": largest}), flush=True)
     return worst
+
+
+def rounds_main(a) -> int:
+    """``--rounds N`` (run_all): the three configurations as whole processes, alternated over N rounds."""
+    sys.path.insert(0, str(ROOT / "bench"))
+    import _common as C
+
+    width = a.width or ("mid" if a.size == "tiny" else "full")
+    log = lambda s: print(s, flush=True)  # noqa: E731
+    log(f"machine: {C.machine_facts(ROOT)}")
+
+    def side(b):
+        argv = [sys.executable, __file__, "--width", width, "--rank", str(a.rank), "--latent", str(a.latent),
+                "--builtin", b]
+
+        def run():
+            j = C.last_json(C.run_command(argv, cwd=ROOT)["stdout"])
+            return {"peak_growth_mb": j["worst"] / 2**20, "extra_mb": j["worst_extra"] / 2**20,
+                    "touched_mb": j["touched"] / 2**20, "target_mb": (j["factors"] + j["largest"]) / 2**20}
+        return C.Side({"on": "<sdtlora> beside built-in", "baseline": "built-in alone",
+                       "off": "ours, built-in disabled"}[b], run, command=C.cmd_str(argv).replace(sys.executable,
+                                                                                             "python"))
+    sides = [side("on"), side("baseline"), side("off")]
+    r = C.alternate(sides, a.rounds, log)
+    C.print_summary(r, "peak_growth_mb", unit="MB", digits=0, ref="built-in alone", log=log,
+                    title="peak RSS growth over the loaded model, worst generation")
+    on, base, off = (s.name for s in sides)
+    added = [x - y for x, y in zip(r.values(on, "peak_growth_mb"), r.values(base, "peak_growth_mb"))]
+    tgt = r.values(on, "target_mb")
+    per_touched = [x / t for x, t in zip(r.values(off, "peak_growth_mb"), r.values(off, "touched_mb"))]
+    log(f"  <sdtlora> adds over the built-in alone: {C.fmt_mmm(added, 'MB', digits=0)} per round "
+        f"{', '.join(f'{x:.0f}' for x in added)}; target (factors + largest layer dW) {tgt[0]:.0f} MB")
+    log(f"  built-in disabled (ours in place): peak growth / touched weights {C.fmt_ratio(per_touched)}")
+    rows = [C.Row(f"lora webui {width}", "<sdtlora> beside the built-in: peak RSS added over the built-in alone",
+                  f"{C.fmt_mmm(added, 'MB', digits=0)}", f"factors + largest dW: {tgt[0]:.0f} MB",
+                  C.fmt_ratio([x / t for x, t in zip(added, tgt)]), "same prompts, same model", "in RAM",
+                  sides[0].command, target="<= 1.0x (factors + one layer)",
+                  loads=", ".join(f"{x:.1f}" for x in r.loads)),
+            C.Row(f"lora webui {width}", "built-in disabled: our <lora> in place, peak RSS growth / touched weights",
+                  f"{C.fmt_mmm(r.values(off, 'peak_growth_mb'), 'MB', digits=0)}",
+                  f"touched weights {r.values(off, 'touched_mb')[0]:.0f} MB", C.fmt_ratio(per_touched),
+                  "restore exact (tests/test_lora_backups.py)", "spill backups (no checkpoint file in the double)",
+                  sides[2].command, target="factors + one layer (issue 17.1)",
+                  loads=", ".join(f"{x:.1f}" for x in r.loads))]
+    C.emit_rows(rows, a.rows)
+    return 0
 
 
 def main() -> int:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--width", default="full", choices=["full", "mid"])
+    ap.add_argument("--width", default=None, choices=["full", "mid"])
+    ap.add_argument("--size", default=None, choices=["tiny", "mid", "full"], help="run_all: tiny = mid width")
+    ap.add_argument("--rounds", type=int, default=0, help="alternate on / baseline / off as processes N rounds")
+    ap.add_argument("--rows", help=argparse.SUPPRESS)
     ap.add_argument("--builtin", default="both", choices=["on", "off", "baseline", "both"],
                     help="on: <lora>+<sdtlora> beside the built-in; baseline: the same without <sdtlora>; off: the "
                          "built-in disabled; both: on + baseline (in parallel, one process each) + off")
     ap.add_argument("--rank", type=int, default=64)
     ap.add_argument("--latent", type=int, default=16, help="latent side of the one UNet step per generation")
     a = ap.parse_args()
+    if a.rounds or a.size:
+        a.rounds = a.rounds or 3
+        return rounds_main(a)
+    a.width = a.width or "full"
     if a.builtin == "both":      # one process each: peak RSS is per process
         out = {}
         cmd = [sys.executable, __file__, "--width", a.width, "--rank", str(a.rank), "--latent", str(a.latent)]

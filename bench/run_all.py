@@ -1,6 +1,6 @@
 """Run every bench at one size and write one markdown table (with the command behind each figure).
 
-    python bench/run_all.py [--size tiny|mid|full] [--only merge,hash,inspect,lora,tiled_vae,controlnet]
+    python bench/run_all.py [--size tiny|mid|full] [--only merge,hash,inspect,lora,lora_webui,tiled_vae,controlnet]
                             [--rounds 3] [--out FILE]
 
 Each bench runs as its own process (``python bench/<name>_bench.py --size S --rounds R``), its full log streamed
@@ -28,7 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import _common as C  # noqa: E402
 
-BENCHES = ("merge", "hash", "inspect", "lora", "tiled_vae", "controlnet")
+BENCHES = ("merge", "hash", "inspect", "lora", "lora_webui", "tiled_vae", "controlnet")
 #: per bench and size, extra flags (kept short: the rest is each bench's own default for that size)
 EXTRA = {("lora", "tiny"): ("--dtype", "fp32"), ("lora", "mid"): ("--dtype", "fp32"),
          ("lora", "full"): ("--dtype", "fp32")}

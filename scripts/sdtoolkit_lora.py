@@ -191,7 +191,10 @@ class SdToolkitLora(extra_networks.ExtraNetwork):
         if self._model_id != id(sd_model) or isinstance(self.patcher, LoraPatcher) == self.functional:
             self.unload()
             binding = ModelBinding.from_checkpoint_module(sd_model, _arch_of(sd_model))
-            self.patcher = FunctionalLora(binding) if self.functional else LoraPatcher(binding)
+            # in place: the originals are read back from the checkpoint file the WebUI loaded (checked per tensor),
+            # else spilled to a temp file - no second copy of the touched weights in memory
+            source = getattr(getattr(sd_model, "sd_checkpoint_info", None), "filename", None)
+            self.patcher = FunctionalLora(binding) if self.functional else LoraPatcher(binding, source=source)
             self._model_id = id(sd_model)
             self._nets.clear()
         return self.patcher
@@ -199,7 +202,7 @@ class SdToolkitLora(extra_networks.ExtraNetwork):
     def unload(self):
         """Undo everything (script unload / UI reload / model change)."""
         if isinstance(self.patcher, LoraPatcher):
-            self.patcher.restore_all()
+            self.patcher.close()
         elif isinstance(self.patcher, FunctionalLora):
             self.patcher.remove()
         self.patcher = None

@@ -408,3 +408,37 @@ def test_webui_host_mirrors_hashes_into_its_own_data_dir(tmp_path, fixture_files
     assert rep.webui_cache_entries == 1 and not rep.problems
     _cache, hashes_mod = _webui_modules(data)
     assert hashes_mod.sha256_from_cache(str(ck), "checkpoint/model.safetensors") == _independent(ck)["sha256"]
+
+
+def test_each_whole_file_hash_has_its_own_lane(tmp_path):
+    """Issue 17.3: sha256, AutoV3, BLAKE3 and CRC32 each on their own thread (AutoV1, 64 KiB, rides with CRC32);
+    fewer algorithms, fewer lanes; the threaded pass gives the same values as the single-threaded one."""
+    from lib_sdtoolkit.files import hashes as H
+
+    sinks = [H._Sha256(), H._AutoV1(), H._AutoV3(100), H._Crc32()]
+    if H.blake3_available():
+        sinks.append(H._Blake3())
+    lanes = H._lanes(sinks)
+    assert sorted(len(lane) for lane in lanes) == [1] * (len(sinks) - 2) + [2]
+    assert [type(s).__name__ for s in next(lane for lane in lanes if len(lane) == 2)] == ["_Crc32", "_AutoV1"]
+    assert len(H._lanes([H._AutoV1()])) == 1 and len(H._lanes([H._Sha256()])) == 1
+    p = tmp_path / "f.bin"
+    p.write_bytes(os.urandom((1 << 20) * 3 + 12345))
+    a = H.hash_file(p, threads=True, chunk_size=1 << 18)
+    b = H.hash_file(p, threads=False, chunk_size=1 << 18)
+    assert a.values() == b.values() and a.sha256 == hashlib.sha256(p.read_bytes()).hexdigest()
+    assert H.hash_file(p, ["crc32"], threads=True).crc32 == f"{zlib.crc32(p.read_bytes()) & 0xFFFFFFFF:08x}"
+
+
+def test_hash_command_does_not_import_torch(tmp_path):
+    """Issue 18: the whole-command hash time was mostly importing torch (hash_cache -> writer, the job -> dedup)."""
+    f = tmp_path / "x.bin"
+    f.write_bytes(b"abc" * 1000)
+    code = ("import sys, runpy\nsys.argv = ['lib_sdtoolkit', 'hash', '--algo', 'sha256', '--no-cache', '--json', "
+            f"{str(f)!r}]\ntry:\n    runpy.run_module('lib_sdtoolkit', run_name='__main__')\nexcept SystemExit as e:\n"
+            "    assert not e.code, e.code\nprint('TORCH' if 'torch' in sys.modules else 'NO-TORCH')")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         cwd=str(Path(__file__).resolve().parents[1]))
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert hashlib.sha256(b"abc" * 1000).hexdigest() in out.stdout
+    assert out.stdout.strip().splitlines()[-1] == "NO-TORCH"

@@ -48,7 +48,6 @@ from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tupl
 
 from ..errors import ModelFileError, SdToolkitError
 from .hashes import FileHashes, ProgressFn, hash_file, normalize_algos
-from .writer import atomic_path
 
 PathLike = Union[str, "os.PathLike[str]"]
 
@@ -421,6 +420,8 @@ class WebUIHashCache:
                 if not isinstance(s, dict):
                     s = data[sub] = {}
                 s[title] = value
+            from .writer import atomic_path  # imports torch: only when a JSON cache is written
+
             with atomic_path(self.cache_file, overwrite=True) as tmp:
                 with open(tmp, "w", encoding="utf8") as fh:
                     json.dump(data, fh, indent=4)

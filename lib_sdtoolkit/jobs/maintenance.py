@@ -248,12 +248,12 @@ def _hash_targets(host: Any, req: HashRequest, problems: List[Dict[str, str]]) -
         raise InvalidInputError("hash: name at least one model file")
     if not host.trusted:  # every name through the gate: 403 / 404 before any work
         return [host.resolve_input(str(p), req.kind) for p in req.paths]
-    from ..dedup import iter_model_files
-
     out: List[Path] = []
     for raw in req.paths:
         p = Path(os.path.expanduser(str(raw)))
         if p.is_dir():
+            from ..dedup import iter_model_files  # dedup imports torch: only for folders
+
             out.extend(iter_model_files([p]))
             continue
         try:

@@ -44,6 +44,7 @@ from ..arch import detect, keymaps
 from ..arch.families import base_arch
 from ..errors import SdToolkitError
 from . import formats
+from .backups import BackupStore, LoraBackupError
 from .blocks import active_at_step, block_key
 from .network import UNKNOWN_TARGET, BoundLayer, Network, check_shapes, partly_text
 
@@ -376,27 +377,38 @@ class _Base(abc.ABC):
 
 
 class LoraPatcher(_Base):
-    """In-place patching with exact restore. ``backup_device``: where original weights are kept (default: the
-    parameter's own device; ``"cpu"`` saves accelerator memory at the cost of slower switches).
+    """In-place patching with exact restore.
 
-    The original of a touched parameter is never copied: the parameter's storage itself becomes the backup and the
-    patched values go to a new tensor that is swapped in (``param.data``); restoring swaps the original back
-    (bit-identical by construction, and the patched copy is freed). Re-patching a parameter that already holds a
-    patched copy writes into that copy. For plain LoRA/LoCon factors the new value is one fused
-    ``W0 + α·up@down`` (``addmm``) written straight into an fp32 parameter, or into one fp32 buffer reused across
-    layers for fp16/bf16 parameters; other types compute their ΔW in fp32 per layer. So the memory overhead is one
-    copy of the touched weights, however often the set changes. (With ``backup_device`` set, or when the parameter
-    was moved to another device meanwhile, the backup is a copy and restoring copies it back.)
+    ``backup`` says where the original of each touched weight is kept (:mod:`lib_sdtoolkit.lora.backups`):
+
+    * ``"file"`` (the default when ``source`` is given: the checkpoint file the weights were loaded from): nothing
+      is kept; each original is read back from the file, which is checked per tensor, bit for bit, at the weight's
+      first touch, and by its identity before every read;
+    * ``"spill"`` (the default otherwise): the originals go to an unlinked temporary file (``spill_dir``);
+    * ``"ram"`` (or ``backup_device`` given): the parameter's own storage becomes the backup and the patched values
+      go to a new tensor swapped in as ``param.data`` (zero-copy, the fastest switches, one extra copy of every
+      touched weight in memory; on ``backup_device`` the backup is a copy). Also the fallback where a spill write
+      fails; ``file`` falls back to ``spill`` per weight where the file cannot vouch for it. ``backup_stats`` says
+      what each weight got and why.
+
+    With ``file`` and ``spill`` the patched values are written into the parameter's own storage, so the memory
+    overhead is the LoRA's factors plus one layer's temporaries (the original read back, one fp32 accumulator
+    reused across layers). For plain LoRA/LoCon factors the new value is one fused ``W0 + α·up@down`` (``addmm``);
+    other types compute their ΔW in fp32 per layer against the original.
 
     Weights written by someone else after we patched them (a checkpoint loaded into the same modules) are noticed
     from the parameter's identity and version counter: their backup is dropped, never restored over the new
     values."""
 
     def __init__(self, binding: ModelBinding, compute_device: Optional[torch.device] = None,
-                 backup_device: Optional[torch.device] = None):
+                 backup_device: Optional[torch.device] = None, backup: str = "auto",
+                 source: Optional[Any] = None, spill_dir: Optional[Any] = None):
         super().__init__(binding, compute_device)
         self.backup_device = torch.device(backup_device) if backup_device is not None else None
-        self._backup: Dict[Tuple[int, str], Tuple[ParamRef, torch.Tensor]] = {}
+        names = {(id(m), a): key for key, (m, a) in binding._params.items()} if source else {}
+        self._store = BackupStore(backup, source, names, spill_dir, self.backup_device)
+        #: key -> the ParamRef of a parameter with a backup
+        self._backup: Dict[Tuple[int, str], ParamRef] = {}
         self._sig: Dict[Tuple[int, str], tuple] = {}
         self._bias_of: Dict[Tuple[int, str], Tuple[int, str]] = {}
         #: key -> (id of the tensor we wrote, its version counter right after our write)
@@ -404,8 +416,21 @@ class LoraPatcher(_Base):
         self._buf: Optional[torch.Tensor] = None
 
     @property
+    def backup_kind(self) -> str:
+        return self._store.kind
+
+    @property
     def backup_bytes(self) -> int:
-        return sum(t.numel() * t.element_size() for _, t in self._backup.values())
+        """Bytes of original weights this patcher keeps in memory (RAM backups only)."""
+        return self._store.ram_bytes
+
+    @property
+    def backup_stats(self) -> Dict[str, Any]:
+        """What the current backups are: counts per kind, bytes in RAM and in the spill file, and every fallback
+        (weight, reason) since the patcher was made."""
+        return {"kind": self._store.kind, "count": self._store.counts(), "ram_bytes": self._store.ram_bytes,
+                "spill_bytes": self._store.spill_bytes, "spill_dir": self._store.spill_path,
+                "fallbacks": list(self._store.fallbacks)}
 
     # -- bookkeeping
     def _mark_written(self, k: Tuple[int, str], t: torch.Tensor) -> None:
@@ -413,15 +438,19 @@ class LoraPatcher(_Base):
 
     def _changed(self, k: Tuple[int, str]) -> bool:
         w = self._written.get(k)
-        ent = self._backup.get(k)
-        if w is None or ent is None:
+        ref = self._backup.get(k)
+        if w is None or ref is None:
             return False
-        t = ent[0].tensor
+        t = ref.tensor
         return id(t) != w[0] or t._version != w[1]
+
+    def _drop_backup(self, k: Tuple[int, str]) -> None:
+        self._backup.pop(k, None)
+        self._store.drop(k)
 
     def _forget(self, k: Tuple[int, str]) -> None:
         """Drop what we know about ``k`` without writing it (its current value is someone else's)."""
-        self._backup.pop(k, None)
+        self._drop_backup(k)
         self._written.pop(k, None)
         self._sig.pop(k, None)
         bk = self._bias_of.pop(k, None)
@@ -442,21 +471,26 @@ class LoraPatcher(_Base):
         return len(stale)
 
     def _ensure_backup(self, ref: ParamRef) -> torch.Tensor:
+        """Back ``ref``'s parameter up at its first touch; return its original value (the kept tensor, the
+        parameter's own data before the first write, or a one-layer temporary read back)."""
         k = (id(ref.module), ref.attr)
         if k in self._backup and self._changed(k):
             self._forget(k)
         if k not in self._backup:
-            p = ref.tensor.data
-            if self.backup_device is not None and self.backup_device != p.device:
-                p = p.to(self.backup_device, copy=True)
-            self._backup[k] = (ParamRef(ref.module, ref.attr), p)
-        return self._backup[k][1]
+            _, orig = self._store.save(k, ref.tensor)
+            self._backup[k] = ParamRef(ref.module, ref.attr)
+            return orig
+        return self._store.load(k)
+
+    def _in_place(self, k: Tuple[int, str]) -> bool:
+        return self._store.entry(k).kind != "ram"
 
     def _target(self, k: Tuple[int, str], ref: ParamRef) -> Tuple[torch.Tensor, bool]:
-        """Where the patched value of ``k`` goes: the parameter's storage when it no longer is the backup's, else
+        """Where the patched value of ``k`` goes: the parameter's storage when it is not the backup's, else
         a fresh tensor (``True``) that :meth:`_commit` swaps in."""
         param = ref.tensor
-        if _same_storage(param, self._backup[k][1]):
+        ent = self._store.entry(k)
+        if ent.kind == "ram" and _same_storage(param, ent.tensor):
             return torch.empty(param.shape, dtype=param.dtype, device=param.device), True
         return param.detach(), False
 
@@ -467,18 +501,26 @@ class LoraPatcher(_Base):
 
     def _restore(self, k: Tuple[int, str]) -> None:
         changed = self._changed(k)
-        ent = self._backup.pop(k, None)
+        ref = self._backup.get(k)
         self._written.pop(k, None)
-        if ent is not None and not changed:
-            ref, saved = ent
-            param = ref.tensor
-            if not _same_storage(param, saved):
-                if (saved.device == param.device and saved.dtype == param.dtype and saved.shape == param.shape
-                        and self.backup_device is None):
-                    param.data = saved
+        try:
+            if ref is not None and not changed:
+                param = ref.tensor
+                ent = self._store.entry(k)
+                if ent.kind == "ram":
+                    saved = ent.tensor
+                    if not _same_storage(param, saved):
+                        if (saved.device == param.device and saved.dtype == param.dtype
+                                and saved.shape == param.shape and self.backup_device is None):
+                            param.data = saved
+                        else:
+                            with torch.no_grad():
+                                param.copy_(saved)
                 else:
                     with torch.no_grad():
-                        param.copy_(saved)
+                        self._store.load(k, out=param.detach())
+        finally:
+            self._drop_backup(k)
         bk = self._bias_of.pop(k, None)
         if bk is not None:
             self._restore(bk)
@@ -538,6 +580,8 @@ class LoraPatcher(_Base):
         out, fresh = self._target(k, ref)
         # accumulate W0 + Σ m·ΔW in fp32: straight into the output when it is an fp32 tensor on the compute device
         direct = out.dtype == torch.float32 and out.device == dev and out.is_contiguous()
+        if direct and _same_storage(orig, out):
+            orig = orig.clone()    # in-place backups: the first write would overwrite the original being read
         acc = out if direct else self._buffer(param.shape, dev)
         acc2 = acc.view(acc.shape[0], -1) if acc.dim() > 1 else acc
         started = False
@@ -595,16 +639,30 @@ class LoraPatcher(_Base):
         """Put every touched parameter back (bit-identical) and free the backups. Returns how many. A parameter
         changed by someone else since we wrote it is left as it is."""
         n = 0
-        with torch.no_grad():
+        errors: List[str] = []
+        with _exact_maths():
             for k in list(self._backup):
                 if k in self._backup:
-                    self._restore(k)
+                    try:
+                        self._restore(k)
+                    except LoraBackupError as e:
+                        errors.append(str(e))
                     n += 1
         self._sig.clear()
         self._written.clear()
+        self._bias_of.clear()
         self._last_key = None
         self._requested = []
+        if errors:
+            raise LoraBackupError(f"{len(errors)} weight(s) could not be restored exactly: " + "; ".join(errors[:5]))
         return n
+
+    def close(self) -> None:
+        """Restore everything and release the backup store (its temporary file, the source descriptor)."""
+        try:
+            self.restore_all()
+        finally:
+            self._store.close()
 
 
 # --------------------------------------------------------------------------------------------------- functional
