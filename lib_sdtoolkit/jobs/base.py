@@ -179,7 +179,9 @@ def _coerce_simple(tp: Any, value: Any, name: str, where: str) -> Any:
             raise InvalidInputError(f"{where}: {name} must be an integer, got {value!r}")
         if isinstance(value, int):
             return value
-        if isinstance(value, float) and math.isfinite(value) and value == int(value):
+        if isinstance(value, float) and not math.isfinite(value):
+            raise InvalidInputError(f"{where}: {name} must be a finite whole number, got {value!r}")
+        if isinstance(value, float) and value == int(value):
             return int(value)
         if isinstance(value, str):
             try:
