@@ -418,8 +418,9 @@ class LocalHost(FolderHost):
         if not raw:
             raise InvalidInputError("give an output file (-o)")
         check_path_text(raw, "output path")
-        if add_suffix and suffixes and not raw.lower().endswith(tuple(x.lower() for x in suffixes)):
-            raw += add_suffix
+        from .outputs import suffixed
+
+        raw = suffixed(raw, suffixes, add_suffix)
         p = _norm(os.path.expanduser(raw))
         if suffixes and not p.name.lower().endswith(tuple(x.lower() for x in suffixes)):
             raise InvalidInputError(f"the output must end in {', '.join(suffixes)}", path=raw)

@@ -65,6 +65,18 @@ def check_inside(host: Any, path: PathLike, raw: Optional[str] = None, what: str
     return p
 
 
+def suffixed(name: str, suffixes: Sequence[str], add_suffix: Optional[str]) -> str:
+    """``name`` with ``add_suffix`` added when it ends in none of ``suffixes`` and has no other alphabetic extension
+    (``merge_0.3`` -> ``merge_0.3.safetensors``; ``x.txt`` is refused: it names another kind of file)."""
+    if not add_suffix or not suffixes or name.lower().endswith(tuple(s.lower() for s in suffixes)):
+        return name
+    ext = os.path.splitext(name)[1]
+    if ext[1:].isalpha():
+        raise InvalidInputError(f"the output must end in {' or '.join(suffixes)} (or have no suffix), got {ext!r}",
+                                path=name)
+    return name + add_suffix
+
+
 def resolve_output(host: Any, raw: Optional[str], kind: str, *, plain: bool = False,
                    suffixes: Sequence[str] = MODEL_OUTPUT_SUFFIXES, add_suffix: Optional[str] = None,
                    default: Optional[str] = None, create_folder: bool = True) -> Path:
@@ -72,7 +84,9 @@ def resolve_output(host: Any, raw: Optional[str], kind: str, *, plain: bool = Fa
 
     ``raw``: a path relative to ``host.output_dir(kind)`` (no ``..``; with ``plain`` a bare file name only), or an
     absolute path inside a configured folder. ``default`` is used when ``raw`` is empty. A name not ending in one
-    of ``suffixes`` gets ``add_suffix`` when given, else is refused. The result always passes :func:`check_inside`.
+    of ``suffixes`` gets ``add_suffix`` when given (unless it ends in another alphabetic extension: ``x.txt`` is
+    refused, ``merge_0.3`` becomes ``merge_0.3.safetensors``), else is refused. The result always passes
+    :func:`check_inside`.
     """
     name = str(raw if raw is not None else "").strip()
     if not name and default:
@@ -85,8 +99,7 @@ def resolve_output(host: Any, raw: Optional[str], kind: str, *, plain: bool = Fa
     parts = [x for x in re.split(r"[\\/]+", name) if x]
     if ".." in parts:
         raise AccessDeniedError("'..' is not allowed in an output path", path=name)
-    if add_suffix and not name.lower().endswith(tuple(s.lower() for s in suffixes)):
-        name += add_suffix
+    name = suffixed(name, suffixes, add_suffix)
     if os.path.isabs(name) or name.startswith("~"):
         cand = _norm(name)
         if not any(_under(str(cand), str(r)) for r in output_roots(host)):

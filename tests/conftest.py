@@ -96,6 +96,18 @@ def models_dir(tmp_path_factory) -> Path:
     return root
 
 
+@pytest.fixture(scope="module")
+def one_torch_thread() -> Iterator[None]:
+    """One torch thread for a module of tests on tiny models: on a shared 2-core machine, handing tiny matmuls to
+    worker threads costs far more than the maths. Use with ``pytestmark = pytest.mark.usefixtures(...)``."""
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 @pytest.fixture(scope="session")
 def tiny_modules() -> Callable[..., Dict[str, Any]]:
     from lib_sdtoolkit.samples import factory

@@ -268,7 +268,7 @@ def test_every_tab_works_on_the_sample_library_with_clicks_on_defaults(page, app
     # LoRA inspect: the picker was filled on load
     _open_tab(page, "LoRA tools")
     page.click("#sdtoolkit_lora_inspect_btn")
-    page.wait_for_selector("#sdtoolkit_lora_inspect_tab pre.sdtoolkit-mono")
+    page.wait_for_selector("#sdtoolkit_lora_inspect_tab .sdtoolkit-lora-inspect table.sdtoolkit-lora-blocks")
     assert "error" not in page.inner_text("#sdtoolkit_lora_inspect_tab").lower()
 
     # Tiled VAE: encode the sample image, then decode the latent it gave

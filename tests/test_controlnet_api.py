@@ -10,7 +10,6 @@ import time
 
 import numpy as np
 import pytest
-import torch
 from PIL import Image
 
 from lib_sdtoolkit.controlnet import preprocessors as P
@@ -18,12 +17,8 @@ from lib_sdtoolkit.controlnet.unit import ControlMode, ControlNetUnit, HiResFixO
 from lib_sdtoolkit.errors import InvalidInputError
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+#: tiny models: one torch thread (conftest.one_torch_thread)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 # ------------------------------------------------------------------------------------------------- units

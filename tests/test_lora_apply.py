@@ -14,13 +14,8 @@ from lib_sdtoolkit.lora.synth import make_lora_state_dict
 pytest.importorskip("peft")  # diffusers' LoRA loader needs the PEFT backend
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # tiny matmuls on a shared 2-core machine: thread hand-offs cost 100x the maths
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+#: tiny models: one torch thread (conftest.one_torch_thread)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="session")

@@ -15,12 +15,8 @@ from lib_sdtoolkit.lora.network import load_network
 from lib_sdtoolkit.lora.synth import make_lora_state_dict
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+#: tiny models: one torch thread (conftest.one_torch_thread)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _model(dtype=torch.float32):

@@ -17,12 +17,8 @@ ATTN_K = "model.diffusion_model.input_blocks.1.1.transformer_blocks.0.attn2.to_k
 CONV = "model.diffusion_model.input_blocks.4.0.in_layers.2.weight"
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+#: tiny models: one torch thread (conftest.one_torch_thread)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
