@@ -55,7 +55,7 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
-def rig(tmp_path_factory, _one_thread):
+def rig(tmp_path_factory, one_torch_thread):
     cfg = factory.get_config("SD1", "tiny")
     unet = factory.build_ldm_unet("SD1", "tiny")
     _randomize(unet, 0)

@@ -154,7 +154,7 @@ def _make_sampler(model, cond, uncond, fail_at=None):
 
 
 @pytest.fixture(scope="module")
-def webui(tmp_path_factory, _one_thread):
+def webui(tmp_path_factory, one_torch_thread):
     if str(DOUBLE) not in sys.path:
         sys.path.append(str(DOUBLE))
     from webui_harness import WebUIDouble
