@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any, Dict, List, Optional, Union
 
 from ..files import open_model
-from . import fluxnames, formats
+from . import formats
 from .convert import detect_naming
 from .names import is_flux, resolve_name
 from .network import group_modules, guess_lora_arch

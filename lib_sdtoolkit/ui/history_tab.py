@@ -112,12 +112,12 @@ def build(host: Host) -> None:
         return (r, n, gr.update(choices=i, value=keep_value(i, current_entry)),
                 gr.update(choices=new, value=keep_value(new, current_model)))
 
-    def do_rerun(e, j, current_model, progress=gr.Progress()):
+    def do_rerun(e, j, progress=gr.Progress()):
         msg = run_rerun(host, e, progress)
-        r, n, i = run_list(host, j)
+        r, n, _ = run_list(host, j)
         return msg, r, n
 
     refresh.click(do_refresh, inputs=[job, entry, model], outputs=[table, status, entry, model])
     job.change(do_refresh, inputs=[job, entry, model], outputs=[table, status, entry, model])
-    writes(rerun.click(do_rerun, inputs=[entry, job, model], outputs=[rerun_status, table, status]))
+    writes(rerun.click(do_rerun, inputs=[entry, job], outputs=[rerun_status, table, status]))
     show.click(lambda c: run_recipe(host, c), inputs=[model], outputs=[recipe_note, recipe])
