@@ -147,6 +147,7 @@ def test_resize_modes_and_pixel_perfect():
     img = np.zeros((100, 200, 3), np.uint8)
     img[:, :100] = (255, 0, 0)
     img[:, 100:] = (0, 0, 255)
+    img[-4:] = (0, 160, 0)  # a third colour: a 2-colour map with a dark and a bright channel is "binary" upstream
     just = P.apply_resize_mode(img, 64, 64, ResizeMode.RESIZE)
     assert just.shape == (64, 64, 3) and tuple(just[32, 5]) == (255, 0, 0) and tuple(just[32, 60]) == (0, 0, 255)
     crop = P.apply_resize_mode(img, 64, 64, ResizeMode.INNER_FIT)  # 128x64 scaled, centre 64 columns kept

@@ -11,8 +11,10 @@ The slider table :data:`SLIDERS` is upstream's slider data per preprocessor (lab
 the panels, ``/controlnet/module_list`` and the unit checks read it.
 
 Preprocessors that need downloaded network weights are listed in :data:`UNAVAILABLE` with the reason; they are never
-faked. (The fit of a map to the generation size, :func:`apply_resize_mode`, still uses PIL filters: upstream's
-high_quality_resize with its edge thinning is not reproduced.)
+faked. The fit of a map to the generation size, :func:`apply_resize_mode`, is upstream's too: its three resize modes
+and its map-aware resize (INTER_NEAREST for maps of few colours, INTER_AREA / INTER_CUBIC otherwise, binary maps
+re-binarised with Otsu and one-pixel edges kept one pixel wide by non-maximum suppression and hit-or-miss thinning,
+an inpaint mask in a 4th channel resized alongside and thresholded); tests/test_controlnet_resize_modes.py checks it.
 """
 from __future__ import annotations
 
@@ -130,20 +132,6 @@ def encode_png_base64(img: np.ndarray) -> str:
     buf = io.BytesIO()
     Image.fromarray(img).save(buf, format="PNG")
     return base64.b64encode(buf.getvalue()).decode("ascii")
-
-
-def resize_uint8(img: np.ndarray, width: int, height: int, method: str = "auto") -> np.ndarray:
-    """Resize HxWxC uint8. ``auto``: BOX (area) when shrinking, BICUBIC when enlarging (upstream's AREA/CUBIC)."""
-    width, height = max(1, int(width)), max(1, int(height))
-    h, w = img.shape[:2]
-    if (w, h) == (width, height):
-        return img
-    if method == "auto":
-        method = "area" if width * height < w * h else "cubic"
-    flt = {"area": Image.BOX, "cubic": Image.BICUBIC, "nearest": Image.NEAREST, "lanczos": Image.LANCZOS}[method]
-    if img.ndim == 3 and img.shape[2] == 1:
-        return np.asarray(Image.fromarray(img[:, :, 0]).resize((width, height), flt))[:, :, None]
-    return np.asarray(Image.fromarray(img).resize((width, height), flt))
 
 
 def _pad64(x: int) -> int:
@@ -529,38 +517,147 @@ def pixel_perfect_resolution(image: np.ndarray, target_h: int, target_w: int, re
     return int(round(k * min(raw_h, raw_w)))
 
 
-def _is_binary(img: np.ndarray) -> bool:
-    return bool(np.isin(img, (0, 255)).all())
+def _rotated(kernels: List[np.ndarray]) -> List[np.ndarray]:
+    """Each kernel turned by 0, 90, 180 and 270 degrees (all kernels at one angle, then the next angle)."""
+    return [np.ascontiguousarray(np.rot90(k, turn)) for turn in range(4) for k in kernels]
 
 
-def _hq_resize(img: np.ndarray, w: int, h: int) -> np.ndarray:
-    out = resize_uint8(img, w, h, "area" if w * h < img.shape[0] * img.shape[1] else "lanczos")
-    if _is_binary(img):  # keep edge maps binary
-        out = np.where(out > 127, 255, 0).astype(np.uint8)
+# Hit-or-miss kernels (1: must be set, -1: must be clear, 0: either) of upstream's edge thinning, as data: a set pixel
+# matching one of them is cleared. _THIN takes a line down to one pixel without breaking it; _PRUNE then removes
+# the one-pixel spurs an enlargement leaves at the ends.
+_THIN = _rotated([np.array([[-1, -1, -1], [0, 1, 0], [1, 1, 1]], np.int32),
+                  np.array([[0, -1, -1], [1, 1, -1], [0, 1, 0]], np.int32)])
+_PRUNE = _rotated([np.array([[-1, -1, -1], [-1, 1, -1], [0, 0, -1]], np.int32),
+                   np.array([[-1, -1, -1], [-1, 1, -1], [-1, 0, 0]], np.int32)])
+_MAX_THIN_PASSES = 32
+#: 3-pixel lines through the centre: horizontal, vertical and both diagonals (the directions of the edge NMS)
+_NMS_LINES = (np.array([[0, 0, 0], [1, 1, 1], [0, 0, 0]], np.uint8),
+              np.array([[0, 1, 0], [0, 1, 0], [0, 1, 0]], np.uint8),
+              np.eye(3, dtype=np.uint8), np.ascontiguousarray(np.fliplr(np.eye(3, dtype=np.uint8))))
+
+
+def _thin_pass(x: np.ndarray, kernels: List[np.ndarray]) -> bool:
+    """Clear (in place) the pixels each kernel matches, kernel after kernel; True when something was cleared."""
+    changed = False
+    for k in kernels:
+        hits = cv2.morphologyEx(x, cv2.MORPH_HITMISS, k) > 127
+        if hits.any():
+            x[hits] = 0
+            changed = True
+    return changed
+
+
+def _thin_edges(x: np.ndarray, prune: bool) -> np.ndarray:
+    """A binary (0/255) HxW map thinned to one-pixel lines (at most 32 passes), spurs pruned once if ``prune``."""
+    for _ in range(_MAX_THIN_PASSES):
+        if not _thin_pass(x, _THIN):
+            break
+    if prune:
+        _thin_pass(x, _PRUNE)
+    return x
+
+
+def _edge_nms(x: np.ndarray) -> np.ndarray:
+    """Keep a pixel (HxW uint8) where it is the largest of its 3-pixel line in at least one direction, else 0."""
+    out = np.zeros_like(x)
+    for line in _NMS_LINES:
+        np.putmask(out, cv2.dilate(x, kernel=line) == x, x)
     return out
 
 
-def apply_resize_mode(detected: np.ndarray, height: int, width: int, mode: ResizeMode) -> np.ndarray:
-    """Fit a detected map (HxWx3 uint8) to ``height`` x ``width``: Just Resize stretches, Crop and Resize scales to
-    cover and crops the centre, Resize and Fill scales to fit and fills the border with the median border colour."""
+def _otsu(x: np.ndarray) -> np.ndarray:
+    return cv2.threshold(x, 0, 255, cv2.THRESH_BINARY + cv2.THRESH_OTSU)[1]
+
+
+def _count_colours(x: np.ndarray) -> int:
+    return int(np.unique(x.reshape(-1, x.shape[2]), axis=0).shape[0])
+
+
+def _map_resize(x: np.ndarray, w: int, h: int) -> np.ndarray:
+    """sd-webui-controlnet's resize of a map (HxWx3, or HxWx4 with an inpaint mask last) to ``w`` x ``h``:
+
+    * a map of 3..199 colours (segmentation, colour grids) takes INTER_NEAREST, so no new colour appears;
+    * else INTER_AREA when the new size has fewer pixels, INTER_CUBIC otherwise (also for the same pixel count);
+    * a binary map (exactly 2 colours, darkest < 16, brightest > 240) is resized that way, averaged over the
+      channels (truncated to uint8) and re-binarised with Otsu's threshold; if it is mostly one-pixel lines (more
+      than half of its bright values vanish under a 3x3 opening) it first gets non-maximum suppression along four
+      directions and after Otsu the hit-or-miss thinning (spurs pruned when enlarging);
+    * the mask in a 4th channel is resized with the same interpolation and thresholded (> 127 -> 255, else 0), also
+      when no resize is needed.
+    """
+    mask = None
+    if x.ndim == 3 and x.shape[2] == 4:
+        x, mask = x[:, :, :3], x[:, :, 3]
+    if x.shape[:2] != (h, w):
+        new_px, old_px = w * h, x.shape[0] * x.shape[1]
+        colours = _count_colours(x)
+        binary = colours == 2 and x.min() < 16 and x.max() > 240
+        thin_lines = False
+        if binary:
+            ones = np.ones((3, 3), np.uint8)
+            opened = cv2.dilate(cv2.erode(x, ones, iterations=1), ones, iterations=1)
+            thin_lines = 2 * int(np.count_nonzero(opened < x)) > int(np.count_nonzero(x > 127))
+        if 2 < colours < 200:
+            interp = cv2.INTER_NEAREST
+        else:
+            interp = cv2.INTER_AREA if new_px < old_px else cv2.INTER_CUBIC
+        y = cv2.resize(x, (w, h), interpolation=interp)
+        if mask is not None:
+            mask = cv2.resize(mask, (w, h), interpolation=interp)
+        if binary:
+            g = np.mean(y.astype(np.float32), axis=2).clip(0, 255).astype(np.uint8)
+            if thin_lines:
+                g = _thin_edges(_otsu(_edge_nms(g)), prune=new_px > old_px)
+            else:
+                g = _otsu(g)
+            y = np.stack([g, g, g], axis=2)
+    else:
+        y = x
+    if mask is not None:
+        m = ((mask > 127).astype(np.float32) * 255.0).clip(0, 255).astype(np.uint8)
+        y = np.concatenate([y, m[:, :, None]], axis=2)
+    return y
+
+
+def _round_size(v: float) -> int:
+    """upstream's ``int(np.round(v))`` (half to even); at least 1 pixel (where upstream's cv2.resize would fail)."""
+    return max(1, int(np.round(v)))
+
+
+def apply_resize_mode(detected: np.ndarray, height: int, width: int, mode: ResizeMode,
+                      mask_channel: bool = False) -> np.ndarray:
+    """Fit a detected map to ``height`` x ``width`` as sd-webui-controlnet does, with :func:`_map_resize`:
+    Just Resize stretches; Crop and Resize scales by k = max(height/H, width/W) to ``round(W*k)`` x ``round(H*k)``
+    and keeps the centre (offsets ``(new - target) // 2``); Resize and Fill scales by the min and pastes the map at
+    ``(target - new) // 2`` on a canvas of the median colour of the map's four border lines (mask channel 255).
+
+    The map is HxWx3 uint8 (greyscale / RGBA are made so by :func:`hwc3`, alpha on white); with ``mask_channel``
+    (upstream's inpaint modules) a 4th channel is kept as a mask and any dtype (float32 there) is kept."""
     mode = ResizeMode(mode)
-    detected = hwc3(detected)
-    old_h, old_w = detected.shape[:2]
+    if mask_channel:
+        if detected.ndim != 3 or detected.shape[2] not in (3, 4):
+            raise InvalidInputError(f"a map with a mask channel must be HxWx3 or HxWx4, got {tuple(detected.shape)}")
+    else:
+        detected = hwc3(detected)
     if mode == ResizeMode.RESIZE:
-        return _hq_resize(detected, width, height)
+        return np.ascontiguousarray(_map_resize(detected, int(width), int(height)))
+    old_h, old_w = detected.shape[:2]
     k0, k1 = float(height) / old_h, float(width) / old_w
     if mode == ResizeMode.OUTER_FIT:
         k = min(k0, k1)
         borders = np.concatenate([detected[0], detected[-1], detected[:, 0], detected[:, -1]], axis=0)
-        color = np.median(borders, axis=0).astype(np.uint8)
-        out = np.tile(color[None, None], [height, width, 1])
-        m = _hq_resize(detected, max(1, int(round(old_w * k))), max(1, int(round(old_h * k))))
+        colour = np.median(borders, axis=0).astype(detected.dtype)
+        if colour.shape[0] == 4:
+            colour[3] = 255
+        out = np.tile(colour[None, None], [height, width, 1])
+        m = _map_resize(detected, _round_size(old_w * k), _round_size(old_h * k))
         nh, nw = m.shape[:2]
         ph, pw = max(0, (height - nh) // 2), max(0, (width - nw) // 2)
-        out[ph:ph + nh, pw:pw + nw] = m[:height, :width]
-        return out
+        m = m[:height, :width]  # never wider than the canvas (upstream: the same pixels, or a shape error)
+        out[ph:ph + m.shape[0], pw:pw + m.shape[1]] = m
+        return np.ascontiguousarray(out)
     k = max(k0, k1)
-    m = _hq_resize(detected, max(width, int(round(old_w * k))), max(height, int(round(old_h * k))))
+    m = _map_resize(detected, _round_size(old_w * k), _round_size(old_h * k))
     nh, nw = m.shape[:2]
     ph, pw = max(0, (nh - height) // 2), max(0, (nw - width) // 2)
     return np.ascontiguousarray(m[ph:ph + height, pw:pw + width])
