@@ -143,27 +143,47 @@ def parse_lora_arg(spec: str) -> Tuple[str, float]:
     return spec, 1.0
 
 
-def _bake_item(item: Any, i: int, where: str) -> Dict[str, Any]:
-    """One ``loras`` entry as ``{"lora": name, "multiplier": m}``: from ``"NAME[:MULT]"`` (CLI, tab) or from
-    ``{"lora": NAME, "multiplier": M}`` (API); anything else is a 422 naming the entry."""
+#: the block-weight suffix of a bake entry: ``NAME:MULT:lbw=SPEC`` (as in ``<lora:NAME:MULT:lbw=SPEC>``)
+LBW_SUFFIX = ":lbw="
+
+
+def _bake_item(item: Any, i: int, where: str, lbw: bool = True) -> Dict[str, Any]:
+    """One ``loras`` entry as ``{"lora": name, "multiplier": m}`` (plus ``"lbw"`` when given): from
+    ``"NAME[:MULT][:lbw=SPEC]"`` (CLI, tab) or from ``{"lora": NAME, "multiplier": M, "lbw": SPEC}`` (API);
+    anything else is a 422 naming the entry. ``lbw=False``: block weights are refused (LoRA merge)."""
     field = f"loras[{i}]"
+    known = ("lora", "multiplier", "lbw") if lbw else ("lora", "multiplier")
+    spec: Optional[str] = None
     if isinstance(item, str):
-        name, mult = parse_lora_arg(item.strip())
+        text = item.strip()
+        cut = text.find(LBW_SUFFIX)
+        if cut >= 0:
+            text, spec = text[:cut], text[cut + len(LBW_SUFFIX):].strip()
+        name, mult = parse_lora_arg(text)
     elif isinstance(item, Mapping):
-        unknown = sorted(str(k) for k in item if k not in ("lora", "multiplier"))
+        unknown = sorted(str(k) for k in item if k not in known)
         if unknown:
             raise InvalidInputError(f"{where}: {field} has unknown field(s): {', '.join(unknown)} "
-                                    f"(known: lora, multiplier)")
+                                    f"(known: {', '.join(known)})")
         if "lora" not in item:
             raise InvalidInputError(f"{where}: {field}.lora is required")
         name = _coerce_simple(str, item["lora"], field + ".lora", where)
         mult = _coerce_simple(float, item.get("multiplier", 1.0), field + ".multiplier", where)
+        if item.get("lbw") is not None:
+            spec = _coerce_simple(str, item["lbw"], field + ".lbw", where).strip()
     else:
         raise InvalidInputError(f'{where}: {field} must be "NAME[:MULT]" or {{"lora": NAME, "multiplier": M}}, '
                                 f"got {type(item).__name__}")
     if not name.strip():
         raise InvalidInputError(f"{where}: {field} names no LoRA")
-    return {"lora": name, "multiplier": float(mult)}
+    out: Dict[str, Any] = {"lora": name, "multiplier": float(mult)}
+    if spec is not None:
+        if not lbw:
+            raise InvalidInputError(f"{where}: {field}: lbw= (block weights) is taken by bake, not here")
+        if not spec:
+            raise InvalidInputError(f"{where}: {field}: lbw= names no preset or list")
+        out["lbw"] = spec
+    return out
 
 
 @dataclass
@@ -174,9 +194,10 @@ class BakeRequest(Request):
 
     checkpoint: str = param(help="the checkpoint to bake into", model="checkpoint", positional=True,
                             metavar="CHECKPOINT")
-    loras: List[Any] = param(help='the LoRAs and their multipliers: "NAME[:MULT]" (CLI, tab) or '
-                                  '{"lora": NAME, "multiplier": M} (API; multiplier 1 when left out)',
-                             model="lora", positional=True, metavar="LORA[:MULT]")
+    loras: List[Any] = param(help='the LoRAs and their multipliers: "NAME[:MULT][:lbw=BLOCKS]" (CLI, tab) or '
+                                  '{"lora": NAME, "multiplier": M, "lbw": BLOCKS} (API; multiplier 1 when left out); '
+                                  "BLOCKS: a lora-block-weight preset or list, as in <lora:NAME:M:lbw=BLOCKS>",
+                             model="lora", positional=True, metavar="LORA[:MULT][:lbw=BLOCKS]")
     output: str = param(help="the checkpoint to write (.safetensors); API/UI: a file name in the checkpoint folder",
                         short="-o")
     overwrite: bool = param(False, help="replace an existing output")
@@ -202,7 +223,8 @@ class BakeReport(Report):
         lines = [f"Wrote {self.name}: {self.arch}, {self.touched} tensors changed"]
         for x in self.loras:
             extra = f", {x['unmatched']} unmatched" if x.get("unmatched") else ""
-            lines.append(f"  {x['path']} x{x['multiplier']:g}: {x['layers']} layers{extra}")
+            blocks = f" lbw={x['lbw']}" if x.get("lbw") else ""
+            lines.append(f"  {x['path']} x{x['multiplier']:g}{blocks}: {x['layers']} layers{extra}")
         lines.append(f"Output: {self.output}")
         return "\n".join(lines)
 
@@ -211,7 +233,7 @@ def run_bake(host: Any, req: BakeRequest, progress: Progress) -> BakeReport:
     from ..lora.bake import bake
 
     ckpt = host.resolve_input(req.checkpoint, "checkpoint")
-    loras = [(host.resolve_input(x["lora"], "lora"), x["multiplier"]) for x in req.loras]
+    loras = [(host.resolve_input(x["lora"], "lora"), x["multiplier"], x.get("lbw")) for x in req.loras]
     out = _output(host, req.output, "checkpoint")
     res = bake(ckpt, loras, out, overwrite=req.overwrite, progress=progress.phase("baking"))
     host.refresh("checkpoint")
@@ -387,9 +409,9 @@ def _merge_item(item: Any, i: int, where: str) -> Dict[str, Any]:
             raise InvalidInputError(f"{where}: loras[{i}] has unknown field(s): {', '.join(unknown)} "
                                     f"(known: lora, weight)")
         got = _bake_item({"lora": item["lora"], "multiplier": item.get("weight", 1.0)} if "lora" in item
-                         else {"multiplier": 1.0}, i, where)
+                         else {"multiplier": 1.0}, i, where, lbw=False)
     else:
-        got = _bake_item(item, i, where)
+        got = _bake_item(item, i, where, lbw=False)
     return {"lora": got["lora"], "weight": got["multiplier"]}
 
 

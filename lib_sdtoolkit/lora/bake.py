@@ -1,5 +1,8 @@
 """Bake networks into a checkpoint: W' = W + Σ m·ΔW per layer (ΔW in fp32, cast once to the stored dtype),
-streamed key by key from the input into :class:`lib_sdtoolkit.files.StreamingSafetensorsWriter`."""
+streamed key by key from the input into :class:`lib_sdtoolkit.files.StreamingSafetensorsWriter`.
+
+A LoRA may carry lora-block-weight's ``lbw=`` (a preset name or a list, :mod:`.blocks`): then m of a layer is the
+LoRA's multiplier times the weight of the layer's block, as ``<lora:name:m:lbw=...>`` applies it at generation."""
 from __future__ import annotations
 
 import json
@@ -14,6 +17,7 @@ from ..arch.families import base_arch
 from ..errors import ArchitectureError, InvalidInputError
 from ..files import StreamingSafetensorsWriter, check_output_path, open_model
 from . import formats
+from .blocks import resolve_block_weights
 from .network import BoundLayer, Network, check_shapes, load_network
 from ..validate import finite
 
@@ -23,14 +27,33 @@ MAX_MULTIPLIER = 100.0
 PathLike = Union[str, "os.PathLike[str]"]
 
 
-def bake(checkpoint: PathLike, loras: Sequence[Tuple[PathLike, float]], out: PathLike, overwrite: bool = False,
+def _block_factors(loras: Sequence[tuple], arch: str) -> List[Optional[Dict[str, float]]]:
+    """Each LoRA's block weights for ``arch`` (None without ``lbw``); a bad spec names the LoRA file."""
+    out: List[Optional[Dict[str, float]]] = []
+    for item in loras:
+        lbw = item[2] if len(item) > 2 else None
+        try:
+            out.append(resolve_block_weights(lbw, arch))
+        except InvalidInputError as exc:
+            raise InvalidInputError(f"lbw of {Path(item[0]).name}: {exc}", item[0]) from None
+    return out
+
+
+def _record(loras: Sequence[tuple]) -> str:
+    return json.dumps([dict({"lora": Path(it[0]).name, "multiplier": it[1]},
+                            **({"lbw": it[2]} if len(it) > 2 and it[2] else {})) for it in loras])
+
+
+def bake(checkpoint: PathLike, loras: Sequence[tuple], out: PathLike, overwrite: bool = False,
          progress: Optional[Callable[[int, int], None]] = None) -> Dict[str, object]:
-    """Write ``out`` = ``checkpoint`` with ``loras`` [(path, multiplier)] merged in. Returns a summary."""
+    """Write ``out`` = ``checkpoint`` with ``loras`` merged in: each ``(path, multiplier)`` or ``(path, multiplier,
+    lbw)`` (``lbw``: a block-weight preset or list, None for none). Returns a summary."""
     if not loras:
         raise InvalidInputError("no LoRA given to bake")
-    for p, m in loras:  # a NaN / Inf multiplier would write a checkpoint full of NaN
+    loras = [tuple(it) for it in loras]
+    for p, m, *_ in loras:  # a NaN / Inf multiplier would write a checkpoint full of NaN
         finite(m, f"multiplier of {Path(p).name}", -MAX_MULTIPLIER, MAX_MULTIPLIER)
-    outp = check_output_path(out, [checkpoint, *[p for p, _ in loras]], overwrite)
+    outp = check_output_path(out, [checkpoint, *[it[0] for it in loras]], overwrite)
     if outp.suffix.lower() != ".safetensors":
         raise InvalidInputError("the baked checkpoint is written as .safetensors", outp)
     with open_model(checkpoint) as r:
@@ -41,18 +64,20 @@ def bake(checkpoint: PathLike, loras: Sequence[Tuple[PathLike, float]], out: Pat
         if not a.is_checkpoint:
             raise ArchitectureError(f"not a Stable Diffusion checkpoint ({a.architecture})", r.path)
         arch = base_arch(a.architecture)
+        factors = _block_factors(loras, arch)
         shapes = {k: i.shape for k, i in infos.items()}
-        nets: List[Tuple[Network, float]] = []
-        for p, m in loras:
+        nets: List[Tuple[Network, float, Optional[Dict[str, float]]]] = []
+        for (p, m, *_), bw in zip(loras, factors):
             net = load_network(p, arch)
             check_shapes(net, shapes)
-            nets.append((net, float(m)))
+            nets.append((net, float(m), bw))
         by_key: Dict[str, List[Tuple[BoundLayer, float]]] = {}
         # bias deltas (full ``diff_b``, norm ``b_norm``, ``bias``) do not depend on W: computed up front, since a
         # file may store a bias before its weight
         biases: Dict[str, torch.Tensor] = {}
-        for net, m in nets:
+        for net, m_net, bw in nets:
             for layer in net.layers:
+                m = m_net if bw is None else m_net * float(bw.get(layer.block, 0.0))
                 by_key.setdefault(layer.weight_key, []).append((layer, m))
                 t = layer.weights.t
                 db = t.get("diff_b", t.get("b_norm", t.get("bias")))
@@ -66,7 +91,7 @@ def bake(checkpoint: PathLike, loras: Sequence[Tuple[PathLike, float]], out: Pat
                     d = full
                 biases[layer.bias_key] = d if layer.bias_key not in biases else biases[layer.bias_key] + d
         meta = dict(r.metadata) if r.format == "safetensors" else {}
-        meta["sdtoolkit_lora_bake"] = json.dumps([{"lora": Path(p).name, "multiplier": m} for p, m in loras])
+        meta["sdtoolkit_lora_bake"] = _record(loras)
         keys = r.keys()
         specs = [infos[k] for k in keys]
         touched = 0
@@ -95,8 +120,17 @@ def bake(checkpoint: PathLike, loras: Sequence[Tuple[PathLike, float]], out: Pat
                 if progress:
                     progress(i + 1, len(keys))
     return {"output": str(outp), "arch": arch, "touched": touched,
-            "loras": [{"path": str(p), "multiplier": m, "layers": len(n.layers), "unmatched": len(n.unmatched)}
-                      for (p, m), (n, _) in zip(loras, nets)]}
+            "loras": [_entry(it, {"layers": len(n.layers), "unmatched": len(n.unmatched)})
+                      for it, (n, _, _) in zip(loras, nets)]}
+
+
+def _entry(item: tuple, extra: Dict[str, object]) -> Dict[str, object]:
+    """One LoRA of the summary: path, multiplier, lbw when given, then ``extra``."""
+    out: Dict[str, object] = {"path": str(item[0]), "multiplier": item[1]}
+    if len(item) > 2 and item[2]:
+        out["lbw"] = item[2]
+    out.update(extra)
+    return out
 
 
 def _bake_flux(r, infos, a, loras, outp, overwrite, progress) -> Dict[str, object]:
@@ -105,11 +139,13 @@ def _bake_flux(r, infos, a, loras, outp, overwrite, progress) -> Dict[str, objec
     from .fluxbake import FluxPatches
 
     shapes = {k: i.shape for k, i in infos.items()}
-    nets = [(load_network(p, "Flux.1"), float(m)) for p, m in loras]
-    layers = [(layer, m) for net, m in nets for layer in net.layers]
+    factors = _block_factors(loras, "Flux.1")
+    nets = [(load_network(it[0], "Flux.1"), float(it[1])) for it in loras]
+    layers = [(layer, m if bw is None else m * float(bw.get(layer.block, 0.0)))
+              for (net, m), bw in zip(nets, factors) for layer in net.layers]
     patches = FluxPatches(layers, a.layout or "bfl", a.prefixes, shapes, r.path)
     meta = dict(r.metadata) if r.format == "safetensors" else {}
-    meta["sdtoolkit_lora_bake"] = json.dumps([{"lora": Path(p).name, "multiplier": m} for p, m in loras])
+    meta["sdtoolkit_lora_bake"] = _record(loras)
     keys = r.keys()
     touched = 0
     with StreamingSafetensorsWriter(outp, [infos[k] for k in keys], meta, overwrite=overwrite) as w:
@@ -124,11 +160,11 @@ def _bake_flux(r, infos, a, loras, outp, overwrite, progress) -> Dict[str, objec
                 progress(i + 1, len(keys))
     out = []
     i0 = 0
-    for (p, m), (n, _) in zip(loras, nets):
+    for it, (n, _) in zip(loras, nets):
         absent = sum(1 for pl in patches.places[i0:i0 + len(n.layers)] if not pl)
         i0 += len(n.layers)
-        out.append({"path": str(p), "multiplier": m, "layers": len(n.layers) - absent, "unmatched": len(n.unmatched),
-                    "not_in_checkpoint": absent})
+        out.append(_entry(it, {"layers": len(n.layers) - absent, "unmatched": len(n.unmatched),
+                               "not_in_checkpoint": absent}))
     return {"output": str(outp), "arch": "Flux.1", "touched": touched, "loras": out}
 
 

@@ -6,16 +6,19 @@ every caller. Blocks a list does not name get 0, as lora-block-weight expands sh
 encoders and the UNet layers outside the numbered blocks (time_embed, out).
 
 Built-in presets are the extension's 17-value ones (SD1/SD2); NONE, ALL and ALL0.5 work for every architecture
-(on the architecture's short list: the blocks with attention). User presets: a text file of ``NAME:v1,v2,...`` lines
+(on the architecture's short list: the blocks with attention). :func:`preset_for` carries a preset of another
+architecture over by block name (for the block-weight editor, which says so); :func:`lbw_list` writes weights back
+as the shortest list that parses to them. User presets: a text file of ``NAME:v1,v2,...`` lines
 (``#`` comments allowed); a user preset overrides a built-in of the same name.
 """
 from __future__ import annotations
 
 import os
 from pathlib import Path
+import math
 from typing import Dict, List, Mapping, Optional, Tuple, Union
 
-from ..arch.blocks import LBW, TABLES, convention
+from ..arch.blocks import LBW, TABLES, convention, describe
 from ..errors import InvalidInputError
 
 PathLike = Union[str, "os.PathLike[str]"]
@@ -87,8 +90,9 @@ def resolve_block_weights(spec: Optional[str], arch: str,
     if s in presets:
         values = presets[s]
         if s in _UNIFORM and s not in (user_presets or {}):
-            # NONE / ALL / ALL0.5: one value on the architecture's short list (the blocks with attention)
-            values = [_UNIFORM[s]] * min(conv.lists)
+            # NONE / ALL / ALL0.5: one value on the architecture's short list (the blocks with attention) that has
+            # BASE (Flux.1's 57 leave BASE out: ALL there is every block, like lora-block-weight's FLUXALL)
+            values = [_UNIFORM[s]] * min(n for n, ids in conv.lists.items() if "BASE" in ids)
     else:
         try:
             values = _v(s)
@@ -113,6 +117,76 @@ def active_at_step(step: int, start: Optional[int], stop: Optional[int]) -> bool
     if stop is not None and step >= stop:
         return False
     return True
+
+
+def fmt_weight(v: float) -> str:
+    """A block weight as lbw lists write it: rounded to 3 decimals, no trailing zeros, never ``-0`` or an exponent
+    (0.199031 -> ``0.199``, 1.0 -> ``1``)."""
+    s = f"{round(float(v), 3):.3f}".rstrip("0").rstrip(".")
+    return "0" if s in ("-0", "") else s
+
+
+def lbw_list(weights: Mapping[str, float], arch: str) -> str:
+    """The ``lbw=`` list of ``weights`` ({block id: weight}; blocks left out are 0) for a LoRA on ``arch``, each value
+    rounded to 3 decimals: the architecture's short list (lora-block-weight's 17 for SD1/SD2, 12 for SDXL, 57 for
+    Flux.1 without BASE) when every block it leaves out is 0, else the list of every block. Parsed back with
+    :func:`resolve_block_weights` it gives the same weights (rounded). Raises InvalidInputError for a block id the
+    architecture does not have or a weight that is not a finite number."""
+    conv = convention(LBW, arch)
+    unknown = [b for b in weights if b not in conv.blocks]
+    if unknown:
+        raise InvalidInputError(f"block weights: {', '.join(unknown[:4])} not a {conv.architecture} block "
+                                f"({describe(conv.blocks)})")
+    vals: Dict[str, float] = {}
+    for b in conv.blocks:
+        v = float(weights.get(b, 0.0))
+        if not math.isfinite(v):
+            raise InvalidInputError(f"block weights: {b} = {v} is not a finite number")
+        vals[b] = round(v, 3)
+    for n in sorted(conv.lists):
+        ids = conv.lists[n]
+        if all(vals[b] == 0 for b in conv.blocks if b not in ids):
+            return ",".join(fmt_weight(vals[b]) for b in ids)
+    raise AssertionError("the full list names every block")  # conv.lists always holds the full list
+
+
+def preset_lists(name: str, user_presets: Optional[Mapping[str, List[float]]] = None) -> Optional[List[float]]:
+    """The values of a built-in or user preset as written (user presets win), or None."""
+    if user_presets and name in user_presets:
+        return list(user_presets[name])
+    return list(PRESETS[name]) if name in PRESETS else None
+
+
+def preset_for(name: str, arch: str, user_presets: Optional[Mapping[str, List[float]]] = None
+               ) -> Tuple[Dict[str, float], Optional[str]]:
+    """(weights over every block of ``arch``, note) for preset ``name``.
+
+    A preset whose length ``arch`` takes is resolved as a tag would be (note None). A preset written for another
+    architecture (the built-in 17-value presets on SDXL or Flux.1) is refused by lora-block-weight and by
+    :func:`resolve_block_weights` (``lbw=MIDD`` on an SDXL LoRA); here its values are carried over by block name
+    (blocks of the same id; the others 0) and the note says so and which blocks were dropped, so the editor can
+    offer the explicit list instead of the name."""
+    values = preset_lists(name, user_presets)
+    if values is None:
+        known = ", ".join(sorted(set(PRESETS) | set(user_presets or {})))
+        raise InvalidInputError(f"unknown block-weight preset {name!r} (presets: {known})")
+    conv = convention(LBW, arch)
+    if conv.ids_for(len(values)) is not None or (name in _UNIFORM and name not in (user_presets or {})):
+        return resolve_block_weights(name, arch, user_presets) or {}, None
+    src = next((c for c in TABLES[LBW].values() if c.ids_for(len(values)) is not None), None)
+    if src is None:  # cannot happen for a parsed preset: its length is one some architecture takes
+        raise InvalidInputError(f"preset {name!r}: {len(values)} values fit no architecture")
+    ids = src.ids_for(len(values))
+    by_name = dict(zip(ids, values))
+    out = {b: float(by_name.get(b, 0.0)) for b in conv.blocks}
+    dropped = [b for b in ids if b not in conv.blocks and by_name[b] != 0]
+    same = [b for b in ids if b in conv.blocks]
+    archs = "/".join(a for a, c in TABLES[LBW].items() if c.ids_for(len(values)) == ids)
+    note = (f"{name} is a {len(values)}-value {archs} preset; a {conv.architecture} LoRA takes "
+            f"{' or '.join(str(n) for n in sorted(conv.lists))} values, so lbw={name} would be refused for it. "
+            f"Its values are carried over by block name ({describe(same) if same else 'no block in common'})")
+    note += f"; dropped: {describe(dropped)} (no such {conv.architecture} block)." if dropped else "."
+    return out, note
 
 
 def block_key(weights: Optional[Mapping[str, float]]) -> Optional[Tuple[Tuple[str, float], ...]]:

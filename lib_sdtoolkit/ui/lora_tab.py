@@ -1,5 +1,6 @@
 """LoRA tools tab: inspect a LoRA file (a table with per-block bars and what would not apply), resize, merge, extract
-a LoRA from two checkpoints, bake LoRAs into a checkpoint.
+a LoRA from two checkpoints, bake LoRAs into a checkpoint (with block weights), edit block weights (``lbw=``,
+:mod:`.lbw_editor`: the prompt text to copy, or a line for the Bake list).
 
 Each button runs its LoRA job (``jobs.lora.ACTIONS``) with the tab's values as ``{field: value}`` (the fields of
 the job's request, the same as the API body); the tab only translates what a widget cannot say directly and shows
@@ -15,7 +16,7 @@ import gradio as gr
 
 from ..errors import SdToolkitError
 from ..host import Host
-from . import lora_convert_panel
+from . import lbw_editor, lora_convert_panel
 from .common import error_html, gradio_progress, keep_value, writes
 
 log = logging.getLogger(__name__)
@@ -197,11 +198,14 @@ def build(host: Host) -> None:
         res2 = gr.HTML()
     with gr.Tab("Bake", elem_id="sdtoolkit_lora_bake_tab"):
         ckpt = gr.Dropdown(choices=ck, label="Checkpoint", elem_id="sdtoolkit_lora_bake_ckpt")
-        loras = gr.Textbox(lines=3, label="LoRAs, one per line: NAME[:MULT]", elem_id="sdtoolkit_lora_bake_list")
-        output3 = gr.Textbox(label="Output file name", value="baked.safetensors")
+        loras = gr.Textbox(lines=3, label="LoRAs, one per line: NAME[:MULT][:lbw=BLOCKS] (the Block weights tab "
+                                          "writes such lines)", elem_id="sdtoolkit_lora_bake_list")
+        output3 = gr.Textbox(label="Output file name", value="baked.safetensors", elem_id="sdtoolkit_lora_bake_out")
         overwrite3 = gr.Checkbox(label="Overwrite", value=False)
         btn3 = gr.Button("Bake", variant="primary", elem_id="sdtoolkit_lora_bake_btn")
-        res3 = gr.HTML()
+        res3 = gr.HTML(elem_id="sdtoolkit_lora_bake_result")
+    with gr.Tab("Block weights", elem_id="sdtoolkit_lora_lbw_tab"):
+        lbw_editor.build(host, bake_list=loras)
     lora_convert_panel.build(host)
 
     lora_lists = [lora, rs_lora]

@@ -146,7 +146,7 @@ def block_warnings(values: Dict[str, float], allow_extrapolation: bool = False) 
     return [f"{', '.join(out)} {what}."]
 
 
-def chart_html(values: Dict[str, float]) -> str:
+def chart_html(values: Dict[str, float], label: str = "share of B per block") -> str:
     """An SVG chart of the block ratios: the UNet blocks as a line with their names on the axis, BASE apart on the
     left as its own point (not joined to the UNet curve); values outside [0, 1] in red beyond the dashed range."""
     if not values:
@@ -164,7 +164,7 @@ def chart_html(values: Dict[str, float]) -> str:
         return T + (hi - v) / (hi - lo) * (H - T - B)
 
     parts = [f'<svg class="sdtoolkit-chart" viewBox="0 0 {W} {H}" width="100%" role="img" '
-             f'aria-label="share of B per block">']
+             f'aria-label="{html.escape(label)}">']
     for v in (0.0, 0.5, 1.0):
         dash = ' stroke-dasharray="4 3"' if v in (0.0, 1.0) else ""
         parts.append(f'<line x1="{L}" x2="{W - R}" y1="{y(v):.1f}" y2="{y(v):.1f}" class="sdtoolkit-chart-grid"'
