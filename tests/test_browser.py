@@ -292,3 +292,59 @@ def test_every_tab_works_on_the_sample_library_with_clicks_on_defaults(page, app
     assert edges.max() > 0 and edges.min() == 0                       # a canny map of the drawn edges
     page.wait_for_timeout(300)
     assert PAGE_ERRORS == []
+
+
+def test_lora_block_weight_editor_gives_prompt_text_and_bakes_with_it(page, app_url):
+    """Issue 15 item 4 for LoRA ``lbw``, with clicks only: the Block weights section reads the sample LoRA's
+    architecture (SD1), a click on lora-block-weight's MIDD preset fills the per-block table and the chart (block
+    names, BASE apart) and gives ``<lora:...:lbw=MIDD>`` prompt text that the WebUI's parser reads back to the
+    table's weights; "Add to the Bake list" and Bake write a checkpoint whose bake record carries the lbw."""
+    import json
+
+    from lib_sdtoolkit.files import open_model
+    from lib_sdtoolkit.lora import syntax
+    from lib_sdtoolkit.lora.blocks import resolve_block_weights
+    from lib_sdtoolkit.samples.library import NAMES
+
+    root = APP["root"]
+    assert (root / NAMES["lora"]).is_file(), "the inspect flow test creates the sample library first"
+    page.goto(app_url)
+    page.wait_for_function(
+        "() => { const i = document.querySelector('#sdtoolkit_lora_lbw_file input'); return i && i.value; }")
+    _open_tab(page, "LoRA tools")
+    page.locator("#sdtoolkit_tab_lora div.tab-nav button", has_text="Block weights").first.click()
+    page.wait_for_selector("#sdtoolkit_lora_lbw_msg:has-text('SD1 (read from the LoRA)')")
+
+    page.click("#sdtoolkit_lora_lbw_preset input")
+    page.locator("ul.options li", has_text="MIDD").first.click()
+    page.wait_for_function("() => document.querySelector('#sdtoolkit_lora_lbw_tag textarea').value"
+                           ".includes('lbw=MIDD')")
+    tag = page.input_value("#sdtoolkit_lora_lbw_tag textarea")
+    assert tag == "<lora:sample-lora-sd15:1:lbw=MIDD>", tag
+    assert page.input_value("#sdtoolkit_lora_lbw_sdt_tag textarea") == "<sdtlora:sample-lora-sd15:1:lbw=MIDD>"
+    _, reqs = syntax.parse_prompt(f"a cat {tag}")
+    want = resolve_block_weights(reqs[0].lbw, "SD1")
+    page.wait_for_function("() => document.querySelectorAll('#sdtoolkit_lora_lbw_table tbody tr').length == 26")
+    cells = _body_cells(page, "sdtoolkit_lora_lbw_table")
+    table = {cells[i]: float(cells[i + 1]) for i in range(0, len(cells), 2)}
+    assert table == want and table["M00"] == 1 and table["IN01"] == 0
+    labels = page.locator("#sdtoolkit_lora_lbw_chart svg text.sdtoolkit-chart-label").all_text_contents()
+    assert labels[0] == "BASE" and "OUT11" in labels and len(labels) == 26
+    assert page.locator("#sdtoolkit_lora_lbw_msg .sdtoolkit-warn").count() == 0
+
+    page.click("#sdtoolkit_lora_lbw_to_bake")
+    page.wait_for_function("() => document.querySelector('#sdtoolkit_lora_bake_list textarea').value"
+                           ".includes('lbw=MIDD')")
+    page.locator("#sdtoolkit_tab_lora div.tab-nav button", has_text="Bake").first.click()
+    assert page.input_value("#sdtoolkit_lora_bake_list textarea") == f"{NAMES['lora'].split('/', 1)[1]}:1:lbw=MIDD"
+    page.click("#sdtoolkit_lora_bake_ckpt input")
+    page.locator("ul.options li", has_text="sd15-tiny").first.click()
+    page.keyboard.press("Escape")
+    page.click("#sdtoolkit_lora_bake_btn")
+    page.wait_for_selector("#sdtoolkit_lora_bake_result .sdtoolkit-ok")
+    assert "lbw=MIDD" in page.inner_text("#sdtoolkit_lora_bake_result")
+    with open_model(root / "Stable-diffusion" / "baked.safetensors") as r:
+        record = json.loads(r.metadata["sdtoolkit_lora_bake"])
+    assert record == [{"lora": "sample-lora-sd15.safetensors", "multiplier": 1.0, "lbw": "MIDD"}]
+    page.wait_for_timeout(300)
+    assert PAGE_ERRORS == []
