@@ -187,3 +187,51 @@ def test_bake_job_takes_lbw_from_every_face_and_merge_refuses_it():
         MergeRequest.from_dict({"loras": ["a:1:lbw=MIDD"], "output": "o"})
     with pytest.raises(InvalidInputError, match="names no preset"):
         BakeRequest.from_dict({"checkpoint": "c", "output": "o", "loras": ["a:1:lbw="]})
+
+
+def test_bake_with_lbw_is_the_same_on_the_cli_the_api_and_the_tab(fixture_files, tmp_path, capsys):
+    """``NAME:M:lbw=...`` on the CLI and in the tab's list, ``{"lora", "multiplier", "lbw"}`` in the API: the same
+    bytes on disk, and the bake record names the lbw."""
+    import json
+    import shutil
+
+    from fastapi.testclient import TestClient
+
+    from lib_sdtoolkit import cli
+    from lib_sdtoolkit.files import open_model, save_safetensors
+    from lib_sdtoolkit.host import StandaloneHost
+    from lib_sdtoolkit.lora.synth import make_lora_state_dict
+    from lib_sdtoolkit.server.app import create_app
+    from lib_sdtoolkit.ui import lora_tab
+
+    host = StandaloneHost(models_dir=tmp_path / "models", create=True, progress_sink=lambda *a: None)
+    ck, lo = host.model_dirs("checkpoint")[0], host.model_dirs("lora")[0]
+    shutil.copyfile(fixture_files["sd1"], ck / "base.safetensors")
+    with open_model(ck / "base.safetensors") as r:
+        shapes = {k: i.shape for k, i in r.infos().items()}
+    save_safetensors(lo / "given.safetensors", make_lora_state_dict(lambda k: shapes.get(k), "SD1", rank=2, seed=5,
+                                                                    name_filter=lambda n: "attn2" in n))
+    out = ck / "lbw-bake.safetensors"
+    blobs = []
+    assert cli.main(["lora", "bake", str(ck / "base.safetensors"), f"{lo / 'given.safetensors'}:0.5:lbw=OUTD",
+                     "-o", str(out), "--overwrite", "-q", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["loras"][0]["lbw"] == "OUTD"
+    blobs.append(out.read_bytes())
+    client = TestClient(create_app(host, ui=False), raise_server_exceptions=False)
+    r = client.post("/sdtoolkit/v1/lora/bake", json={
+        "checkpoint": "base", "output": "lbw-bake", "overwrite": True,
+        "loras": [{"lora": "given", "multiplier": 0.5, "lbw": "OUTD"}]})
+    assert r.status_code == 200, r.text
+    blobs.append(out.read_bytes())
+    status, rep = lora_tab.run_action(host, "bake", {"checkpoint": "base.safetensors", "output": "lbw-bake",
+                                                     "overwrite": True, "loras": "given:0.5:lbw=OUTD\n"})
+    assert rep is not None, status
+    assert "lbw=OUTD" in status
+    blobs.append(out.read_bytes())
+    assert blobs[0] == blobs[1] == blobs[2]
+    with open_model(out) as r:
+        assert json.loads(r.metadata["sdtoolkit_lora_bake"])[0]["lbw"] == "OUTD"
+    # a wrong preset is a 4xx naming it
+    r = client.post("/sdtoolkit/v1/lora/bake", json={
+        "checkpoint": "base", "output": "lbw-bad", "loras": [{"lora": "given", "lbw": "NOPE"}]})
+    assert 400 <= r.status_code < 500 and "NOPE" in r.text
