@@ -118,6 +118,10 @@ def test_editor_gives_prompt_text_that_parses_to_its_table(host):
     st = E.editor_state(host, lora, "SDXL", "MIDD", spec, 1)
     assert "17-value" in st["message"] and "This LoRA is a SD1 LoRA" in st["message"]
     assert _parsed_tag(st["lora_tag"], "SDXL") == preset_for("MIDD", "SDXL")[0]
+    # Flux.1's 58 blocks on the axis, BASE apart; ALL is every block
+    st = E.editor_state(host, lora, "Flux.1", "ALL", E.preset_spec("ALL", "Flux.1")[0], 1)
+    assert [r[0] for r in st["rows"]] == FLUX_58 and {r[1] for r in st["rows"]} == {"1"}
+    assert st["lora_tag"].endswith(":lbw=ALL>") and "S37" in st["chart"] and "D00" in st["chart"]
     # a list of the wrong length: the error, no prompt text
     st = E.editor_state(host, lora, E.AUTO, "", "1,0,1", 1)
     assert "sdtoolkit-error" in st["message"] and "17 or 26" in st["message"] and st["lora_tag"] == ""
