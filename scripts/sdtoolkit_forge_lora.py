@@ -79,16 +79,19 @@ def _patch_value_factory():
 
 
 def _arch_of(sd_model, unet_shapes):
-    """SD1 / SD2 / SDXL / SDXL-refiner, or None for a model we do not handle (Flux, SD3: Forge's own <lora:...>).
+    """SD1 / SD2 / SDXL / SDXL-refiner / Flux.1, or None for a model we do not handle (SD3, Chroma, ...: Forge's
+    own <lora:...>).
 
-    Forge's flags gate (no ``is_sd1``/``is_sd2``/``is_sdxl``: not ours); which one it is comes from the library's
-    detector on the UNet parameters' names and shapes (Forge's ``diffusion_model.*``, read as checkpoint keys):
-    Forge sets ``is_sdxl`` for the refiner too, whose layers need the refiner's name table and blocks."""
-    if not any(getattr(sd_model, f, False) for f in ("is_sd1", "is_sd2", "is_sdxl")):
-        return None
+    Forge's flags gate the SD families; which one it is comes from the library's detector on the UNet parameters'
+    names and shapes (Forge's ``diffusion_model.*``, read as checkpoint keys): Forge sets ``is_sdxl`` for the
+    refiner too, whose layers need the refiner's name table and blocks. Forge's Flux engine sets no flag: Flux.1 is
+    told by the same detector from BFL's names under ``diffusion_model.``."""
     shapes = unet_shapes()
-    return loaded_architecture(((k, s) for k, s in shapes.items() if k.startswith("diffusion_model.")),
-                               prefix="model.")
+    unet = {k: s for k, s in shapes.items() if k.startswith("diffusion_model.")}
+    if not any(getattr(sd_model, f, False) for f in ("is_sd1", "is_sd2", "is_sdxl")):
+        from lib_sdtoolkit.arch import detect
+        return "Flux.1" if unet and detect(unet).architecture == "Flux.1" else None
+    return loaded_architecture(unet.items(), prefix="model.")
 
 
 def _comment(p, text):
@@ -150,8 +153,8 @@ if IS_FORGE:
             sd_model = getattr(p, "sd_model", None) or shared.sd_model
             arch = _arch_of(sd_model, lambda: self._key_maps(sd_model)[2])
             if arch is None:
-                _comment(p, "SD Toolkit LoRA: <sdtlora:...> supports SD1, SD2 and SDXL models; this model is "
-                            f"{type(sd_model).__name__} - use Forge's <lora:...>")
+                _comment(p, "SD Toolkit LoRA: <sdtlora:...> supports SD1, SD2, SDXL and Flux.1 models; this model "
+                            f"is {type(sd_model).__name__} - use Forge's <lora:...>")
                 return
             if self.registry is None:
                 self.registry = LoraRegistry(self._lora_dirs())
