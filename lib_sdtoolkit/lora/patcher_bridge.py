@@ -99,12 +99,16 @@ def apply_patch(weight: torch.Tensor, strength: float, patch: LayerPatch) -> tor
         dw = torch.mm(up.to(weight.dtype), down.to(weight.dtype)).mul_(s * m)
         w2.add_(_swap(dw) if patch.swap else dw)
         return weight
-    if patch.swap:   # the file's ΔW is for the weight in its own row order (DoRA reads that weight)
-        dw, _ = formats.compute_delta(lw, _swap(weight), patch.dyn, device=weight.device)
-        weight.add_(_swap(dw).to(weight.dtype), alpha=m)
+    own = _swap(weight) if patch.swap else weight   # the file's ΔW is for the weight in its own row order
+    raw = formats.unscaled_delta(lw, own, patch.dyn, device=weight.device)
+    if raw is not None:
+        # LoKr / LoHa / full diffs: one multiply by scale x strength, as the hosts do (a scaled ΔW times the strength
+        # rounds twice: 1 ulp apart from Forge 2.0.1's own <lora> in fp32, measured on its Flux model)
+        dw = raw[0].mul_(raw[1] * m)
+        weight.add_((_swap(dw) if patch.swap else dw).to(weight.dtype))
         return weight
-    dw, _ = formats.compute_delta(lw, weight, patch.dyn, device=weight.device)
-    weight.add_(dw.to(weight.dtype), alpha=m)
+    dw, _ = formats.compute_delta(lw, own, patch.dyn, device=weight.device)
+    weight.add_((_swap(dw) if patch.swap else dw).to(weight.dtype), alpha=m)
     return weight
 
 
