@@ -19,6 +19,11 @@ the comments say that ``<sdtlora>`` is unavailable and nothing is registered. Th
 handled in ``lib_sdtoolkit.lora.patcher_bridge``: ``add_patches(filename=..., online_mode=...)`` (Forge 2.0.x) or
 ``add_patches(patches, strength)`` (Neo on ComfyUI's ModelPatcher), and ``model_lora_keys_clip`` returning the key
 map (Forge 2.0.x) or ``(keys, key map)`` (Neo).
+
+Flux.1 (Forge's Flux engine sets no ``is_*`` flag: told from BFL's names under ``diffusion_model.``): every naming
+we read (kohya with ``lora_te1_`` CLIP-L / ``lora_te2_`` T5, diffusers / PEFT / SimpleTuner, XLabs, BFL / ComfyUI,
+LoKr / LoHa) lands on Forge's BFL parameters, slices of the fused ``qkv`` / ``linear1`` as offset patches
+(``patcher_bridge.flux_patcher_key``); ``lbw=`` takes Flux's blocks. A1111 has no Flux (its adapter says so).
 """
 import importlib.util
 import logging
@@ -94,6 +99,13 @@ def _arch_of(sd_model, unet_shapes):
     return loaded_architecture(unet.items(), prefix="model.")
 
 
+def _shape(param):
+    """A parameter's weight shape: bitsandbytes' packed 4-bit parameters (Forge's nf4/fp4 Flux) keep it in
+    ``quant_state.shape``; Forge's GGUF parameters report it as ``.shape`` already."""
+    qs = getattr(param, "quant_state", None)
+    return tuple(getattr(qs, "shape", None) or param.shape)
+
+
 def _comment(p, text):
     log.warning("%s", text)
     if callable(getattr(p, "comment", None)):
@@ -141,8 +153,8 @@ if IS_FORGE:
             if self._keys[0] != ident:
                 unet_keys = key_map_of(model_lora_keys_unet, fo.unet.model)
                 clip_keys = key_map_of(model_lora_keys_clip, fo.clip.cond_stage_model)
-                shapes = {k: tuple(v.shape) for k, v in fo.unet.model.named_parameters()}
-                shapes.update({k: tuple(v.shape) for k, v in fo.clip.cond_stage_model.named_parameters()})
+                shapes = {k: _shape(v) for k, v in fo.unet.model.named_parameters()}
+                shapes.update({k: _shape(v) for k, v in fo.clip.cond_stage_model.named_parameters()})
                 self._keys = (ident, (unet_keys, clip_keys), shapes)
             return self._keys[1][0], self._keys[1][1], self._keys[2]
 

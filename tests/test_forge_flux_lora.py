@@ -262,21 +262,20 @@ def test_twin_namings_and_lycoris_on_fused_rows(forge, files):
         assert any(not torch.equal(outs[a][k], f.base[k]) for k in outs[a]), a
         assert all(torch.equal(outs[a][k], outs[b][k]) for k in outs[a]), (a, b)
 
-    p = _generate(f, [["lyco", "0.5"]])
+    p = _generate(f, [["lyco", "0.7"]])
     assert p.comments == []
     live, ly = _live(f), files.lyco
+    # in the hosts' order (merge_lora_to_weight: weight += (strength * alpha/dim) * ΔW, one multiply), so the bits
+    # equal Forge's own <lora> of the same file: strength 0.7 x alpha/dim 1/2 (LoKr: dim of w2_a/w2_b; LoHa: rank 2);
+    # the to_k LoKr has no alpha (scale 1) and lands on the k rows of the fused qkv only
     qkv = "diffusion_model.double_blocks.3.img_attn.qkv.weight"
-    # strength 0.5 x alpha/dim = 1/2 (LoKr: dim of w2_a/w2_b; LoHa: rank 2); the to_k LoKr has no alpha (scale 1)
-    torch.testing.assert_close(live[qkv], f.base[qkv] + 0.25 * torch.kron(ly["w1"], ly["w2a"] @ ly["w2b"]),
-                               rtol=1e-5, atol=1e-5)
+    assert torch.equal(live[qkv], f.base[qkv] + (0.7 * 0.5) * torch.kron(ly["w1"], ly["w2a"] @ ly["w2b"]))
     l2 = "diffusion_model.single_blocks.9.linear2.weight"
-    torch.testing.assert_close(live[l2], f.base[l2] + 0.25 * ((ly["a1"] @ ly["b1"]) * (ly["a2"] @ ly["b2"])),
-                               rtol=1e-5, atol=1e-5)
+    assert torch.equal(live[l2], f.base[l2] + (0.7 * 0.5) * ((ly["a1"] @ ly["b1"]) * (ly["a2"] @ ly["b2"])))
     q6 = "diffusion_model.double_blocks.6.img_attn.qkv.weight"
     want = f.base[q6].clone()
-    want[H:2 * H] += 0.5 * torch.kron(ly["kw1"], ly["kw2"])
-    torch.testing.assert_close(live[q6], want, rtol=1e-5, atol=1e-5)
-    assert torch.equal(live[q6][:H], f.base[q6][:H]) and torch.equal(live[q6][2 * H:], f.base[q6][2 * H:])
+    want[H:2 * H] += (0.7 * 1.0) * torch.kron(ly["kw1"], ly["kw2"])
+    assert torch.equal(live[q6], want)
 
     p = _generate(f, [["sd1", "1"]])
     assert any("sd1.safetensors" in c and "the model is Flux.1" in c for c in p.comments), p.comments
@@ -317,3 +316,68 @@ def test_flux_patch_keys_are_forges_own(forge, files):
                 assert theirs == key, (name, theirs, key)
             checked += 1
     assert checked > 60
+
+
+@pytest.mark.parametrize("fmt", ["kohyate", "diffusers"])
+def test_same_bits_as_the_hosts_own_lora(forge, files, fmt):
+    """<sdtlora:x:0.7> and the flavour's own <lora:x:0.7> (its key maps + ``load_lora`` + ``add_patches``, as
+    sd_forge_lora's load_lora_for_models does; offsets into qkv/linear1 and the norm_out swap as the key map's
+    ``(key, offset, function)``) leave every parameter bit-identical. (The real Forge 2.0.1 gives the same on its own
+    IntegratedFluxTransformer2DModel, fp32 and bf16, for kohya, diffusers, BFL/ComfyUI, SimpleTuner and LyCORIS
+    files: see the report of issue 13's Flux live LoRA.)"""
+    from backend.patcher.lora import load_lora, model_lora_keys_clip, model_lora_keys_unet
+
+    from lib_sdtoolkit.lora.patcher_bridge import key_map_of
+
+    f = forge
+    e = f.engine
+    _generate(f, [[fmt, "0.7"]])
+    ours = _live(f)
+    _generate(f, [])
+    fo = e.forge_objects_original
+    sd = load_state_dict(files.dir / f"{fmt}.safetensors")
+    lu, rest = load_lora(sd, key_map_of(model_lora_keys_unet, fo.unet.model))
+    lc, rest = load_lora(rest, key_map_of(model_lora_keys_clip, fo.clip.cond_stage_model))
+    assert not rest and lu
+    if fmt == "diffusers":
+        assert any(isinstance(k, tuple) and k[1] is not None for k in lu)          # slices of fused weights
+        assert any(isinstance(k, tuple) and len(k) == 3 for k in lu)               # norm_out's swap function
+    unet, clip = fo.unet.clone(), fo.clip.clone()
+    for obj, patches in ((unet, lu), (clip, lc)):
+        if not patches:
+            continue
+        if f.flavour == "forge201":
+            obj.add_patches(filename=fmt, patches=patches, strength_patch=0.7)
+        else:
+            obj.add_patches(patches, 0.7)
+    e.forge_objects.unet, e.forge_objects.clip = unet, clip
+    for patcher in (clip.patcher, unet):
+        patcher.refresh_loras() if f.flavour == "forge201" else patcher.patch_model()
+    theirs = _live(f)
+    changed = [k for k in theirs if not torch.equal(theirs[k], f.base[k])]
+    assert changed
+    differ = [k for k in theirs if not torch.equal(ours[k], theirs[k])]
+    assert not differ, f"{len(differ)} parameters differ from the host's own LoRA, e.g. {differ[:3]}"
+
+
+def test_lbw_weighs_flux_blocks_in_the_patches(base, files):
+    """``lbw=`` on Flux (58 values: BASE, D00..D18, S00..S37): each patch carries its block's weight, a block at 0 is
+    left out, text-encoder layers are BASE (weight 1 here) and the identifier changes (the patcher re-merges on it)."""
+    from lib_sdtoolkit.lora.apply import ActiveNetwork
+    from lib_sdtoolkit.lora.blocks import resolve_block_weights
+    from lib_sdtoolkit.lora.network import load_network
+    from lib_sdtoolkit.lora.patcher_bridge import build_patches
+
+    shapes = {"diffusion_model." + k: tuple(v.shape) for k, v in base["sd"].items()}
+    shapes.update({k: (o, i) for k, o, i in TE_LAYERS.values()})
+    values = ["1"] + ["0"] * 57
+    values[1 + 18], values[1 + 19 + 37] = "0.5", "0.25"                 # D18 and S37
+    bw = resolve_block_weights(",".join(values), "Flux.1")
+    net = load_network(files.dir / "kohyate.safetensors", "Flux.1")
+    plain = build_patches(ActiveNetwork(net), "Flux.1", {}, {}, shapes.get)
+    ps = build_patches(ActiveNetwork(net, block_weights=bw), "Flux.1", {}, {}, shapes.get)
+    assert ps.identifier != plain.identifier and not ps.unmatched
+    assert ps.clip.keys() == plain.clip.keys() and all(v[1].multiplier == 1.0 for v in ps.clip.values())
+    mult = {k: v[1].multiplier for k, v in ps.unet.items()}
+    assert {k.split(".")[1] + "." + k.split(".")[2] for k in mult} == {"double_blocks.18", "single_blocks.37"}
+    assert all(m == (0.5 if ".double_blocks.18." in k else 0.25) for k, m in mult.items())
