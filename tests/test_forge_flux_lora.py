@@ -381,3 +381,19 @@ def test_lbw_weighs_flux_blocks_in_the_patches(base, files):
     mult = {k: v[1].multiplier for k, v in ps.unet.items()}
     assert {k.split(".")[1] + "." + k.split(".")[2] for k in mult} == {"double_blocks.18", "single_blocks.37"}
     assert all(m == (0.5 if ".double_blocks.18." in k else 0.25) for k, m in mult.items())
+
+
+def test_lycoris_in_the_compute_dtype_of_forges_on_the_fly_lora(files):
+    """Forge's on-the-fly LoRA (fp8 storage) merges in the model's compute dtype (``merge_lora_to_weight(...,
+    computation_dtype=weight.dtype)``, bf16 for Flux): a LoKr then computes kron(w1, w2_a @ w2_b) in bf16 and adds
+    (strength x alpha/dim) times it - ours gives those bits (computed in fp32 and rounded once it was off by up to
+    one bf16 ulp; in the real Forge 2.0.1 with fp8 Flux: 3 of 4 LyCORIS layers differed, now none)."""
+    from lib_sdtoolkit.lora.network import load_network
+    from lib_sdtoolkit.lora.patcher_bridge import LayerPatch, apply_patch
+
+    net = load_network(files.dir / "lyco.safetensors", "Flux.1")
+    layer = next(x for x in net.layers if x.weights.name == "lora_unet_double_blocks_3_img_attn_qkv")
+    ly = {k: v.to(torch.bfloat16) for k, v in files.lyco.items()}
+    w = (torch.randn(3 * H, H, generator=torch.Generator().manual_seed(2)) * 0.2).to(torch.bfloat16)
+    got = apply_patch(w.clone(), 1.0, LayerPatch(layer.weights, 0.7))
+    assert torch.equal(got, w + (0.7 * 0.5) * torch.kron(ly["w1"], ly["w2a"] @ ly["w2b"]))

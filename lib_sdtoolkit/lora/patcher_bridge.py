@@ -100,10 +100,12 @@ def apply_patch(weight: torch.Tensor, strength: float, patch: LayerPatch) -> tor
         w2.add_(_swap(dw) if patch.swap else dw)
         return weight
     own = _swap(weight) if patch.swap else weight   # the file's ΔW is for the weight in its own row order
-    raw = formats.unscaled_delta(lw, own, patch.dyn, device=weight.device)
+    dtype = weight.dtype if weight.dtype in (torch.float16, torch.bfloat16) else torch.float32
+    raw = formats.unscaled_delta(lw, own, patch.dyn, device=weight.device, dtype=dtype)
     if raw is not None:
         # LoKr / LoHa / full diffs: one multiply by scale x strength, as the hosts do (a scaled ΔW times the strength
-        # rounds twice: 1 ulp apart from Forge 2.0.1's own <lora> in fp32, measured on its Flux model)
+        # rounds twice: 1 ulp apart from Forge 2.0.1's own <lora> in fp32, measured on its Flux model), in the
+        # weight's dtype (Forge's on-the-fly LoRA for fp8 storage computes in bf16/fp16: measured there too)
         dw = raw[0].mul_(raw[1] * m)
         weight.add_((_swap(dw) if patch.swap else dw).to(weight.dtype))
         return weight
