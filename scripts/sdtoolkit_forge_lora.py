@@ -19,6 +19,11 @@ the comments say that ``<sdtlora>`` is unavailable and nothing is registered. Th
 handled in ``lib_sdtoolkit.lora.patcher_bridge``: ``add_patches(filename=..., online_mode=...)`` (Forge 2.0.x) or
 ``add_patches(patches, strength)`` (Neo on ComfyUI's ModelPatcher), and ``model_lora_keys_clip`` returning the key
 map (Forge 2.0.x) or ``(keys, key map)`` (Neo).
+
+Flux.1 (Forge's Flux engine sets no ``is_*`` flag: told from BFL's names under ``diffusion_model.``): every naming
+we read (kohya with ``lora_te1_`` CLIP-L / ``lora_te2_`` T5, diffusers / PEFT / SimpleTuner, XLabs, BFL / ComfyUI,
+LoKr / LoHa) lands on Forge's BFL parameters, slices of the fused ``qkv`` / ``linear1`` as offset patches
+(``patcher_bridge.flux_patcher_key``); ``lbw=`` takes Flux's blocks. A1111 has no Flux (its adapter says so).
 """
 import importlib.util
 import logging
@@ -79,16 +84,26 @@ def _patch_value_factory():
 
 
 def _arch_of(sd_model, unet_shapes):
-    """SD1 / SD2 / SDXL / SDXL-refiner, or None for a model we do not handle (Flux, SD3: Forge's own <lora:...>).
+    """SD1 / SD2 / SDXL / SDXL-refiner / Flux.1, or None for a model we do not handle (SD3, Chroma, ...: Forge's
+    own <lora:...>).
 
-    Forge's flags gate (no ``is_sd1``/``is_sd2``/``is_sdxl``: not ours); which one it is comes from the library's
-    detector on the UNet parameters' names and shapes (Forge's ``diffusion_model.*``, read as checkpoint keys):
-    Forge sets ``is_sdxl`` for the refiner too, whose layers need the refiner's name table and blocks."""
-    if not any(getattr(sd_model, f, False) for f in ("is_sd1", "is_sd2", "is_sdxl")):
-        return None
+    Forge's flags gate the SD families; which one it is comes from the library's detector on the UNet parameters'
+    names and shapes (Forge's ``diffusion_model.*``, read as checkpoint keys): Forge sets ``is_sdxl`` for the
+    refiner too, whose layers need the refiner's name table and blocks. Forge's Flux engine sets no flag: Flux.1 is
+    told by the same detector from BFL's names under ``diffusion_model.``."""
     shapes = unet_shapes()
-    return loaded_architecture(((k, s) for k, s in shapes.items() if k.startswith("diffusion_model.")),
-                               prefix="model.")
+    unet = {k: s for k, s in shapes.items() if k.startswith("diffusion_model.")}
+    if not any(getattr(sd_model, f, False) for f in ("is_sd1", "is_sd2", "is_sdxl")):
+        from lib_sdtoolkit.arch import detect
+        return "Flux.1" if unet and detect(unet).architecture == "Flux.1" else None
+    return loaded_architecture(unet.items(), prefix="model.")
+
+
+def _shape(param):
+    """A parameter's weight shape: bitsandbytes' packed 4-bit parameters (Forge's nf4/fp4 Flux) keep it in
+    ``quant_state.shape``; Forge's GGUF parameters report it as ``.shape`` already."""
+    qs = getattr(param, "quant_state", None)
+    return tuple(getattr(qs, "shape", None) or param.shape)
 
 
 def _comment(p, text):
@@ -138,8 +153,8 @@ if IS_FORGE:
             if self._keys[0] != ident:
                 unet_keys = key_map_of(model_lora_keys_unet, fo.unet.model)
                 clip_keys = key_map_of(model_lora_keys_clip, fo.clip.cond_stage_model)
-                shapes = {k: tuple(v.shape) for k, v in fo.unet.model.named_parameters()}
-                shapes.update({k: tuple(v.shape) for k, v in fo.clip.cond_stage_model.named_parameters()})
+                shapes = {k: _shape(v) for k, v in fo.unet.model.named_parameters()}
+                shapes.update({k: _shape(v) for k, v in fo.clip.cond_stage_model.named_parameters()})
                 self._keys = (ident, (unet_keys, clip_keys), shapes)
             return self._keys[1][0], self._keys[1][1], self._keys[2]
 
@@ -150,8 +165,8 @@ if IS_FORGE:
             sd_model = getattr(p, "sd_model", None) or shared.sd_model
             arch = _arch_of(sd_model, lambda: self._key_maps(sd_model)[2])
             if arch is None:
-                _comment(p, "SD Toolkit LoRA: <sdtlora:...> supports SD1, SD2 and SDXL models; this model is "
-                            f"{type(sd_model).__name__} - use Forge's <lora:...>")
+                _comment(p, "SD Toolkit LoRA: <sdtlora:...> supports SD1, SD2, SDXL and Flux.1 models; this model "
+                            f"is {type(sd_model).__name__} - use Forge's <lora:...>")
                 return
             if self.registry is None:
                 self.registry = LoraRegistry(self._lora_dirs())

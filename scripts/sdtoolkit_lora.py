@@ -45,7 +45,7 @@ import sqlite3
 
 from modules import extra_networks, script_callbacks, shared
 
-from lib_sdtoolkit.errors import SdToolkitError
+from lib_sdtoolkit.errors import ArchitectureError, SdToolkitError
 from lib_sdtoolkit.lora.apply import ActiveNetwork, FunctionalLora, LoraPatcher, ModelBinding, loaded_architecture
 from lib_sdtoolkit.lora.blocks import load_user_presets, resolve_block_weights
 from lib_sdtoolkit.lora.network import NetworkCache
@@ -245,6 +245,10 @@ class SdToolkitLora(extra_networks.ExtraNetwork):
                 bw = resolve_block_weights(req.lbw, arch, presets)
             except (SdToolkitError, OSError) as e:
                 log.warning("%s: %s; generation goes on without it", req.tag, e)
+                if isinstance(e, ArchitectureError):   # e.g. a Flux.1 LoRA on an SD model: say so under the image
+                    from modules import sd_hijack
+
+                    sd_hijack.model_hijack.comments.append(f"{req.tag}: {e}")
                 continue
             active.append(ActiveNetwork(net, req.te, req.unet, req.dyn, bw, req.start, req.stop))
             mentioned.append((req.name, entry, net.name))

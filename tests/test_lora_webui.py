@@ -840,3 +840,29 @@ def test_refiner_is_bound_as_a_refiner_and_lbw_weighs_every_block(env):
         _unload()
         shared.sd_model = old
     assert all(torch.equal(t, base[k]) for k, t in model.named_parameters())
+
+
+def test_flux_lora_on_an_sd_model_says_it_does_not_match(env, caplog):
+    """A1111 has no Flux: ``<sdtlora>`` naming a Flux.1 LoRA (kohya names, no metadata) on the SD1 model is refused
+    with the reason - the file and "this is a Flux.1 network and the model is SD1" - in the console and under the
+    image, nothing is applied and the infotext names no network."""
+    g = torch.Generator().manual_seed(9)
+    sd = {}
+    for name, o, i in (("lora_unet_double_blocks_0_img_attn_qkv", 96, 32), ("lora_unet_single_blocks_1_linear1", 224, 32),
+                       ("lora_te1_text_model_encoder_layers_0_self_attn_q_proj", 32, 32)):
+        sd[f"{name}.lora_down.weight"] = torch.randn(4, i, generator=g)
+        sd[f"{name}.lora_up.weight"] = torch.randn(o, 4, generator=g)
+    path = env.lora_dir / "fluxk.safetensors"
+    save_safetensors(path, sd)
+    try:
+        caplog.set_level(logging.WARNING)
+        start(env, with_builtin=False)
+        p, seen = generate(env, "a cat <sdtlora:fluxk:1>")
+        msgs = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+        why = "this is a Flux.1 network and the model is SD1; not applied"
+        assert any(m.startswith("<sdtlora:fluxk:1>:") and "fluxk.safetensors" in m and why in m for m in msgs), msgs
+        assert why in seen["processed"].comments and "fluxk.safetensors" in seen["processed"].comments
+        assert "SD Toolkit Lora" not in p.extra_generation_params
+        assert_weights(env, {})
+    finally:
+        path.unlink()

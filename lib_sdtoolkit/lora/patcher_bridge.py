@@ -17,6 +17,17 @@ strength_patch, strength_model, online_mode)``, sets kept in ``lora_patches``) a
 moved to (``add_patches(patches, strength_patch, strength_model)``, patches appended per key);
 :func:`add_patch_sets` adds a set once on either, :func:`key_map_of` reads either key-map return shape.
 
+Flux.1 (Forge 2.0.x and Neo run it; A1111 does not): the patchers hold BFL's transformer under ``diffusion_model.``
+(``double_blocks.N.img_attn.qkv.weight``, ``single_blocks.N.linear1.weight``...), CLIP-L under
+``clip_l.transformer.`` and T5-XXL under ``t5xxl.transformer.``. A layer whose target is a slice of a fused weight
+(diffusers' ``to_q``/``to_k``/``to_v`` on ``qkv``, ``proj_mlp`` on ``linear1``, XLabs' single-block ``qkv_lora``)
+becomes a patch on ``(key, (0, first row, rows))`` - the hosts' own offset patch key (ComfyUI's and Forge's
+``flux_to_diffusers`` key map writes the same): both hosts narrow the weight to those rows before calling the patch.
+diffusers' ``norm_out.linear`` (scale|shift, BFL's ``final_layer.adaLN_modulation.1`` is shift|scale) carries
+``swap`` in our payload, not as the key's ``function``: Forge 2.0.1 passes no ``function`` to an extra weight
+calculator. :func:`flux_patcher_key` finds the key from the parameter names alone (BFL names are the patchers' own),
+so a Flux LoRA in any naming we read lands where Forge's loader would put it.
+
 What a patcher cannot carry: ``start=``/``stop=`` step ranges (the patcher merges once per sampling pass, not per
 step) - :func:`build_patches` leaves them to the caller to report.
 """
@@ -32,7 +43,7 @@ from ..arch.families import base_arch
 from . import formats
 from .apply import ActiveNetwork
 from .formats import LayerWeights
-from .names import lora_names
+from .names import is_flux, lora_names
 from .network import BoundLayer
 
 #: the patch type we register with the patcher
@@ -48,6 +59,14 @@ class LayerPatch:
     dyn: Optional[int] = None
     #: set for a bias patch: the shape of the module's weight (the bias delta is computed against it)
     bias_of_shape: Optional[Tuple[int, ...]] = None
+    #: Flux: the file's ΔW has the two halves of its rows swapped against the weight (diffusers' ``norm_out``)
+    swap: bool = False
+
+
+def _swap(t: torch.Tensor) -> torch.Tensor:
+    """The two halves of the rows exchanged (diffusers' scale|shift <-> BFL's shift|scale)."""
+    n = t.shape[0] // 2
+    return torch.cat([t[n:], t[:n]], dim=0)
 
 
 def apply_patch(weight: torch.Tensor, strength: float, patch: LayerPatch) -> torch.Tensor:
@@ -63,7 +82,8 @@ def apply_patch(weight: torch.Tensor, strength: float, patch: LayerPatch) -> tor
         _, db = formats.compute_delta(lw, base, patch.dyn, device=weight.device)
         del base
         if db is not None:
-            weight.add_(db.reshape(weight.shape).to(weight.dtype), alpha=m)
+            db = db.reshape(weight.shape)
+            weight.add_((_swap(db) if patch.swap else db).to(weight.dtype), alpha=m)
         return weight
     fac = formats.lowrank_factors(lw, patch.dyn, weight.device) if weight.dim() > 1 else None
     if fac is not None:
@@ -76,10 +96,21 @@ def apply_patch(weight: torch.Tensor, strength: float, patch: LayerPatch) -> tor
         # ΔW = up @ down, scaled by strength x alpha/rank, then added - so <sdtlora:x:s> lands on the very bits
         # <lora:x:s> does. A fused addmm rounds differently (about 1 ulp), and a 1-ulp change of the weights can
         # change a sampled image by many levels (measured in the real Forge 2.0.1: see tests/test_forge_lora_bridge)
-        w2.add_(torch.mm(up.to(weight.dtype), down.to(weight.dtype)).mul_(s * m))
+        dw = torch.mm(up.to(weight.dtype), down.to(weight.dtype)).mul_(s * m)
+        w2.add_(_swap(dw) if patch.swap else dw)
         return weight
-    dw, _ = formats.compute_delta(lw, weight, patch.dyn, device=weight.device)
-    weight.add_(dw.to(weight.dtype), alpha=m)
+    own = _swap(weight) if patch.swap else weight   # the file's ΔW is for the weight in its own row order
+    dtype = weight.dtype if weight.dtype in (torch.float16, torch.bfloat16) else torch.float32
+    raw = formats.unscaled_delta(lw, own, patch.dyn, device=weight.device, dtype=dtype)
+    if raw is not None:
+        # LoKr / LoHa / full diffs: one multiply by scale x strength, as the hosts do (a scaled ΔW times the strength
+        # rounds twice: 1 ulp apart from Forge 2.0.1's own <lora> in fp32, measured on its Flux model), in the
+        # weight's dtype (Forge's on-the-fly LoRA for fp8 storage computes in bf16/fp16: measured there too)
+        dw = raw[0].mul_(raw[1] * m)
+        weight.add_((_swap(dw) if patch.swap else dw).to(weight.dtype))
+        return weight
+    dw, _ = formats.compute_delta(lw, own, patch.dyn, device=weight.device)
+    weight.add_((_swap(dw) if patch.swap else dw).to(weight.dtype), alpha=m)
     return weight
 
 
@@ -117,6 +148,46 @@ def patcher_key(layer: BoundLayer, arch: str, key_map: Mapping[str, str],
     return None
 
 
+#: where the patchers of Forge / Forge Neo hold each component of a Flux.1 model
+FLUX_PREFIXES = {"transformer": "diffusion_model.", "text_encoder": "clip_l.transformer.",
+                 "text_encoder_2": "t5xxl.transformer."}
+
+
+def flux_patcher_key(layer: BoundLayer, param_shape: Callable[[str], Optional[Tuple[int, ...]]]):
+    """The patch key of a Flux layer: the parameter name (``diffusion_model.double_blocks.0.img_attn.qkv.weight``)
+    or, for a slice of a fused weight, ``(name, (0, first row, rows))``; None when the model has no such parameter
+    (a T5 layer where the host loaded no T5) or the factors do not fit it (listed as unmatched by the caller)."""
+    t = layer.target
+    prefix = FLUX_PREFIXES.get(t.component)
+    if prefix is None:
+        return None
+    key = prefix + t.module + ".weight"
+    shape = param_shape(key)
+    if shape is None:
+        return None
+    shape = tuple(shape)
+    rows = t.row_slice(shape)
+    target_shape = shape if rows is None else (rows.stop - rows.start, *shape[1:])
+    if rows is not None and rows.stop > shape[0]:
+        return None
+    try:
+        formats.check_layer(layer.weights, target_shape)
+    except ValueError:
+        return None
+    return key if rows is None else (key, (0, rows.start, rows.stop - rows.start))
+
+
+def _bias_key(key):
+    """The bias patch key beside a weight patch key (same offset: a fused bias has the weight's rows)."""
+    if isinstance(key, tuple):
+        return (key[0][:-len(".weight")] + ".bias", key[1])
+    return key[:-len(".weight")] + ".bias"
+
+
+def _name(key) -> str:
+    return key[0] if isinstance(key, tuple) else key
+
+
 @dataclass
 class PatchSet:
     """The patches of one network: ``unet`` / ``clip`` = {patcher key: (PATCH_TYPE, LayerPatch)}; ``identifier`` is
@@ -133,27 +204,39 @@ def build_patches(a: ActiveNetwork, arch: str, unet_keys: Mapping[str, str], cli
                   param_shape: Callable[[str], Optional[Tuple[int, ...]]]) -> PatchSet:
     """Patches of one active network for the UNet and CLIP patchers. Layers whose multiplier is 0 are left out;
     layers the host's models do not have are listed in ``unmatched`` (module names of the file). ``param_shape(key)``
-    gives the shape of a patcher parameter (None if there is none): bias deltas go to the module's ``.bias``."""
-    names = kohya_names_by_target(arch)
-    unet: Dict[str, tuple] = {}
-    clip: Dict[str, tuple] = {}
+    gives the shape of a patcher parameter (None if there is none): bias deltas go to the module's ``.bias``.
+    Flux.1: keys from the parameter names (:func:`flux_patcher_key`; the key maps are not needed), with offsets
+    into fused weights."""
+    flux = is_flux(arch)
+    names = None if flux else kohya_names_by_target(arch)
+    unet: Dict[object, tuple] = {}
+    clip: Dict[object, tuple] = {}
     unmatched: List[str] = []
     for layer in a.network.layers:
         m = a.multiplier(layer)
         is_te = layer.component.startswith("text_encoder")
-        key = patcher_key(layer, arch, clip_keys if is_te else unet_keys, names)
+        if flux:
+            key = flux_patcher_key(layer, param_shape)
+        else:
+            key = patcher_key(layer, arch, clip_keys if is_te else unet_keys, names)
         if key is None:
             unmatched.append(layer.weights.name)
             continue
         if m == 0.0:
             continue
         dest = clip if is_te else unet
-        dest[key] = (PATCH_TYPE, LayerPatch(layer.weights, m, a.dyn))
-        if _has_bias_delta(layer.weights) and key.endswith(".weight"):
-            bkey = key[:-len(".weight")] + ".bias"
-            wshape = param_shape(key)
-            if wshape is not None and param_shape(bkey) is not None:
-                dest[bkey] = (PATCH_TYPE, LayerPatch(layer.weights, m, a.dyn, tuple(wshape)))
+        swap = bool(flux and layer.target.swap)
+        if key in dest:   # two modules of the file on one parameter (e.g. two spellings): both deltas, like Forge
+            unmatched.append(f"{layer.weights.name} (a second module on {_name(key)}; not applied twice)")
+            continue
+        dest[key] = (PATCH_TYPE, LayerPatch(layer.weights, m, a.dyn, swap=swap))
+        if _has_bias_delta(layer.weights) and _name(key).endswith(".weight"):
+            bkey = _bias_key(key)
+            wshape = param_shape(_name(key))
+            if wshape is not None and param_shape(_name(bkey)) is not None:
+                if isinstance(key, tuple):
+                    wshape = (key[1][2], *tuple(wshape)[1:])
+                dest[bkey] = (PATCH_TYPE, LayerPatch(layer.weights, m, a.dyn, tuple(wshape), swap=swap))
     n = a.network
     bw = "" if a.block_weights is None else ",".join(f"{k}={v:g}" for k, v in sorted(a.block_weights.items()))
     ident = (f"sdtoolkit:{n.path}:{n.mtime}:te={a.te:g}:unet={a.unet:g}:dyn={a.dyn}:lbw={bw}")
@@ -215,7 +298,7 @@ def carries(patcher, ps: PatchSet, which: str, named: bool) -> bool:
     patches = getattr(ps, which)
     key = next(iter(patches))
     mine = patches[key][1]
-    return any(_payload(entry[1]) is mine for entry in getattr(patcher, "patches", {}).get(key, ()))
+    return any(_payload(entry[1]) is mine for entry in getattr(patcher, "patches", {}).get(_name(key), ()))
 
 
 def add_patch_sets(obj, patcher, sets: Sequence[PatchSet], which: str, wrap: Callable,
@@ -239,5 +322,5 @@ def add_patch_sets(obj, patcher, sets: Sequence[PatchSet], which: str, wrap: Cal
     return new
 
 
-__all__ = ["PATCH_TYPE", "LayerPatch", "PatchSet", "add_patch_sets", "apply_patch", "build_patches", "carries",
-           "key_map_of", "patcher_key", "takes_filename", "unavailable_options"]
+__all__ = ["FLUX_PREFIXES", "PATCH_TYPE", "LayerPatch", "PatchSet", "add_patch_sets", "apply_patch", "build_patches",
+           "carries", "flux_patcher_key", "key_map_of", "patcher_key", "takes_filename", "unavailable_options"]

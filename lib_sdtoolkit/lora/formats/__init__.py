@@ -161,6 +161,26 @@ def compute_delta(layer: LayerWeights, weight: torch.Tensor, dyn: Optional[int] 
     return dw, db
 
 
+def unscaled_delta(layer: LayerWeights, weight: torch.Tensor, dyn: Optional[int] = None,
+                   device: Optional[torch.device] = None, dtype: torch.dtype = torch.float32
+                   ) -> Optional[Tuple[torch.Tensor, float]]:
+    """``(ΔW before its alpha/rank scale, that scale)`` computed in ``dtype`` for a module without DoRA; None with
+    DoRA (use :func:`compute_delta`). Lets a caller multiply once by ``scale x strength``, the order the hosts' LoRA
+    patchers use (``weight += (strength * alpha) * diff``, in their computation dtype: fp32 when merging, the
+    model's compute dtype for Forge's on-the-fly LoRA), so a LoKr/LoHa lands on the same bits as the host's own
+    loader."""
+    if layer.dora_scale is not None:
+        return None
+    dev = device if device is not None else weight.device
+    t = {k: v.to(device=dev, dtype=dtype) for k, v in layer.t.items()}
+    dw, _ = layer.module.delta(t, weight.to(device=dev, dtype=dtype), dyn)
+    if tuple(dw.shape) != tuple(weight.shape):
+        if dw.numel() != weight.numel():
+            raise ValueError(f"{layer.kind} ΔW has shape {list(dw.shape)}, the target weight {list(weight.shape)}")
+        dw = dw.reshape(weight.shape)
+    return dw, layer.effective_scale()
+
+
 def lowrank_factors(layer: LayerWeights, dyn: Optional[int] = None, device: Optional[torch.device] = None
                     ) -> Optional[Tuple[torch.Tensor, torch.Tensor, float]]:
     """``(up, down, scale)`` with ΔW = scale · up @ down (up ``(out, r)``, down ``(r, in·k·k)``, fp32 on ``device``)
@@ -203,6 +223,6 @@ def nonfinite_parts(layer: LayerWeights) -> List[str]:
     return bad
 
 
-__all__ = ["TYPES", "LayerWeights", "FormatError", "classify", "make_layer", "compute_delta", "lowrank_factors",
+__all__ = ["TYPES", "LayerWeights", "FormatError", "classify", "make_layer", "compute_delta", "lowrank_factors", "unscaled_delta",
            "check_layer",
            "apply_dora", "dora_on_out", "nonfinite_parts"]

@@ -7,6 +7,15 @@ Of the built-in patch types ``diff`` and ``lora`` are kept, and ``load_lora`` fo
 ``lora_down`` / ``alpha``; comfyui_lora_collection's is the one Forge picks for that), so a test can run Forge's own
 ``<lora:...>`` beside ours. Forge's order of operations for ``lora`` matters and is kept: ``ΔW = up @ down`` in fp32,
 then ``(strength * alpha/rank) * ΔW`` cast to the weight's dtype, then added (a fused ``addmm`` rounds differently).
+
+Flux.1 (``model.config.huggingface_repo`` names FLUX): ``model_lora_keys_unet`` adds comfyui_lora_collection's
+diffusers names (``transformer.<diffusers module>``, ``lycoris_`` / ``lora_transformer_`` + underscores) from
+``flux_to_diffusers(model.diffusion_model.config, output_prefix="diffusion_model.")``, whose value for a slice of a
+fused weight is ``(key, (0, first row, rows))`` and for ``norm_out.linear`` ``(key, None, swap_scale_shift)``;
+``model_lora_keys_clip`` maps T5-XXL's ``t5xxl.transformer.*`` weights as ``lora_te1_`` / ``lora_te2_`` / ``lora_te3_``
+(Forge's own addition). ``merge_lora_to_weight`` narrows the weight to a patch's ``offset`` before computing it (an
+extra weight calculator gets the narrowed view and must change it in place) and passes ``lora``/``diff`` deltas
+through the key's ``function``. ``load_lora`` also takes PEFT's ``lora_A``/``lora_B`` names.
 """
 import torch
 
@@ -24,6 +33,8 @@ def load_lora(lora, to_load):
     patches, used = {}, set()
     for name, param in to_load.items():
         up, down = f"{name}.lora_up.weight", f"{name}.lora_down.weight"
+        if up not in lora:
+            up, down = f"{name}.lora_B.weight", f"{name}.lora_A.weight"
         if up not in lora or down not in lora:
             continue
         alpha = lora[f"{name}.alpha"].item() if f"{name}.alpha" in lora else None
@@ -32,8 +43,56 @@ def load_lora(lora, to_load):
     return patches, {k: v for k, v in lora.items() if k not in used}
 
 
+def swap_scale_shift(weight):
+    shift, scale = weight.chunk(2, dim=0)
+    return torch.cat([scale, shift], dim=0)
+
+
+def flux_to_diffusers(config, output_prefix=""):
+    """diffusers Flux parameter -> BFL parameter, or (BFL parameter, offset, function) for a slice / a swap."""
+    h = config.get("hidden_size", 0)
+    key_map = {}
+    double = {"attn.to_out.0": "img_attn.proj", "attn.to_add_out": "txt_attn.proj", "norm1.linear": "img_mod.lin",
+              "norm1_context.linear": "txt_mod.lin", "ff.net.0.proj": "img_mlp.0", "ff.net.2": "img_mlp.2",
+              "ff_context.net.0.proj": "txt_mlp.0", "ff_context.net.2": "txt_mlp.2"}
+    single = {"norm.linear": "modulation.lin", "proj_out": "linear2"}
+    top = {"x_embedder": "img_in", "context_embedder": "txt_in", "proj_out": "final_layer.linear",
+           "time_text_embed.timestep_embedder.linear_1": "time_in.in_layer",
+           "time_text_embed.timestep_embedder.linear_2": "time_in.out_layer",
+           "time_text_embed.text_embedder.linear_1": "vector_in.in_layer",
+           "time_text_embed.text_embedder.linear_2": "vector_in.out_layer",
+           "time_text_embed.guidance_embedder.linear_1": "guidance_in.in_layer",
+           "time_text_embed.guidance_embedder.linear_2": "guidance_in.out_layer"}
+    for end in ("weight", "bias"):
+        for i in range(config.get("depth", 0)):
+            src, dst = f"transformer_blocks.{i}.", f"{output_prefix}double_blocks.{i}."
+            for side in ("img", "txt"):
+                for j, c in enumerate("qkv"):
+                    name = f"{src}attn.to_{c}.{end}" if side == "img" else f"{src}attn.add_{c}_proj.{end}"
+                    key_map[name] = (f"{dst}{side}_attn.qkv.{end}", (0, j * h, h))
+            for a, b in double.items():
+                key_map[f"{src}{a}.{end}"] = f"{dst}{b}.{end}"
+        for i in range(config.get("depth_single_blocks", 0)):
+            src, dst = f"single_transformer_blocks.{i}.", f"{output_prefix}single_blocks.{i}."
+            for j, c in enumerate("qkv"):
+                key_map[f"{src}attn.to_{c}.{end}"] = (f"{dst}linear1.{end}", (0, j * h, h))
+            key_map[f"{src}proj_mlp.{end}"] = (f"{dst}linear1.{end}", (0, 3 * h, 4 * h))
+            for a, b in single.items():
+                key_map[f"{src}{a}.{end}"] = f"{dst}{b}.{end}"
+        for a, b in top.items():
+            key_map[f"{a}.{end}"] = f"{output_prefix}{b}.{end}"
+        key_map[f"norm_out.linear.{end}"] = (f"{output_prefix}final_layer.adaLN_modulation.1.{end}", None,
+                                             swap_scale_shift)
+    return key_map
+
+
 def model_lora_keys_clip(model, key_map={}):  # noqa: B006 - Forge's own signature
     sdk = model.state_dict().keys()
+    for k in sdk:
+        if k.startswith("t5xxl.transformer.") and k.endswith(".weight"):
+            name = k[len("t5xxl.transformer."):-len(".weight")].replace(".", "_")
+            for prefix in ("te1", "te2", "te3"):
+                key_map[f"lora_{prefix}_{name}"] = k
     for b in range(32):
         for c, lc in LORA_CLIP_MAP.items():
             k = f"clip_l.transformer.text_model.encoder.layers.{b}.{c}.weight"
@@ -49,6 +108,14 @@ def model_lora_keys_unet(model, key_map={}):  # noqa: B006 - Forge's own signatu
         if k.startswith("diffusion_model.") and k.endswith(".weight"):
             key_map["lora_unet_" + k[len("diffusion_model."):-len(".weight")].replace(".", "_")] = k
             key_map[k[:-len(".weight")]] = k
+    config = getattr(model, "config", None)
+    if "flux" in str(getattr(config, "huggingface_repo", "")).lower():
+        for k, to in flux_to_diffusers(model.diffusion_model.config, output_prefix="diffusion_model.").items():
+            if k.endswith(".weight"):
+                name = k[:-len(".weight")]
+                key_map[f"transformer.{name}"] = to
+                key_map[f"lycoris_{name.replace('.', '_')}"] = to
+                key_map[f"lora_transformer_{name.replace('.', '_')}"] = to
     return key_map
 
 
@@ -60,6 +127,11 @@ def merge_lora_to_weight(patches, weight, key="online_lora", computation_dtype=t
     else:
         dtype_backup, weight = weight.dtype, weight.to(dtype=computation_dtype)
     for strength, v, strength_model, offset, function in patches:
+        if function is None:
+            function = lambda a: a  # noqa: E731
+        old_weight = None
+        if offset is not None:
+            old_weight, weight = weight, weight.narrow(offset[0], offset[1], offset[2])
         if strength_model != 1.0:
             weight *= strength_model
         if len(v) == 1:
@@ -68,16 +140,18 @@ def merge_lora_to_weight(patches, weight, key="online_lora", computation_dtype=t
             patch_type, v = v[0], v[1]
         if patch_type == "diff":
             if strength != 0.0:
-                weight += strength * v[0].to(weight.device, weight.dtype)
+                weight += function(strength * v[0].to(weight.device, weight.dtype))
         elif patch_type == "lora":
             up, down = v[0].to(weight.device, computation_dtype), v[1].to(weight.device, computation_dtype)
             alpha = v[2] / down.shape[0] if v[2] is not None else 1.0
             diff = torch.mm(up.flatten(start_dim=1), down.flatten(start_dim=1)).reshape(weight.shape)
-            weight += ((strength * alpha) * diff).type(weight.dtype)
+            weight += function(((strength * alpha) * diff).type(weight.dtype))
         elif patch_type in extra_weight_calculators:
             weight = extra_weight_calculators[patch_type](weight, strength, v)
         else:
             print(f"patch type not recognized {patch_type} {key}")
+        if old_weight is not None:
+            weight = old_weight
     if dtype_backup is not None:
         weight = weight.to(dtype=dtype_backup)
     return weight

@@ -2,7 +2,10 @@
 
 Shapes kept: a patch value that is a ``weight_adapter.WeightAdapterBase`` is computed by its ``calculate_weight(weight,
 key, strength, strength_model, offset, function, computation_dtype)``; a ``(type, payload)`` value of a type other
-than ``diff``/``set`` raises (``extra_weight_calculators`` is still defined but no longer read).
+than ``diff``/``set`` raises (``extra_weight_calculators`` is still defined but no longer read). A patch with an
+``offset`` (a slice of a fused Flux weight) is computed on the weight narrowed to it (an adapter gets the narrowed
+view and changes it in place); ``function`` (Flux's ``swap_scale_shift``) is applied to ``diff`` and passed to
+adapters.
 """
 import torch
 
@@ -23,12 +26,15 @@ def merge_lora_to_weight(patches, weight, key="online_lora", computation_dtype=t
         strength, v, strength_model, offset, function = p[0], p[1], p[2], p[3], p[4]
         if function is None:
             function = lambda a: a  # noqa: E731
+        old_weight = None
+        if offset is not None:
+            old_weight, weight = weight, weight.narrow(offset[0], offset[1], offset[2])
         if strength_model != 1.0:
             weight *= strength_model
         if isinstance(v, weight_adapter.WeightAdapterBase):
             out = v.calculate_weight(weight, key, strength, strength_model, offset, function, computation_dtype)
             if out is not None:
-                weight = out
+                weight = out if old_weight is None else old_weight
             continue
         if len(v) == 1:
             patch_type = "diff"
@@ -41,6 +47,8 @@ def merge_lora_to_weight(patches, weight, key="online_lora", computation_dtype=t
             weight.copy_(v[0])
         else:
             raise ValueError(f'"{key}" of type "{patch_type}" is not recognized...')
+        if old_weight is not None:
+            weight = old_weight
     if dtype_backup is not None:
         weight = weight.to(dtype=dtype_backup)
     return weight

@@ -1,6 +1,7 @@
 """ComfyUI comfy/weight_adapter/lora.py as Forge Neo vendors it (double): the plain LoRA adapter.
 
-Kept: ``load(x, lora, alpha, dora_scale, loaded_keys)`` picks ``x.lora_up.weight`` / ``x.lora_down.weight`` (None when
+Kept: ``load(x, lora, alpha, dora_scale, loaded_keys)`` picks ``x.lora_up.weight`` / ``x.lora_down.weight`` (or
+``x.lora_B.weight`` / ``x.lora_A.weight``; None when
 the module is not a plain LoRA), and ``calculate_weight`` in ComfyUI's order: ``ΔW = up @ down`` in the intermediate
 dtype, then ``(strength * alpha/rank) * ΔW`` cast to the weight's dtype, passed through ``function``, added. No CP
 mid, no DoRA, no reshape of the double's models (Forge Neo's other LoRA names are not kept).
@@ -20,6 +21,8 @@ class LoRAAdapter(WeightAdapterBase):
     @classmethod
     def load(cls, x, lora, alpha, dora_scale, loaded_keys=None):
         up, down = f"{x}.lora_up.weight", f"{x}.lora_down.weight"
+        if up not in lora:                    # diffusers / PEFT names
+            up, down = f"{x}.lora_B.weight", f"{x}.lora_A.weight"
         if up not in lora or down not in lora:
             return None
         return cls({up, down}, (lora[up], lora[down], alpha, None, None, dora_scale))
