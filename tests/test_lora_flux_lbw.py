@@ -204,3 +204,15 @@ def test_editor_shows_and_writes_the_61(models_dir):
     assert resolve_block_weights(new, "Flux.1") == dict(zip(LBW61, VALUES), T5=0.125)
     st58 = E.editor_state(host, lora, "Flux.1", "", ",".join(["1"] * 58), 1)
     assert [r[0] for r in st58["rows"]][:2] == ["BASE", "D00"] and len(st58["rows"]) == 58
+
+
+def test_inspect_counts_layers_per_lora_block_weight_block(tmp_path):
+    """lora inspect's per-block table of a Flux LoRA: lora-block-weight's blocks, in its order."""
+    from collections import Counter
+
+    from lib_sdtoolkit.lora.inspect_lora import inspect_lora
+
+    rep = inspect_lora(_lora_file(tmp_path / "k.safetensors", KOHYA, "kohya"))
+    want = Counter(block for _, block in KOHYA.values())
+    assert {b: e["layers"] for b, e in rep["blocks"].items()} == dict(want)
+    assert list(rep["blocks"]) == [b for b in LBW61 if b in want]
