@@ -29,56 +29,14 @@ if str(DOUBLE) not in sys.path:
 
 from lib_sdtoolkit.errors import InvalidInputError, SdToolkitError  # noqa: E402
 from lib_sdtoolkit.merge import grid as sdt_grid  # noqa: E402
+from sd1_webui_model import load_sd1  # noqa: E402  (the loaded SD1 sd_model, shared with test_merge_webui)
+from sd1_webui_model import plain_state as _plain_state  # noqa: E402
 
 TITLE = "SD Toolkit merge XY grid"
-SEQ = 8
 IN04 = "model.diffusion_model.input_blocks.4."
 
 
-# ----------------------------------------------------------------------------------------- the loaded model
-class FrozenCLIPEmbedder(torch.nn.Module):
-    """ldm's FrozenCLIPEmbedder module tree (``.transformer`` = CLIPTextModel) with a deterministic stand-in for
-    its tokenizer (the real one downloads a vocabulary): BOS, characters, EOS padding."""
-
-    def __init__(self, transformer: torch.nn.Module):
-        super().__init__()
-        self.transformer = transformer
-
-    def forward(self, texts: List[str]) -> torch.Tensor:
-        vocab = self.transformer.config.vocab_size
-        rows = []
-        for t in texts:
-            ids = [vocab - 2] + [ord(c) % (vocab - 2) for c in t][:SEQ - 2]
-            rows.append(ids + [vocab - 1] * (SEQ - len(ids)))
-        return self.transformer(input_ids=torch.tensor(rows)).last_hidden_state
-
-
-class DiffusionWrapper(torch.nn.Module):
-    def __init__(self, unet: torch.nn.Module):
-        super().__init__()
-        self.diffusion_model = unet
-
-
-class LatentDiffusion(torch.nn.Module):
-    """The WebUI's SD1 ``sd_model`` layout and the two calls a generation makes on it."""
-
-    def __init__(self, mods: Dict[str, torch.nn.Module]):
-        super().__init__()
-        self.model = DiffusionWrapper(mods["unet"])
-        self.first_stage_model = mods["vae"]
-        self.cond_stage_model = FrozenCLIPEmbedder(mods["text_encoder"])
-        self.scale_factor = 0.18215
-
-    def get_learned_conditioning(self, prompts):
-        # the first call of a generation: one intra-op thread in whichever thread runs it (the API's worker thread
-        # or the test's), so a reduction's result never depends on the thread count
-        torch.set_num_threads(1)
-        return self.cond_stage_model(prompts)
-
-    def decode_first_stage(self, z):
-        return self.first_stage_model.decode(z / self.scale_factor)
-
-
+# ----------------------------------------------------------------------------------------- the generation
 def _sample(self, conditioning, unconditional_conditioning, seeds, subseeds, subseed_strength, prompts):
     """A two-step sampler: noise from the seed, the UNet with the prompt's conditioning (CFG 2 with the negative)."""
     x = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(int(seeds[0])))
@@ -89,16 +47,6 @@ def _sample(self, conditioning, unconditional_conditioning, seeds, subseeds, sub
         eps_u = unet(x, ts, context=unconditional_conditioning)
         x = x - 0.3 * (eps_u + 2.0 * (eps_c - eps_u))
     return x
-
-
-def _plain_state(model) -> Dict[str, torch.Tensor]:
-    from modules import sd_hijack
-
-    sd_hijack.model_hijack.undo_hijack(model)
-    try:
-        return {k: v.detach().clone() for k, v in model.state_dict().items()}
-    finally:
-        sd_hijack.model_hijack.hijack(model)
 
 
 def _assert_same_state(model, before: Dict[str, torch.Tensor]) -> None:
@@ -141,13 +89,10 @@ def env(tmp_path_factory):
     w.preload([])
     w.load_scripts()
     assert w.reported_errors == []
-    from modules import processing, sd_hijack, sd_models, shared
+    from modules import processing, sd_models, shared
 
-    model = LatentDiffusion(factory.build_modules("SD1")).eval()
     sd_models.list_models()
-    info = sd_models.CheckpointInfo(str(paths["A"]))
-    sd_models.load_model_weights(model, info, sd_models.read_state_dict(str(paths["A"])))
-    sd_hijack.model_hijack.hijack(model)
+    model, _ = load_sd1(paths["A"], half=False)
     old_model = shared.sd_model
     shared.sd_model = model
     mp.setattr(processing.StableDiffusionProcessingTxt2Img, "sample", _sample, raising=False)

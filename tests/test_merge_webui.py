@@ -26,49 +26,15 @@ if str(DOUBLE) not in sys.path:
 
 from lib_sdtoolkit.errors import ArchitectureError  # noqa: E402
 from lib_sdtoolkit.host import ModelHooks, StandaloneHost, WebUIHost  # noqa: E402
+from sd1_webui_model import load_sd1  # noqa: E402  (the loaded SD1 sd_model, shared with test_merge_grid_webui)
+from sd1_webui_model import plain_state as _plain_state  # noqa: E402
 
 MERGE = "/sdtoolkit/v1/merge"
 POS = "embeddings.position_ids"
 TOKEN_EMB = "cond_stage_model.transformer.text_model.embeddings.token_embedding.weight"
 
 
-# ----------------------------------------------------------------------------------------- the loaded model
-class FrozenCLIPEmbedder(torch.nn.Module):
-    """ldm.modules.encoders.modules.FrozenCLIPEmbedder's module tree (``.transformer`` = CLIPTextModel); the real
-    class downloads its tokenizer in __init__, so the tree is rebuilt around the real transformers module."""
-
-    def __init__(self, transformer: torch.nn.Module):
-        super().__init__()
-        self.transformer = transformer
-
-
-class DiffusionWrapper(torch.nn.Module):
-    def __init__(self, unet: torch.nn.Module):
-        super().__init__()
-        self.diffusion_model = unet
-
-
-class LatentDiffusion(torch.nn.Module):
-    """The WebUI's SD1 ``sd_model`` layout: ``model.diffusion_model``, ``first_stage_model``, ``cond_stage_model``."""
-
-    def __init__(self, mods: Dict[str, torch.nn.Module]):
-        super().__init__()
-        self.model = DiffusionWrapper(mods["unet"])
-        self.first_stage_model = mods["vae"]
-        self.cond_stage_model = FrozenCLIPEmbedder(mods["text_encoder"])
-
-
-def _plain_state(model: torch.nn.Module) -> Dict[str, torch.Tensor]:
-    """The loaded model's tensors under checkpoint names (undo the hijack for the read, as the WebUI would)."""
-    from modules import sd_hijack
-
-    sd_hijack.model_hijack.undo_hijack(model)
-    try:
-        return {k: v.detach().clone() for k, v in model.state_dict().items()}
-    finally:
-        sd_hijack.model_hijack.hijack(model)
-
-
+# ----------------------------------------------------------------------------------------- helpers
 def _ws(a: torch.Tensor, b: torch.Tensor, m: float) -> torch.Tensor:
     return a.float() * (1 - m) + b.float() * m
 
@@ -136,14 +102,10 @@ def env(tmp_path_factory):
     w = WebUIDouble(str(ROOT), str(data))
     w.preload([])
     w.load_scripts()
-    from modules import script_callbacks, sd_hijack, sd_models, shared
+    from modules import script_callbacks, sd_models, shared
 
     # the WebUI's load_model: build, load_model_weights (load_state_dict strict=False), half(), hijack
-    model = LatentDiffusion(factory.build_modules("SD1"))
-    info = sd_models.CheckpointInfo(str(a_path))
-    sd_models.load_model_weights(model, info, sd_models.read_state_dict(str(a_path)))
-    model.half().eval()
-    sd_hijack.model_hijack.hijack(model)
+    model, info = load_sd1(a_path, half=True)
     old_model = shared.sd_model
     shared.sd_model = model
     loaded_calls: List[Any] = []

@@ -134,20 +134,56 @@ def test_unwritable_cache_place_hashes_without_caching(twins, tmp_path, capsys):
     assert rc == 0 and "identical bytes" in out and "Traceback" not in err
 
 
-@pytest.mark.skipif(os.geteuid() == 0, reason="root writes read-only files anyway")
+def _make_read_only(paths) -> list:
+    """chmod a-w; as root (who writes through permission bits) also ``chattr +i``: an immutable file or folder that
+    nobody writes. Returns the paths made immutable (to undo)."""
+    for p in paths:
+        p.chmod(0o555 if p.is_dir() else 0o444)
+    if os.geteuid() != 0:
+        return []
+    done = []
+    for p in paths:
+        r = subprocess.run(["chattr", "+i", str(p)], capture_output=True, text=True) if shutil.which("chattr") \
+            else None
+        if r is None or r.returncode != 0:
+            _undo_read_only(done)
+            pytest.skip(f"running as root and cannot make {p} immutable (chattr +i: "
+                        f"{r.stderr.strip() if r else 'not installed'})")
+        done.append(p)
+    return done
+
+
+def _undo_read_only(immutable) -> None:
+    for p in immutable:
+        subprocess.run(["chattr", "-i", str(p)], capture_output=True)
+
+
 def test_read_only_cache_hashes_without_caching(twins, tmp_path):
     ro = tmp_path / "ro"
     ro.mkdir()
     with HashCache(ro / "hashes.sqlite") as cache:
         cached_hash_file(twins / "a.safetensors", ["sha256"], cache)
-    for p in ro.iterdir():
-        p.chmod(0o444)
-    ro.chmod(0o555)
+    files = sorted(ro.iterdir())
+    before = {p.name: p.read_bytes() for p in files}
+    immutable = _make_read_only(files + [ro])
+    try:
+        with open(ro / "hashes.sqlite", "r+b"):  # the set-up holds: this process cannot write there
+            pass
+    except OSError:
+        pass
+    else:
+        raise AssertionError("the cache file is still writable: the test would not test anything")
     try:
         with HashCache(ro / "hashes.sqlite") as cache:
-            assert cached_hash_file(twins / "b.safetensors", ["sha256"], cache).sha256 == _sha(twins / "b.safetensors")
+            assert not cache.enabled and "not used" in cache.warning
+            res = cached_hash_file(twins / "b.safetensors", ["sha256"], cache)
+            assert res.sha256 == _sha(twins / "b.safetensors") and res.source != "cache"
+        assert {p.name: p.read_bytes() for p in sorted(ro.iterdir())} == before  # nothing written, nothing added
     finally:
+        _undo_read_only(immutable)
         ro.chmod(0o755)
+        for p in files:
+            p.chmod(0o644)
 
 
 # ------------------------------------------------------------------------------------------------ move

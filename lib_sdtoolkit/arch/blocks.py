@@ -29,7 +29,11 @@ OUT00-OUT08 (20). A list of ratios has every block, with or without BASE (26/25,
 A short list names only its blocks; the others get 0, as lora-block-weight expands short lists.
 
 ``Flux.1`` (both conventions, the same blocks): BASE, D00-D18 (``double_blocks.N``), S00-S37 (``single_blocks.N``),
-58 values, or 57 without BASE. BASE is everything outside the numbered blocks: ``img_in``, ``txt_in``, ``time_in``,
+58 values, or 57 without BASE. For LBW also lora-block-weight's own 61 (its BLOCKIDFLUX): CLIP, T5, IN, D00-D18,
+S00-S37, OUT, where CLIP (the CLIP-L text encoder), T5 (the T5 text encoder), IN (``img_in``, ``txt_in``,
+``time_in``, ``vector_in``, ``guidance_in``) and OUT (``final_layer``) are the four ``parts`` of BASE: a LoRA layer's
+LBW block is the part (:func:`lib_sdtoolkit.lora.fluxnames.block_of`), and a list that names BASE gives each part
+BASE's value. BASE is everything outside the numbered blocks: ``img_in``, ``txt_in``, ``time_in``,
 ``vector_in``, ``guidance_in``, ``final_layer`` and, in an all-in-one file, the VAE and the text encoders
 (ComfyUI's ModelMergeFlux1 lists the embedders and ``final_layer`` one by one; here they share BASE, as SD's
 ``time_embed``/``out`` share IN00/OUT11 with their neighbours). Every Flux layout is read: BFL bare keys
@@ -86,6 +90,8 @@ class BlockConvention:
     rules: Tuple[Rule, ...]
     lists: Mapping[int, Tuple[str, ...]] = field(default_factory=dict)
     default: str = "BASE"
+    #: a block that groups finer blocks some lists name one by one (Flux.1 LBW: BASE = CLIP, T5, IN, OUT)
+    parts: Mapping[str, Tuple[str, ...]] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "_known", frozenset(self.blocks))
@@ -194,11 +200,19 @@ _FLUX_RULES = (Rule(re.compile(r"double_blocks\.(\d+)(?:\.|$)"), "D{:02d}"),
                Rule(re.compile(r"single_transformer_blocks\.(\d+)(?:\.|$)"), "S{:02d}"))
 
 
+#: the parts of Flux.1's LBW BASE, as lora-block-weight names them (its BLOCKIDFLUX)
+FLUX_BASE_PARTS = ("CLIP", "T5", "IN", "OUT")
+
+
 def _flux(name: str) -> BlockConvention:
     blocks = (("BASE",) + tuple(f"D{i:02d}" for i in range(FLUX_DOUBLE))
               + tuple(f"S{i:02d}" for i in range(FLUX_SINGLE)))
-    return BlockConvention(name, FLUX, blocks, _FLUX_ROOTS, _FLUX_RULES,
-                           {len(blocks): blocks, len(blocks) - 1: blocks[1:]})
+    lists = {len(blocks): blocks, len(blocks) - 1: blocks[1:]}
+    if name != LBW:
+        return BlockConvention(name, FLUX, blocks, _FLUX_ROOTS, _FLUX_RULES, lists)
+    # lora-block-weight's own Flux list (61): CLIP, T5, IN, D00..D18, S00..S37, OUT
+    lists[len(blocks) + 3] = ("CLIP", "T5", "IN") + blocks[1:] + ("OUT",)
+    return BlockConvention(name, FLUX, blocks, _FLUX_ROOTS, _FLUX_RULES, lists, parts={"BASE": FLUX_BASE_PARTS})
 
 
 #: convention -> base architecture -> its blocks and rules
@@ -294,4 +308,4 @@ def from_sd1_unet(values: Sequence[float], arch: str) -> List[float]:
 
 
 __all__ = ["MBW", "LBW", "CONVENTIONS", "Rule", "BlockConvention", "TABLES", "convention", "block_names",
-           "block_of_key", "from_sd1_unet", "describe", "vocabulary", "stretch", "FLUX"]
+           "block_of_key", "from_sd1_unet", "describe", "vocabulary", "stretch", "FLUX", "FLUX_BASE_PARTS"]

@@ -124,12 +124,19 @@ def t5_modules() -> List[str]:
 _BLOCK_RE = re.compile(r"^(double_blocks|single_blocks)\.(\d+)\.")
 
 
+_IN_RE = re.compile(r"^(img_in|txt_in|time_in|vector_in|guidance_in)(\.|$)")
+
+
 def lbw_block(bfl_module: str) -> str:
-    """The LoRA block-weight block of a BFL module: ``Dnn`` / ``Snn`` for the numbered blocks, ``BASE`` otherwise
-    (text encoders, the embedders and the final layer)."""
+    """The LoRA block-weight block of a BFL transformer module, in lora-block-weight's Flux vocabulary: ``Dnn`` /
+    ``Snn`` for the numbered blocks, ``IN`` for the embedders (``img_in``, ``txt_in``, ``time_in``, ``vector_in``,
+    ``guidance_in``), ``OUT`` for ``final_layer``; ``BASE`` for anything else (no such module in Flux.1). IN and OUT
+    are parts of our BASE (:data:`lib_sdtoolkit.arch.blocks.FLUX_BASE_PARTS`)."""
     m = _BLOCK_RE.match(bfl_module)
     if not m:
-        return "BASE"
+        if _IN_RE.match(bfl_module):
+            return "IN"
+        return "OUT" if bfl_module.startswith("final_layer.") else "BASE"
     return ("D" if m.group(1) == "double_blocks" else "S") + f"{int(m.group(2)):02d}"
 
 

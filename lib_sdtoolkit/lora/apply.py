@@ -45,7 +45,7 @@ from ..arch.families import base_arch
 from ..errors import SdToolkitError
 from . import formats
 from .backups import BackupStore, LoraBackupError
-from .blocks import active_at_step, block_key
+from .blocks import active_at_step, block_key, block_weight
 from .network import UNKNOWN_TARGET, BoundLayer, Network, check_shapes, partly_text
 
 log = logging.getLogger(__name__)
@@ -265,7 +265,7 @@ class ActiveNetwork:
     def multiplier(self, layer: BoundLayer) -> float:
         m = self.te if layer.component.startswith("text_encoder") else self.unet
         if self.block_weights is not None:
-            m *= float(self.block_weights.get(layer.block, 0.0))
+            m *= block_weight(self.block_weights, layer.block)
         return float(m)
 
 

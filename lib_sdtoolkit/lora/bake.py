@@ -17,7 +17,7 @@ from ..arch.families import base_arch
 from ..errors import ArchitectureError, InvalidInputError
 from ..files import StreamingSafetensorsWriter, check_output_path, open_model
 from . import formats
-from .blocks import resolve_block_weights
+from .blocks import block_weight, resolve_block_weights
 from .network import BoundLayer, Network, check_shapes, load_network
 from ..validate import finite
 
@@ -77,7 +77,7 @@ def bake(checkpoint: PathLike, loras: Sequence[tuple], out: PathLike, overwrite:
         biases: Dict[str, torch.Tensor] = {}
         for net, m_net, bw in nets:
             for layer in net.layers:
-                m = m_net if bw is None else m_net * float(bw.get(layer.block, 0.0))
+                m = m_net if bw is None else m_net * block_weight(bw, layer.block)
                 by_key.setdefault(layer.weight_key, []).append((layer, m))
                 t = layer.weights.t
                 db = t.get("diff_b", t.get("b_norm", t.get("bias")))
@@ -141,7 +141,7 @@ def _bake_flux(r, infos, a, loras, outp, overwrite, progress) -> Dict[str, objec
     shapes = {k: i.shape for k, i in infos.items()}
     factors = _block_factors(loras, "Flux.1")
     nets = [(load_network(it[0], "Flux.1"), float(it[1])) for it in loras]
-    layers = [(layer, m if bw is None else m * float(bw.get(layer.block, 0.0)))
+    layers = [(layer, m if bw is None else m * block_weight(bw, layer.block))
               for (net, m), bw in zip(nets, factors) for layer in net.layers]
     patches = FluxPatches(layers, a.layout or "bfl", a.prefixes, shapes, r.path)
     meta = dict(r.metadata) if r.format == "safetensors" else {}

@@ -25,6 +25,17 @@ PathLike = Union[str, "os.PathLike[str]"]
 
 #: every list length some architecture takes (user preset files are read before the model is known)
 _LENGTHS = sorted({n for c in TABLES[LBW].values() for n in c.lists})
+#: finer block -> the block that groups it (Flux.1: CLIP, T5, IN, OUT -> BASE)
+_GROUP = {part: group for c in TABLES[LBW].values() for group, parts in c.parts.items() for part in parts}
+
+
+def block_weight(weights: Mapping[str, float], block: str) -> float:
+    """The weight of a layer of ``block`` under resolved block weights: the block's own, else (a part of a grouping
+    block: Flux.1's CLIP, T5, IN, OUT under a list that names BASE) the group's, else 0."""
+    if block in weights:
+        return float(weights[block])
+    group = _GROUP.get(block)
+    return float(weights.get(group, 0.0)) if group is not None else 0.0
 
 
 def _v(s: str) -> List[float]:
@@ -42,6 +53,7 @@ PRESETS: Dict[str, List[float]] = {
     "OUTS": _v("1,0,0,0,0,0,0,0,0,0,0,0,1,1,1,1,1"),
     "OUTALL": _v("1,0,0,0,0,0,0,0,1,1,1,1,1,1,1,1,1"),
     "ALL0.5": [0.5] * 17,
+    "FLUXALL": [1.0] * 61,   # lora-block-weight's one Flux preset (its 61-value list)
 }
 _UNIFORM = {"NONE": 0.0, "ALL": 1.0, "ALL0.5": 0.5}
 
@@ -105,7 +117,9 @@ def resolve_block_weights(spec: Optional[str], arch: str,
         want = " or ".join(str(n) for n in sorted(conv.lists))
         raise InvalidInputError(f"block weights {s!r}: {len(values)} values; a {conv.architecture} model takes "
                                 f"{want} ({conv.describe_lengths()})")
-    out = {b: 0.0 for b in conv.blocks}
+    # a list that names the parts of a group (lora-block-weight's Flux 61: CLIP, T5, IN, ..., OUT) is keyed by its
+    # own ids; the others by the architecture's blocks (see block_weight)
+    out = {b: 0.0 for b in (conv.blocks if set(ids) <= set(conv.blocks) else ids)}
     out.update(dict(zip(ids, values)))
     return out
 
@@ -129,22 +143,32 @@ def fmt_weight(v: float) -> str:
 def lbw_list(weights: Mapping[str, float], arch: str) -> str:
     """The ``lbw=`` list of ``weights`` ({block id: weight}; blocks left out are 0) for a LoRA on ``arch``, each value
     rounded to 3 decimals: the architecture's short list (lora-block-weight's 17 for SD1/SD2, 12 for SDXL, 57 for
-    Flux.1 without BASE) when every block it leaves out is 0, else the list of every block. Parsed back with
+    Flux.1 without BASE) when every block it leaves out is 0, else the list of every block; on Flux.1, when CLIP,
+    T5, IN and OUT (the parts of BASE, given one by one) differ, lora-block-weight's 61. Parsed back with
     :func:`resolve_block_weights` it gives the same weights (rounded). Raises InvalidInputError for a block id the
     architecture does not have or a weight that is not a finite number."""
     conv = convention(LBW, arch)
-    unknown = [b for b in weights if b not in conv.blocks]
+    part_of = {p: g for g, parts in conv.parts.items() for p in parts}
+    unknown = [b for b in weights if b not in conv.blocks and b not in part_of]
     if unknown:
         raise InvalidInputError(f"block weights: {', '.join(unknown[:4])} not a {conv.architecture} block "
                                 f"({describe(conv.blocks)})")
     vals: Dict[str, float] = {}
-    for b in conv.blocks:
-        v = float(weights.get(b, 0.0))
+    for b in list(conv.blocks) + list(part_of):
+        v = float(weights.get(b, weights.get(part_of.get(b, ""), 0.0)))
         if not math.isfinite(v):
             raise InvalidInputError(f"block weights: {b} = {v} is not a finite number")
         vals[b] = round(v, 3)
+    split = [g for g, parts in conv.parts.items() if len({vals[p] for p in parts}) > 1]
+    if split:  # the parts of a group differ: only the list that names each part says it (Flux.1: 61)
+        ids = next(ids for n, ids in sorted(conv.lists.items()) if all(p in ids for g in split for p in conv.parts[g]))
+        return ",".join(fmt_weight(vals[b]) for b in ids)
+    for g, parts in conv.parts.items():  # equal parts: the group's value
+        vals[g] = vals[parts[0]]
     for n in sorted(conv.lists):
         ids = conv.lists[n]
+        if any(b not in conv.blocks for b in ids):
+            continue  # a list of parts (Flux.1's 61) only when they differ (above)
         if all(vals[b] == 0 for b in conv.blocks if b not in ids):
             return ",".join(fmt_weight(vals[b]) for b in ids)
     raise AssertionError("the full list names every block")  # conv.lists always holds the full list

@@ -183,7 +183,11 @@ def looks_like_flux(keys: List[str], metadata: Dict[str, str]) -> bool:
 
 
 def block_of(target: LoraTarget) -> str:
-    return fluxmaps.lbw_block(target.module) if target.component == "transformer" else "BASE"
+    """The lora-block-weight block of a Flux target: CLIP (CLIP-L), T5, or the transformer module's
+    (:func:`lib_sdtoolkit.arch.fluxmaps.lbw_block`: IN, Dnn, Snn, OUT)."""
+    if target.component == "transformer":
+        return fluxmaps.lbw_block(target.module)
+    return {"text_encoder": "CLIP", "text_encoder_2": "T5"}.get(target.component, "BASE")
 
 
 __all__ = ["ARCH", "split_key", "resolve", "naming", "looks_like_flux", "block_of"]

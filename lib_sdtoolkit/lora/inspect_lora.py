@@ -88,7 +88,7 @@ def _inspect(r: Any, p: Path, mr: Any, model_arch: Optional[str], model_infos: A
     arch = model_arch or lora_arch
     groups, bundled = group_modules(keys, arch)
     naming = detect_naming(keys, arch)
-    flux = is_flux(arch)  # Flux LoRA blocks: BASE, Dnn, Snn (lora.fluxnames)
+    flux = is_flux(arch)  # Flux LoRA blocks: CLIP, T5, IN, Dnn, Snn, OUT (lora.fluxnames)
     try:
         blocks_conv = convention(LBW, arch)
     except SdToolkitError:
@@ -178,7 +178,9 @@ def _inspect(r: Any, p: Path, mr: Any, model_arch: Optional[str], model_infos: A
     counts: Dict[str, int] = {}
     for x in not_applied:
         counts[x["reason"]] = counts.get(x["reason"], 0) + 1
-    order = list(blocks_conv.blocks) if blocks_conv is not None else sorted(blocks, key=lambda b: (b != "BASE", b))
+    # the longest list's order (Flux.1: lora-block-weight's CLIP, T5, IN, D00.., S00.., OUT), then any other block
+    order = (list(dict.fromkeys(max(blocks_conv.lists.values(), key=len) + blocks_conv.blocks))
+             if blocks_conv is not None else sorted(blocks, key=lambda b: (b != "BASE", b)))
     return {
         # "format" is the container (safetensors / pickle); "naming" the key-name convention (kohya, diffusers, ...)
         "path": str(p), "format": r.format, "file_size": r.file_size, "tensors": len(keys),

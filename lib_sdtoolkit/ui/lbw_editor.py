@@ -232,7 +232,8 @@ def build(host: Host, bake_list: Any = None) -> None:
                              label="lora-block-weight preset", elem_id="sdtoolkit_lora_lbw_preset")
         weight = gr.Number(value=1.0, label="LoRA weight", elem_id="sdtoolkit_lora_lbw_weight")
     spec = gr.Textbox(label="lbw= (a preset name or one value per block: SD1/SD2 17 or 26, SDXL 12 or 20, Flux.1 "
-                            "57 or 58; blank: no block weights); or edit the table", value="",
+                            "57 or 58, or lora-block-weight's 61; blank: no block weights); or edit the table",
+                      value="",
                       elem_id="sdtoolkit_lora_lbw_spec")
     with gr.Row():
         table = gr.Dataframe(headers=["block", "weight"], datatype=["str", "str"], interactive=True,
