@@ -36,6 +36,7 @@ from __future__ import annotations
 import concurrent.futures as cf
 import json
 import os
+import queue
 import re
 import threading
 import time
@@ -62,10 +63,16 @@ Progress = Callable[[int, int, str], None]
 HashProgress = Callable[[int, int, str], None]
 StateLike = Union[PathLike, Mapping[str, torch.Tensor], "torch.nn.Module"]
 
-#: elements per chunk for elementwise methods on large tensors
+#: elements per chunk for elementwise methods on large tensors (the unit of reading and writing)
 CHUNK_ELEMENTS = 1 << 22
-#: tensors at most this big are computed in one piece
+#: tensors at most this big are read and written in one piece
 SMALL_ELEMENTS = 1 << 22
+#: elements per compute piece in the streaming pipeline: convert, maths and cast of one piece stay in the CPU's
+#: cache, and torch runs an op this small in the calling thread (below its 32768-element parallel grain), so the
+#: pipeline's own threads, not an OpenMP team that spins on a loaded machine, share the cores
+PIECE_ELEMENTS = 1 << 14
+#: chunks read ahead of the compute workers (each holds one chunk of every input and of the output)
+READ_AHEAD = 3
 _VAE_KEY_RE = re.compile(r"^(encoder|decoder|quant_conv|post_quant_conv)\.")
 
 
@@ -580,6 +587,235 @@ def build_metadata(recipe: MergeRecipe, sources: Dict[str, _Source], hashes: Dic
 
 
 # ---------------------------------------------------------------------------------------------------------------
+# the streaming pipeline (file -> file, CPU)
+
+@dataclass
+class _Seg:
+    """One unit of work: elements ``[start, start + count)`` of an output tensor (``kind`` "chunk": read the range
+    of every input, convert, maths, cast; "copy": read the range of A / the VAE and cast; "whole": the tensor by
+    :meth:`_Plan.compute`)."""
+
+    index: int
+    item: _Item
+    kind: str
+    start: int = 0
+    count: int = 0
+    srcs: Tuple[Tuple[Any, str, torch.dtype], ...] = ()  # (reader, key, stored dtype) per input
+
+
+class _Slot:
+    """Reused byte buffers: one per input and one for the output, each ``cap`` bytes (allocated once)."""
+
+    def __init__(self, nin: int, cap: int):
+        self.inp = [torch.empty(cap, dtype=torch.uint8) for _ in range(nin)]
+        self.out = torch.empty(cap, dtype=torch.uint8)
+
+
+def _view(buf: torch.Tensor, dtype: torch.dtype, n: int) -> torch.Tensor:
+    return buf[: n * _esize(dtype)].view(dtype)
+
+
+def _esize(dtype: torch.dtype) -> int:
+    from ..files.reader import dtype_size
+
+    return dtype_size(dtype)
+
+
+class _Stop(Exception):
+    pass
+
+
+def _segments(plan: _Plan, ranged: bool) -> List[_Seg]:
+    """The pipeline's work list, in output order."""
+    segs: List[_Seg] = []
+    srcs = [plan.a] + plan.others
+    chunkable_method = plan.method.elementwise
+    for idx, it in enumerate(plan.items):
+        numel = 1
+        for d in it.shape:
+            numel *= d
+        parts: Optional[Tuple[Tuple[Any, str, torch.dtype], ...]] = None
+        kind = "whole"
+        if ranged and numel:
+            if it.action == "merge" and chunkable_method and not it.partial:
+                if all(s.reader is not None and s.reader.ranged_reads for s in srcs):
+                    parts = tuple((s.reader, it.name, s.infos()[it.name].dtype) for s in srcs)
+                    kind = "chunk"
+            elif it.action in ("copy_a", "keep_pos", "vae"):
+                src, key = (plan.vae, plan._vae_key(it.name)) if it.action == "vae" else (plan.a, it.name)
+                if src.reader is not None and src.reader.ranged_reads:
+                    parts = ((src.reader, key, src.infos()[key].dtype),)
+                    kind = "copy"
+        if parts is None:
+            segs.append(_Seg(idx, it, "whole"))
+            continue
+        step = numel if numel <= SMALL_ELEMENTS else CHUNK_ELEMENTS
+        for start in range(0, numel, step):
+            segs.append(_Seg(idx, it, kind, start, min(step, numel - start), parts))
+    return segs
+
+
+def _stream_merge(plan: _Plan, writer: StreamingSafetensorsWriter, device: torch.device, workers: int,
+                  progress: Optional[Progress], cancel: Optional[threading.Event]) -> None:
+    """Compute every planned tensor into ``writer`` with reading, computing and writing overlapped.
+
+    One reader thread reads the next chunks of the inputs (``os.preadv`` straight into reused buffers,
+    :data:`READ_AHEAD` chunks ahead); ``workers`` compute threads turn a chunk into output bytes piece by piece
+    (:data:`PIECE_ELEMENTS`): stored dtype -> float32 into a reused buffer, the method in place, cast into the
+    chunk's output buffer (one pass over the data, no allocation per tensor); one writer thread writes finished
+    chunks at their offsets (``os.pwrite``) and starts their write-back to disk. torch and the I/O calls release
+    the GIL. The maths per element are the method's own, in the same order, so the output is bit-identical to
+    computing each tensor whole. Tensors that cannot be chunked (methods that are not elementwise, a partial
+    inpainting input, inputs without ranged reads) are computed whole by a worker with :meth:`_Plan.compute`."""
+    segs = _segments(plan, device.type == "cpu")
+    items = plan.items
+    total = len(items)
+    remaining = [0] * total
+    for sg in segs:
+        remaining[sg.index] += 1
+    nin = 1 + len(plan.others)
+    cap = 1
+    for sg in segs:
+        if sg.kind != "whole":
+            size = max([_esize(d) for _, _, d in sg.srcs] + [_esize(sg.item.dtype)])
+            cap = max(cap, sg.count * size)
+    workers = max(1, workers)
+    free: "queue.Queue[_Slot]" = queue.Queue()
+    nslots = workers + READ_AHEAD if any(sg.kind != "whole" for sg in segs) else 0
+    for _ in range(nslots):
+        free.put(_Slot(nin, cap))
+    ready: "queue.Queue" = queue.Queue()
+    to_write: "queue.Queue" = queue.Queue()
+    finished: "queue.Queue" = queue.Queue()
+    stop = threading.Event()
+    whole_tokens = threading.Semaphore(workers + 1)
+    errors: List[BaseException] = []
+    err_lock = threading.Lock()
+
+    def fail(e: BaseException) -> None:
+        with err_lock:
+            if not isinstance(e, _Stop):
+                errors.append(e)
+        stop.set()
+        finished.put(None)
+
+    def get(q: "queue.Queue") -> Any:
+        while True:
+            try:
+                return q.get(timeout=0.05)
+            except queue.Empty:
+                if stop.is_set():
+                    raise _Stop() from None
+
+    def reader() -> None:
+        try:
+            for sg in segs:
+                if stop.is_set():
+                    return
+                if sg.kind == "whole":
+                    while not whole_tokens.acquire(timeout=0.05):  # bounds the whole tensors in flight
+                        if stop.is_set():
+                            return
+                    ready.put((sg, None))
+                    continue
+                slot = get(free)
+                for i, (r, key, dt) in enumerate(sg.srcs):
+                    r.read_into(key, _view(slot.inp[i], dt, sg.count), sg.start)
+                ready.put((sg, slot))
+            for _ in range(workers):
+                ready.put(None)
+        except BaseException as e:  # noqa: BLE001 - handed to the calling thread
+            fail(e)
+
+    method = plan.method
+
+    def compute() -> None:
+        try:
+            scratch = [torch.empty(min(PIECE_ELEMENTS, CHUNK_ELEMENTS, cap), dtype=torch.float32)
+                       for _ in range(nin)]
+            while True:
+                job = get(ready)
+                if job is None:
+                    return
+                sg, slot = job
+                it = sg.item
+                if sg.kind == "whole":
+                    to_write.put((sg, None, plan.compute(it, device)))
+                    continue
+                n = sg.count
+                out = _view(slot.out, it.dtype, n)
+                if sg.kind == "copy":
+                    src = _view(slot.inp[0], sg.srcs[0][2], n)
+                    if src.dtype == it.dtype:
+                        out = src
+                    else:
+                        out.copy_(src)
+                else:
+                    ins = [_view(slot.inp[i], dt, n) for i, (_, _, dt) in enumerate(sg.srcs)]
+                    alpha, beta = plan.alpha[it.block], plan.beta[it.block]
+                    step = scratch[0].numel()
+                    for p in range(0, n, step):
+                        m = min(step, n - p)
+                        ts = []
+                        for x, f in zip(ins, scratch):
+                            f = f[:m]
+                            f.copy_(x[p:p + m])
+                            ts.append(f)
+                        out[p:p + m].copy_(method.call(ts, alpha, beta, inplace=True))
+                to_write.put((sg, slot, out))
+        except BaseException as e:  # noqa: BLE001
+            fail(e)
+
+    def write() -> None:
+        try:
+            left = len(segs)
+            while left:
+                sg, slot, data = get(to_write)
+                if sg.kind == "whole":
+                    writer.write(sg.item.name, data)
+                    del data
+                    whole_tokens.release()
+                else:
+                    writer.write_part(sg.item.name, sg.start, data)
+                    free.put(slot)
+                left -= 1
+                remaining[sg.index] -= 1
+                if not remaining[sg.index]:
+                    finished.put(sg.index)
+        except BaseException as e:  # noqa: BLE001
+            fail(e)
+
+    threads = [threading.Thread(target=reader, name="sdtoolkit-merge-read", daemon=True),
+               threading.Thread(target=write, name="sdtoolkit-merge-write", daemon=True)]
+    threads += [threading.Thread(target=compute, name=f"sdtoolkit-merge-{i}", daemon=True) for i in range(workers)]
+    done = 0
+    if progress:
+        progress(0, total, "")
+    for t in threads:
+        t.start()
+    try:
+        while done < total:
+            if cancel is not None and cancel.is_set():
+                raise SdToolkitError("merge cancelled")
+            try:
+                idx = finished.get(timeout=0.1)
+            except queue.Empty:
+                continue
+            if idx is None:
+                break
+            done += 1
+            if progress:
+                progress(done, total, items[idx].name)
+    finally:
+        if errors or done < total:
+            stop.set()
+        for t in threads:
+            t.join()
+    if errors:
+        raise errors[0]
+
+
+# ---------------------------------------------------------------------------------------------------------------
 # running
 
 def _run_items(plan: _Plan, items: Sequence[_Item], work: Callable[[_Item], None], workers: int,
@@ -689,10 +925,8 @@ def merge_files(recipe: MergeRecipe, output: PathLike, overwrite: bool = False, 
         nworkers = workers if workers is not None else min(2, os.cpu_count() or 1)
         if suffix == ".safetensors":
             specs = [(i.name, i.dtype, i.shape) for i in plan.items]
-            with StreamingSafetensorsWriter(out, specs, meta or None, overwrite=overwrite) as w:
-                def work(it: _Item) -> None:
-                    w.write(it.name, plan.compute(it, dev))
-                _run_items(plan, plan.items, work, nworkers, progress, cancel)
+            with StreamingSafetensorsWriter(out, specs, meta or None, overwrite=overwrite, early_writeback=True) as w:
+                _stream_merge(plan, w, dev, nworkers, progress, cancel)
                 size = w.total_size
         else:
             sd: Dict[str, torch.Tensor] = {}
