@@ -93,7 +93,6 @@ def digest(a: str, b: str, out: str) -> dict:
     import hashlib
     import struct
 
-    import torch
     from safetensors import safe_open
 
     with open(out, "rb") as fh:
