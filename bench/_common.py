@@ -256,6 +256,22 @@ def run_command(argv: Sequence[str], env: Optional[Dict[str, str]] = None, cwd: 
     return {"wall": wall, "rss_mb": rss, "stdout": proc.stdout, "stderr": proc.stderr}
 
 
+def merge_stats(stderr: str) -> Dict[str, float]:
+    """The merge's own split of its time (``SDTOOLKIT_MERGE_STATS=1``: one ``sdtoolkit-merge-stats {json}`` line on
+    stderr), as ``split_<stage>`` seconds: ``pipeline`` (reading, computing and writing, overlapped), ``read_<i>``
+    (input i's reader busy), ``compute`` (summed over the compute threads), ``write`` (the writer busy),
+    ``fsync_rename`` (the final fsync), ``setup`` (opening, planning, hashes)."""
+    for line in reversed((stderr or "").splitlines()):
+        if line.startswith("sdtoolkit-merge-stats "):
+            try:
+                j = json.loads(line.split(" ", 1)[1])
+            except ValueError:
+                return {}
+            keep = ("setup", "pipeline", "read_0", "read_1", "read_2", "compute", "write", "fsync_rename")
+            return {f"split_{k}": float(j[k]) for k in keep if k in j}
+    return {}
+
+
 def cmd_str(argv) -> str:
     if isinstance(argv, str):
         return argv

@@ -1,11 +1,12 @@
 """Merge benchmark: ours vs the I/O floor, sd-mecha and a naive load-everything merge, as whole commands.
 
-    python bench/merge_bench.py [--size tiny|mid|full] [--rounds 3] [--skip-mecha] [--skip-naive] [--no-warm]
-                                [--dir DIR] [--keep]
+    python bench/merge_bench.py [--size tiny|mid|full] [--rounds 3] [--skip-mecha] [--skip-naive] [--skip-nometa]
+                                [--no-warm] [--only-model SD1.5|SDXL] [--dir DIR] [--clean]
 
 Inputs: two checkpoints with random weights, real keys and shapes, fp16 (``lib_sdtoolkit.samples.factory``):
 tiny = tiny-width SD1.5 layout (18 MB each); mid = full SD1.5 (2.1 GB each); full = full SD1.5 and full SDXL
-(6.9 GB each). Written once into ``--dir`` (default ``bench/models_merge``, git-ignored) and reused.
+(6.9 GB each). Written once into ``--dir`` (default ``bench/models_merge``, git-ignored) and reused (``--clean``
+deletes them at the end).
 
 Every side does the same work: weighted sum at alpha (M) = 0.3, i.e. ``A*0.7 + B*0.3``, fp32 maths, fp16 output,
 the output fsynced before the command returns. Each side is a whole command (its wall time includes start-up),
@@ -13,8 +14,9 @@ and the children also report their in-process time (after imports):
 
 * I/O floor: ``cat A B >/dev/null; cp A OUT; sync OUT`` (read both inputs, write and fsync one output-sized file);
 * ours: ``python -m lib_sdtoolkit merge A B -o OUT --alpha 0.3 --dtype fp16 --json`` (in-process time: the
-  report's ``seconds``; by default it also sha256-hashes both inputs for the metadata, which is a second read of
-  the inputs: ``ours --no-metadata`` runs without it, to show what that costs);
+  report's ``seconds``). The metadata names the inputs by sha256, which ours takes from the hash cache: the bench
+  fills its own cache once before the rounds (untimed, ``python -m lib_sdtoolkit hash A B``), so each run reads
+  each input once, as a merge of models the toolkit has seen does; ``ours --no-metadata`` hashes nothing;
 * naive: ``safetensors.torch.load_file`` both, per key ``(A.float()*(1-M) + B.float()*M).half()``, ``save_file``,
   fsync;
 * sd-mecha: ``sd_mecha.merge(weighted_sum(model(A), model(B), alpha=0.3), output=OUT, output_dtype=fp16,
@@ -23,9 +25,11 @@ and the children also report their in-process time (after imports):
 Cold cache (every side): before each run the inputs are fsynced and dropped from the page cache with
 ``posix_fadvise(DONTNEED)`` and the residency just before the start is printed (mincore). Warm cache (ours and the
 floor only, unless ``--no-warm``): the inputs are read once before each run. The sides alternate over ``--rounds``
-rounds (order rotating). After the rounds, the last outputs are compared key by key (max abs difference ours vs
-naive and vs sd-mecha) and, on a sample of keys, against ``A*0.7 + B*0.3`` and the swapped ``A*0.3 + B*0.7``, so
-that every tool is seen to take the ratio the same way round.
+rounds (order rotating). Each output is deleted right after its run (at most one output exists at a time beside
+the inputs); after a side's last round its output is first checked: a digest of every tensor's bytes (so the
+outputs are compared key by key with ours: how many tensors are bit-identical) and, on a sample of keys, the max
+abs difference against ``A*0.7 + B*0.3`` and the swapped ``A*0.3 + B*0.7``, so that every tool is seen to take the
+ratio the same way round. The bench's hash cache is deleted at the end.
 """
 from __future__ import annotations
 
@@ -80,43 +84,52 @@ def child(mode: str, a: str, b: str, out: str) -> dict:
     return {"inproc": time.perf_counter() - t0, "child_rss_mb": C.child_peak_rss_mb()}
 
 
-def compare(a: str, b: str, outs: dict) -> dict:
-    """Max abs difference of every output against ours (all common keys), and on a sample of keys against
-    A*(1-M)+B*M and the swapped A*M+B*(1-M), each computed in fp32 and rounded to fp16 like the outputs."""
-    import torch
+def digest(a: str, b: str, out: str) -> dict:
+    """One output, checked on its own (so that each output can be deleted right after its run: a full SDXL output
+    is 6.9 GB and the disk is shared): a blake2b digest of every tensor's bytes (the outputs of two tools are
+    compared key by key through these: equal digests = bit-identical tensors), and on a sample of keys the max
+    abs difference against A*(1-M)+B*M and the swapped A*M+B*(1-M), each computed in fp32 and rounded to fp16 like
+    the outputs, plus the max abs difference between the output and that expected value on the same sample."""
+    import hashlib
+    import struct
+
     from safetensors import safe_open
 
-    res = {}
-    handles = {n: safe_open(p, "pt") for n, p in outs.items()}
-    fa, fb = safe_open(a, "pt"), safe_open(b, "pt")
-    ours = handles["ours"]
-    ours_keys = set(ours.keys())
-    float_keys = [k for k in fa.keys() if k in ours_keys and k in set(fb.keys())]
+    with open(out, "rb") as fh:
+        (n,) = struct.unpack("<Q", fh.read(8))
+        header = json.loads(fh.read(n))
+        header.pop("__metadata__", None)
+        start = 8 + n
+        digests = {}
+        for k, spec in header.items():
+            lo, hi = spec["data_offsets"]
+            h = hashlib.blake2b(digest_size=16)
+            h.update(f"{spec['dtype']}{spec['shape']}".encode())
+            fh.seek(start + lo)
+            left = hi - lo
+            while left:
+                chunk = fh.read(min(left, 16 << 20))
+                if not chunk:
+                    raise SystemExit(f"{out}: truncated at {k}")
+                h.update(chunk)
+                left -= len(chunk)
+            digests[k] = h.hexdigest()
+    fa, fb, fo = safe_open(a, "pt"), safe_open(b, "pt"), safe_open(out, "pt")
+    out_keys = set(fo.keys())
+    b_keys = set(fb.keys())
+    float_keys = [k for k in fa.keys() if k in out_keys and k in b_keys]
     sample = float_keys[:: max(1, len(float_keys) // 60)]
-    for name, h in handles.items():
-        keys = set(h.keys())
-        common = sorted(ours_keys & keys)
-        d = 0.0
-        for k in common:
-            x, y = ours.get_tensor(k), h.get_tensor(k)
-            if x.is_floating_point() and y.is_floating_point():
-                d = max(d, float((x.float() - y.float()).abs().max()) if x.numel() else 0.0)
-            elif not torch.equal(x, y):
-                d = float("inf")
-        ex = sw = 0.0
-        for k in sample:
-            ta, tb, o = fa.get_tensor(k), fb.get_tensor(k), h.get_tensor(k).float()
-            if not ta.is_floating_point() or o.numel() == 0:
-                continue
-            want = (ta.float() * (1 - ALPHA) + tb.float() * ALPHA).half().float()
-            swap = (ta.float() * ALPHA + tb.float() * (1 - ALPHA)).half().float()
-            ex = max(ex, float((o - want).abs().max()))
-            sw = max(sw, float((o - swap).abs().max()))
-        res[name] = {"keys": len(keys), "common_with_ours": len(common), "only_in_ours": len(ours_keys - keys),
-                     "only_here": len(keys - ours_keys), "max_abs_diff_vs_ours": d,
-                     "sample_keys": len(sample), "max_abs_vs_expected": ex, "max_abs_vs_swapped": sw,
-                     "direction_ok": ex * 10 < sw}
-    return res
+    ex = sw = 0.0
+    for k in sample:
+        ta, tb, o = fa.get_tensor(k), fb.get_tensor(k), fo.get_tensor(k).float()
+        if not ta.is_floating_point() or o.numel() == 0:
+            continue
+        want = (ta.float() * (1 - ALPHA) + tb.float() * ALPHA).half().float()
+        swap = (ta.float() * ALPHA + tb.float() * (1 - ALPHA)).half().float()
+        ex = max(ex, float((o - want).abs().max()))
+        sw = max(sw, float((o - swap).abs().max()))
+    return {"keys": len(digests), "digests": digests, "sample_keys": len(sample), "max_abs_vs_expected": ex,
+            "max_abs_vs_swapped": sw, "direction_ok": ex * 10 < sw}
 
 
 # ----------------------------------------------------------------------------------------------- driver
@@ -139,6 +152,7 @@ def bench_pair(label: str, a: Path, b: Path, d: Path, args, log) -> list:
     outs = {n: d / f"out-{a.stem[:-2]}-{n}.safetensors" for n in ("floor", "ours", "ours_nometa", "naive", "mecha")}
     env = C.torch_free_env()
     env["SDTOOLKIT_CACHE_DIR"] = str(d / "cache")
+    env["SDTOOLKIT_MERGE_STATS"] = "1"  # ours prints where its time went (stderr), logged with each round
 
     def rm(p):
         def f():
@@ -174,7 +188,8 @@ def bench_pair(label: str, a: Path, b: Path, d: Path, args, log) -> list:
         def f():
             r = C.run_command(ours_argv(out, meta), env=env, cwd=C.ROOT)
             rep = json.loads(r["stdout"])
-            return {"seconds": r["wall"], "inproc": rep["seconds"], "rss_mb": r["rss_mb"]}
+            split = C.merge_stats(r["stderr"])
+            return {"seconds": r["wall"], "inproc": rep["seconds"], "rss_mb": r["rss_mb"], **split}
         return f
 
     def kid(mode, out):
@@ -186,15 +201,33 @@ def bench_pair(label: str, a: Path, b: Path, d: Path, args, log) -> list:
             return {"seconds": r["wall"], "inproc": j["inproc"], "rss_mb": r["rss_mb"]}
         return f, C.cmd_str(argv)
 
+    checks = {}
+    runs = {}
+
+    def done(name, key):
+        """After each run: the output is deleted (only one output exists at a time besides the inputs); after the
+        side's last round it is first checked (:func:`digest`)."""
+        def f(m):
+            runs[name] = runs.get(name, 0) + 1
+            p = outs[key]
+            try:
+                if runs[name] == args.rounds and name != "I/O floor" and p.exists():
+                    argv = [C.PY, str(Path(__file__).resolve()), "--digest", str(a), str(b), str(p)]
+                    checks[name] = C.last_json(C.run_command(argv, env=env, cwd=C.ROOT)["stdout"])
+            finally:
+                rm(p)()
+        return f
+
     avail = C.mem_available_mb()
     need = {"naive": 1000 * (1.0 * size_gb) + 600, "mecha": 1000 * (0.6 * size_gb) + 600}
-    sides = [C.Side("I/O floor", floor(outs["floor"]), cold(outs["floor"]), files=[a, b],
+    sides = [C.Side("I/O floor", floor(outs["floor"]), cold(outs["floor"]), done("I/O floor", "floor"), files=[a, b],
                     command=floor_cmd.format(out="OUT")),
-             C.Side("ours", ours(outs["ours"]), cold(outs["ours"]), files=[a, b],
+             C.Side("ours", ours(outs["ours"]), cold(outs["ours"]), done("ours", "ours"), files=[a, b],
                     command=C.cmd_str(ours_argv("OUT")))]
     if not args.skip_nometa:
         sides.append(C.Side("ours --no-metadata", ours(outs["ours_nometa"], False), cold(outs["ours_nometa"]),
-                            files=[a, b], command=C.cmd_str(ours_argv("OUT", False))))
+                            done("ours --no-metadata", "ours_nometa"), files=[a, b],
+                            command=C.cmd_str(ours_argv("OUT", False))))
     skipped = []
     for mode, name, skip in (("naive", "naive (load_file)", args.skip_naive), ("mecha", "sd-mecha", args.skip_mecha)):
         if skip:
@@ -204,9 +237,19 @@ def bench_pair(label: str, a: Path, b: Path, d: Path, args, log) -> list:
                            " + 2 GB margin")
         else:
             fn, cmd = kid(mode, outs[mode])
-            sides.append(C.Side(name, fn, cold(outs[mode]), files=[a, b], command=cmd.replace(str(outs[mode]), "OUT")))
+            sides.append(C.Side(name, fn, cold(outs[mode]), done(name, mode), files=[a, b],
+                                command=cmd.replace(str(outs[mode]), "OUT")))
     for s in skipped:
         log("  " + s)
+    # ours takes the inputs' hashes (for the metadata) from the hash cache, as in use, where a model is hashed
+    # once when it is first listed or merged: fill the bench's own cache once, untimed, so that every round of
+    # "ours" reads each input once (a cold hash cache adds one read of each input, two files at a time, before
+    # the merge; "ours --no-metadata" hashes nothing)
+    t = time.perf_counter()
+    C.run_command([C.PY, "-m", "lib_sdtoolkit", "hash", str(a), str(b), "--algo", "sha256,autov1", "--json"],
+                  env=env, cwd=C.ROOT)
+    log(f"  hash cache filled once before the rounds ({time.perf_counter() - t:.0f} s, untimed): ours reads each "
+        f"input once per run")
     log(f"\n== merge {label}: 2 x {size_gb:.2f} GB fp16, weighted sum alpha {ALPHA}, cold cache "
         f"(inputs evicted before each run), {args.rounds} alternated rounds; load {C.loadavg()} ==")
     rc = C.alternate(sides, args.rounds, log)
@@ -215,30 +258,32 @@ def bench_pair(label: str, a: Path, b: Path, d: Path, args, log) -> list:
     C.print_summary(rc, "rss_mb", unit="MB", digits=0, title=f"merge {label} cold, peak RSS", log=log)
     rw = None
     if not args.no_warm:
-        wsides = [C.Side("I/O floor", floor(outs["floor"]), hot(outs["floor"]), files=[a, b],
-                         command=floor_cmd.format(out="OUT")),
-                  C.Side("ours", ours(outs["ours"]), hot(outs["ours"]), files=[a, b],
+        wsides = [C.Side("I/O floor", floor(outs["floor"]), hot(outs["floor"]), lambda m: rm(outs["floor"])(),
+                         files=[a, b], command=floor_cmd.format(out="OUT")),
+                  C.Side("ours", ours(outs["ours"]), hot(outs["ours"]), lambda m: rm(outs["ours"])(), files=[a, b],
                          command=C.cmd_str(ours_argv("OUT")))]
         log(f"\n== merge {label}: warm cache (inputs read once before each run) ==")
         rw = C.alternate(wsides, args.rounds, log)
         C.print_summary(rw, "seconds", title=f"merge {label} warm, whole command wall", ref="I/O floor", log=log)
         C.print_summary(rw, "inproc", title=f"merge {label} warm, in-process", ref="I/O floor", log=log)
 
-    # equality and direction
-    present = {n: str(outs[k]) for n, k in (("ours", "ours"), ("ours --no-metadata", "ours_nometa"),
-                                            ("naive", "naive"), ("sd-mecha", "mecha")) if outs[k].exists()}
-    cmp_argv = [C.PY, str(Path(__file__).resolve()), "--compare", str(a), str(b), json.dumps(present)]
-    cmp = C.last_json(C.run_command(cmp_argv, env=env, cwd=C.ROOT)["stdout"])
-    checks = []
-    for n, c in cmp.items():
-        log(f"  check {n}: {c['keys']} keys ({c['only_in_ours']} only in ours, {c['only_here']} only here), max abs diff "
-            f"vs ours {c['max_abs_diff_vs_ours']:.3g}; on {c['sample_keys']} sampled keys max |out - (A*0.7+B*0.3)| "
-            f"{c['max_abs_vs_expected']:.3g}, max |out - (A*0.3+B*0.7)| {c['max_abs_vs_swapped']:.3g} -> "
-            f"{'same direction' if c['direction_ok'] else 'DIRECTION DIFFERS'}")
+    # equality and direction (from each side's last output, checked before it was deleted)
+    ours_d = checks.get("ours", {}).get("digests", {})
+    checks_txt = []
+    for n, c in checks.items():
+        dg = c["digests"]
+        common = set(dg) & set(ours_d)
+        same = sum(1 for k in common if dg[k] == ours_d[k])
+        c["identical_to_ours"] = same
+        log(f"  check {n}: {c['keys']} keys ({len(set(ours_d) - set(dg))} only in ours, {len(set(dg) - set(ours_d))} "
+            f"only here), {same}/{len(common)} common keys bit-identical to ours; on {c['sample_keys']} sampled keys "
+            f"max |out - fp16(A*0.7+B*0.3)| {c['max_abs_vs_expected']:.3g}, max |out - (A*0.3+B*0.7)| "
+            f"{c['max_abs_vs_swapped']:.3g} -> {'same direction' if c['direction_ok'] else 'DIRECTION DIFFERS'}")
         if n != "ours":
-            checks.append(f"{n}: max|d| {c['max_abs_diff_vs_ours']:.2g}")
-    dir_ok = all(c["direction_ok"] for c in cmp.values())
-    check = (f"all {len(cmp)} outputs take A*0.7+B*0.3 " if dir_ok else "DIRECTION MISMATCH ") + "; ".join(checks)
+            checks_txt.append(f"{n}: {same}/{len(common)} keys bit-identical to ours, sampled max|out-exact| "
+                              f"{c['max_abs_vs_expected']:.2g}")
+    dir_ok = bool(checks) and all(c["direction_ok"] for c in checks.values())
+    check = (f"all {len(checks)} outputs take A*0.7+B*0.3 " if dir_ok else "DIRECTION MISMATCH ") + "; ".join(checks_txt)
     fsync = "fsync on every side"
     rows = []
     for s in rc.sides:
@@ -263,10 +308,14 @@ def bench_pair(label: str, a: Path, b: Path, d: Path, args, log) -> list:
                               target=C.target_text(C.med_min_max(rs)[0], 1.3)))
     for s in skipped:
         rows.append(C.Row(f"merge {label}", s.split(":")[0], "", "", "n/a", s, "", ""))
-    if not args.keep_outputs:
-        for p in outs.values():
-            if p.exists():
-                p.unlink()
+    for p in list(outs.values()) + [d / "sdtoolkit-history.jsonl"]:  # no output should be left: each is deleted
+        rm(p)()                                                       # after its run; the CLI's history file
+    import shutil
+
+    shutil.rmtree(d / "cache", ignore_errors=True)
+    if args.clean:
+        for p in (a, b):
+            rm(p)()
     return rows
 
 
@@ -280,16 +329,17 @@ def main(argv=None) -> int:
     ap.add_argument("--no-warm", action="store_true", help="cold-cache rounds only")
     ap.add_argument("--only-model", help="run only this model pair (SD1.5 or SDXL)")
     ap.add_argument("--keep", action="store_true", help="(kept for compatibility; inputs are always kept)")
-    ap.add_argument("--keep-outputs", action="store_true")
+    ap.add_argument("--clean", action="store_true", help="delete the generated input models at the end (they are "
+                    "kept by default, to be reused by the next run)")
     ap.add_argument("--child", nargs=4, metavar=("MODE", "A", "B", "OUT"), help=argparse.SUPPRESS)
-    ap.add_argument("--compare", nargs=3, metavar=("A", "B", "OUTS_JSON"), help=argparse.SUPPRESS)
+    ap.add_argument("--digest", nargs=3, metavar=("A", "B", "OUT"), help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.child:
         sys.path.insert(0, str(C.ROOT))
         print(json.dumps(child(*args.child)))
         return 0
-    if args.compare:
-        print(json.dumps(compare(args.compare[0], args.compare[1], json.loads(args.compare[2]))))
+    if args.digest:
+        print(json.dumps(digest(*args.digest)))
         return 0
     d = Path(args.dir) if args.dir else C.bench_dir("models_merge")
     d.mkdir(parents=True, exist_ok=True)

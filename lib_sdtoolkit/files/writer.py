@@ -20,6 +20,7 @@ import json
 import os
 import re
 import stat
+import sys
 import threading
 import uuid
 from pathlib import Path
@@ -216,6 +217,37 @@ def build_header(specs: Sequence[Tuple[str, torch.dtype, Tuple[int, ...]]],
     return raw, offsets
 
 
+#: with ``early_writeback``, the disk write of the data written so far is started every this many bytes
+WRITEBACK_BYTES = 64 << 20
+
+_SYNC_FILE_RANGE: Any = None
+
+
+def start_writeback(fd: int) -> bool:
+    """Start writing the file's dirty pages to disk without waiting for them (Linux ``sync_file_range`` with
+    ``SYNC_FILE_RANGE_WRITE``), so that the final ``fsync`` finds most of the file already written and the disk
+    writes overlap the work that produces the rest. False where the call is not available (then the kernel's own
+    write-back, and the final fsync, do it all)."""
+    global _SYNC_FILE_RANGE
+    if _SYNC_FILE_RANGE is None:
+        _SYNC_FILE_RANGE = False
+        if sys.platform.startswith("linux"):
+            try:
+                import ctypes
+                import ctypes.util
+
+                libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+                fn = libc.sync_file_range
+                fn.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint]
+                fn.restype = ctypes.c_int
+                _SYNC_FILE_RANGE = fn
+            except (OSError, AttributeError):
+                _SYNC_FILE_RANGE = False
+    if not _SYNC_FILE_RANGE:
+        return False
+    return _SYNC_FILE_RANGE(fd, 0, 0, 2) == 0  # SYNC_FILE_RANGE_WRITE, offset 0, to the end of the file
+
+
 class StreamingSafetensorsWriter:
     """Write a safetensors file tensor by tensor with a fixed, known-in-advance layout.
 
@@ -224,7 +256,7 @@ class StreamingSafetensorsWriter:
     """
 
     def __init__(self, path: PathLike, specs: Iterable[SpecLike], metadata: Optional[Mapping[str, str]] = None,
-                 overwrite: bool = False):
+                 overwrite: bool = False, early_writeback: bool = False):
         self.path = Path(path)
         self.overwrite = overwrite
         self._specs = [_as_spec(s) for s in specs]
@@ -232,7 +264,12 @@ class StreamingSafetensorsWriter:
         self._header, self._offsets = build_header(self._specs, metadata)
         self._data_start = 8 + len(self._header)
         self._written: set = set()
+        #: elements written so far of the tensors written in parts (:meth:`write_part`)
+        self._parts: Dict[str, int] = {}
         self._lock = threading.Lock()
+        #: start the disk write of what was written every :data:`WRITEBACK_BYTES` (see :func:`start_writeback`)
+        self._early_writeback = early_writeback
+        self._unflushed = 0
         self._ctx = None
         self._fd: Optional[int] = None
         self.tmp_path: Optional[Path] = None
@@ -278,17 +315,54 @@ class StreamingSafetensorsWriter:
             raise InvalidInputError(
                 f"tensor is {tensor.dtype} {tuple(tensor.shape)} but the plan says {dtype} {shape}", self.path, name)
         with self._lock:
-            if name in self._written:
+            if name in self._written or name in self._parts:
                 raise InvalidInputError("tensor written twice", self.path, name)
             self._written.add(name)
         start, end = self._offsets[name]
-        buf = tensor_bytes_view(tensor)
-        pos = self._data_start + start
+        self._pwrite(tensor_bytes_view(tensor), self._data_start + start)
+
+    def write_part(self, name: str, start: int, data: torch.Tensor) -> None:
+        """Write elements ``[start, start + data.numel())`` of tensor ``name`` (flattened, C order) from ``data``,
+        a CPU tensor of the planned dtype. The parts of one tensor may come in any order and from several threads;
+        the tensor counts as written once as many elements as it has were written (more is an error)."""
+        if self._fd is None:
+            raise RuntimeError("writer is not open (use it as a context manager)")
+        spec = self._by_name.get(name)
+        if spec is None:
+            raise InvalidInputError("tensor is not in the planned output layout", self.path, name)
+        dtype, shape = spec
+        numel = 1
+        for s in shape:
+            numel *= s
+        n = data.numel()
+        if data.dtype != dtype or start < 0 or start + n > numel:
+            raise InvalidInputError(f"part [{start}, {start + n}) of {data.dtype} does not fit the planned {dtype} "
+                                    f"{shape}", self.path, name)
+        with self._lock:
+            done = self._parts.get(name, 0) + n
+            if name in self._written or done > numel:
+                raise InvalidInputError("tensor written twice", self.path, name)
+            self._parts[name] = done
+            if done == numel:
+                self._written.add(name)
+        if n:
+            self._pwrite(tensor_bytes_view(data), self._data_start + self._offsets[name][0] + start * data.element_size())
+
+    def _pwrite(self, buf, pos: int) -> None:
         mv = memoryview(buf).cast("B") if not isinstance(buf, bytes) else memoryview(buf)
+        size = len(mv)
         while len(mv):
             n = os.pwrite(self._fd, mv, pos)
             pos += n
             mv = mv[n:]
+        if self._early_writeback:
+            with self._lock:
+                self._unflushed += size
+                kick = self._unflushed >= WRITEBACK_BYTES
+                if kick:
+                    self._unflushed = 0
+            if kick:
+                start_writeback(self._fd)
 
     @property
     def missing(self) -> list:

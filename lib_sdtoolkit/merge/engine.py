@@ -3,12 +3,13 @@
 Streaming: the inputs are opened lazily (:func:`lib_sdtoolkit.files.open_model`), the output layout is planned from
 their headers (A's keys in file order, then keys only the baked VAE has), and each output tensor is computed and
 written at its offset by :class:`~lib_sdtoolkit.files.StreamingSafetensorsWriter` (tmp file + fsync + rename; on
-any error the tmp file is removed). Inputs are read through the ``files`` readers: safetensors with
-``read_elements`` (``os.preadv`` into fresh buffers instead of mmap, so file pages never count toward the process's
-memory); elementwise methods work through large tensors in chunks of :data:`CHUNK_ELEMENTS`, so peak memory is a
-few tensors (the largest output tensor + a few chunks per worker). Two worker threads overlap reading, computing
-and writing (torch and the I/O calls release the GIL). The method's maths and facts come from its declaration
-in :mod:`lib_sdtoolkit.merge.methods`.
+any error the tmp file is removed). A ``.safetensors`` output is produced by a pipeline (:func:`_stream_merge`):
+one reader thread per input reads the next chunks (:data:`CHUNK_ELEMENTS`) with ``os.preadv`` straight into
+reused buffers (no mmap, so file pages never count toward the process's memory), compute threads convert, merge
+and cast each chunk piece by cache-sized piece into a reused output buffer, and a writer thread writes it at its
+offset and starts its write-back to disk; torch and the I/O calls release the GIL. Peak memory is a fixed number
+of chunk buffers, whatever the model's size (methods that need whole tensors, such as TIES and DARE, hold a few
+tensors). The method's maths and facts come from its declaration in :mod:`lib_sdtoolkit.merge.methods`.
 
 The metadata names the inputs by sha256 (and the legacy hash); they come from the hash cache
 (:mod:`lib_sdtoolkit.files.hash_cache`), so a merge of inputs hashed before reads each input once; the others are
@@ -36,7 +37,9 @@ from __future__ import annotations
 import concurrent.futures as cf
 import json
 import os
+import queue
 import re
+import sys
 import threading
 import time
 from collections import deque
@@ -62,10 +65,16 @@ Progress = Callable[[int, int, str], None]
 HashProgress = Callable[[int, int, str], None]
 StateLike = Union[PathLike, Mapping[str, torch.Tensor], "torch.nn.Module"]
 
-#: elements per chunk for elementwise methods on large tensors
+#: elements per chunk for elementwise methods on large tensors (the unit of reading and writing)
 CHUNK_ELEMENTS = 1 << 22
-#: tensors at most this big are computed in one piece
+#: tensors at most this big are read and written in one piece
 SMALL_ELEMENTS = 1 << 22
+#: elements per compute piece in the streaming pipeline: convert, maths and cast of one piece stay in the CPU's
+#: cache, and torch runs an op this small in the calling thread (below its 32768-element parallel grain), so the
+#: pipeline's own threads, not an OpenMP team that spins on a loaded machine, share the cores
+PIECE_ELEMENTS = (1 << 15) - 64
+#: chunks read ahead of the compute workers (each holds one chunk of every input and of the output)
+READ_AHEAD = 4
 _VAE_KEY_RE = re.compile(r"^(encoder|decoder|quant_conv|post_quant_conv)\.")
 
 
@@ -580,6 +589,290 @@ def build_metadata(recipe: MergeRecipe, sources: Dict[str, _Source], hashes: Dic
 
 
 # ---------------------------------------------------------------------------------------------------------------
+# the streaming pipeline (file -> file, CPU)
+
+@dataclass
+class _Seg:
+    """One unit of work: elements ``[start, start + count)`` of an output tensor (``kind`` "chunk": read the range
+    of every input, convert, maths, cast; "copy": read the range of A / the VAE and cast; "whole": the tensor by
+    :meth:`_Plan.compute`)."""
+
+    index: int
+    item: _Item
+    kind: str
+    start: int = 0
+    count: int = 0
+    srcs: Tuple[Tuple[Any, str, torch.dtype], ...] = ()  # (reader, key, stored dtype) per input
+
+
+class _Slot:
+    """Reused byte buffers: one per input and one for the output, each ``cap`` bytes (allocated once)."""
+
+    def __init__(self, nin: int, cap: int):
+        self.inp = [torch.empty(cap, dtype=torch.uint8) for _ in range(nin)]
+        self.out = torch.empty(cap, dtype=torch.uint8)
+
+
+def _view(buf: torch.Tensor, dtype: torch.dtype, n: int) -> torch.Tensor:
+    return buf[: n * _esize(dtype)].view(dtype)
+
+
+def _esize(dtype: torch.dtype) -> int:
+    from ..files.reader import dtype_size
+
+    return dtype_size(dtype)
+
+
+class _Stop(Exception):
+    pass
+
+
+def _segments(plan: _Plan, ranged: bool) -> List[_Seg]:
+    """The pipeline's work list, in output order."""
+    segs: List[_Seg] = []
+    srcs = [plan.a] + plan.others
+    chunkable_method = plan.method.elementwise
+    for idx, it in enumerate(plan.items):
+        numel = 1
+        for d in it.shape:
+            numel *= d
+        parts: Optional[Tuple[Tuple[Any, str, torch.dtype], ...]] = None
+        kind = "whole"
+        if ranged and numel:
+            if it.action == "merge" and chunkable_method and not it.partial:
+                if all(s.reader is not None and s.reader.ranged_reads for s in srcs):
+                    parts = tuple((s.reader, it.name, s.infos()[it.name].dtype) for s in srcs)
+                    kind = "chunk"
+            elif it.action in ("copy_a", "keep_pos", "vae"):
+                src, key = (plan.vae, plan._vae_key(it.name)) if it.action == "vae" else (plan.a, it.name)
+                if src.reader is not None and src.reader.ranged_reads:
+                    parts = ((src.reader, key, src.infos()[key].dtype),)
+                    kind = "copy"
+        if parts is None:
+            segs.append(_Seg(idx, it, "whole"))
+            continue
+        step = numel if numel <= SMALL_ELEMENTS else CHUNK_ELEMENTS
+        for start in range(0, numel, step):
+            segs.append(_Seg(idx, it, kind, start, min(step, numel - start), parts))
+    return segs
+
+
+def _stream_merge(plan: _Plan, writer: StreamingSafetensorsWriter, device: torch.device, workers: int,
+                  progress: Optional[Progress], cancel: Optional[threading.Event]) -> Dict[str, float]:
+    """Compute every planned tensor into ``writer`` with reading, computing and writing overlapped.
+
+    One reader thread reads the next chunks of the inputs (``os.preadv`` straight into reused buffers,
+    :data:`READ_AHEAD` chunks ahead); ``workers`` compute threads turn a chunk into output bytes piece by piece
+    (:data:`PIECE_ELEMENTS`): stored dtype -> float32 into a reused buffer, the method in place, cast into the
+    chunk's output buffer (one pass over the data, no allocation per tensor); one writer thread writes finished
+    chunks at their offsets (``os.pwrite``) and starts their write-back to disk. torch and the I/O calls release
+    the GIL. The maths per element are the method's own, in the same order, so the output is bit-identical to
+    computing each tensor whole. Tensors that cannot be chunked (methods that are not elementwise, a partial
+    inpainting input, inputs without ranged reads) are computed whole by a worker with :meth:`_Plan.compute`.
+
+    Returns the seconds each stage spent working and waiting (summed over the compute workers), for the bench."""
+    segs = _segments(plan, device.type == "cpu")
+    items = plan.items
+    total = len(items)
+    remaining = [0] * total
+    for sg in segs:
+        remaining[sg.index] += 1
+    nin = 1 + len(plan.others)
+    cap = 1
+    for sg in segs:
+        if sg.kind != "whole":
+            size = max([_esize(d) for _, _, d in sg.srcs] + [_esize(sg.item.dtype)])
+            cap = max(cap, sg.count * size)
+    workers = max(1, workers)
+    free: "queue.Queue[_Slot]" = queue.Queue()
+    nslots = workers + READ_AHEAD if any(sg.kind != "whole" for sg in segs) else 0
+    for _ in range(nslots):
+        free.put(_Slot(nin, cap))
+    ready: "queue.Queue" = queue.Queue()
+    to_write: "queue.Queue" = queue.Queue()
+    finished: "queue.Queue" = queue.Queue()
+    stop = threading.Event()
+    stats = dict.fromkeys(("read_wait", "compute", "compute_wait", "write", "write_wait"), 0.0)
+    stats["segments"] = len(segs)
+    stats["workers"] = workers
+    whole_tokens = threading.Semaphore(workers + 1)
+    errors: List[BaseException] = []
+    err_lock = threading.Lock()
+
+    def fail(e: BaseException) -> None:
+        with err_lock:
+            if not isinstance(e, _Stop):
+                errors.append(e)
+        stop.set()
+        finished.put(None)
+
+    def get(q: "queue.Queue") -> Any:
+        while True:
+            try:
+                return q.get(timeout=0.05)
+            except queue.Empty:
+                if stop.is_set():
+                    raise _Stop() from None
+
+    # one reader per input, so that the inputs' reads are in flight at the same time (two files read side by
+    # side take about half the time of one after the other on the disks measured); a slot is ready when every
+    # input's part is in it
+    parts_left: Dict[int, int] = {}
+    parts_lock = threading.Lock()
+    lanes: List["queue.Queue"] = [queue.Queue() for _ in range(nin)]
+
+    def lane(i: int) -> None:
+        try:
+            while True:
+                job = get(lanes[i])
+                if job is None:
+                    return
+                sg, slot = job
+                t0 = time.perf_counter()
+                r, key, dt = sg.srcs[i]
+                r.read_into(key, _view(slot.inp[i], dt, sg.count), sg.start)
+                with parts_lock:
+                    stats[f"read_{i}"] = stats.get(f"read_{i}", 0.0) + time.perf_counter() - t0
+                    parts_left[id(slot)] -= 1
+                    last = not parts_left[id(slot)]
+                if last:
+                    ready.put((sg, slot))
+        except BaseException as e:  # noqa: BLE001 - handed to the calling thread
+            fail(e)
+
+    lane_threads = [threading.Thread(target=lane, args=(i,), name=f"sdtoolkit-merge-read-{i}", daemon=True)
+                    for i in range(nin)]
+
+    def reader() -> None:
+        try:
+            for sg in segs:
+                if stop.is_set():
+                    return
+                if sg.kind == "whole":
+                    while not whole_tokens.acquire(timeout=0.05):  # bounds the whole tensors in flight
+                        if stop.is_set():
+                            return
+                    ready.put((sg, None))
+                    continue
+                t0 = time.perf_counter()
+                slot = get(free)
+                stats["read_wait"] += time.perf_counter() - t0
+                with parts_lock:
+                    parts_left[id(slot)] = len(sg.srcs)
+                for i in range(len(sg.srcs)):
+                    lanes[i].put((sg, slot))
+            for q in lanes:
+                q.put(None)
+            for t in lane_threads:  # every slot read before the compute workers are told to stop
+                t.join()
+            for _ in range(workers):
+                ready.put(None)
+        except BaseException as e:  # noqa: BLE001 - handed to the calling thread
+            fail(e)
+
+    method = plan.method
+
+    def compute() -> None:
+        try:
+            scratch = [torch.empty(min(PIECE_ELEMENTS, CHUNK_ELEMENTS, cap), dtype=torch.float32)
+                       for _ in range(nin)]
+            busy = wait = 0.0
+            while True:
+                t0 = time.perf_counter()
+                job = get(ready)
+                t1 = time.perf_counter()
+                wait += t1 - t0
+                if job is None:
+                    with err_lock:
+                        stats["compute"] += busy
+                        stats["compute_wait"] += wait
+                    return
+                sg, slot = job
+                it = sg.item
+                if sg.kind == "whole":
+                    to_write.put((sg, None, plan.compute(it, device)))
+                    busy += time.perf_counter() - t1
+                    continue
+                n = sg.count
+                out = _view(slot.out, it.dtype, n)
+                if sg.kind == "copy":
+                    src = _view(slot.inp[0], sg.srcs[0][2], n)
+                    if src.dtype == it.dtype:
+                        out = src
+                    else:
+                        out.copy_(src)
+                else:
+                    alpha, beta = plan.alpha[it.block], plan.beta[it.block]
+                    step = scratch[0].numel()
+                    pieces = [_view(slot.inp[i], dt, n).split(step) for i, (_, _, dt) in enumerate(sg.srcs)]
+                    for j, o in enumerate(out.split(step)):
+                        m = o.numel()
+                        ts = []
+                        for x, f in zip(pieces, scratch):
+                            f = f if m == step else f[:m]
+                            f.copy_(x[j])
+                            ts.append(f)
+                        o.copy_(method.call(ts, alpha, beta, inplace=True))
+                busy += time.perf_counter() - t1
+                to_write.put((sg, slot, out))
+        except BaseException as e:  # noqa: BLE001
+            fail(e)
+
+    def write() -> None:
+        try:
+            left = len(segs)
+            while left:
+                t0 = time.perf_counter()
+                sg, slot, data = get(to_write)
+                t1 = time.perf_counter()
+                stats["write_wait"] += t1 - t0
+                if sg.kind == "whole":
+                    writer.write(sg.item.name, data)
+                    del data
+                    whole_tokens.release()
+                else:
+                    writer.write_part(sg.item.name, sg.start, data)
+                    free.put(slot)
+                stats["write"] += time.perf_counter() - t1
+                left -= 1
+                remaining[sg.index] -= 1
+                if not remaining[sg.index]:
+                    finished.put(sg.index)
+        except BaseException as e:  # noqa: BLE001
+            fail(e)
+
+    threads = lane_threads + [threading.Thread(target=reader, name="sdtoolkit-merge-read", daemon=True),
+               threading.Thread(target=write, name="sdtoolkit-merge-write", daemon=True)]
+    threads += [threading.Thread(target=compute, name=f"sdtoolkit-merge-{i}", daemon=True) for i in range(workers)]
+    done = 0
+    if progress:
+        progress(0, total, "")
+    for t in threads:
+        t.start()
+    try:
+        while done < total:
+            if cancel is not None and cancel.is_set():
+                raise SdToolkitError("merge cancelled")
+            try:
+                idx = finished.get(timeout=0.1)
+            except queue.Empty:
+                continue
+            if idx is None:
+                break
+            done += 1
+            if progress:
+                progress(done, total, items[idx].name)
+    finally:
+        if errors or done < total:
+            stop.set()
+        for t in threads:
+            t.join()
+    if errors:
+        raise errors[0]
+    return stats
+
+
+# ---------------------------------------------------------------------------------------------------------------
 # running
 
 def _run_items(plan: _Plan, items: Sequence[_Item], work: Callable[[_Item], None], workers: int,
@@ -689,11 +982,15 @@ def merge_files(recipe: MergeRecipe, output: PathLike, overwrite: bool = False, 
         nworkers = workers if workers is not None else min(2, os.cpu_count() or 1)
         if suffix == ".safetensors":
             specs = [(i.name, i.dtype, i.shape) for i in plan.items]
-            with StreamingSafetensorsWriter(out, specs, meta or None, overwrite=overwrite) as w:
-                def work(it: _Item) -> None:
-                    w.write(it.name, plan.compute(it, dev))
-                _run_items(plan, plan.items, work, nworkers, progress, cancel)
+            t_open = time.perf_counter()
+            with StreamingSafetensorsWriter(out, specs, meta or None, overwrite=overwrite, early_writeback=True) as w:
+                stats = _stream_merge(plan, w, dev, nworkers, progress, cancel)
                 size = w.total_size
+                t_pipe = time.perf_counter()
+            if os.environ.get("SDTOOLKIT_MERGE_STATS"):  # the bench's split of the time (stderr, one JSON line)
+                stats.update(setup=t_open - t0, pipeline=t_pipe - t_open, fsync_rename=time.perf_counter() - t_pipe)
+                print("sdtoolkit-merge-stats " + json.dumps({k: round(v, 3) for k, v in stats.items()}),
+                      file=sys.stderr, flush=True)
         else:
             sd: Dict[str, torch.Tensor] = {}
             lock = threading.Lock()

@@ -1,0 +1,151 @@
+"""The streaming merge's pipeline (reader threads, compute workers, writer thread) and the writer's parts.
+
+References are independent: safetensors' own ``load_file``/``save_file`` for the bytes, plain torch for the maths
+(each tensor computed whole in float32 and cast with torch's own ``.to``)."""
+from __future__ import annotations
+
+import random
+import threading
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from lib_sdtoolkit.errors import InvalidInputError, ModelFileError, SdToolkitError
+from lib_sdtoolkit.files import StreamingSafetensorsWriter
+from lib_sdtoolkit.files.reader import SafetensorsReader
+from lib_sdtoolkit.merge import MergeRecipe, merge_files
+from lib_sdtoolkit.merge import engine as merge_engine
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.float8_e4m3fn, torch.int64]
+
+
+def _tensors():
+    g = torch.Generator().manual_seed(7)
+    out = {}
+    for i, dt in enumerate(DTYPES):
+        shape = (37, 11 + i)
+        t = torch.randn(shape, generator=g) * 3
+        out[f"t{i}"] = t.to(dt) if dt.is_floating_point else (t * 100).to(dt)
+    out["empty"] = torch.zeros((0, 4), dtype=torch.float16)
+    return out
+
+
+def test_write_part_any_order_from_threads(tmp_path):
+    """Parts of each tensor, shuffled and written from two threads, give the same file contents as writing each
+    tensor whole (read back by the safetensors library)."""
+    sd = _tensors()
+    out = tmp_path / "parts.safetensors"
+    jobs = []
+    for k, t in sd.items():
+        flat = t.reshape(-1)
+        for s in range(0, max(flat.numel(), 1), 50):
+            jobs.append((k, s, flat[s:s + 50].clone()))
+    random.Random(3).shuffle(jobs)
+    with StreamingSafetensorsWriter(out, [(k, t.dtype, t.shape) for k, t in sd.items()]) as w:
+        threads = [threading.Thread(target=lambda js: [w.write_part(*j) for j in js], args=(jobs[i::2],))
+                   for i in range(2)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert not w.missing
+    got = load_file(str(out))
+    assert list(got) == list(sd)
+    for k, t in sd.items():
+        assert got[k].dtype == t.dtype and torch.equal(got[k].view(torch.uint8), t.view(torch.uint8)), k
+
+
+def test_write_part_refuses_overlap_excess_and_missing(tmp_path):
+    t = torch.arange(100, dtype=torch.float16)
+    out = tmp_path / "bad.safetensors"
+    with pytest.raises(InvalidInputError, match="written twice"):
+        with StreamingSafetensorsWriter(out, [("x", torch.float16, (100,))]) as w:
+            w.write_part("x", 0, t[:60])
+            w.write_part("x", 50, t[50:])  # 110 elements of a 100-element tensor
+    with pytest.raises(InvalidInputError, match="does not fit"):
+        with StreamingSafetensorsWriter(out, [("x", torch.float16, (100,))]) as w:
+            w.write_part("x", 90, t[:20])
+    with pytest.raises(InvalidInputError, match="does not fit"):
+        with StreamingSafetensorsWriter(out, [("x", torch.float16, (100,))]) as w:
+            w.write_part("x", 0, t.float())
+    with pytest.raises(InvalidInputError, match="never written"):
+        with StreamingSafetensorsWriter(out, [("x", torch.float16, (100,))]) as w:
+            w.write_part("x", 0, t[:99])
+    assert not out.exists() and not list(tmp_path.glob("*.tmp"))
+
+
+def _ref(a: dict, b: dict, fn, out_dtype) -> dict:
+    res = {}
+    for k, x in a.items():
+        if not x.is_floating_point() or k.endswith("position_ids"):
+            res[k] = x
+        else:
+            res[k] = fn(x.float(), b[k].float()).to(out_dtype)
+    return res
+
+
+@pytest.mark.parametrize("out_dtype", ["fp16", "bf16", "fp32", "fp8_e4m3fn"])
+def test_pieces_and_chunks_are_bit_identical_to_whole_tensors(fixture_files, tmp_path, monkeypatch, out_dtype):
+    """Chunks (read/write unit) and pieces (compute unit) made tiny and odd-sized, so that every tensor is split
+    at places that are not multiples of a vector width: the output equals torch's whole-tensor computation."""
+    monkeypatch.setattr(merge_engine, "SMALL_ELEMENTS", 3000)
+    monkeypatch.setattr(merge_engine, "CHUNK_ELEMENTS", 4099)
+    monkeypatch.setattr(merge_engine, "PIECE_ELEMENTS", 997)
+    monkeypatch.setattr(merge_engine, "READ_AHEAD", 1)
+    a, b = fixture_files["sd1_fp16"], fixture_files["sd1_bf16"]
+    out = tmp_path / "o.safetensors"
+    merge_files(MergeRecipe(str(a), str(b), alpha=0.3, dtype=out_dtype, save_metadata=False), out, workers=2)
+    dt = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32,
+          "fp8_e4m3fn": torch.float8_e4m3fn}[out_dtype]
+    ref = _ref(load_file(str(a)), load_file(str(b)), lambda x, y: x.mul_(1.0 - 0.3).add_(y.mul_(0.3)), dt)
+    got = load_file(str(out))
+    assert list(got) == list(ref)
+    big = 0
+    for k, r in ref.items():
+        assert got[k].dtype == r.dtype and torch.equal(got[k].view(torch.uint8), r.view(torch.uint8)), k
+        big += r.numel() > 4099
+    assert big  # some tensors really were split into several chunks
+
+
+def _threads() -> set:
+    return {t.name for t in threading.enumerate() if t.name.startswith("sdtoolkit-merge")}
+
+
+def test_a_read_error_in_the_pipeline_stops_it_and_leaves_nothing(fixture_files, tmp_path, monkeypatch):
+    """A reader thread's error reaches the caller as itself; no output, no temporary file, no thread left."""
+    calls = {"n": 0}
+    real = SafetensorsReader.read_into
+
+    def flaky(self, key, out, start=0):
+        calls["n"] += 1
+        if calls["n"] == 40:
+            raise ModelFileError("unexpected end of file while reading the tensor (truncated?)", self.path, key)
+        return real(self, key, out, start)
+
+    monkeypatch.setattr(SafetensorsReader, "read_into", flaky)
+    a, b = fixture_files["sd1_fp16"], fixture_files["sd1_bf16"]
+    out = tmp_path / "o.safetensors"
+    with pytest.raises(ModelFileError, match="unexpected end of file"):
+        merge_files(MergeRecipe(str(a), str(b), save_metadata=False), out)
+    assert not out.exists() and not list(tmp_path.iterdir())
+    assert not _threads()
+
+
+def test_cancel_stops_the_pipeline_and_leaves_nothing(fixture_files, tmp_path):
+    cancel = threading.Event()
+    seen = []
+
+    def progress(done, total, key):
+        seen.append(done)
+        if done >= 5:
+            cancel.set()
+
+    a, b = fixture_files["sd1_fp16"], fixture_files["sd1_bf16"]
+    out = tmp_path / "o.safetensors"
+    with pytest.raises(SdToolkitError, match="cancelled"):
+        merge_files(MergeRecipe(str(a), str(b), save_metadata=False), out, progress=progress, cancel=cancel)
+    assert max(seen) >= 5 and not out.exists() and not list(tmp_path.iterdir())
+    assert not _threads()
