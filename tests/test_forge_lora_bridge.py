@@ -247,8 +247,8 @@ def test_script_on_both_patchers_merges_the_lora_once_and_restores_exactly(forge
 
 
 def test_script_says_under_the_image_when_a_lora_applies_partly(forge, lora_file):
-    """Found in the real Forge 2.0.1: a <sdtlora> with modules the model lacks applied the rest and said so only in
-    the console (log.info); A1111 says it under the image. Forge now does too, with the same words."""
+    """A <sdtlora> with modules the model lacks applied the rest and, on Forge, said so only in the console
+    (log.info); A1111 says it under the image (checked in the real A1111 1.10.1). Forge now does too, same words."""
     from safetensors.torch import save_file
 
     from modules import shared
