@@ -43,6 +43,8 @@ class _Acc:
     equal: bool = True
 
     def result(self) -> Dict[str, Any]:
+        if self.keys == 0:  # nothing in common was compared: neither "the same" nor a similarity
+            return {"cosine": 0.0, "rel_l2": None, "equal": False, "keys": 0, "elements": 0}
         if self.equal:
             cos, rel = 1.0, 0.0
         else:
@@ -81,12 +83,20 @@ class CompareResult:
                 "skipped": self.skipped}
 
 
+#: the denoiser's prefix in a checkpoint (SD's, and a Flux all-in-one file's) that a bare file (BFL's flux1-dev) lacks
+DENOISER_PREFIX = "model.diffusion_model."
+
+
 def _canonical(key: str, comp: str) -> str:
-    """The name a key is matched on across files: the VAE's own names for VAE keys (checkpoint or VAE file)."""
+    """The name a key is matched on across files: the VAE's own names for VAE keys (checkpoint or VAE file), the
+    denoiser's own names for its keys (a Flux all-in-one file and a bare BFL transformer file hold the same
+    tensors under ``model.diffusion_model.X`` and ``X``)."""
     if comp == "vae":
         from .arch.families import VAE_PREFIX
 
         return "vae:" + (key[len(VAE_PREFIX):] if key.startswith(VAE_PREFIX) else key)
+    if comp in ("unet", "transformer"):
+        return "denoiser:" + (key[len(DENOISER_PREFIX):] if key.startswith(DENOISER_PREFIX) else key)
     return key
 
 
@@ -254,6 +264,8 @@ def format_table(result: Dict[str, Any], names: Sequence[str]) -> str:
             if r is not None:
                 lines.append(_row(g, r))
         lines.append(_row("all", p["overall"]))
+        if not p["overall"]["keys"]:
+            lines.append("no tensor name in common: nothing was compared")
     else:
         w = max(len(n) for n in names)
         lines.append("overall cosine similarity (1 = same direction; 'same' = identical values)")
@@ -268,7 +280,8 @@ def format_table(result: Dict[str, Any], names: Sequence[str]) -> str:
         for p in pairs:
             changed = [g for g in result["groups"] if g in p["groups"] and not p["groups"][g]["equal"]]
             lines.append(f"{names[p['a']]} vs {names[p['b']]}: "
-                         + (f"differ in {len(changed)} of {len(p['groups'])} groups" if changed else "identical"))
+                         + ("no tensor name in common: nothing compared" if not p["overall"]["keys"] else
+                            f"differ in {len(changed)} of {len(p['groups'])} groups" if changed else "identical"))
     for i, n in enumerate(result["missing"]):
         if n:
             lines.append(f"{names[i]} lacks {n} keys the others have (first: {result['missing_first'][i][0]})")

@@ -43,7 +43,7 @@ if IS_FORGE:
     from lib_sdtoolkit.errors import SdToolkitError
     from lib_sdtoolkit.lora.apply import ActiveNetwork, loaded_architecture
     from lib_sdtoolkit.lora.blocks import load_user_presets, resolve_block_weights
-    from lib_sdtoolkit.lora.network import NetworkCache
+    from lib_sdtoolkit.lora.network import UNKNOWN_TARGET, NetworkCache, partly_text
     from lib_sdtoolkit.lora.patcher_bridge import (PATCH_TYPE, add_patch_sets, apply_patch, build_patches,
                                                    key_map_of, unavailable_options)
     from lib_sdtoolkit.lora.registry import LoraRegistry
@@ -197,12 +197,13 @@ if IS_FORGE:
                 if missing:
                     _comment(p, UNAVAILABLE_OPTIONS_NOTE.format(opts=", ".join(missing), tag=req.tag))
                 ps = build_patches(a, arch, unet_keys, clip_keys, shapes.get)
-                if ps.unmatched:
-                    log.info("%s: %d module(s) have no parameter in this model: %s", req.tag, len(ps.unmatched),
-                             ", ".join(ps.unmatched[:5]))
                 if not ps.unet and not ps.clip:
                     _comment(p, f"{req.tag}: no layer of this LoRA matches the loaded model; nothing applied")
                     continue
+                skipped = net.not_applied() + [(m, UNKNOWN_TARGET) for m in ps.unmatched]
+                if skipped:  # applies partly: which modules are left out and why, under the image as on A1111
+                    _comment(p, partly_text(net.name, len(net.layers) + len(net.unmatched) + len(net.unknown_type),
+                                            skipped))
                 p.sdtoolkit_forge_patches.append(ps)
                 applied.append(f"{net.name}: {a.te:g}/{a.unet:g}")
             if applied:

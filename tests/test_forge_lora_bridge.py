@@ -246,6 +246,27 @@ def test_script_on_both_patchers_merges_the_lora_once_and_restores_exactly(forge
         assert torch.equal(live[key], w0), key
 
 
+def test_script_says_under_the_image_when_a_lora_applies_partly(forge, lora_file):
+    """A <sdtlora> with modules the model lacks applied the rest and, on Forge, said so only in the console
+    (log.info); A1111 says it under the image (checked in the real A1111 1.10.1). Forge now does too, same words."""
+    from safetensors.torch import save_file
+
+    from modules import shared
+
+    sd = dict(lora_file[1])
+    sd["lora_unet_no_such_layer.lora_down.weight"] = torch.zeros(1, 8)
+    sd["lora_unet_no_such_layer.lora_up.weight"] = torch.zeros(8, 1)
+    sd["lora_unet_no_such_layer.alpha"] = torch.tensor(1.0)
+    save_file(sd, str(Path(shared.cmd_opts.lora_dir) / "partly.safetensors"))
+    p = _generate(forge, [["partly", "1", "1"]])
+    assert p.extra_generation_params["SD Toolkit Lora"] == "partly: 1/1"
+    assert len(p.comments) == 1, p.comments
+    assert p.comments[0].startswith("partly applies partly: 1 of ")
+    assert "1 unknown target name (e.g. lora_unet_no_such_layer)" in p.comments[0]
+    p = _generate(forge, [["net", "1", "1"]])                 # a LoRA that applies fully: no comment
+    assert p.comments == []
+
+
 def test_script_beside_forges_own_lora_gives_the_sum(forge, lora_file):
     """<lora:net:0.3> (Forge's loader: its patch set on forge_objects_after_applying_lora, here as ``diff`` patches of
     the file's ΔW) with <sdtlora:net:0.4>: every layer gets W + 0.3 ΔW + 0.4 ΔW; then Forge's alone: W + 0.3 ΔW."""

@@ -220,6 +220,8 @@ class PickerSet:
     writers: List[Any] = field(default_factory=list)
     #: inputs whose default is a sample library file (image, latent): filled when empty and the file exists
     samples: List[Tuple[Any, str]] = field(default_factory=list)
+    #: views of what writes change (the History table): (fn, inputs, outputs), run after writes and on page load
+    views: List[Tuple[Callable[..., Any], List[Any], List[Any]]] = field(default_factory=list)
 
     def components(self) -> List[Any]:
         return [p.component for p in self.pickers] + [c for c, _ in self.samples]
@@ -257,18 +259,20 @@ class PickerSet:
 
     def wire(self, host: Host, blocks: Any = None) -> None:
         comps = self.components()
-        if not comps:
-            return
 
         def refresh_all(*current: Any) -> List[Any]:
             return self.refresh(host, *current)
 
-        for event in self.writers:
-            then = getattr(event, "then", None)
-            if then is not None:
-                then(refresh_all, inputs=comps, outputs=comps)
-        if blocks is not None and hasattr(blocks, "load"):
-            blocks.load(refresh_all, inputs=comps, outputs=comps)
+        # the WebUI builds its UI once at start-up: what a tab shows at build time is stale on every later page
+        # load unless the load event recomputes it (the History table was, in the real A1111 1.10.1)
+        wired = ([(refresh_all, comps, comps)] if comps else []) + [(fn, list(i), list(o)) for fn, i, o in self.views]
+        for fn, inputs, outputs in wired:
+            for event in self.writers:
+                then = getattr(event, "then", None)
+                if then is not None:
+                    then(fn, inputs=inputs, outputs=outputs)
+            if blocks is not None and hasattr(blocks, "load"):
+                blocks.load(fn, inputs=inputs, outputs=outputs)
 
 
 def _update(**kw: Any) -> Any:
@@ -297,6 +301,14 @@ def writes(event: Any) -> Any:
     if _BUILDING:
         _BUILDING[-1].writers.append(event)
     return event
+
+
+def register_view(fn: Callable[..., Any], inputs: Sequence[Any], outputs: Sequence[Any]) -> None:
+    """Declare a view of what writing events change (the History table and its entry list): ``fn(*inputs)`` returns
+    the ``outputs``' new values; it runs after every write and when the page loads (the WebUI built the UI once at
+    its start-up, so a value computed at build time is stale on a later page)."""
+    if _BUILDING:
+        _BUILDING[-1].views.append((fn, list(inputs), list(outputs)))
 
 
 def register_sample(component: Any, name: str) -> Any:

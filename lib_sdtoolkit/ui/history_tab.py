@@ -12,7 +12,7 @@ import gradio as gr
 from ..errors import InvalidInputError, SdToolkitError
 from ..host import MODEL_KINDS, Host
 from .common import (empty_table, error_html, gradio_progress, keep_value, model_choices, parse_choice,
-                     register_picker, writes)
+                     register_picker, register_view, writes)
 
 log = logging.getLogger(__name__)
 
@@ -117,6 +117,12 @@ def build(host: Host) -> None:
         r, n, _ = run_list(host, j)
         return msg, r, n
 
+    def refresh_view(j, current_entry):
+        r, n, i = run_list(host, j)
+        return r, n, gr.update(choices=i, value=keep_value(i, current_entry))
+
+    # the list is recorded by jobs of every tab and face: re-read after each write and when the page loads
+    register_view(refresh_view, [job, entry], [table, status, entry])
     refresh.click(do_refresh, inputs=[job, entry, model], outputs=[table, status, entry, model])
     job.change(do_refresh, inputs=[job, entry, model], outputs=[table, status, entry, model])
     writes(rerun.click(do_rerun, inputs=[entry, job], outputs=[rerun_status, table, status]))
