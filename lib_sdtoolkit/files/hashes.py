@@ -29,8 +29,9 @@ almost the same bytes. It cannot be derived from the first: SHA-256 carries a ch
 block, and the two messages start differently (AutoV3 skips the 8-byte length and the JSON header), so no block
 of the two is hashed from the same state; it costs its own pass over the buffers (without a copy). All five take
 about 2.3 s of CPU per GiB (two sha256, BLAKE3 0.4, CRC32 0.1, the read 0.25) against sha256 alone's 1.0: on two
-free cores about 1.15 s of wall per GiB against 0.75, and on a loaded machine the CPU ratio (about 2.3x). Only a
-cache hit (``hash_cache``) or fewer lanes avoid it.
+free cores that projects to about 1.15 s of wall per GiB against 0.75 (1.5x), and on a loaded machine whose
+processes share the CPU by group the wall ratio is the CPU ratio (2.3x measured). Only a cache hit
+(``hash_cache``) or fewer lanes avoid it: without AutoV3 the other four cost 1.55 s of CPU per GiB.
 
 A file that changes while it is hashed (size, mtime or inode differ between the start and the end, or fewer bytes
 could be read than the size said) gives a result with ``changed=True``; callers must not cache it.
@@ -289,8 +290,8 @@ _WHOLE_FILE = ("sha256", "autov3", "blake3", "crc32")
 def lane_plan(algos: Sequence[str]) -> List[Tuple[str, ...]]:
     """The worker threads for ``algos`` (names in :data:`ALGORITHMS`): every whole-file algorithm on its own
     thread (sha256 and AutoV3 cost 0.75 s of CPU per GiB here, BLAKE3 0.4, CRC32 0.1 with ISA-L or 0.35 with zlib:
-    none may wait behind another where a core is free); AutoV1 (64 KiB) rides with CRC32, the cheapest, else with
-    the last lane, else alone."""
+    none may wait behind another where a core is free); AutoV1 (64 KiB) rides with CRC32, the cheapest, else has
+    a lane of its own."""
     whole = [a for a in _WHOLE_FILE if a in algos]
     lanes: List[Tuple[str, ...]] = [(a,) for a in whole]
     if "autov1" in algos:
