@@ -31,7 +31,7 @@ of the two is hashed from the same state; it costs its own pass over the buffers
 about 2.3 s of CPU per GiB (two sha256, BLAKE3 0.4, CRC32 0.1, the read 0.25) against sha256 alone's 1.0: on two
 free cores that projects to about 1.15 s of wall per GiB against 0.75 (1.5x), and on a loaded machine whose
 processes share the CPU by group the wall ratio is the CPU ratio (2.3x measured). Only a cache hit
-(``hash_cache``) or fewer lanes avoid it: without AutoV3 the other four cost 1.55 s of CPU per GiB.
+(``hash_cache``) or fewer lanes avoid it: without AutoV3 the other four cost 1.6 s of CPU per GiB.
 
 A file that changes while it is hashed (size, mtime or inode differ between the start and the end, or fewer bytes
 could be read than the size said) gives a result with ``changed=True``; callers must not cache it.
