@@ -74,11 +74,17 @@ def inproc_child(path: str, rounds: int, cold: bool) -> dict:
 
     digests = {}
 
+    import resource
+
+    def cpu():
+        r = resource.getrusage(resource.RUSAGE_SELF)
+        return r.ru_utime + r.ru_stime
+
     def side(name, fn):
         def run():
-            t = time.perf_counter()
+            t, c = time.perf_counter(), cpu()
             digests[name] = fn()
-            return {"seconds": time.perf_counter() - t}
+            return {"seconds": time.perf_counter() - t, "cpu_s": cpu() - c}
         before = (lambda: C.evict([path])) if cold else (lambda: C.warm([path]))
         return C.Side(name, run, before, files=[path])
 
@@ -86,7 +92,10 @@ def inproc_child(path: str, rounds: int, cold: bool) -> dict:
              side("ours sha256", lambda: hash_file(path, ["sha256"]).sha256),
              side("ours all five", lambda: hash_file(path).sha256)]
     r = C.alternate(sides, rounds, log=lambda s: print(s, file=sys.stderr, flush=True))
-    return {"rounds": r.to_json(), "digests": digests}
+    from lib_sdtoolkit.files.hashes import crc32_backend, lane_plan, normalize_algos
+
+    return {"rounds": r.to_json(), "digests": digests, "crc32": crc32_backend()[0],
+            "lanes": [list(x) for x in lane_plan(normalize_algos(None))]}
 
 
 def main(argv=None) -> int:
@@ -161,6 +170,9 @@ def main(argv=None) -> int:
             if line.startswith("  round"):
                 log(line)
         C.print_summary(ri, "seconds", title=f"hash {cache}, in-process", ref="hashlib.sha256 (OpenSSL)", log=log)
+        C.print_summary(ri, "cpu_s", title=f"hash {cache}, in-process CPU time (all threads; the load-independent "
+                        "cost)", ref="ours sha256", log=log)
+        log(f"  CRC32 from {j.get('crc32', '?')}; lanes (one thread each): {j.get('lanes', '?')}")
         bad = [n for n, v in j["digests"].items() if v != ref]
         icheck = f"sha256 equal on all {len(j['digests'])} sides" if not bad else f"DIGEST DIFFERS: {', '.join(bad)}"
         log(f"  check: {icheck}")
@@ -171,6 +183,9 @@ def main(argv=None) -> int:
         rows.append(C.row_for(ri, f"hash {mb} MiB", "all five vs sha256 alone (ours), in-process", "ours all five",
                               "ours sha256", "seconds", icheck, cache, icmd,
                               target=C.target_text(C.med_min_max(rs)[0], 1.3)))
+        rows.append(C.row_for(ri, f"hash {mb} MiB", f"all five vs sha256 alone (ours), in-process CPU seconds "
+                              f"(CRC32: {j.get('crc32', '?')})", "ours all five", "ours sha256", "cpu_s", icheck,
+                              cache, icmd))
         C.emit_rows(rows, args.rows)  # after each cache state: a run stopped later keeps what it measured
     C.emit_rows(rows, args.rows)
     return 0

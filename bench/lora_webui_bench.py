@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import gc
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -125,7 +126,38 @@ def build_model(width: str):
     return LatentDiffusion(unet, te).eval()
 
 
+TMP_PREFIX = "lora_webui_bench_"
+
+
+def _sweep_stale_tmp() -> None:
+    """Remove the temporary folders of earlier runs that died before their own clean-up (killed, out of memory):
+    only ours (the prefix and a process id that no longer runs)."""
+    base = Path(tempfile.gettempdir())
+    for d in base.glob(TMP_PREFIX + "*"):
+        pid = d.name[len(TMP_PREFIX):].split("_", 1)[0]
+        if not pid.isdigit() or not d.is_dir():
+            continue
+        try:
+            os.kill(int(pid), 0)
+            continue  # still running (another run of this bench)
+        except ProcessLookupError:
+            pass
+        except PermissionError:
+            continue
+        shutil.rmtree(d, ignore_errors=True)
+
+
 def run(width: str, builtin: bool, rank: int, latent: int, baseline: bool = False) -> float:
+    """One configuration in a temporary WebUI data folder, removed afterwards (it holds two LoRA files)."""
+    _sweep_stale_tmp()
+    tmp = Path(tempfile.mkdtemp(prefix=f"{TMP_PREFIX}{os.getpid()}_"))
+    try:
+        return _run(tmp, width, builtin, rank, latent, baseline)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _run(tmp: Path, width: str, builtin: bool, rank: int, latent: int, baseline: bool = False) -> float:
     from webui_harness import WebUIDouble
     from modules import extra_networks, processing, script_callbacks, scripts, shared, ui_extra_networks
 
@@ -134,7 +166,6 @@ def run(width: str, builtin: bool, rank: int, latent: int, baseline: bool = Fals
     from lib_sdtoolkit.lora.network import load_network
     from lib_sdtoolkit.lora.synth import attention_and_conv, make_lora_state_dict
 
-    tmp = Path(tempfile.mkdtemp(prefix="lora_webui_bench_"))
     model = build_model(width)
     bind = ModelBinding.from_checkpoint_module(model, "SD1")
     w = WebUIDouble(str(ROOT), str(tmp / "data"))

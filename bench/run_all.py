@@ -1,15 +1,19 @@
 """Run every bench at one size and write one markdown table (with the command behind each figure).
 
-    python bench/run_all.py [--size tiny|mid|full] [--only merge,hash,inspect,lora,lora_webui,tiled_vae,controlnet]
-                            [--rounds 3] [--out FILE]
+    python bench/run_all.py [--size tiny|mid|full] [--rounds 3] [--out FILE]
+                            [--only merge,flux_merge,hash,inspect,lora,lora_webui,tiled_vae,controlnet,svd,whole]
 
-Each bench runs as its own process (``python bench/<name>_bench.py --size S --rounds R``), its full log streamed
-here (and kept in ``FILE.log``); it hands back its table rows. The table gives, per figure: ours and the baseline
-as median [min-max] over the alternated rounds, the ratio as the median [min-max] of the per-round ratios (each
-round's two runs under the same load), the equality check, the cache state, the load average at each round, the
-target from issue 17 where there is one, and the command. Machine facts (cores, memory, load) are written at the
-start and at the end. ``tiny`` takes a few minutes on a loaded 2-core box and only shows that everything runs:
-its ratios are start-up dominated; ``mid`` and ``full`` are the figures to quote.
+Each bench runs as its own process (``python bench/<name>_bench.py --size S --rounds R``; ``whole`` is
+``bench/whole_commands.py``, the independent whole-command pairs of merge, hash and inspect), its full log streamed
+here (and kept in ``FILE.log``); it hands back its table rows. Two benches take other flags, translated here:
+``flux_merge`` takes ``--max-gb`` (tiny 0.25, mid 1.5, full 3 GB inputs) and ``svd`` (``lora_svd_bench.py``, full
+against randomised SVD per SD1.5 layer shape) takes ``--min-rows`` (tiny: only the largest shapes) and prints its
+totals, read back into one row. The table gives, per figure: ours and the baseline as median [min-max] over the
+alternated rounds, the ratio as the median [min-max] of the per-round ratios (each round's two runs under the same
+load), the equality check, the cache state, the load average at each round, the target from issue 17 where there is
+one, and the command. Machine facts (cores, memory, load) are written at the start and at the end. ``tiny`` takes
+a while on a loaded 2-core box and only shows that everything runs: its ratios are start-up dominated; ``mid`` and
+``full`` are the figures to quote.
 """
 from __future__ import annotations
 
@@ -28,22 +32,54 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import _common as C  # noqa: E402
 
-BENCHES = ("merge", "hash", "inspect", "lora", "lora_webui", "tiled_vae", "controlnet")
+BENCHES = ("merge", "flux_merge", "hash", "inspect", "lora", "lora_webui", "tiled_vae", "controlnet", "svd", "whole")
+#: the script of each bench (default: bench/<name>_bench.py)
+SCRIPTS = {"svd": "lora_svd_bench.py", "whole": "whole_commands.py"}
+FLUX_MAX_GB = {"tiny": "0.25", "mid": "1.5", "full": "3"}
+SVD_MIN_ROWS = {"tiny": "2560", "mid": "1280", "full": "0"}
 #: per bench and size, extra flags (kept short: the rest is each bench's own default for that size)
 EXTRA = {("lora", "tiny"): ("--dtype", "fp32"), ("lora", "mid"): ("--dtype", "fp32"),
          ("lora", "full"): ("--dtype", "fp32")}
 
 
+def bench_argv(name: str, size: str, rounds: int, rows_path: str) -> list:
+    """The command line for one bench (most take --size/--rounds/--rows; two need their own flags)."""
+    script = str(Path(__file__).resolve().parent / SCRIPTS.get(name, f"{name}_bench.py"))
+    if name == "flux_merge":
+        return [sys.executable, script, "--max-gb", FLUX_MAX_GB[size], "--rounds", str(rounds), "--rows", rows_path]
+    if name == "svd":  # no rounds: each shape is timed both ways, the order alternating; no --rows (parsed below)
+        return [sys.executable, script, "--rank", "32", "--threads", "2", "--min-rows", SVD_MIN_ROWS[size]]
+    return [sys.executable, script, "--size", size, "--rounds", str(rounds), "--rows", rows_path]
+
+
+def svd_rows(lines: list, shown: str, size: str) -> list:
+    """lora_svd_bench prints its totals on one line; one table row from it."""
+    import re
+
+    for line in reversed(lines):
+        m = re.search(r"full ([\d.]+) s, randomized ([\d.]+) s, speed-up ([\d.]+)x; largest error ratio ([\d.]+)",
+                      line)
+        if m:
+            full, rand, speed, err = m.groups()
+            return [C.Row(f"lora extract SVD {size}", "randomised vs full SVD, every SD1.5 layer shape x its count",
+                          f"randomized: {rand} s", f"full SVD: {full} s", f"{float(rand) / float(full):.2f}x "
+                          f"({speed}x faster)", f"largest error ratio {err} (1 = the full SVD's error)", "in RAM",
+                          shown, loads=C.loadavg())]
+    return []
+
+
 def run_bench(name: str, size: str, rounds: int, log_fh, extra=()) -> tuple:
-    script = Path(__file__).resolve().parent / f"{name}_bench.py"
     with tempfile.NamedTemporaryFile(prefix=f"sdt-rows-{name}-", suffix=".json", delete=False) as tf:
         rows_path = tf.name
-    argv = [sys.executable, str(script), "--size", size, "--rounds", str(rounds), *extra]
-    shown = "python " + " ".join(shlex.quote(a) for a in [f"bench/{script.name}"] + argv[2:])
+    argv = bench_argv(name, size, rounds, rows_path) + list(extra)
+    shown_argv = [a for a in argv[1:] if a != rows_path]
+    if "--rows" in shown_argv:
+        shown_argv.remove("--rows")
+    shown = "python " + " ".join(shlex.quote(a) for a in [f"bench/{Path(argv[1]).name}"] + shown_argv[1:])
     print(f"\n### {shown}", flush=True)
     log_fh.write(f"\n### {shown}\n")
     t0 = time.perf_counter()
-    proc = subprocess.Popen(argv + ["--rows", rows_path], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             text=True, cwd=C.ROOT, env={**os.environ, "PYTHONUNBUFFERED": "1"})
     tail = []
     for line in proc.stdout:
@@ -65,6 +101,8 @@ def run_bench(name: str, size: str, rounds: int, log_fh, extra=()) -> tuple:
             os.unlink(rows_path)
         except OSError:
             pass
+    if name == "svd" and rc == 0:
+        rows = svd_rows(tail, shown, size)
     if rc != 0 or not rows:
         rows.append(C.Row(name, "FAILED" if rc else "no rows", "", "", "n/a",
                           f"exit {rc}: " + " / ".join(tail[-3:]), "", shown))

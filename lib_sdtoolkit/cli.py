@@ -20,7 +20,7 @@ COMMAND_MODULES = (
     "lib_sdtoolkit.tiled_vae_cli",
     "lib_sdtoolkit.controlnet.cli",
     "lib_sdtoolkit.workflow_cli",  # compare, history, history-rerun, recipe
-    "lib_sdtoolkit.server.cli",
+    "lib_sdtoolkit.serve_cli",  # serve (outside server/: importing that package imports FastAPI)
 )
 
 

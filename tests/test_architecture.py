@@ -17,7 +17,7 @@ PKG = ROOT / "lib_sdtoolkit"
 
 FACES = ("lib_sdtoolkit.cli", "lib_sdtoolkit.__main__", "lib_sdtoolkit.maintenance_cli", "lib_sdtoolkit.server",
          "lib_sdtoolkit.ui", "lib_sdtoolkit.merge.cli", "lib_sdtoolkit.lora.cli", "lib_sdtoolkit.tiled_vae_cli",
-         "lib_sdtoolkit.controlnet.cli", "lib_sdtoolkit.workflow_cli")
+         "lib_sdtoolkit.controlnet.cli", "lib_sdtoolkit.workflow_cli", "lib_sdtoolkit.serve_cli")
 JOBS = ("lib_sdtoolkit.jobs",)
 GATE = ("lib_sdtoolkit.host", "lib_sdtoolkit.outputs")
 BASE = ("lib_sdtoolkit.ops", "lib_sdtoolkit.arch", "lib_sdtoolkit.files", "lib_sdtoolkit.errors",

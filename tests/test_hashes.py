@@ -431,14 +431,110 @@ def test_each_whole_file_hash_has_its_own_lane(tmp_path):
 
 
 def test_hash_command_does_not_import_torch(tmp_path):
-    """Issue 18: the whole-command hash time was mostly importing torch (hash_cache -> writer, the job -> dedup)."""
+    """Issue 18: the whole-command hash time was mostly importing torch (hash_cache -> writer, the job -> dedup),
+    then FastAPI (the parser imported ``serve``'s module from inside ``lib_sdtoolkit.server``: 8 s under load)."""
     f = tmp_path / "x.bin"
     f.write_bytes(b"abc" * 1000)
     code = ("import sys, runpy\nsys.argv = ['lib_sdtoolkit', 'hash', '--algo', 'sha256', '--no-cache', '--json', "
             f"{str(f)!r}]\ntry:\n    runpy.run_module('lib_sdtoolkit', run_name='__main__')\nexcept SystemExit as e:\n"
-            "    assert not e.code, e.code\nprint('TORCH' if 'torch' in sys.modules else 'NO-TORCH')")
+            "    assert not e.code, e.code\nprint('SERVER' if {'fastapi', 'lib_sdtoolkit.server'} & set(sys.modules) else "
+            "'NO-SERVER')\nprint('TORCH' if 'torch' in sys.modules else 'NO-TORCH')")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          cwd=str(Path(__file__).resolve().parents[1]))
     assert out.returncode == 0, out.stderr[-2000:]
     assert hashlib.sha256(b"abc" * 1000).hexdigest() in out.stdout
-    assert out.stdout.strip().splitlines()[-1] == "NO-TORCH"
+    assert out.stdout.strip().splitlines()[-2:] == ["NO-SERVER", "NO-TORCH"]
+
+
+@pytest.fixture()
+def no_fast_crc(monkeypatch):
+    """The optional ISA-L package made unimportable (as on a WebUI without it); the backend choice re-made."""
+    from lib_sdtoolkit.files import hashes as H
+
+    monkeypatch.setitem(sys.modules, "isal", None)
+    monkeypatch.setitem(sys.modules, "isal.isal_zlib", None)
+    H.crc32_backend.cache_clear()
+    yield H
+    H.crc32_backend.cache_clear()
+
+
+def _crc_files(tmp_path) -> list:
+    """Sizes around the chunk and the 5 KiB GIL threshold, and a safetensors file (AutoV3 range)."""
+    import random
+
+    rnd = random.Random(17)
+    out = []
+    for n in (0, 1, 5 * 1024 + 1, (1 << 18) - 1, (1 << 18) * 3 + 4097):
+        p = tmp_path / f"r{n}.bin"
+        p.write_bytes(rnd.randbytes(n))
+        out.append(p)
+    return out
+
+
+@pytest.mark.parametrize("fast", [True, False], ids=["isal", "zlib-fallback"])
+def test_crc32_fast_path_and_fallback_match_zlib(tmp_path, fixture_files, request, fast):
+    """Issue 17.3: CRC32 through ISA-L (the optional ``isal`` package, 4-5x zlib's speed here) where it imports,
+    zlib otherwise; both give zlib's values, threaded or not, at chunk boundaries that are not 64-byte aligned."""
+    from lib_sdtoolkit.files import hashes as H
+
+    if fast:
+        pytest.importorskip("isal.isal_zlib", reason="the optional isal package is not installed")
+        H.crc32_backend.cache_clear()
+        assert H.crc32_backend()[0] == "isal"
+    else:
+        request.getfixturevalue("no_fast_crc")
+        assert H.crc32_backend() == ("zlib", zlib.crc32)
+    for p in _crc_files(tmp_path) + [fixture_files["vae"]]:
+        data = p.read_bytes()
+        want = f"{zlib.crc32(data) & 0xFFFFFFFF:08x}"
+        for threads in (False, True):
+            res = H.hash_file(p, ["crc32", "autov1"], threads=threads, chunk_size=(1 << 18) + 4093)
+            assert res.crc32 == want, (p.name, threads)
+    # the lane object itself, chained over uneven pieces
+    data = (tmp_path / f"r{(1 << 18) * 3 + 4097}.bin").read_bytes()
+    sink = H._Crc32()
+    for a, b in ((0, 7), (7, 5000), (5000, 300_001), (300_001, len(data))):
+        sink.update(memoryview(data)[a:b], a)
+    assert sink.result() == f"{zlib.crc32(data) & 0xFFFFFFFF:08x}"
+    H.crc32_backend.cache_clear()
+
+
+def test_all_five_without_the_fast_crc(no_fast_crc, blob, fixture_files):
+    """The whole pass with zlib's CRC32 (the fast package absent): every value still equals the references."""
+    for p in (blob, fixture_files["vae"]):
+        res = no_fast_crc.hash_file(p, threads=True, chunk_size=1 << 20)
+        ref = _independent(p)
+        assert {a: getattr(res, a) for a in ref} == ref
+
+
+def test_blake3_alone_uses_its_own_threads_and_matches(tmp_path):
+    """BLAKE3 splits buffers over threads only when no sha256 lane is slower anyway; either way the reference
+    value."""
+    from lib_sdtoolkit.files import hashes as H
+
+    p = tmp_path / "b.bin"
+    p.write_bytes(os.urandom((1 << 20) * 2 + 333))
+    ref = blake3.blake3(p.read_bytes()).hexdigest()
+    alone = H._make_sinks(("blake3",), b"", 0)[0]
+    assert alone.h.hexdigest() == blake3.blake3().hexdigest()  # a fresh state
+    for algos in (["blake3"], ["blake3", "crc32"], ["sha256", "blake3"], None):
+        assert H.hash_file(p, algos, threads=True, chunk_size=1 << 19).blake3 == ref, algos
+
+
+def test_read_buffers_are_page_aligned():
+    """The reads land in page-aligned buffers: the kernel's copy into a bytearray (data 16 bytes past a page
+    boundary) cost 3x the CPU here."""
+    import ctypes
+    import mmap
+
+    from lib_sdtoolkit.files import hashes as H
+
+    b = H._aligned_buffer(1 << 20)
+    c = (ctypes.c_char * len(b)).from_buffer(b)
+    assert ctypes.addressof(c) % mmap.PAGESIZE == 0
+    del c
+    b.close()
+    assert H.lane_plan(("sha256", "autov1", "autov3", "blake3", "crc32")) == [
+        ("sha256",), ("autov3",), ("blake3",), ("crc32", "autov1")]
+    assert H.lane_plan(("autov1",)) == [("autov1",)] and H.lane_plan(("sha256", "autov1")) == [("sha256",),
+                                                                                               ("autov1",)]

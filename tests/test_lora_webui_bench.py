@@ -22,3 +22,37 @@ def test_bench_builds_sd1_in_the_webui_layout_with_random_weights():
     assert w.dtype == torch.float32 and torch.isfinite(w).all() and w.std() > 0    # initialised, not to_empty junk
     emb = [mod for mod in m.modules() if hasattr(mod, "position_ids")][0]
     assert torch.equal(emb.position_ids[0], torch.arange(emb.position_ids.shape[-1]))
+
+
+def test_bench_removes_its_temporary_folders(tmp_path, monkeypatch):
+    """The bench left a /tmp/lora_webui_bench_* folder (two LoRA files, a WebUI data folder) behind on every run;
+    now each run removes its own, also when it fails, and sweeps those of runs that died (dead process id) but not
+    those of a run still going."""
+    import os
+    import subprocess
+    import tempfile
+
+    from bench import lora_webui_bench as b
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    stale = tmp_path / f"{b.TMP_PREFIX}{dead.pid}_x"
+    live = tmp_path / f"{b.TMP_PREFIX}{os.getpid()}_y"
+    other = tmp_path / "someone_elses"
+    for d in (stale, live, other):
+        (d / "data").mkdir(parents=True)
+    seen = []
+
+    def boom(tmp, *args):
+        seen.append(tmp)
+        (tmp / "data" / "models").mkdir(parents=True)
+        raise RuntimeError("the run failed")
+
+    monkeypatch.setattr(b, "_run", boom)
+    try:
+        b.run("tiny", True, 4, 8)
+    except RuntimeError:
+        pass
+    assert seen and not seen[0].exists() and seen[0].parent == tmp_path
+    assert not stale.exists() and live.exists() and other.exists()

@@ -16,12 +16,22 @@ What each one is (the WebUI's and Civitai's definitions):
   with the pip command, so hashing and dedup keep working.
 * ``crc32``: the standard CRC-32 (IEEE 802.3, the one ``zlib.crc32`` computes) of the whole file, 8 hex digits.
 
-Speed: the file is read once with ``readinto`` into a few reused 8 MiB buffers shared by every algorithm (no
-copies); each whole-file algorithm hashes them on its own thread (``hashlib``, ``blake3`` and ``zlib.crc32`` release
-the GIL on large buffers), so reading overlaps hashing and the algorithms run side by side; a buffer is reused when
-every lane has finished with it. Fewer algorithms = fewer lanes (``algos``; the hash job's ``--algo``). sha256 is the slowest (about 2 GB/s with SHA-NI); AutoV3 is a *second* sha256
-over almost the same bytes (a different prefix means no shared state), so on a safetensors file all five hashes
-cost about one sha256 of wall time only where a second core is free.
+Speed: the file is read once with ``readinto`` into a few reused, page-aligned buffers shared by every algorithm
+(no copies; a bytearray's misaligned data cost the kernel's copy 3x the CPU here); each whole-file algorithm hashes
+them on its own thread (``hashlib``, ``blake3``, ``zlib.crc32`` and ISA-L's crc32 release the GIL on large
+buffers), so reading overlaps hashing and the algorithms run side by side; a buffer is reused when every lane has
+finished with it. Fewer algorithms = fewer lanes (``algos``; the hash job's ``--algo``). CRC32 comes from the
+optional PyPI ``isal`` (ISA-L, 0.1 s of CPU per GiB here) where it imports, else from zlib (0.35 s/GiB); the values
+are the same. BLAKE3 splits its buffers over threads only when no sha256 lane is slower anyway.
+
+The cost of all five: sha256 (SHA-NI) takes 0.75 s of CPU per GiB here, and AutoV3 is a *second* sha256 over
+almost the same bytes. It cannot be derived from the first: SHA-256 carries a chaining state from block to
+block, and the two messages start differently (AutoV3 skips the 8-byte length and the JSON header), so no block
+of the two is hashed from the same state; it costs its own pass over the buffers (without a copy). All five take
+about 2.3 s of CPU per GiB (two sha256, BLAKE3 0.4, CRC32 0.1, the read 0.25) against sha256 alone's 1.0: on two
+free cores that projects to about 1.15 s of wall per GiB against 0.75 (1.5x), and on a loaded machine whose
+processes share the CPU by group the wall ratio is the CPU ratio (2.3x measured). Only a cache hit
+(``hash_cache``) or fewer lanes avoid it: without AutoV3 the other four cost 1.6 s of CPU per GiB.
 
 A file that changes while it is hashed (size, mtime or inode differ between the start and the end, or fewer bytes
 could be read than the size said) gives a result with ``changed=True``; callers must not cache it.
@@ -29,8 +39,9 @@ could be read than the size said) gives a result with ``changed=True``; callers 
 from __future__ import annotations
 
 import abc
-
+import functools
 import hashlib
+import mmap
 import os
 import queue
 import threading
@@ -222,13 +233,14 @@ class _AutoV3(_Range):
 class _Blake3(_Sink):
     name = "blake3"
 
-    def __init__(self) -> None:
+    def __init__(self, max_threads: Optional[int] = 1) -> None:
+        """``max_threads``: threads to split each buffer over (``None``: as many as the package likes)."""
         try:
             import blake3  # PyPI blake3 (Rust bindings); releases the GIL on large updates
         except ImportError:
             raise MissingDependencyError(BLAKE3_MISSING) from None
 
-        self.h = blake3.blake3()
+        self.h = blake3.blake3(max_threads=blake3.blake3.AUTO if max_threads is None else max_threads)
 
     def update(self, mv: memoryview, pos: int) -> None:
         self.h.update(mv)
@@ -240,14 +252,25 @@ class _Blake3(_Sink):
 class _Crc32(_Sink):
     name = "crc32"
 
-    def __init__(self) -> None:
+    def __init__(self, fn: Optional[Callable[[Any, int], int]] = None) -> None:
         self.v = 0
+        self.fn = fn or crc32_backend()[1]
 
     def update(self, mv: memoryview, pos: int) -> None:
-        self.v = zlib.crc32(mv, self.v)
+        self.v = self.fn(mv, self.v)
 
     def result(self) -> Optional[str]:
         return f"{self.v & 0xFFFFFFFF:08x}"
+
+
+@functools.lru_cache(maxsize=None)
+def crc32_backend() -> Tuple[str, Callable[[Any, int], int]]:
+    """(name, function) of the CRC-32 used: ISA-L's (optional PyPI ``isal``) where it imports, else ``zlib.crc32``."""
+    try:
+        from isal.isal_zlib import crc32
+    except ImportError:
+        return "zlib", zlib.crc32
+    return "isal", crc32
 
 
 def safetensors_data_start(head: bytes, size: int) -> Optional[int]:
@@ -260,19 +283,68 @@ def safetensors_data_start(head: bytes, size: int) -> Optional[int]:
     return 8 + n
 
 
-def _lanes(sinks: List[_Sink]) -> List[List[_Sink]]:
-    """Group sinks into worker threads: every whole-file algorithm on its own thread (sha256, AutoV3, BLAKE3 and
-    CRC32 each cost 0.3-0.6 s of CPU per GB here: none may wait behind another where a core is free); AutoV1
-    (64 KiB of the file) rides with CRC32, the cheapest."""
-    lanes: List[List[_Sink]] = []
-    small = [s for s in sinks if type(s) is _AutoV1]
-    for s in sinks:
-        if type(s) is _AutoV1:
-            continue
-        lanes.append([s] + (small if type(s) is _Crc32 else []))
-    if small and not any(type(s) is _Crc32 for s in sinks):
-        lanes.append(small)
+#: the whole-file algorithms, each the work of one lane (AutoV1, 64 KiB of the file, rides with the cheapest)
+_WHOLE_FILE = ("sha256", "autov3", "blake3", "crc32")
+
+
+def lane_plan(algos: Sequence[str]) -> List[Tuple[str, ...]]:
+    """The worker threads for ``algos`` (names in :data:`ALGORITHMS`): every whole-file algorithm on its own
+    thread (sha256 and AutoV3 cost 0.75 s of CPU per GiB here, BLAKE3 0.4, CRC32 0.1 with ISA-L or 0.35 with zlib:
+    none may wait behind another where a core is free); AutoV1 (64 KiB) rides with CRC32, the cheapest, else has
+    a lane of its own."""
+    whole = [a for a in _WHOLE_FILE if a in algos]
+    lanes: List[Tuple[str, ...]] = [(a,) for a in whole]
+    if "autov1" in algos:
+        if "crc32" in whole:
+            i = whole.index("crc32")
+            lanes[i] = lanes[i] + ("autov1",)
+        else:
+            lanes.append(("autov1",))
     return lanes
+
+
+def _lanes(sinks: List[_Sink]) -> List[List[_Sink]]:
+    """The sinks grouped by :func:`lane_plan`."""
+    by_name = {s.name: s for s in sinks}
+    return [[by_name[a] for a in lane] for lane in lane_plan([s.name for s in sinks])]
+
+
+def _make_sinks(wanted: Sequence[str], head: bytes, size: int) -> List[_Sink]:
+    sinks: List[_Sink] = []
+    for a in wanted:
+        if a == "sha256":
+            sinks.append(_Sha256())
+        elif a == "autov1":
+            sinks.append(_AutoV1())
+        elif a == "autov3":
+            sinks.append(_AutoV3(safetensors_data_start(head, size)))
+        elif a == "blake3":
+            # BLAKE3 is the one algorithm that splits a buffer over threads; worth it only when no sha256 lane is
+            # slower anyway (else its extra threads take the cores the sha256 lanes need)
+            sinks.append(_Blake3(max_threads=1 if {"sha256", "autov3"} & set(wanted) else None))
+        elif a == "crc32":
+            sinks.append(_Crc32())
+    return sinks
+
+
+def _aligned_buffer(size: int) -> mmap.mmap:
+    """A page-aligned anonymous buffer to ``readinto``. Not a bytearray: its data starts 16 bytes past a page
+    boundary, and the kernel's copy from the page cache into a destination so misaligned costs about 3x the CPU
+    (0.47 against 0.16 s per GiB measured here, AMD EPYC) -- more than CRC32 and BLAKE3 together."""
+    return mmap.mmap(-1, max(size, 1))
+
+
+def _release(views: Sequence[memoryview], bufs: Sequence[mmap.mmap]) -> None:
+    for v in views:
+        try:
+            v.release()
+        except BufferError:
+            pass
+    for b in bufs:
+        try:
+            b.close()
+        except BufferError:  # a view still held somewhere (an exception's traceback): the GC unmaps it later
+            pass
 
 
 # ------------------------------------------------------------------------------------------------ the pass
@@ -298,33 +370,33 @@ def hash_file(path: PathLike, algos: Optional[Iterable[str]] = None, chunk_size:
     with fh:
         st0 = os.fstat(fh.fileno())
         size = st0.st_size
-        nbuf_first = bytearray(min(chunk_size, max(size, 1)))
-        try:
-            n_first = fh.readinto(nbuf_first)
-        except OSError as e:
-            raise ModelFileError(f"cannot read: {e.strerror or e}", p) from None
-        first = memoryview(nbuf_first)[:n_first]
-        sinks: List[_Sink] = []
-        for a in wanted:
-            if a == "sha256":
-                sinks.append(_Sha256())
-            elif a == "autov1":
-                sinks.append(_AutoV1())
-            elif a == "autov3":
-                sinks.append(_AutoV3(safetensors_data_start(bytes(first[:9]), size)))
-            elif a == "blake3":
-                sinks.append(_Blake3())
-            elif a == "crc32":
-                sinks.append(_Crc32())
+        if hasattr(os, "posix_fadvise"):
+            try:  # a larger read-ahead window on a cold cache
+                os.posix_fadvise(fh.fileno(), 0, 0, os.POSIX_FADV_SEQUENTIAL)
+            except OSError:
+                pass
         use_threads = threads if threads is not None else size >= _THREAD_MIN_BYTES
-        lanes = _lanes(sinks)
+        threaded = bool(use_threads) and size > chunk_size
+        nlanes = len(lane_plan(wanted))
+        # buffers: one per lane in flight, one being read, one spare; one buffer without threads
+        bufs = [_aligned_buffer(min(chunk_size, size) if not threaded else chunk_size)
+                for _ in range(nlanes + 2 if threaded else 1)]
+        views = [memoryview(b) for b in bufs]
         try:
-            if use_threads and n_first and size > n_first:
-                done = _threaded(fh, first, n_first, lanes, chunk_size, size, progress)
-            else:
-                done = _inline(fh, first, n_first, sinks, chunk_size, size, progress)
-        except OSError as e:
-            raise ModelFileError(f"cannot read: {e.strerror or e}", p) from None
+            try:
+                n_first = fh.readinto(views[0])
+            except OSError as e:
+                raise ModelFileError(f"cannot read: {e.strerror or e}", p) from None
+            sinks = _make_sinks(wanted, bytes(views[0][:min(n_first, 9)]), size)
+            try:
+                if threaded and n_first:
+                    done = _threaded(fh, views, n_first, _lanes(sinks), size, progress)
+                else:
+                    done = _inline(fh, views[0], n_first, sinks, size, progress)
+            except OSError as e:
+                raise ModelFileError(f"cannot read: {e.strerror or e}", p) from None
+        finally:
+            _release(views, bufs)
         st_fd = os.fstat(fh.fileno())
     try:
         st1 = os.stat(p)
@@ -339,32 +411,29 @@ def hash_file(path: PathLike, algos: Optional[Iterable[str]] = None, chunk_size:
     return res
 
 
-def _inline(fh, first: memoryview, n_first: int, sinks: Sequence[_Sink], chunk_size: int, size: int,
+def _inline(fh, view: memoryview, n_first: int, sinks: Sequence[_Sink], size: int,
             progress: Optional[ProgressFn]) -> int:
     pos = 0
-    buf = bytearray(chunk_size)
-    mv_all = memoryview(buf)
-    mv = first
     n = n_first
     while n:
+        mv = view[:n]
         for s in sinks:
             s.update(mv, pos)
+        mv.release()
         pos += n
         if progress is not None:
             progress(pos, size)
-        n = fh.readinto(buf)
-        mv = mv_all[:n]
+        n = fh.readinto(view)
     return pos
 
 
-def _threaded(fh, first: memoryview, n_first: int, lanes: List[List[_Sink]], chunk_size: int, size: int,
+def _threaded(fh, views: List[memoryview], n_first: int, lanes: List[List[_Sink]], size: int,
               progress: Optional[ProgressFn]) -> int:
-    """Reader (this thread) fills reused buffers; one worker per lane hashes them in order."""
-    nbuf = len(lanes) + 2
-    bufs = [bytearray(chunk_size) for _ in range(nbuf)]
-    views = [memoryview(b) for b in bufs]
+    """Reader (this thread) fills the reused buffers ``views`` (the first already holds ``n_first`` bytes); one
+    worker per lane hashes them in file order; a buffer goes back to the reader when every lane is done with it."""
+    nbuf = len(views)
     free: "queue.Queue[int]" = queue.Queue()
-    for i in range(nbuf):
+    for i in range(1, nbuf):
         free.put(i)
     pending = [0] * nbuf
     lock = threading.Lock()
@@ -379,9 +448,9 @@ def _threaded(fh, first: memoryview, n_first: int, lanes: List[List[_Sink]], chu
             idx, n, pos = item
             try:
                 if not errors:
-                    mv = views[idx][:n]
-                    for s in lane:
-                        s.update(mv, pos)
+                    with views[idx][:n] as mv:
+                        for s in lane:
+                            s.update(mv, pos)
             except BaseException as e:  # noqa: BLE001 - re-raised in the reader
                 errors.append(e)
             with lock:
@@ -396,8 +465,7 @@ def _threaded(fh, first: memoryview, n_first: int, lanes: List[List[_Sink]], chu
         t.start()
     pos = 0
     try:
-        idx = free.get()
-        bufs[idx][:n_first] = first  # the sniffed first chunk
+        idx = 0
         n = n_first
         while n:
             pending[idx] = len(lanes)
@@ -409,9 +477,7 @@ def _threaded(fh, first: memoryview, n_first: int, lanes: List[List[_Sink]], chu
             if errors:
                 break
             idx = free.get()
-            n = fh.readinto(bufs[idx])
-        else:
-            free.put(idx)
+            n = fh.readinto(views[idx])
     finally:
         for q in work:
             q.put(None)
