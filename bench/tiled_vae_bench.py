@@ -194,7 +194,8 @@ def main(argv=None) -> int:
                     r = run_case(spec, tmp)
                     return {"seconds": r["time_s"], "cpu_s": r["cpu_s"], "peak_mb": r["peak_bytes"] / 2**20}
                 return C.Side(name, run, command=f"python bench/tiled_vae_bench.py --sizes {px} --width {width} "
-                                                 f"--rounds {a.rounds}")
+                                                 f"--rounds {a.rounds} --tile {tile}"
+                                                 + (f" --threads {a.threads}" if a.threads else ""))
 
             sides = [side("full decode", {"kind": "full"}), side("ours tiled", {"kind": "ours", "tile": tile})]
             if a.baseline_root:
