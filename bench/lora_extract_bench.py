@@ -5,7 +5,8 @@
 Builds two full-size SD1.5 checkpoints (fp16, real key layout and shapes, streamed one tensor at a time): a random
 base (``factory.write_checkpoint``) and a "fine-tune" = base + ΔW on every layer extract reads, where ΔW has a
 fine-tune's kind of spectrum: a low-rank part (rank 16, singular values decaying i^-1, norm 2 % of the layer's)
-plus dense noise at 3 % of its norm, and the tuned file is stored in fp16 like the base (its rounding adds more noise) (so nothing is exactly low-rank and the truncation has a real tail). Then it runs
+plus dense noise at 3 % of its norm, the tuned file stored in fp16 like the base (its rounding adds more noise),
+so nothing is exactly low-rank and the truncation has a real tail. Then it runs
 ``extract_lora(..., svd="randomized")`` and ``extract_lora(..., svd="full")`` as in-process calls, alternating the
 order over ``--rounds`` rounds, and prints per round each side's seconds and the load average, then median [min-max]
 per side and the per-round ratio.
@@ -19,6 +20,9 @@ from the two checkpoints:
 * ``|rand − exact| / |exact|``: ‖up·down(rand) − up·down(exact)‖_F / ‖up·down(exact)‖_F, printed beside
   the fp16 rounding of the exact factors themselves (‖fp16 product − fp32 product‖ / ‖product‖) and fp16's eps
   (2^-11 = 4.9e-4): the randomised result is as good as the exact one when its distance is at that level.
+
+``--per-shape``: instead, one layer of each distinct shape, ``lowrank.truncated`` both ways in-process (CPU seconds
+and the same error figures) -- minutes where the whole alternated extract takes long on a busy machine.
 
 Files go to ``--dir`` (default a temp folder under bench/) and are deleted at the end unless ``--keep``.
 """
@@ -142,6 +146,45 @@ def errors(tuned: Path, base: Path, rand: Path, full: Path):
     return out
 
 
+def shape_errors(tuned: Path, base: Path, rank: int, conv: bool, log) -> None:
+    """One layer of each distinct shape: ``lowrank.truncated`` randomised vs exact on the real ΔW of the two files,
+    CPU seconds of each, and the same error figures as :func:`errors` (factors rounded to fp16 as written)."""
+    import torch
+
+    from lib_sdtoolkit.files import open_model
+    from lib_sdtoolkit.lora import lowrank
+    from lib_sdtoolkit.lora.extract import _is_attention, _targets
+    seen = set()
+    log(f"{'layer':<58} {'shape':>12} {'rand CPU s':>10} {'exact CPU s':>11} {'rand/exact':>10} {'excess':>9} "
+        f"{'|r-e|/|e|':>9} {'fp16 rnd':>9}")
+    with open_model(tuned) as rt, open_model(base) as rb:
+        for name, t in _targets("SD1"):
+            if not (_is_attention(t.module) or conv) or t.weight_key not in rb:
+                continue
+            a, b = rt.get(t.weight_key).float(), rb.get(t.weight_key).float()
+            if t.qkv_index is not None:
+                n = a.shape[0] // 3
+                a, b = a[t.qkv_index * n:(t.qkv_index + 1) * n], b[t.qkv_index * n:(t.qkv_index + 1) * n]
+            dw = (a - b).reshape(a.shape[0], -1)
+            if tuple(dw.shape) in seen:
+                continue
+            seen.add(tuple(dw.shape))
+            res = {}
+            for mode in ("randomized", "full"):
+                c = time.process_time()
+                tr = lowrank.truncated(dw, rank, mode=mode)
+                res[mode] = (time.process_time() - c, tr.up.half().double() @ tr.down.half().double(),
+                             tr.up.double() @ tr.down.double())
+            d64 = dw.double()
+            nr, ne = float((d64 - res["randomized"][1]).norm()), float((d64 - res["full"][1]).norm())
+            pe = res["full"][1]
+            log(f"{name:<58} {'x'.join(map(str, dw.shape)):>12} {res['randomized'][0]:>10.3f} {res['full'][0]:>11.3f} "
+                f"{nr / ne:>10.6f} {(nr - ne) / float(d64.norm()):>9.1e} "
+                f"{float((res['randomized'][1] - pe).norm()) / float(pe.norm()):>9.1e} "
+                f"{float((res['full'][1] - res['full'][2]).norm()) / float(res['full'][2].norm()):>9.1e}")
+    log(f"(fp16 eps {FP16_EPS:.1e}; excess = (|dW - rand| - |dW - exact|) / |dW|)")
+
+
 def _mmm(xs):
     return f"median {statistics.median(xs):.1f} [{min(xs):.1f}-{max(xs):.1f}]"
 
@@ -155,6 +198,8 @@ def main(argv=None) -> int:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--sides", default="randomized,full", help="which svd modes to time (comma-separated)")
     ap.add_argument("--keep", action="store_true", help="keep the models and outputs")
+    ap.add_argument("--per-shape", action="store_true",
+                    help="only the per-shape comparison (one layer of each shape, in-process truncations)")
     a = ap.parse_args(argv)
     import torch
 
@@ -165,6 +210,9 @@ def main(argv=None) -> int:
     d.mkdir(parents=True, exist_ok=True)
     try:
         tuned, base = build_pair(d, a.conv_rank is not None, log)
+        if a.per_shape:
+            shape_errors(tuned, base, a.rank, a.conv_rank is not None, log)
+            return 0
         sides = [s.strip() for s in a.sides.split(",") if s.strip()]
         log(f"extract rank {a.rank}, conv rank {a.conv_rank}, {a.threads} threads, sides {sides}, "
             f"{a.rounds} alternated rounds; load {os.getloadavg()}")
