@@ -3,6 +3,13 @@ for our exact tiled decode and diffusers' ``enable_tiling()`` on the same (rando
 
     python bench/tiled_vae_bench.py [--size tiny|mid|full] [--rounds 3]   # tiny 256 px, mid 512, full 512+1024
     python bench/tiled_vae_bench.py --sizes 512,1024 --with-4k --with-budget   # plus the bounded 4096 px run
+    python bench/tiled_vae_bench.py --sizes 512,1024 --threads 1 --baseline-root /tmp/base   # before/after
+
+``--baseline-root DIR``: one more side, "base tiled", runs the same tiled decode with ``lib_sdtoolkit`` imported
+from DIR (e.g. ``git archive <commit> lib_sdtoolkit | tar -x -C DIR``), so before and after alternate in one run.
+Besides wall seconds each child reports its CPU seconds (``time.process_time``, all its threads): on a loaded
+machine (other processes competing for the cores) the CPU-time ratio is the steadier one; with ``--threads 1``
+no thread spins waiting for another.
 
 Full decode, our tiled decode and diffusers' tiled decode alternate over the rounds (each run its own child); the
 summary gives median [min-max] per side and the per-round ratio to the full decode, and the last round's tiled
@@ -78,6 +85,8 @@ def _latent(px: int):
 
 
 def child(spec: dict, out_path: str) -> dict:
+    if spec.get("root"):
+        sys.path.insert(0, spec["root"])
     import numpy as np
     import torch
     torch.set_grad_enabled(False)
@@ -100,6 +109,7 @@ def child(spec: dict, out_path: str) -> dict:
     base = _status("VmRSS")
     reset = _reset_hwm()
     t0 = time.perf_counter()
+    c0 = time.process_time()
     info = ""
     if kind == "full":
         img = vae.decoder(z)
@@ -114,8 +124,9 @@ def child(spec: dict, out_path: str) -> dict:
         info = plan.describe()
         img = tiled_decode(vae.decoder, z, cfg)
     dt = time.perf_counter() - t0
+    cpu = time.process_time() - c0
     peak = _status("VmHWM")
-    res = {"time_s": dt, "peak_bytes": peak - base if not reset else max(0, peak - base), "hwm_reset": reset,
+    res = {"time_s": dt, "cpu_s": cpu, "peak_bytes": peak - base if not reset else max(0, peak - base), "hwm_reset": reset,
            "plan": info}
     if kind != "bounded":
         a = ((img[0].float().clamp(-1, 1) + 1) / 2).permute(1, 2, 0).numpy()
@@ -152,6 +163,10 @@ def main(argv=None) -> int:
     ap.add_argument("--with-4k", action="store_true", help="also the bounded 4096 px memory run")
     ap.add_argument("--with-budget", action="store_true", help="also a low-memory budget run per size")
     ap.add_argument("--no-diffusers", action="store_true")
+    ap.add_argument("--threads", type=int, default=0, help="torch threads in each child (default: torch's)")
+    ap.add_argument("--baseline-root", default=None,
+                    help="also run the tiled decode of the lib_sdtoolkit found under this folder ('base tiled')")
+    ap.add_argument("--tile", type=int, default=0, help="tile size in px (default: half the image side)")
     ap.add_argument("--budget-frac", type=float, default=0.125,
                     help="low-memory runs get this fraction of the full decode's measured peak as budget")
     ap.add_argument("--width", default=None, choices=["full", "tiny"], help="VAE width (default by --size)")
@@ -170,24 +185,29 @@ def main(argv=None) -> int:
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for px in sizes:
-            tile = px // 2
+            tile = a.tile or px // 2
 
             def side(name, spec):
-                spec = dict(spec, name=name.split()[0] + str(px), px=px, width=width)
+                spec = dict(spec, name=name.split()[0] + str(px), px=px, width=width, threads=a.threads)
 
                 def run():
                     r = run_case(spec, tmp)
-                    return {"seconds": r["time_s"], "peak_mb": r["peak_bytes"] / 2**20}
+                    return {"seconds": r["time_s"], "cpu_s": r["cpu_s"], "peak_mb": r["peak_bytes"] / 2**20}
                 return C.Side(name, run, command=f"python bench/tiled_vae_bench.py --sizes {px} --width {width} "
-                                                 f"--rounds {a.rounds}")
+                                                 f"--rounds {a.rounds} --tile {tile}"
+                                                 + (f" --threads {a.threads}" if a.threads else ""))
 
             sides = [side("full decode", {"kind": "full"}), side("ours tiled", {"kind": "ours", "tile": tile})]
+            if a.baseline_root:
+                sides.append(side("base tiled", {"kind": "ours", "tile": tile,
+                                                 "root": os.path.abspath(a.baseline_root)}))
             if not a.no_diffusers:
                 sides.append(side(f"diffusers tiled", {"kind": "diffusers", "tile": tile}))
             log(f"\n== {px}x{px} px (latent {px // 8}^2), VAE width {width}, fp32, CPU, tile {tile} px; "
                 f"{a.rounds} alternated rounds, load {C.loadavg()} ==")
             r = C.alternate(sides, a.rounds, log)
             C.print_summary(r, "seconds", title="decode time", ref="full decode", log=log)
+            C.print_summary(r, "cpu_s", title="decode CPU time (all threads)", ref="full decode", log=log)
             C.print_summary(r, "peak_mb", unit="MiB", digits=0, title="peak RSS growth", ref="full decode", log=log)
             ref = os.path.join(tmp, f"full{px}.npy")
             errs = {}
@@ -201,6 +221,8 @@ def main(argv=None) -> int:
                 tgt = C.target_text(C.med_min_max(rs)[0], 1.1) if s.name == "ours tiled" else ""
                 rows.append(C.row_for(r, f"tiled VAE {px} px", f"{s.name} vs full decode, time", s.name,
                                       "full decode", "seconds", errs[s.name], "in RAM", s.command, target=tgt))
+                rows.append(C.row_for(r, f"tiled VAE {px} px", f"{s.name} vs full decode, CPU time", s.name,
+                                      "full decode", "cpu_s", errs[s.name], "in RAM", s.command))
                 rows.append(C.row_for(r, f"tiled VAE {px} px", f"{s.name} vs full decode, peak RSS growth", s.name,
                                       "full decode", "peak_mb", errs[s.name], "in RAM", s.command, unit="MiB",
                                       digits=0))

@@ -280,3 +280,35 @@ def test_should_stop_after_n_tiles_raises_and_returns_nothing(vae32):
     full = tiled_decode(vae32.decoder, z, TiledVAEConfig(tile_px=32, progress=lambda d, t: events.append(d),
                                                          should_stop=lambda: False))
     assert events == list(range(total + 1)) and full.shape[-1] == 128
+
+
+@pytest.mark.parametrize("kind", ["decoder", "encoder"])
+def test_checkpoints_write_only_their_activation(vae32, monkeypatch, kind):
+    """With a checkpoint at every GroupNorm, each checkpoint pass writes its activation once and nothing else:
+    a ResNet block's pending residual is the same tensor as the activation before norm1 (one buffer) and is carried
+    unchanged past norm2 (not copied tile by tile again). The elements written are counted at ``write_tile`` (the
+    real one runs) and must equal the activations' sizes at the checkpoints plus the output; the exactness tests
+    above check the values."""
+    from lib_sdtoolkit.tiled_vae import executor
+    from lib_sdtoolkit.tiled_vae.graph import build_program
+
+    written = []
+    real = executor.write_tile
+
+    def counting(out, tile, dst, src):
+        written.append(out.shape[0] * out.shape[1] * (dst[1] - dst[0]) * (dst[3] - dst[2]))
+        real(out, tile, dst, src)
+
+    monkeypatch.setattr(executor, "write_tile", counting)
+    mod = vae32.decoder if kind == "decoder" else vae32.encoder
+    x = vae32.post_quant_conv(_latent(12, 12, 5)) if kind == "decoder" else _image(48, 48, 5)
+    cfg = TiledVAEConfig(tile_px=32 if kind == "decoder" else 16, budget_bytes=1 << 34)
+    plan = plan_for(mod, x.shape, cfg)
+    assert not any(s.kind == "stats" for s in plan.steps) and plan.total_tiles > len(plan.steps)
+    pts = executor.shape_points(build_program(mod), *x.shape[1:])
+    expect = sum(pts[s.target].c * pts[s.target].h * pts[s.target].w for s in plan.steps if s.kind == "ckpt")
+    expect += pts[-1].c * pts[-1].h * pts[-1].w
+    out = (tiled_decode if kind == "decoder" else tiled_encode)(mod, x, cfg)
+    ref = mod(x)
+    assert float((out - ref).abs().max()) <= 2e-5 * max(1.0, float(ref.abs().max()))
+    assert sum(written) == expect

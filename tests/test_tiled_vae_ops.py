@@ -44,6 +44,19 @@ def test_apply_with_merged_stats_equals_group_norm_silu():
     assert torch.allclose(y, ref, atol=2e-5)
 
 
+def test_statistics_of_a_far_offset_region_keep_the_variance():
+    """mean/std = 1e5 inside a non-contiguous region: sum-of-squares formulas lose every digit of the variance in
+    float32; the corrected two-pass statistics must match a float64 reference."""
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(2, 32, 40, 36, generator=g) * 0.01 + 1000.0
+    st = gn.group_stats(x, 8, (3, 37, 5, 30))
+    r = x[:, :, 3:37, 5:30].double().reshape(2, 8, -1)
+    var, mean = torch.var_mean(r, dim=-1, correction=0)
+    assert torch.allclose(st.mean.double(), mean, rtol=1e-7)
+    assert torch.allclose(st.var.double(), var, rtol=1e-3)
+    assert torch.equal(st.count, torch.full((2, 8), 4.0 * 34 * 25))
+
+
 def test_half_inputs_reduce_in_float32():
     x = _x(torch.float16) * 300  # squares overflow fp16
     st = gn.group_stats(x, 4)

@@ -113,70 +113,80 @@ def extract_lora(tuned: PathLike, base: PathLike, out: PathLike, rank: int = 32,
     if outp.suffix.lower() != ".safetensors":
         raise InvalidInputError("the extracted LoRA is written as .safetensors", outp)
     dev = torch.device(device)
-    with open_model(tuned) as rt, open_model(base) as rb:
-        at, ab = detect(rt.infos()), detect(rb.infos())
-        if ab.architecture == "Flux.1" and ab.layout != "component":  # lora/extract_flux.py: fused layers as one
-            from .extract_flux import extract_flux
-            return extract_flux(rt, rb, at, ab, outp, rank, svd_factors, clamp_quantile, dev, DTYPES[dtype],
-                                overwrite, progress, min_diff, (Path(tuned).name, Path(base).name))
-        if not ab.is_checkpoint:
-            raise ArchitectureError(f"not a Stable Diffusion checkpoint ({ab.architecture})", rb.path)
-        if at.family != ab.family:
-            raise ArchitectureError(f"tuned model is {at.architecture}, base is {ab.architecture}", rt.path)
-        arch = base_arch(ab.architecture)
-        todo = []
-        for name, t in _targets(arch):
-            wk = t.weight_key
-            if wk not in rt or wk not in rb:
-                continue
-            if rt.info(wk).shape != rb.info(wk).shape:
-                raise ArchitectureError(f"shapes differ: {rt.info(wk).shape} vs {rb.info(wk).shape}", rt.path, wk)
-            attn = _is_attention(t.module)
-            is_conv = len(rb.info(wk).shape) == 4 and rb.info(wk).shape[2:] != (1, 1)
-            if not attn and conv_rank is None:
-                continue
-            r = conv_rank if (is_conv and conv_rank is not None) else rank
-            todo.append((name, t, r))
-        factors: Dict[str, torch.Tensor] = {}
-        per_layer: List[Dict[str, object]] = []
-        skipped = 0
-        for i, (name, t, r) in enumerate(todo):
-            a = rt.get(t.weight_key).to(dev, torch.float32)
-            b = rb.get(t.weight_key).to(dev, torch.float32)
-            if t.qkv_index is not None:
-                n = a.shape[0] // 3
-                a, b = a[t.qkv_index * n:(t.qkv_index + 1) * n], b[t.qkv_index * n:(t.qkv_index + 1) * n]
-            diff = a - b
-            del a, b
-            if float(diff.abs().max()) <= min_diff:
-                skipped += 1
-                continue
-            up, down, kept, method = svd_factors(diff, r, clamp_quantile, rank_mode, energy, svd)
-            per_layer.append({"name": name, "rank": int(up.shape[1]), "energy": round(kept, 6), "svd": method})
-            factors[name + ".lora_up.weight"] = up.to("cpu", DTYPES[dtype]).contiguous()
-            factors[name + ".lora_down.weight"] = down.to("cpu", DTYPES[dtype]).contiguous()
-            factors[name + ".alpha"] = torch.tensor(float(up.shape[1]), dtype=DTYPES[dtype])
-            if progress:
-                progress(i + 1, len(todo))
-    if not factors:
-        raise InvalidInputError("the two models do not differ in any LoRA target layer; nothing to extract", tuned)
-    meta = {
-        "ss_network_module": "networks.lora",
-        "ss_network_dim": str(rank),
-        "ss_network_alpha": str(rank),
-        "ss_base_model_version": _BASE_VERSION.get(arch, arch),
-        "ss_v2": str(arch == "SD2"),
-        "ss_output_name": outp.stem,
-        "ss_training_comment": f"extracted by sd-toolkit from {Path(tuned).name} - {Path(base).name}",
-        "ss_sd_model_name": Path(base).name,
-    }
-    if conv_rank is not None:
-        meta["ss_network_args"] = json.dumps({"conv_dim": str(conv_rank), "conv_alpha": str(conv_rank)})
-    specs = [(k, v.dtype, tuple(v.shape)) for k, v in factors.items()]
-    with StreamingSafetensorsWriter(outp, specs, meta, overwrite=overwrite) as w:
-        for k, v in factors.items():
-            w.write(k, v)
-    return {"output": str(outp), "arch": arch, "layers": len(factors) // 3, "skipped_identical": skipped,
-            "rank": rank, "conv_rank": conv_rank, "rank_mode": rank_mode,
-            "energy": energy if rank_mode == "energy" else None, "clamp_quantile": clamp_quantile,
-            "min_energy": min(x["energy"] for x in per_layer), "layer_report": per_layer}
+    # one torch thread for the per-layer SVDs on CPU: the matrices are small (q = rank + oversampling columns), so a
+    # second OpenMP thread gains little on an idle machine and on a busy one the two threads wait for each other
+    # (five SD1.5 layer shapes, randomised, under load ~25 on 2 cores: 2 threads 156-204 s wall / 7.8 s CPU,
+    # 1 thread 27-30 s wall / 0.9 s CPU); restored afterwards
+    threads = torch.get_num_threads()
+    if dev.type == "cpu":
+        torch.set_num_threads(1)
+    try:
+        with open_model(tuned) as rt, open_model(base) as rb:
+            at, ab = detect(rt.infos()), detect(rb.infos())
+            if ab.architecture == "Flux.1" and ab.layout != "component":  # lora/extract_flux.py: fused layers as one
+                from .extract_flux import extract_flux
+                return extract_flux(rt, rb, at, ab, outp, rank, svd_factors, clamp_quantile, dev, DTYPES[dtype],
+                                    overwrite, progress, min_diff, (Path(tuned).name, Path(base).name))
+            if not ab.is_checkpoint:
+                raise ArchitectureError(f"not a Stable Diffusion checkpoint ({ab.architecture})", rb.path)
+            if at.family != ab.family:
+                raise ArchitectureError(f"tuned model is {at.architecture}, base is {ab.architecture}", rt.path)
+            arch = base_arch(ab.architecture)
+            todo = []
+            for name, t in _targets(arch):
+                wk = t.weight_key
+                if wk not in rt or wk not in rb:
+                    continue
+                if rt.info(wk).shape != rb.info(wk).shape:
+                    raise ArchitectureError(f"shapes differ: {rt.info(wk).shape} vs {rb.info(wk).shape}", rt.path, wk)
+                attn = _is_attention(t.module)
+                is_conv = len(rb.info(wk).shape) == 4 and rb.info(wk).shape[2:] != (1, 1)
+                if not attn and conv_rank is None:
+                    continue
+                r = conv_rank if (is_conv and conv_rank is not None) else rank
+                todo.append((name, t, r))
+            factors: Dict[str, torch.Tensor] = {}
+            per_layer: List[Dict[str, object]] = []
+            skipped = 0
+            for i, (name, t, r) in enumerate(todo):
+                a = rt.get(t.weight_key).to(dev, torch.float32)
+                b = rb.get(t.weight_key).to(dev, torch.float32)
+                if t.qkv_index is not None:
+                    n = a.shape[0] // 3
+                    a, b = a[t.qkv_index * n:(t.qkv_index + 1) * n], b[t.qkv_index * n:(t.qkv_index + 1) * n]
+                diff = a - b
+                del a, b
+                if float(diff.abs().max()) <= min_diff:
+                    skipped += 1
+                    continue
+                up, down, kept, method = svd_factors(diff, r, clamp_quantile, rank_mode, energy, svd)
+                per_layer.append({"name": name, "rank": int(up.shape[1]), "energy": round(kept, 6), "svd": method})
+                factors[name + ".lora_up.weight"] = up.to("cpu", DTYPES[dtype]).contiguous()
+                factors[name + ".lora_down.weight"] = down.to("cpu", DTYPES[dtype]).contiguous()
+                factors[name + ".alpha"] = torch.tensor(float(up.shape[1]), dtype=DTYPES[dtype])
+                if progress:
+                    progress(i + 1, len(todo))
+        if not factors:
+            raise InvalidInputError("the two models do not differ in any LoRA target layer; nothing to extract", tuned)
+        meta = {
+            "ss_network_module": "networks.lora",
+            "ss_network_dim": str(rank),
+            "ss_network_alpha": str(rank),
+            "ss_base_model_version": _BASE_VERSION.get(arch, arch),
+            "ss_v2": str(arch == "SD2"),
+            "ss_output_name": outp.stem,
+            "ss_training_comment": f"extracted by sd-toolkit from {Path(tuned).name} - {Path(base).name}",
+            "ss_sd_model_name": Path(base).name,
+        }
+        if conv_rank is not None:
+            meta["ss_network_args"] = json.dumps({"conv_dim": str(conv_rank), "conv_alpha": str(conv_rank)})
+        specs = [(k, v.dtype, tuple(v.shape)) for k, v in factors.items()]
+        with StreamingSafetensorsWriter(outp, specs, meta, overwrite=overwrite) as w:
+            for k, v in factors.items():
+                w.write(k, v)
+        return {"output": str(outp), "arch": arch, "layers": len(factors) // 3, "skipped_identical": skipped,
+                "rank": rank, "conv_rank": conv_rank, "rank_mode": rank_mode,
+                "energy": energy if rank_mode == "energy" else None, "clamp_quantile": clamp_quantile,
+                "min_energy": min(x["energy"] for x in per_layer), "layer_report": per_layer}
+    finally:
+        torch.set_num_threads(threads)

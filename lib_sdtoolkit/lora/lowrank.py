@@ -119,11 +119,17 @@ def randomized_svd(mat: torch.Tensor, q: int, niter: int = NITER, seed: int = 0
     return basis @ ub, s, vh
 
 
+def _sq_norm(x: torch.Tensor) -> float:
+    """‖x‖²_F accumulated in float64 without a float64 copy of ``x`` (half the time of ``x.double().pow(2).sum()``
+    on a 10240×1280 layer, same value to 1e-12)."""
+    return float(torch.linalg.vector_norm(x.reshape(-1), dtype=torch.float64)) ** 2
+
+
 def truncated(mat: torch.Tensor, max_rank: int, rule: str = "fixed", param: Optional[float] = None,
               mode: str = "auto") -> Truncation:
     """The best approximation of ``mat`` at the rank ``rule`` picks (at most ``max_rank``)."""
     mat = mat.float()
-    total_sq = float(mat.double().pow(2).sum())
+    total_sq = _sq_norm(mat)
     if total_sq == 0.0:
         z = mat.new_zeros
         return Truncation(z(mat.shape[0], 1), z(1, mat.shape[1]), mat.new_zeros(1), 1.0, "zero")
@@ -158,11 +164,12 @@ def factored(up: torch.Tensor, down: torch.Tensor, max_rank: int, rule: str = "f
 
 def kept_energy(mat: torch.Tensor, up: torch.Tensor, down: torch.Tensor, total_sq: Optional[float] = None) -> float:
     """1 - ‖mat - up@down‖²_F / ‖mat‖²_F, computed from the residual itself (no cancellation)."""
+    mat = mat.float()
     if total_sq is None:
-        total_sq = float(mat.double().pow(2).sum())
+        total_sq = _sq_norm(mat)
     if total_sq == 0.0:
         return 1.0
-    res = float((mat.float() - up.float() @ down.float()).double().pow(2).sum())
+    res = _sq_norm(torch.addmm(mat, up.float(), down.float(), alpha=-1.0))  # mat - up @ down, one temporary
     return max(0.0, 1.0 - res / total_sq)
 
 

@@ -348,6 +348,10 @@ class _Runner:
         self.affine = dict(affine)
         self.recorded: Dict[int, GNStats] = {}
         self.done = 0
+        # full-size buffers of the checkpoint before last, for the next checkpoint of the same shape: fresh
+        # buffers cost a page fault per 4 KiB on first write (the copy into a new checkpoint took 3x the copy
+        # into a reused one), and a checkpoint's shape repeats through each resolution level
+        self._pool: List[torch.Tensor] = []
 
     # -- one tile -------------------------------------------------------------------------------------------
     def _tile(self, ck: _Ckpt, target: int, core: Region):
@@ -453,11 +457,22 @@ class _Runner:
         b = self.x.shape[0]
         dt = self._dtype
         pin = cdev.type == "cpu" and self.x.is_cuda
-        full = torch.empty(b, p.c, p.h, p.w, device=cdev, dtype=dt, pin_memory=pin)
-        fstack = [torch.empty(b, c, hh, ww, device=cdev, dtype=dt, pin_memory=pin) for c, hh, ww in p.stack]
+        keep = self._untouched(ck.index, step.target)
+        # the state before a GroupNorm that directly follows a push (a ResNet block's norm1): the pending
+        # residual *is* the activation, so the two share one buffer (nothing writes into a checkpoint in place)
+        share = step.target > ck.index and self.prog.ops[step.target - 1].kind == "push" and len(p.stack) > keep
+        take = self._take_pool
+        full = take((b, p.c, p.h, p.w), cdev, dt, pin)
+        fstack = list(ck.stack[:keep])  # residuals no op of this segment pops: the same tensors, not copies
+        for j, (c, hh, ww) in enumerate(p.stack[keep:], keep):
+            if share and j == len(p.stack) - 1:
+                fstack.append(full)
+            else:
+                fstack.append(take((b, c, hh, ww), cdev, dt, pin))
+        self._pool.clear()  # buffers of other shapes: freed before the tiles run, as without the pool
         if self.opts.max_tiles_per_pass:  # touch the pages so a bounded run measures real memory
             full.zero_()
-            for t in fstack:
+            for t in fstack[keep:]:
                 t.zero_()
         parts = []
         for core in cores:
@@ -466,14 +481,47 @@ class _Runner:
             if want_stats:  # statistics of the cores while they are on the compute device: no second read
                 parts.append(group_stats(h, op.groups, src))
             write_tile(full, h, core, src)
-            for (t, treg), dst in zip(stack, fstack):
-                write_tile(dst, t, core, (core[0] - treg[0], core[1] - treg[0], core[2] - treg[2],
-                                          core[3] - treg[2]))
+            for j in range(keep, len(fstack)):
+                if fstack[j] is full:
+                    continue
+                t, treg = stack[j]
+                write_tile(fstack[j], t, core, (core[0] - treg[0], core[1] - treg[0], core[2] - treg[2],
+                                                core[3] - treg[2]))
             del h, stack
             self._tick()
         if want_stats:
             self._set_stats(step.target, merge_all(parts))
         return _Ckpt(step.target, full, fstack)
+
+    def _untouched(self, start: int, target: int) -> int:
+        """How many residuals at the bottom of the stack no op in ``start..target-1`` pops (they are the same
+        tensors before and after the segment)."""
+        depth = low = len(self.pts[start].stack)
+        for i in range(start, target):
+            k = self.prog.ops[i].kind
+            if k == "push":
+                depth += 1
+            elif k == "add":
+                depth -= 1
+                low = min(low, depth)
+        return low
+
+    def _take_pool(self, shape, dev: torch.device, dtype: torch.dtype, pin: bool) -> torch.Tensor:
+        for j, t in enumerate(self._pool):
+            if tuple(t.shape) == tuple(shape) and t.dtype == dtype and t.device == dev:
+                return self._pool.pop(j)
+        return torch.empty(shape, device=dev, dtype=dtype, pin_memory=pin)
+
+    def _release(self, old: _Ckpt, new: _Ckpt) -> None:
+        """Put the buffers of ``old`` that ``new`` does not hold (and that are not the caller's input) in the pool."""
+        live = [new.h, *new.stack, self.x]
+        seen: List[torch.Tensor] = []
+        for t in [old.h, *old.stack]:
+            if any(t is u for u in live) or any(t is u for u in seen) or not t.is_contiguous() \
+                    or t.storage_offset() != 0 or t.untyped_storage().nbytes() != t.numel() * t.element_size():
+                continue
+            seen.append(t)
+        self._pool = seen
 
     def _attn(self, ck: _Ckpt, i: int) -> _Ckpt:
         op = self.prog.ops[i]
@@ -502,6 +550,8 @@ class _Runner:
         if self.opts.progress:
             self.opts.progress(0, self.plan.total_tiles)
         for step in self.plan.steps:
+            if step.kind != "ckpt":
+                self._pool.clear()  # only a checkpoint pass reuses buffers; the others get the memory back
             if step.kind == "attn":
                 self._check_stop()
                 ck = self._attn(ck, step.start)
@@ -509,7 +559,9 @@ class _Runner:
                 self._stats_pass(ck, step)
                 continue
             elif step.kind == "ckpt":
-                ck = self._materialise(ck, step)
+                new = self._materialise(ck, step)
+                self._release(ck, new)
+                ck = new
             elif step.kind == "final":
                 missing = [i for i, o in enumerate(self.prog.ops) if o.kind == "gn" and i not in self.affine]
                 if missing:
