@@ -147,12 +147,15 @@ def child(side: str, width: str, dtype_name: str, device: str, files: list, outd
     x = torch.randn(1, 4, 8, 8, generator=g).to(dev, dtype)
     ts = torch.tensor([500.0], device=dev)
     ctx = (torch.randn(1, 77, cfg.text_encoders[0].config["hidden_size"], generator=g) * 0.5).to(dev, dtype)
+    pos = torch.arange(77, device=dev)[None]
     ids = torch.randint(0, cfg.text_encoders[0].config["vocab_size"], (1, 77), generator=g).to(dev)
 
     def forward():
         try:
             u = unet(x, ts, encoder_hidden_states=ctx).sample if side == "diffusers" else unet(x, ts, context=ctx)
-            t = te(input_ids=ids).last_hidden_state
+            # position ids given: the module was built on the meta device and every buffer randomised, the
+            # non-persistent position_ids too (they index the position table: out of range otherwise)
+            t = te(input_ids=ids, position_ids=pos).last_hidden_state
             return {"unet": u.float().cpu(), "te": t.float().cpu()}
         except Exception as e:  # e.g. an op without a half-precision CPU kernel
             return {"error": f"{type(e).__name__}: {e}"}
