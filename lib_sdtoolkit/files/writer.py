@@ -304,13 +304,17 @@ class StreamingSafetensorsWriter:
                 os.close(self._fd)
             self._fd = None
 
-    def write(self, name: str, tensor: torch.Tensor) -> None:
+    def _planned(self, name: str) -> tuple:
+        """The planned (dtype, shape) of ``name``; the writer must be open and the name in the plan."""
         if self._fd is None:
             raise RuntimeError("writer is not open (use it as a context manager)")
         spec = self._by_name.get(name)
         if spec is None:
             raise InvalidInputError("tensor is not in the planned output layout", self.path, name)
-        dtype, shape = spec
+        return spec
+
+    def write(self, name: str, tensor: torch.Tensor) -> None:
+        dtype, shape = self._planned(name)
         if tensor.dtype != dtype or tuple(tensor.shape) != shape:
             raise InvalidInputError(
                 f"tensor is {tensor.dtype} {tuple(tensor.shape)} but the plan says {dtype} {shape}", self.path, name)
@@ -325,12 +329,7 @@ class StreamingSafetensorsWriter:
         """Write elements ``[start, start + data.numel())`` of tensor ``name`` (flattened, C order) from ``data``,
         a CPU tensor of the planned dtype. The parts of one tensor may come in any order and from several threads;
         the tensor counts as written once as many elements as it has were written (more is an error)."""
-        if self._fd is None:
-            raise RuntimeError("writer is not open (use it as a context manager)")
-        spec = self._by_name.get(name)
-        if spec is None:
-            raise InvalidInputError("tensor is not in the planned output layout", self.path, name)
-        dtype, shape = spec
+        dtype, shape = self._planned(name)
         numel = 1
         for s in shape:
             numel *= s
