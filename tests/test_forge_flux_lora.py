@@ -29,6 +29,7 @@ from lib_sdtoolkit.files import load_state_dict, save_safetensors
 from lib_sdtoolkit.samples import flux
 
 # the Flux LoRA makers and the diffusers reference of the bake tests (same tiny model, same files)
+from test_forge_lora_bridge import _generate  # one generation at the points Forge calls the script
 from test_lora_flux import (H, _check, _diffusers_reference, _forward, _model, diffusers_file, kohya_file,  # noqa: F401
                             row_map, to_diffusers, xlabs_file)
 
@@ -189,27 +190,6 @@ def forge(request, base, files, monkeypatch):
         script_callbacks.clear_callbacks()
         extra_networks.initialize()
         unuse_forge()
-
-
-def _generate(f, tags):
-    """One generation at the points Forge calls the script (as tests/test_forge_lora_bridge.py drives it)."""
-    from lib_sdtoolkit.lora.syntax import ExtraNetworkParams
-
-    e = f.engine
-    p = types.SimpleNamespace(sd_model=e, extra_generation_params={}, comments=[])
-    p.comment = p.comments.append
-    e.forge_objects = e.forge_objects_after_applying_lora.shallow_copy()
-    f.mod.network.activate(p, [ExtraNetworkParams.from_items(t) for t in tags])
-    script = f.mod.SdToolkitForgeLoraScript()
-    script.after_extra_networks_activate(p)
-    script.process_batch(p)
-    clip = e.forge_objects.clip.patcher
-    clip.refresh_loras() if f.flavour == "forge201" else clip.patch_model()
-    e.forge_objects = e.forge_objects_after_applying_lora.shallow_copy()
-    script.process_before_every_sampling(p)
-    unet = e.forge_objects.unet
-    unet.refresh_loras() if f.flavour == "forge201" else unet.patch_model()
-    return p
 
 
 def _live(f):
