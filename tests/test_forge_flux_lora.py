@@ -30,6 +30,7 @@ from lib_sdtoolkit.samples import flux
 
 # the Flux LoRA makers and the diffusers reference of the bake tests (same tiny model, same files)
 from test_forge_lora_bridge import _generate  # one generation at the points Forge calls the script
+from test_lora_flux_neo import _neo_file
 from test_lora_flux import (H, _check, _diffusers_reference, _forward, _model, diffusers_file, kohya_file,  # noqa: F401
                             row_map, to_diffusers, xlabs_file)
 
@@ -80,6 +81,7 @@ def files(tmp_path_factory):
     save_safetensors(d / "kohyate.safetensors", {**k, **te})
     dif = diffusers_file(d / "diffusers.safetensors")
     xlabs_file(d / "xlabs.safetensors")
+    _neo_file(d / "neo.safetensors")      # ComfyUI/Neo-only names: single_blocks.N.linear1_qkv, lora_te3_ (T5)
 
     def comfy(key):   # kohya names -> BFL/ComfyUI names (diffusion_model.<BFL module>.lora_A/lora_B.weight)
         mod, part = key.split(".", 1)
@@ -305,13 +307,25 @@ def test_same_bits_as_the_hosts_own_lora(forge, files, fmt):
     ``(key, offset, function)``) leave every parameter bit-identical. (The real Forge 2.0.1 gives the same on its own
     IntegratedFluxTransformer2DModel, fp32 and bf16, for kohya, diffusers, BFL/ComfyUI, SimpleTuner and LyCORIS
     files: see the report of issue 13's Flux live LoRA.)"""
+    _same_bits(forge, files, fmt)
+
+
+@pytest.mark.parametrize("forge", ["neo"], indirect=True)
+def test_neo_only_names_same_bits_as_neos_own_lora(forge, files):
+    """A file in the names only Neo's (ComfyUI's) key map has - ``diffusion_model.single_blocks.N.linear1_qkv`` (the
+    q|k|v rows of linear1, key map offset ``(0, 0, 3h)``) and T5's ``lora_te3_`` - patches the same bits through
+    <sdtlora> as through Neo's own <lora>."""
+    _same_bits(forge, files, "neo")
+
+
+def _same_bits(f, files, fmt):
     from backend.patcher.lora import load_lora, model_lora_keys_clip, model_lora_keys_unet
 
     from lib_sdtoolkit.lora.patcher_bridge import key_map_of
 
-    f = forge
     e = f.engine
-    _generate(f, [[fmt, "0.7"]])
+    p = _generate(f, [[fmt, "0.7"]])
+    assert p.comments == [] and p.extra_generation_params["SD Toolkit Lora"] == f"{fmt}: 0.7/0.7", p.comments
     ours = _live(f)
     _generate(f, [])
     fo = e.forge_objects_original
@@ -319,8 +333,9 @@ def test_same_bits_as_the_hosts_own_lora(forge, files, fmt):
     lu, rest = load_lora(sd, key_map_of(model_lora_keys_unet, fo.unet.model))
     lc, rest = load_lora(rest, key_map_of(model_lora_keys_clip, fo.clip.cond_stage_model))
     assert not rest and lu
-    if fmt == "diffusers":
+    if fmt in ("diffusers", "neo"):
         assert any(isinstance(k, tuple) and k[1] is not None for k in lu)          # slices of fused weights
+    if fmt == "diffusers":
         assert any(isinstance(k, tuple) and len(k) == 3 for k in lu)               # norm_out's swap function
     unet, clip = fo.unet.clone(), fo.clip.clone()
     for obj, patches in ((unet, lu), (clip, lc)):
@@ -336,6 +351,12 @@ def test_same_bits_as_the_hosts_own_lora(forge, files, fmt):
     theirs = _live(f)
     changed = [k for k in theirs if not torch.equal(theirs[k], f.base[k])]
     assert changed
+    if fmt == "neo":
+        assert {k for k in changed if "linear1" in k or "t5xxl" in k} == {
+            "diffusion_model.single_blocks.5.linear1.weight", "diffusion_model.single_blocks.37.linear1.weight",
+            "t5xxl.transformer.encoder.block.5.layer.0.SelfAttention.k.weight"}, changed
+        k = "diffusion_model.single_blocks.5.linear1.weight"
+        assert torch.equal(theirs[k][3 * H:], f.base[k][3 * H:])                  # the mlp rows are not the LoRA's
     differ = [k for k in theirs if not torch.equal(ours[k], theirs[k])]
     assert not differ, f"{len(differ)} parameters differ from the host's own LoRA, e.g. {differ[:3]}"
 

@@ -18,6 +18,10 @@ Spellings (``h`` = the hidden width; ``N`` a block number):
   on a weight, and is reported as unmatched.
 * **BFL / ComfyUI**: ``diffusion_model.double_blocks.N.img_attn.qkv.lora_A.weight`` (also bare and under
   ``model.diffusion_model.`` / ``transformer.``), ``text_encoders.clip_l.transformer.text_model...``.
+* **ComfyUI / Forge Neo key-map extras** (Neo's ``modules_forge/packages/comfy/lora.py`` ``model_lora_keys_unet`` /
+  ``_clip``, ComfyUI's ``comfy/lora.py``): ``diffusion_model.single_blocks.N.linear1_qkv`` is the q|k|v rows of
+  ``linear1`` (the key map's offset ``(0, 0, 3h)``; the mlp rows stay untouched), and T5-XXL's kohya names are
+  ``lora_te2_`` *and* ``lora_te3_`` (beside CLIP-L the map gives T5 both indices; Forge 2.0.1's ``lora_te3_`` too).
 
 Targets are :class:`~lib_sdtoolkit.arch.keymaps.LoraTarget` with ``component`` ``transformer`` / ``text_encoder``
 (CLIP-L) / ``text_encoder_2`` (T5) and ``module`` the path *inside* that component (``double_blocks.0.img_attn.qkv``,
@@ -75,6 +79,8 @@ def _tables() -> Tuple[Dict[str, LoraTarget], Dict[str, LoraTarget], Dict[str, L
         t = LoraTarget(m, "transformer")
         bfl[m] = t
         us["lora_unet_" + m.replace(".", "_")] = t
+        if m.startswith("single_blocks.") and m.endswith(".linear1"):   # ComfyUI / Neo: the q|k|v rows of linear1
+            bfl[m + "_qkv"] = LoraTarget(m, "transformer", rows=(0, 3))
     for d, (b, rows, swap) in fluxmaps.diffusers_to_bfl().items():
         t = LoraTarget(b, "transformer", rows=rows, swap=swap)
         diff[d] = t
@@ -89,6 +95,7 @@ def _tables() -> Tuple[Dict[str, LoraTarget], Dict[str, LoraTarget], Dict[str, L
         t = LoraTarget(m, "text_encoder_2")
         te["text_encoder_2:" + m] = t
         us["lora_te2_" + m.replace(".", "_")] = t
+        us["lora_te3_" + m.replace(".", "_")] = t
     return bfl, diff, us, te
 
 
