@@ -177,16 +177,26 @@ def naming(mod: str) -> str:
 
 
 def looks_like_flux(keys: List[str], metadata: Dict[str, str]) -> bool:
-    """True when a LoRA file's names or metadata say Flux.1."""
+    """True when a LoRA file's names or metadata say Flux.1. diffusers-named double blocks at the root of the file
+    (``transformer.transformer_blocks.N.``, PEFT's and SimpleTuner's spellings of it) are Flux's too: an SD UNet's
+    ``transformer_blocks`` sit inside ``down_blocks``/``up_blocks``; SD3 (same names, no LoRA support here) only
+    where its metadata does not say SD3."""
     ver = (metadata.get("ss_base_model_version", "") + " " + metadata.get("modelspec.architecture", "")).lower()
     if "flux" in ver:
         return True
+    sd3 = "sd3" in ver or "stable-diffusion-3" in ver
     for k in keys:
         if (k.startswith(("lora_unet_double_blocks_", "lora_unet_single_blocks_", "lora_transformer_single_"))
                 or "single_transformer_blocks." in k or ".processor.qkv_lora" in k or ".processor.proj_lora" in k
                 or re.search(r"(^|\.)(double|single)_blocks\.\d+\.", k)):
             return True
+        if not sd3 and (_DIFFUSERS_DOUBLE.match(k) or k.startswith(("lora_transformer_transformer_blocks_",
+                                                                    "lycoris_transformer_blocks_"))):
+            return True
     return False
+
+
+_DIFFUSERS_DOUBLE = re.compile(r"^(?:base_model\.model\.)?(?:transformer\.)?transformer_blocks\.\d+\.")
 
 
 def block_of(target: LoraTarget) -> str:

@@ -109,8 +109,46 @@ def apply_patch(weight: torch.Tensor, strength: float, patch: LayerPatch) -> tor
         dw = raw[0].mul_(raw[1] * m)
         weight.add_((_swap(dw) if patch.swap else dw).to(weight.dtype))
         return weight
+    if lw.dora_scale is not None and weight.dim() > 1:
+        return _dora(weight, own, lw, patch, m, dtype)
     dw, _ = formats.compute_delta(lw, own, patch.dyn, device=weight.device)
     weight.add_((_swap(dw) if patch.swap else dw).to(weight.dtype), alpha=m)
+    return weight
+
+
+def _dora(weight: torch.Tensor, own: torch.Tensor, lw: LayerWeights, patch: LayerPatch, m: float,
+          dtype: torch.dtype) -> torch.Tensor:
+    """DoRA in the hosts' order of operations (Forge 2.0.1 / Neo ``weight_decompose``, ComfyUI's): ΔW·(alpha/rank),
+    W_c = W + ΔW, W_c *= dora_scale / (‖W_c‖ + eps), then ``W += strength·(W_c − W)`` (``W = W_c`` at strength 1) -
+    so an A1111/kohya DoRA (one norm per input column) lands on the bits the host's own <lora> gives (our
+    :func:`formats.apply_dora` rounds in another order: 1 ulp apart, measured in the real Forge 2.0.1).
+
+    One deliberate difference: with one norm per *output row* (LyCORIS ``wd_on_output``, PEFT) the hosts divide by
+    the norm of the original W, not of W + ΔW (ComfyUI's ``weight_decompose``; Forge 2.0.1 and Neo copy it; an open
+    ComfyUI pull request, Comfy-Org/ComfyUI#15458, fixes it there). That is not the DoRA of the paper, PEFT or
+    LyCORIS, nor what ``lora bake`` and the A1111 path compute, so the norm here is of W + ΔW on both axes."""
+    t = {k: v.to(device=weight.device, dtype=dtype) for k, v in lw.t.items()}
+    w = own.to(dtype)
+    dw, _ = lw.module.delta(t, w, patch.dyn)
+    if tuple(dw.shape) != tuple(w.shape):
+        dw = dw.reshape(w.shape)
+    dw *= lw.effective_scale()
+    calc = w + dw
+    ds = lw.dora_scale.to(device=weight.device, dtype=dtype)
+    rest = [1] * (calc.dim() - 1)
+    if formats.dora_on_out(ds, w.shape):
+        norm = calc.reshape(calc.shape[0], -1).norm(dim=1, keepdim=True).reshape(calc.shape[0], *rest)
+    else:
+        norm = (calc.transpose(0, 1).reshape(calc.shape[1], -1).norm(dim=1, keepdim=True)
+                .reshape(calc.shape[1], *rest).transpose(0, 1))
+    norm = norm + torch.finfo(dtype).eps
+    calc *= ds.reshape(norm.shape) / norm
+    if m != 1.0:
+        calc -= w
+        new = w + m * calc
+    else:
+        new = calc
+    weight.copy_((_swap(new) if patch.swap else new).to(weight.dtype))
     return weight
 
 

@@ -16,6 +16,11 @@ fused weight is ``(key, (0, first row, rows))`` and for ``norm_out.linear`` ``(k
 (Forge's own addition). ``merge_lora_to_weight`` narrows the weight to a patch's ``offset`` before computing it (an
 extra weight calculator gets the narrowed view and must change it in place) and passes ``lora``/``diff`` deltas
 through the key's ``function``. ``load_lora`` also takes PEFT's ``lora_A``/``lora_B`` names.
+
+DoRA (``x.dora_scale``, read by ``load_lora`` into the ``lora`` payload): ``weight_decompose`` as Forge 2.0.1 has it
+(ComfyUI's): ``ΔW·alpha`` added to W, the sum scaled by ``dora_scale / (norm + eps)``, then ``W += strength·(W_c − W)``
+(``W = W_c`` at strength 1). The norm: per input column of W + ΔW when ``dora_scale.shape[0]`` differs from the rows;
+per output row *of the original W* when it equals them (the host's quirk, kept because it is the host's behaviour).
 """
 import torch
 
@@ -38,8 +43,9 @@ def load_lora(lora, to_load):
         if up not in lora or down not in lora:
             continue
         alpha = lora[f"{name}.alpha"].item() if f"{name}.alpha" in lora else None
-        used.update(k for k in (up, down, f"{name}.alpha") if k in lora)
-        patches[param] = ("lora", (lora[up], lora[down], alpha, None, None))
+        dora = lora.get(f"{name}.dora_scale")
+        used.update(k for k in (up, down, f"{name}.alpha", f"{name}.dora_scale") if k in lora)
+        patches[param] = ("lora", (lora[up], lora[down], alpha, None, dora))
     return patches, {k: v for k, v in lora.items() if k not in used}
 
 
@@ -120,6 +126,28 @@ def model_lora_keys_unet(model, key_map={}):  # noqa: B006 - Forge's own signatu
 
 
 @torch.inference_mode()
+def weight_decompose(dora_scale, weight, lora_diff, alpha, strength, computation_dtype, function):
+    """DoRA as Forge 2.0.1 merges it (see the module doc); ``weight`` is changed in place and returned."""
+    scale = dora_scale.to(weight.device, computation_dtype)
+    lora_diff *= alpha
+    calc = weight + function(lora_diff).type(weight.dtype)
+    ones = [1] * (weight.dim() - 1)
+    if scale.shape[0] == calc.shape[0]:       # per output row: the norm of the original weight (the host's quirk)
+        norm = weight.reshape(weight.shape[0], -1).norm(dim=1, keepdim=True).reshape(weight.shape[0], *ones)
+    else:                                     # per input column of W + ΔW
+        norm = (calc.transpose(0, 1).reshape(calc.shape[1], -1).norm(dim=1, keepdim=True)
+                .reshape(calc.shape[1], *ones).transpose(0, 1))
+    norm = norm + torch.finfo(weight.dtype).eps
+    calc *= (scale / norm).type(weight.dtype)
+    if strength != 1.0:
+        calc -= weight
+        weight += strength * calc
+    else:
+        weight[:] = calc
+    return weight
+
+
+@torch.inference_mode()
 def merge_lora_to_weight(patches, weight, key="online_lora", computation_dtype=torch.float32):
     dtype_backup = None
     if weight.dtype == computation_dtype:
@@ -145,7 +173,10 @@ def merge_lora_to_weight(patches, weight, key="online_lora", computation_dtype=t
             up, down = v[0].to(weight.device, computation_dtype), v[1].to(weight.device, computation_dtype)
             alpha = v[2] / down.shape[0] if v[2] is not None else 1.0
             diff = torch.mm(up.flatten(start_dim=1), down.flatten(start_dim=1)).reshape(weight.shape)
-            weight += function(((strength * alpha) * diff).type(weight.dtype))
+            if v[4] is not None:
+                weight = weight_decompose(v[4], weight, diff, alpha, strength, computation_dtype, function)
+            else:
+                weight += function(((strength * alpha) * diff).type(weight.dtype))
         elif patch_type in extra_weight_calculators:
             weight = extra_weight_calculators[patch_type](weight, strength, v)
         else:
