@@ -93,6 +93,16 @@ def test_neo_names_inspect_bake_and_convert(tmp_path):
         k = f"model.diffusion_model.single_blocks.{n}.linear1.weight"
         assert torch.equal(out[k][3 * H:], base[k][3 * H:]) and not torch.equal(out[k][:3 * H], base[k][:3 * H])
 
+    # on an SD model the refusal names a whole module of the file, not just its first dotted word
+    import pytest
+
+    from lib_sdtoolkit.errors import ArchitectureError
+    from lib_sdtoolkit.lora.network import load_network
+
+    with pytest.raises(ArchitectureError, match=r"'diffusion_model\.(single|double)_blocks\.\d+\.[a-z_.0-9]+'.*"
+                                                 r"this is a Flux\.1 network and the model is SD1"):
+        load_network(tmp_path / "neo.safetensors", "SD1")
+
     conv = convert(tmp_path / "neo.safetensors", tmp_path / "neo-kohya.safetensors", "kohya")
     assert conv["source_naming"] == "comfy"
     ksd = load_state_dict(tmp_path / "neo-kohya.safetensors")

@@ -139,6 +139,13 @@ def guess_lora_arch(keys: List[str], metadata: Dict[str, str]) -> Optional[str]:
     return None
 
 
+def _module_of(key: str, arch: str) -> str:
+    """The module a file key belongs to, as the file spells it (``diffusion_model.double_blocks.0.img_attn.qkv``, not
+    just ``diffusion_model``), for an error that names one layer."""
+    s = split_key(key, arch)
+    return s[0] if s else key.split(".")[0]
+
+
 def load_network(path: PathLike, arch: str, name: Optional[str] = None) -> Network:
     """Parse ``path`` for a model of ``arch`` (SD1, SD2, SDXL...). Raises ModelFileError/FormatError/
     ArchitectureError with the file and the layer named."""
@@ -152,7 +159,8 @@ def load_network(path: PathLike, arch: str, name: Optional[str] = None) -> Netwo
         if (guessed == fluxnames.ARCH) != flux:
             example = keys[0] if keys else "-"
             raise ArchitectureError(f"this is a{' Flux.1' if guessed == fluxnames.ARCH else ' ' + str(guessed)} "
-                                    f"network and the model is {base}; not applied", p, example.split(".")[0])
+                                    f"network and the model is {base}; not applied", p,
+                                    _module_of(example, guessed or base))
         if guessed == "SDXL" and not base.startswith("SDXL"):
             example = next((k for k in keys if k.startswith(("lora_te1_", "lora_te2_", "text_encoder_2."))), keys[0])
             raise ArchitectureError(f"this is an SDXL network (te1/te2 text encoders or sdxl base model in its "
