@@ -320,10 +320,10 @@ def test_neo_only_names_same_bits_as_neos_own_lora(forge, files):
     _same_bits(forge, files, "neo")
 
 
-@pytest.mark.parametrize("forge", ["forge201"], indirect=True)
 def test_dora_on_flux_against_forges_own_weight_decompose(forge, files):
-    """DoRA through <sdtlora> and through Forge 2.0.1's own <lora> (the double's ``weight_decompose``, read from the
-    host; the real Forge 2.0.1 gives the same results - /work/scratch check of issue 13, in the report):
+    """DoRA through <sdtlora> and through the flavour's own <lora> (Forge 2.0.1's ``merge_lora_to_weight`` / Neo's
+    ``LoRAAdapter``, both calling ComfyUI's ``weight_decompose``, read from the hosts; the real Forge 2.0.1 gives the
+    same results as its double here - checked in process against the real build, see issue 13's report):
 
     * per input column (kohya / A1111 ``dora_scale`` [1, in]), on a whole qkv and on the k rows of another (Forge's
       offset patch): bit-identical to the host, and equal to the DoRA formula;

@@ -4,8 +4,10 @@ Shape kept: ``model_lora_keys_clip`` returns ``(state-dict keys, key map)``; ``m
 map. Kept names: SD1's CLIP-L and ldm UNet; Flux.1 (``model.config.huggingface_repo`` names flux or chroma): the
 diffusers names from ``utils.flux_to_diffusers`` (``transformer.``, ``lycoris_``, ``lora_transformer_``; values with
 offsets / the swap function) and ``diffusion_model.single_blocks.N.linear1_qkv`` -> the q|k|v rows of ``linear1``;
-T5-XXL's ``t5xxl.transformer.*`` as ``lora_te2_`` / ``lora_te3_`` beside CLIP-L (Neo's index rule). ``load_lora`` reads ``x.alpha`` and asks each class of
-``weight_adapter.adapters`` in turn; the patch of a module is the adapter that took it.
+T5-XXL's ``t5xxl.transformer.*`` as ``lora_te2_`` / ``lora_te3_`` beside CLIP-L (Neo's index rule). ``load_lora`` reads ``x.alpha`` and
+``x.dora_scale`` and asks each class of ``weight_adapter.adapters`` in turn (the patch of a module is the adapter that
+took it); then, as Neo's, ``x.diff`` -> ``("diff", (t,))``, ``x.diff_b`` -> a ``diff`` on the module's bias and
+``x.set_weight`` -> ``("set", (t,))``. Not kept: the BFL control-LoRA conversion and ``w_norm``/``b_norm``.
 """
 from modules_forge.packages.comfy import weight_adapter  # noqa: F401 - Neo's backend.patcher.lora re-exports it
 from modules_forge.packages.comfy.utils import flux_to_diffusers
@@ -23,11 +25,22 @@ def load_lora(lora, to_load):
         if f"{name}.alpha" in lora:
             alpha = lora[f"{name}.alpha"].item()
             used.add(f"{name}.alpha")
+        dora = lora.get(f"{name}.dora_scale")
+        if dora is not None:
+            used.add(f"{name}.dora_scale")
         for cls in weight_adapter.adapters:
-            adapter = cls.load(name, lora, alpha, None, used)
+            adapter = cls.load(name, lora, alpha, dora, used)
             if adapter is not None:
                 patches[param] = adapter
                 used.update(adapter.loaded_keys)
+        target = param[0] if isinstance(param, tuple) else param
+        for part, kind in (("diff", "diff"), ("set_weight", "set")):
+            if f"{name}.{part}" in lora:
+                patches[param] = (kind, (lora[f"{name}.{part}"],))
+                used.add(f"{name}.{part}")
+        if f"{name}.diff_b" in lora:
+            patches[target[:-len(".weight")] + ".bias"] = ("diff", (lora[f"{name}.diff_b"],))
+            used.add(f"{name}.diff_b")
     return patches, {k: v for k, v in lora.items() if k not in used}
 
 

@@ -2,13 +2,14 @@
 
 Kept: ``load(x, lora, alpha, dora_scale, loaded_keys)`` picks ``x.lora_up.weight`` / ``x.lora_down.weight`` (or
 ``x.lora_B.weight`` / ``x.lora_A.weight``; None when
-the module is not a plain LoRA), and ``calculate_weight`` in ComfyUI's order: ``ΔW = up @ down`` in the intermediate
-dtype, then ``(strength * alpha/rank) * ΔW`` cast to the weight's dtype, passed through ``function``, added. No CP
-mid, no DoRA, no reshape of the double's models (Forge Neo's other LoRA names are not kept).
+the module is not a plain LoRA; ``weights`` laid out as ComfyUI's: up, down, alpha, mid, dora_scale, reshape), and
+``calculate_weight`` in ComfyUI's order: ``ΔW = up @ down`` in the intermediate dtype, then ``(strength * alpha/rank)
+* ΔW`` cast to the weight's dtype, passed through ``function``, added - or, with a ``dora_scale``, ``weight_decompose``
+(base.py). No CP mid, no reshape of the double's models (Forge Neo's other LoRA names are not kept).
 """
 import torch
 
-from .base import WeightAdapterBase
+from .base import WeightAdapterBase, weight_decompose
 
 
 class LoRAAdapter(WeightAdapterBase):
@@ -25,7 +26,7 @@ class LoRAAdapter(WeightAdapterBase):
             up, down = f"{x}.lora_B.weight", f"{x}.lora_A.weight"
         if up not in lora or down not in lora:
             return None
-        return cls({up, down}, (lora[up], lora[down], alpha, None, None, dora_scale))
+        return cls({up, down}, (lora[up], lora[down], alpha, None, dora_scale, None))
 
     def calculate_weight(self, weight, key, strength, strength_model, offset, function,
                          intermediate_dtype=torch.float32, original_weight=None):
@@ -34,5 +35,7 @@ class LoRAAdapter(WeightAdapterBase):
         down = down.to(weight.device, intermediate_dtype)
         alpha = alpha / down.shape[0] if alpha is not None else 1.0
         diff = torch.mm(up.flatten(start_dim=1), down.flatten(start_dim=1)).reshape(weight.shape)
+        if self.weights[4] is not None:
+            return weight_decompose(self.weights[4], weight, diff, alpha, strength, intermediate_dtype, function)
         weight += function(((strength * alpha) * diff).type(weight.dtype))
         return weight
