@@ -33,9 +33,11 @@ def dora_layers(g, peft=True):
            ("transformer.transformer_blocks.6.attn.to_k", "double_blocks.6.img_attn.qkv.weight", (H, 2 * H), H, H, "in"),
            ("transformer.transformer_blocks.7.attn.add_v_proj", "double_blocks.7.txt_attn.qkv.weight", (2 * H, 3 * H), H,
             H, "out")]
-    if peft:   # PEFT's 1-D magnitude on the mlp rows of linear1 (Forge reads only ``.dora_scale``)
+    if peft:   # PEFT's 1-D magnitude on the mlp rows of linear1 and on a square q slice (Forge reads only ``.dora_scale``)
         out.append(("transformer.single_transformer_blocks.4.proj_mlp", "single_blocks.4.linear1.weight",
                      (3 * H, 7 * H), 4 * H, H, "out1d"))
+        out.append(("transformer.transformer_blocks.8.attn.to_q", "double_blocks.8.img_attn.qkv.weight", (0, H), H, H,
+                    "out1d"))
     return out
 
 
@@ -59,7 +61,8 @@ def dora_file(path, peft=True, seed=31):
 
 def test_bake_dora_on_flux_equals_the_formula(base, tmp_path):  # noqa: F811
     """Both axes, a whole fused qkv, the non-square linear2, slices of qkv (to_k, add_v_proj) and of linear1
-    (proj_mlp, PEFT's 1-D magnitude): the slice's own rows are decomposed, every other row and key is untouched."""
+    (proj_mlp), PEFT's 1-D magnitude on the mlp rows and on the square q slice of a qkv (per output row: it was
+    refused as ambiguous): the slice's own rows are decomposed, every other row and key is untouched."""
     from lib_sdtoolkit.lora.bake import bake
 
     layers = dora_file(tmp_path / "dora.safetensors")

@@ -137,11 +137,15 @@ def test_dora_both_conventions_match_lycoris(on_out, conv):
 
 
 def test_dora_ambiguous_shape_refused():
-    layer = make_layer("lora_unet_sq", {"lora_up.weight": rnd(6, 2), "lora_down.weight": rnd(2, 6),
-                                        "dora_scale": rnd(6).abs()})
+    """A shape that fits neither axis (or both, 2-D) is refused; a flat one is PEFT's per-output magnitude, also on a
+    square weight (PEFT writes it per output row; the hosts' weight_decompose reads ``shape[0] == rows`` so)."""
     with pytest.raises(ValueError, match="dora_scale"):
-        formats.dora_on_out(layer.dora_scale, (6, 6))
-    assert formats.dora_on_out(rnd(6), (6, 4)) is True  # PEFT's flat per-output magnitude
+        formats.dora_on_out(rnd(5), (6, 4))
+    with pytest.raises(ValueError, match="dora_scale"):
+        formats.dora_on_out(rnd(1, 1), (1, 1))
+    assert formats.dora_on_out(rnd(6), (6, 6)) is True   # PEFT on a square weight (a Flux q/k/v slice)
+    assert formats.dora_on_out(rnd(6), (6, 4)) is True   # PEFT's flat per-output magnitude
+    assert formats.dora_on_out(rnd(4), (6, 4)) is False
 
 
 @pytest.mark.parametrize("on_input", [False, True])

@@ -9,7 +9,8 @@ common to all types, in the WebUI's order (A1111 ``NetworkModule.finalize_updown
 1. ``ΔW *= scale`` where scale = the ``scale`` key if present, else alpha/rank if both are known, else 1
    (alpha 0 or missing = rank, as kohya trains it);
 2. DoRA when ``dora_scale`` is present: W'' = dora_scale · (W + ΔW)/‖W + ΔW‖ and ΔW = W'' − W, the norm taken per
-   output row or per input column as detected from the shape of ``dora_scale`` (ambiguous shapes are refused);
+   output row or per input column as detected from the shape of ``dora_scale`` (a flat one is PEFT's per-output
+   magnitude; ambiguous shapes are refused);
 3. the caller multiplies by the user's multiplier (te/unet weight x block weight).
 
 Module types are tried in the WebUI's order; the first that accepts the module's part names wins.
@@ -101,7 +102,9 @@ def make_layer(name: str, tensors: Dict[str, torch.Tensor], path: Optional[str] 
 
 def dora_on_out(dora_scale: torch.Tensor, shape: Sequence[int]) -> bool:
     """True when ``dora_scale`` holds one norm per output row (LyCORIS >= 3.2, PEFT), False for one per input
-    column (A1111 / older LyCORIS). Raises ValueError when its shape fits both or neither."""
+    column (A1111 / older LyCORIS). A flat (1-D) one is PEFT's per-output magnitude wherever its length is the number
+    of rows (square weights included: every q/k/v slice of Flux). Raises ValueError when its shape fits both or
+    neither."""
     out_dim, in_dim = int(shape[0]), int(shape[1]) if len(shape) > 1 else 1
     s = tuple(dora_scale.shape)
     nontrivial = [i for i, d in enumerate(s) if d != 1]
@@ -114,10 +117,10 @@ def dora_on_out(dora_scale: torch.Tensor, shape: Sequence[int]) -> bool:
             return True
         if not nontrivial and in_dim == 1 and out_dim != 1:
             return False
-    if len(s) == 1:
-        if s[0] == out_dim and s[0] != in_dim:
+    if len(s) == 1:   # only PEFT writes a flat magnitude (``lora_magnitude_vector``): one norm per output row,
+        if s[0] == out_dim:   # also on a square weight (the hosts' weight_decompose reads it so: shape[0] == rows)
             return True
-        if s[0] == in_dim and s[0] != out_dim:
+        if s[0] == in_dim:
             return False
     raise ValueError(f"dora_scale of shape {list(s)} does not tell per-output from per-input for a weight of "
                      f"shape {list(shape)}")
