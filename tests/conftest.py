@@ -33,6 +33,18 @@ if not os.environ.get("SDTOOLKIT_CACHE_DIR"):
 
     os.environ["SDTOOLKIT_CACHE_DIR"] = tempfile.mkdtemp(prefix="sdt-test-cache-")
 
+# One intra-op torch thread for the whole suite (and the CLI subprocesses it starts, which inherit the variable):
+# every model here is tiny, so a second OpenMP thread gains little even on an idle machine, and on a 2-core one
+# whose other core is busy (a uvicorn thread, a merge reader, CI neighbours) an OpenMP barrier spins for a whole
+# time slice:
+# factory.write_checkpoint("SD1") took 5.4 s with two threads and 0.7 s with one on the loaded test machine.
+# No assertion depends on it: a thread count can at most change the order of a float reduction, and a test that
+# compares a subprocess's result with its own compares two computations made with the same setting.
+# Set before anything imports torch; a value the caller exported wins.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+if "torch" in sys.modules:  # a plugin imported torch first: the variable came too late for it
+    sys.modules["torch"].set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
+
 #: fixture name -> write_checkpoint arguments (arch first). Every file uses seed 0 unless said otherwise.
 FIXTURE_SPECS: Dict[str, Dict[str, Any]] = {
     "sd1": dict(arch="SD1", suffix=".safetensors"),                      # SD1.5, fp32, 1131 keys

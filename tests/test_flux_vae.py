@@ -47,23 +47,31 @@ def vae16(tmp_path_factory):
     return ref, files
 
 
-@pytest.mark.parametrize("layout", ["ae", "diffusers", "all-in-one"])
-def test_tiled_decode_and_encode_equal_diffusers_full(vae16, layout):
-    ref, files = vae16
-    v = load_vae(str(files[layout]))
-    assert (v.scaling_factor, v.shift_factor) == (SCALE, SHIFT)
+@pytest.fixture(scope="module")
+def diffusers_refs(vae16):
+    """(latent, diffusers' full decode of it, image, diffusers' full encode of it): the same inputs and the same
+    reference for every layout, so computed once (diffusers' full decode and encode were half of each case)."""
+    ref, _ = vae16
     g = torch.Generator().manual_seed(1)
     lat = torch.randn(1, 16, 14, 10, generator=g)
-    cfg = TiledVAEConfig(tile_px=32)
-    assert plan_for(v.decoder, lat.shape, cfg).describe().count("tiles of 32x32 px") == 1
+    img = torch.rand(1, 3, 112, 80, generator=g) * 2 - 1
     with torch.no_grad():
         want = ref.decode(lat / SCALE + SHIFT).sample
+        zref = (ref.encode(img).latent_dist.mean - SHIFT) * SCALE
+    return lat, want, img, zref
+
+
+@pytest.mark.parametrize("layout", ["ae", "diffusers", "all-in-one"])
+def test_tiled_decode_and_encode_equal_diffusers_full(vae16, diffusers_refs, layout):
+    _, files = vae16
+    lat, want, img, zref = (t.clone() for t in diffusers_refs)
+    v = load_vae(str(files[layout]))
+    assert (v.scaling_factor, v.shift_factor) == (SCALE, SHIFT)
+    cfg = TiledVAEConfig(tile_px=32)
+    assert plan_for(v.decoder, lat.shape, cfg).describe().count("tiles of 32x32 px") == 1
     tiled = decode(v, lat, cfg)
     torch.testing.assert_close(tiled, want, rtol=0, atol=2e-5)
     torch.testing.assert_close(decode(v, lat, full=True), want, rtol=0, atol=2e-5)
-    img = torch.rand(1, 3, 112, 80, generator=g) * 2 - 1
-    with torch.no_grad():
-        zref = (ref.encode(img).latent_dist.mean - SHIFT) * SCALE
     torch.testing.assert_close(encode(v, img, cfg), zref, rtol=0, atol=2e-5)
 
 

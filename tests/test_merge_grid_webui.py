@@ -109,18 +109,29 @@ def env(tmp_path_factory):
     script_callbacks.clear_callbacks()
 
 
-def _reference_image(env, path: Path, seed: int, prompt: str) -> torch.Tensor:
-    """What the WebUI generates after loading the checkpoint file ``path`` (then A is loaded again)."""
+def _reference_images(env, paths: List[Path], seed: int, prompt: str) -> List[torch.Tensor]:
+    """What the WebUI generates after loading each checkpoint file of ``paths`` in turn (then A is loaded again,
+    once: reloading A between two files cost a third of the 3x2 grid test). Every file must hold every key of A, so
+    each load replaces the whole model and no value of the file before can leak into the next image."""
+    from safetensors import safe_open
+
     from modules import processing, sd_models
 
     model = env["model"]
-    sd_models.reload_model_weights(model, sd_models.CheckpointInfo(str(path)))
+    with safe_open(str(env["paths"]["A"]), "pt") as f:
+        a_keys = set(f.keys())
+    out = []
     try:
-        p = processing.StableDiffusionProcessingTxt2Img(model, None, (), prompt=prompt, negative_prompt="blur", seed=seed,
-                                                       steps=2)
-        return processing.process_images(p).images[0]
+        for path in paths:
+            with safe_open(str(path), "pt") as f:
+                assert set(f.keys()) == a_keys, path
+            sd_models.reload_model_weights(model, sd_models.CheckpointInfo(str(path)))
+            p = processing.StableDiffusionProcessingTxt2Img(model, None, (), prompt=prompt, negative_prompt="blur",
+                                                           seed=seed, steps=2)
+            out.append(processing.process_images(p).images[0])
     finally:
         sd_models.reload_model_weights(model, sd_models.CheckpointInfo(str(env["paths"]["A"])))
+    return out
 
 
 def _txt2img(env, script_args: List[Any], seed: int = 7, prompt: str = "a red cat"):
@@ -185,11 +196,12 @@ def test_grid_3x2_equals_file_merges_and_restores_the_model(env, tmp_path):
     assert [(c.col, c.row, c.x, c.y) for c in cells] == [(i % 3, i // 3, [0.0, 0.5, 1.0][i % 3], [0.3, 0.6][i // 3])
                                                        for i in range(6)]
     # each cell = the WebUI's image after loading the file merge of the cell's recipe (tensors and PNG pixels)
+    files = []
     for c in cells:
         assert c.recipe.model_a == str(env["paths"]["A"]) and c.recipe.dtype == "fp32"
-        f = tmp_path / f"cell{c.index}.safetensors"
-        merge_files(c.recipe, f)
-        ref = _reference_image(env, f, 7, "a red cat")
+        files.append(merge_files(c.recipe, tmp_path / f"cell{c.index}.safetensors").output)
+    refs = _reference_images(env, files, 7, "a red cat")
+    for c, ref in zip(cells, refs, strict=True):
         assert torch.equal(c.result["image"], ref), c.index
         assert list(pngs[1 + c.index].getdata()) == list(_script_module()._to_pil(ref).getdata())
         # the infotext carries the recipe (quoted as the WebUI quotes a value holding commas), models by name
