@@ -298,6 +298,7 @@ class _DigestLane:
                 self.ok = False
                 if release is not None:
                     release()
+                self._drop_early()  # nothing waits for the bytes before them any more
                 continue
             if pos > self.pos:
                 self._early[pos] = (buf, release)
@@ -308,6 +309,7 @@ class _DigestLane:
                     self._hash(*self._early.pop(self.pos))
             except BaseException:  # noqa: BLE001 - the write goes on; the digest is just not given
                 self.ok = False
+                self._drop_early()
         self._drop_early()
 
     def _drop_early(self) -> None:
@@ -315,6 +317,11 @@ class _DigestLane:
         for _, release in early.values():
             if release is not None:
                 release()
+
+    def abort(self) -> None:
+        """The write failed: release every part without hashing it, and end the thread."""
+        self.ok = False
+        self.finish()
 
     def finish(self) -> Optional[Dict[str, str]]:
         """Wait for every part fed so far to be hashed; the digests if the whole file was, else None."""
@@ -387,7 +394,7 @@ class StreamingSafetensorsWriter:
     def _close_fd(self) -> None:
         lane, self._lane = self._lane, None
         if lane is not None:
-            lane.finish()
+            lane.abort()
         if self._fd is not None:
             with contextlib.suppress(OSError):
                 os.close(self._fd)
@@ -489,7 +496,12 @@ class StreamingSafetensorsWriter:
         except OSError as e:
             exc, exc_type = e, type(e)
         lane, self._lane = self._lane, None
-        digests = lane.finish() if lane is not None else None
+        digests = None
+        if lane is not None:
+            if exc is None:
+                digests = lane.finish()
+            else:
+                lane.abort()
         self._close_fd()
         if ctx is None:
             return

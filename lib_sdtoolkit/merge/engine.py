@@ -11,6 +11,10 @@ offset and starts its write-back to disk; torch and the I/O calls release the GI
 of chunk buffers, whatever the model's size (methods that need whole tensors, such as TIES and DARE, hold a few
 tensors). The method's maths and facts come from its declaration in :mod:`lib_sdtoolkit.merge.methods`.
 
+The output is hashed as it is written (sha256 and the legacy hash, in file order, by the writer's digest lane):
+the report's ``output_sha256``, also put into the hash cache, so that the history record and a later merge that
+takes the output as an input do not read it again (a ``.ckpt`` output is not hashed here).
+
 The metadata names the inputs by sha256 (and the legacy hash); they come from the hash cache
 (:mod:`lib_sdtoolkit.files.hash_cache`), so a merge of inputs hashed before reads each input once; the others are
 hashed first, in a phase of their own (``hash_progress``), and stored in the cache.
