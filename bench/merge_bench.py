@@ -30,6 +30,10 @@ the inputs); after a side's last round its output is first checked: a digest of 
 outputs are compared key by key with ours: how many tensors are bit-identical) and, on a sample of keys, the max
 abs difference against ``A*0.7 + B*0.3`` and the swapped ``A*0.3 + B*0.7``, so that every tool is seen to take the
 ratio the same way round. The bench's hash cache is deleted at the end.
+
+Start-up as installed: ours runs from compiled bytecode (written once before the rounds into the bench's cache
+folder, ``_common.bytecode_env``), as a pip- or WebUI-installed copy does, even where ``PYTHONDONTWRITEBYTECODE``
+is set.
 """
 from __future__ import annotations
 
@@ -153,6 +157,7 @@ def bench_pair(label: str, a: Path, b: Path, d: Path, args, log) -> list:
     env = C.torch_free_env()
     env["SDTOOLKIT_CACHE_DIR"] = str(d / "cache")
     env["SDTOOLKIT_MERGE_STATS"] = "1"  # ours prints where its time went (stderr), logged with each round
+    env = C.bytecode_env(env, d / "cache" / "pycache")  # ours starts from bytecode, as an installed copy does
 
     def rm(p):
         def f():

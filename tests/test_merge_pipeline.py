@@ -149,3 +149,100 @@ def test_cancel_stops_the_pipeline_and_leaves_nothing(fixture_files, tmp_path):
         merge_files(MergeRecipe(str(a), str(b), save_metadata=False), out, progress=progress, cancel=cancel)
     assert max(seen) >= 5 and not out.exists() and not list(tmp_path.iterdir())
     assert not _threads()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# the output's digest, hashed by the writer as it writes (in file order, whatever order the parts come in)
+
+def _file_sha(p) -> str:
+    import hashlib
+
+    return hashlib.sha256(open(p, "rb").read()).hexdigest()
+
+
+def _file_autov1(p) -> str:
+    import hashlib
+
+    with open(p, "rb") as fh:
+        fh.seek(0x100000)
+        return hashlib.sha256(fh.read(0x10000)).hexdigest()[:8]
+
+
+def test_writer_digest_of_parts_in_any_order_is_the_files_sha256(tmp_path):
+    """Parts shuffled and written from two threads, some held by the lane until the bytes before them come: the
+    digest equals hashlib's of the file on disk, and every part's buffer is released exactly once."""
+    sd = _tensors()
+    sd["big"] = torch.randn(700, 900).to(torch.bfloat16)  # past AutoV1's window at 1 MiB
+    out = tmp_path / "parts.safetensors"
+    jobs = []
+    for k, t in sd.items():
+        flat = t.reshape(-1)
+        for s in range(0, max(flat.numel(), 1), 5000 if k == "big" else 50):
+            jobs.append((k, s, flat[s:s + (5000 if k == "big" else 50)].clone()))
+    random.Random(5).shuffle(jobs)
+    released = []
+    lock = threading.Lock()
+
+    def rel(i):
+        with lock:
+            released.append(i)
+
+    with StreamingSafetensorsWriter(out, [(k, t.dtype, t.shape) for k, t in sd.items()], {"m": "x" * 333},
+                                    digest=True) as w:
+        threads = [threading.Thread(target=lambda js: [w.write_part(*j, release=lambda i=i: rel(i)) for i, j in js],
+                                    args=(list(enumerate(jobs))[i::2],)) for i in range(2)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    assert sorted(released) == list(range(len(jobs)))
+    assert out.stat().st_size > 0x110000
+    assert w.digests == {"sha256": _file_sha(out), "autov1": _file_autov1(out)}
+    assert load_file(str(out))["big"].equal(sd["big"])
+
+
+def test_writer_digest_is_none_when_a_part_fails(tmp_path):
+    """A write that raises leaves no file and no digest (and its lane thread ends)."""
+    out = tmp_path / "x.safetensors"
+    with pytest.raises(InvalidInputError):
+        with StreamingSafetensorsWriter(out, [("a", torch.float16, (4,))], digest=True) as w:
+            w.write_part("a", 0, torch.zeros(2, dtype=torch.float16))
+            w.write_part("a", 0, torch.zeros(4, dtype=torch.float16))  # more than the tensor has
+    assert w.digests is None and not out.exists()
+    assert not [t for t in threading.enumerate() if t.name == "sdtoolkit-write-digest"]
+
+
+@pytest.mark.parametrize("case", [
+    dict(a="sd1_fp16", b="sd1_bf16", dtype="fp16", meta=True),
+    dict(a="sd1_fp16", b="sd1_bf16", dtype="fp8_e4m3fn", meta=True),
+    dict(a="sd1", b="sd1_fp16", dtype="fp32", meta=False, method="add_difference", c="sd1_bf16"),
+    dict(a="sd1_fp16", b="sd1_bf16", dtype="bf16", meta=False, method="ties", beta=0.5),  # whole tensors
+])
+def test_merge_output_sha256_is_the_files_and_goes_into_the_hash_cache(fixture_files, tmp_path, monkeypatch, case):
+    """The merge's own output digest (made while writing, with chunks small and out of order) equals hashlib's
+    sha256 of the file; the hash cache holds it and AutoV1 for the file as it is, so a later merge that takes the
+    output as an input hashes nothing."""
+    from lib_sdtoolkit.files.hash_cache import HashCache
+
+    monkeypatch.setattr(merge_engine, "SMALL_ELEMENTS", 30000)
+    monkeypatch.setattr(merge_engine, "CHUNK_ELEMENTS", 40961)
+    cache = HashCache(tmp_path / "h.sqlite")
+    a, b = fixture_files[case["a"]], fixture_files[case["b"]]
+    c = fixture_files[case["c"]] if "c" in case else None
+    out = tmp_path / "o.safetensors"
+    recipe = MergeRecipe(str(a), str(b), str(c) if c else None, alpha=0.3, beta=case.get("beta"),
+                         method=case.get("method", "weighted_sum"), dtype=case["dtype"], save_metadata=case["meta"])
+    rep = merge_files(recipe, out, workers=2, hash_cache=cache)
+    assert rep.output_sha256 == _file_sha(out)
+    hit = cache.get_hashes(out, ["sha256", "autov1"])
+    assert hit is not None and (hit.sha256, hit.autov1) == (_file_sha(out), _file_autov1(out))
+    ticks = []
+    merge_files(MergeRecipe(str(out), str(b), alpha=0.5), tmp_path / "o2.safetensors", hash_cache=cache,
+                hash_progress=lambda *x: ticks.append(x))
+    assert not [t for t in ticks if t[2] == out.name]  # the output's hashes came from the cache
+
+
+def test_ckpt_output_has_no_writer_digest(fixture_files, tmp_path):
+    a, b = fixture_files["sd1_fp16"], fixture_files["sd1_bf16"]
+    rep = merge_files(MergeRecipe(str(a), str(b), save_metadata=False), tmp_path / "o.ckpt", hash_cache=False)
+    assert rep.output_sha256 is None

@@ -90,5 +90,37 @@ def test_no_metadata_reads_once_and_hashes_nothing(fixture_files, tmp_path):
     read = _read_during(lambda: merge_files(recipe, tmp_path / "n.safetensors", hash_cache=cache,
                                             hash_progress=lambda *t: ticks.append(t)))
     assert read <= total * 1.1 + SLACK
-    assert not ticks and len(cache) == 0
+    assert not ticks
+    # no input was hashed; the cache holds only the output's hashes, made while it was written
+    assert cache.get_hashes(a) is None and cache.get_hashes(b) is None and len(cache) == 1
+    assert cache.get_hashes(tmp_path / "n.safetensors", ["sha256", "autov1"]).sha256 == _sha(tmp_path / "n.safetensors")
     assert "sd_merge_models" not in _meta(tmp_path / "n.safetensors")
+
+
+@pytest.mark.parametrize("suffix", [".safetensors", ".ckpt"])
+def test_merge_command_records_the_output_hash_without_reading_the_output(fixture_files, tmp_path, monkeypatch,
+                                                                            capsys, suffix):
+    """The whole command (``merge``, recorded in the output folder's history): with the inputs in the hash cache,
+    a .safetensors output's sha256 comes from the writer (no second read of the output) and is the file's; a
+    .ckpt output, which the writer cannot hash, is read once more for it."""
+    from lib_sdtoolkit import cli
+
+    monkeypatch.setenv("SDTOOLKIT_CACHE_DIR", str(tmp_path / "cache"))
+    a, b = fixture_files["sd1_fp16"], fixture_files["sd1_bf16"]
+    total = a.stat().st_size + b.stat().st_size
+    assert cli.main(["hash", str(a), str(b), "--algo", "sha256,autov1", "--json"]) == 0
+    out = tmp_path / "out" / f"m{suffix}"
+    out.parent.mkdir()
+    capsys.readouterr()
+    read = _read_during(lambda: cli.main(["merge", str(a), str(b), "-o", str(out), "--alpha", "0.3", "--json"]))
+    capsys.readouterr()
+    entry = json.loads((out.parent / "sdtoolkit-history.jsonl").read_text().splitlines()[-1])
+    assert entry["sha256"] == _sha(out)
+    size = out.stat().st_size
+    print(f"\n{suffix}: inputs {total} B, output {size} B, read {read} B")
+    if suffix == ".safetensors":
+        assert read <= total * 1.1 + SLACK
+        with HashCache(tmp_path / "cache") as cache:  # and a later merge of the output finds its hashes
+            assert cache.get_hashes(out, ["sha256", "autov1"]).sha256 == entry["sha256"]
+    else:
+        assert read >= total + size * 0.9

@@ -11,6 +11,15 @@ no longer running (:func:`sweep_stale_temps`).
 or a prune knows its output layout from the inputs' headers), writes the header first and then each tensor
 at its offset as it comes, so it holds no tensor beyond the one being written. Writes may come in any order
 and from several threads (``os.pwrite`` at fixed offsets).
+
+With ``digest=True`` the writer also hashes what it writes (sha256 of the whole file and the legacy AutoV1), so
+that nobody has to read the output again to name it (the history record, a later merge that takes it as an
+input): the header is hashed first, then each written part in file order, by a lane thread of its own
+(:class:`_DigestLane`) that takes the parts as they are written, in whatever order, holds the ones that come
+early until the bytes before them are hashed, and only then hands each part's buffer back (the ``release``
+callback of :meth:`StreamingSafetensorsWriter.write_part`), so no byte is copied. The digests are the file's as it
+is on disk (every byte of the file is written exactly once, at its planned offset); they are given
+(:meth:`StreamingSafetensorsWriter.file_hashes`) only when the lane saw every byte of the file, contiguous.
 """
 from __future__ import annotations
 
@@ -18,13 +27,14 @@ import contextlib
 import errno
 import json
 import os
+import queue
 import re
 import stat
 import sys
 import threading
 import uuid
 from pathlib import Path
-from typing import Any, Dict, Iterable, Iterator, List, Mapping, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Dict, Iterable, Iterator, List, Mapping, Optional, Sequence, Tuple, Union
 
 import torch
 
@@ -248,6 +258,80 @@ def start_writeback(fd: int) -> bool:
     return _SYNC_FILE_RANGE(fd, 0, 0, 2) == 0  # SYNC_FILE_RANGE_WRITE, offset 0, to the end of the file
 
 
+class _DigestLane:
+    """sha256 and AutoV1 of a file fed as (offset, bytes) parts in any order, hashed in file order on a thread of
+    its own (hashlib releases the GIL on large buffers, so hashing overlaps the writes and the work that makes
+    them). A part that comes before the bytes ahead of it is held (with its ``release`` callback) until they come."""
+
+    def __init__(self, total: int) -> None:
+        from .hashes import _AutoV1, _Sha256
+
+        self.total = total
+        self.sinks = [_Sha256(), _AutoV1()]
+        self.pos = 0
+        self.ok = True
+        self._early: Dict[int, Tuple[Any, Any]] = {}
+        self._q: "queue.Queue" = queue.Queue()
+        self._thread = threading.Thread(target=self._run, name="sdtoolkit-write-digest", daemon=True)
+        self._thread.start()
+
+    def feed(self, pos: int, buf: Any, release: Any = None) -> None:
+        self._q.put((pos, buf, release))
+
+    def _hash(self, buf: Any, release: Any) -> None:
+        try:
+            mv = memoryview(buf).cast("B")
+            for s in self.sinks:
+                s.update(mv, self.pos)
+            self.pos += len(mv)
+        finally:
+            if release is not None:
+                release()
+
+    def _run(self) -> None:
+        while True:
+            job = self._q.get()
+            if job is None:
+                break
+            pos, buf, release = job
+            if not self.ok or pos < self.pos or pos in self._early:  # a byte written twice: no digest
+                self.ok = False
+                if release is not None:
+                    release()
+                self._drop_early()  # nothing waits for the bytes before them any more
+                continue
+            if pos > self.pos:
+                self._early[pos] = (buf, release)
+                continue
+            try:
+                self._hash(buf, release)
+                while self.pos in self._early:
+                    self._hash(*self._early.pop(self.pos))
+            except BaseException:  # noqa: BLE001 - the write goes on; the digest is just not given
+                self.ok = False
+                self._drop_early()
+        self._drop_early()
+
+    def _drop_early(self) -> None:
+        early, self._early = self._early, {}
+        for _, release in early.values():
+            if release is not None:
+                release()
+
+    def abort(self) -> None:
+        """The write failed: release every part without hashing it, and end the thread."""
+        self.ok = False
+        self.finish()
+
+    def finish(self) -> Optional[Dict[str, str]]:
+        """Wait for every part fed so far to be hashed; the digests if the whole file was, else None."""
+        self._q.put(None)
+        self._thread.join()
+        if not self.ok or self.pos != self.total or self._early:
+            return None
+        return {s.name: s.result() for s in self.sinks}
+
+
 class StreamingSafetensorsWriter:
     """Write a safetensors file tensor by tensor with a fixed, known-in-advance layout.
 
@@ -256,7 +340,7 @@ class StreamingSafetensorsWriter:
     """
 
     def __init__(self, path: PathLike, specs: Iterable[SpecLike], metadata: Optional[Mapping[str, str]] = None,
-                 overwrite: bool = False, early_writeback: bool = False):
+                 overwrite: bool = False, early_writeback: bool = False, digest: bool = False):
         self.path = Path(path)
         self.overwrite = overwrite
         self._specs = [_as_spec(s) for s in specs]
@@ -273,6 +357,11 @@ class StreamingSafetensorsWriter:
         self._ctx = None
         self._fd: Optional[int] = None
         self.tmp_path: Optional[Path] = None
+        #: hash what is written, in file order (``digest``; see the module docstring)
+        self._digest = digest
+        self._lane: Optional[_DigestLane] = None
+        #: after a successful exit with ``digest``: ``{"sha256": hex, "autov1": 8 hex}`` of the file, else None
+        self.digests: Optional[Dict[str, str]] = None
 
     @property
     def total_size(self) -> int:
@@ -284,7 +373,11 @@ class StreamingSafetensorsWriter:
         self.tmp_path = self._ctx.__enter__()
         try:
             self._fd = os.open(str(self.tmp_path), os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
-            os.pwrite(self._fd, len(self._header).to_bytes(8, "little") + self._header, 0)
+            head = len(self._header).to_bytes(8, "little") + self._header
+            os.pwrite(self._fd, head, 0)
+            if self._digest:
+                self._lane = _DigestLane(self.total_size)
+                self._lane.feed(0, head)
         except OSError as e:
             self._abort(e)
         return self
@@ -299,6 +392,9 @@ class StreamingSafetensorsWriter:
         raise e
 
     def _close_fd(self) -> None:
+        lane, self._lane = self._lane, None
+        if lane is not None:
+            lane.abort()
         if self._fd is not None:
             with contextlib.suppress(OSError):
                 os.close(self._fd)
@@ -313,7 +409,9 @@ class StreamingSafetensorsWriter:
             raise InvalidInputError("tensor is not in the planned output layout", self.path, name)
         return spec
 
-    def write(self, name: str, tensor: torch.Tensor) -> None:
+    def write(self, name: str, tensor: torch.Tensor, release: Optional[Callable[[], None]] = None) -> None:
+        """Write the whole tensor ``name``. ``release``: called once the writer is done with ``tensor``'s bytes
+        (at once, or with ``digest`` once they are hashed, from the lane's thread)."""
         dtype, shape = self._planned(name)
         if tensor.dtype != dtype or tuple(tensor.shape) != shape:
             raise InvalidInputError(
@@ -323,12 +421,17 @@ class StreamingSafetensorsWriter:
                 raise InvalidInputError("tensor written twice", self.path, name)
             self._written.add(name)
         start, end = self._offsets[name]
-        self._pwrite(tensor_bytes_view(tensor), self._data_start + start)
+        self._pwrite(tensor_bytes_view(tensor), self._data_start + start, release)
 
-    def write_part(self, name: str, start: int, data: torch.Tensor) -> None:
+    def write_part(self, name: str, start: int, data: torch.Tensor,
+                   release: Optional[Callable[[], None]] = None) -> None:
         """Write elements ``[start, start + data.numel())`` of tensor ``name`` (flattened, C order) from ``data``,
         a CPU tensor of the planned dtype. The parts of one tensor may come in any order and from several threads;
-        the tensor counts as written once as many elements as it has were written (more is an error)."""
+        the tensor counts as written once as many elements as it has were written (more is an error).
+
+        ``release``: called once the writer no longer needs ``data``'s bytes, so that the caller may reuse the
+        buffer: right after the write, or with ``digest`` once the lane has hashed them (from its thread; a part
+        written ahead of the bytes before it is held until they are written)."""
         dtype, shape = self._planned(name)
         numel = 1
         for s in shape:
@@ -345,15 +448,29 @@ class StreamingSafetensorsWriter:
             if done == numel:
                 self._written.add(name)
         if n:
-            self._pwrite(tensor_bytes_view(data), self._data_start + self._offsets[name][0] + start * data.element_size())
+            self._pwrite(tensor_bytes_view(data), self._data_start + self._offsets[name][0] + start * data.element_size(),
+                         release)
+        elif release is not None:
+            release()
 
-    def _pwrite(self, buf, pos: int) -> None:
+    def _pwrite(self, buf, pos: int, release: Optional[Callable[[], None]] = None) -> None:
         mv = memoryview(buf).cast("B") if not isinstance(buf, bytes) else memoryview(buf)
         size = len(mv)
-        while len(mv):
-            n = os.pwrite(self._fd, mv, pos)
-            pos += n
-            mv = mv[n:]
+        at = pos
+        try:
+            while len(mv):
+                n = os.pwrite(self._fd, mv, pos)
+                pos += n
+                mv = mv[n:]
+        except BaseException:
+            if release is not None:
+                release()
+            raise
+        lane = self._lane
+        if lane is not None and size:
+            lane.feed(at, buf, release)
+        elif release is not None:
+            release()
         if self._early_writeback:
             with self._lock:
                 self._unflushed += size
@@ -378,11 +495,19 @@ class StreamingSafetensorsWriter:
                 os.ftruncate(self._fd, self.total_size)
         except OSError as e:
             exc, exc_type = e, type(e)
+        lane, self._lane = self._lane, None
+        digests = None
+        if lane is not None:
+            if exc is None:
+                digests = lane.finish()
+            else:
+                lane.abort()
         self._close_fd()
         if ctx is None:
             return
         if exc is None:
             ctx.__exit__(None, None, None)
+            self.digests = digests
         else:
             try:
                 ctx.__exit__(exc_type, exc, exc.__traceback__)

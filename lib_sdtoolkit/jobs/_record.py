@@ -68,8 +68,12 @@ def record(host: Any, job: str, req: Any, report: Any, progress: Any = None) -> 
         path = Path(str(out))
         if not path.is_file():
             return None
-        tick = progress.bytes("hashing the output") if isinstance(progress, Progress) else None
-        sha = output_sha256(host, path, tick)
+        # a streamed merge hashes its output as it writes it (the report's output_sha256, also put into the hash
+        # cache); only outputs nobody hashed while writing (.ckpt, the other jobs' files) are read again here
+        sha = d.get("output_sha256")
+        if not sha or path.stat().st_size != d.get("bytes_written"):
+            tick = progress.bytes("hashing the output") if isinstance(progress, Progress) else None
+            sha = output_sha256(host, path, tick)
         request = _absolute_models(req) if host.trusted else req.to_dict()
         entry = history.make_entry(job, request, path, sha, d.get("input_sha256"))
         history.append(path.parent, entry)

@@ -11,6 +11,10 @@ offset and starts its write-back to disk; torch and the I/O calls release the GI
 of chunk buffers, whatever the model's size (methods that need whole tensors, such as TIES and DARE, hold a few
 tensors). The method's maths and facts come from its declaration in :mod:`lib_sdtoolkit.merge.methods`.
 
+The output is hashed as it is written (sha256 and the legacy hash, in file order, by the writer's digest lane):
+the report's ``output_sha256``, also put into the hash cache, so that the history record and a later merge that
+takes the output as an input do not read it again (a ``.ckpt`` output is not hashed here).
+
 The metadata names the inputs by sha256 (and the legacy hash); they come from the hash cache
 (:mod:`lib_sdtoolkit.files.hash_cache`), so a merge of inputs hashed before reads each input once; the others are
 hashed first, in a phase of their own (``hash_progress``), and stored in the cache.
@@ -35,6 +39,7 @@ Rules (each counted in the :class:`MergeReport`):
 from __future__ import annotations
 
 import concurrent.futures as cf
+import functools
 import json
 import os
 import queue
@@ -182,6 +187,8 @@ class MergeReport:
     bytes_written: int = 0
     seconds: float = 0.0
     input_sha256: Dict[str, Optional[str]] = field(default_factory=dict)
+    #: sha256 of the output file, hashed as it was written (None where the writer could not: a ``.ckpt`` output)
+    output_sha256: Optional[str] = None
     #: merge into a loaded module: output keys the module has no tensor for (EMA, position_ids buffers, ...)
     not_in_module: List[str] = field(default_factory=list)
 
@@ -512,6 +519,25 @@ def _hashes_for(recipe: MergeRecipe, sources: Mapping[str, "_Source"], hash_cach
     return input_hashes(sources, None, progress)
 
 
+def _store_output_hashes(hash_cache: Union[HashCache, bool, None], out: Path, digests: Mapping[str, str]) -> None:
+    """Put the output's hashes (computed while it was written) into the hash cache, so that the history record
+    and a later merge that takes the output as an input find them instead of reading the file. ``hash_cache`` as
+    in :func:`merge_files` (True: the default cache, False/None: none)."""
+    from ..files.hashes import FileHashes
+
+    try:
+        st = os.stat(out)
+    except OSError:
+        return
+    res = FileHashes(path=str(out), size=st.st_size, mtime=st.st_mtime, mtime_ns=st.st_mtime_ns,
+                     sha256=digests["sha256"], autov1=digests["autov1"], algos=("sha256", "autov1"))
+    if isinstance(hash_cache, HashCache):
+        hash_cache.put_hashes(res, st)
+    elif hash_cache:
+        with HashCache() as cache:
+            cache.put_hashes(res, st)
+
+
 def _decode(meta: Mapping[str, str], key: str) -> Any:
     v = meta.get(key)
     if isinstance(v, str) and v.startswith("{"):
@@ -826,13 +852,13 @@ def _stream_merge(plan: _Plan, writer: StreamingSafetensorsWriter, device: torch
                 sg, slot, data = get(to_write)
                 t1 = time.perf_counter()
                 stats["write_wait"] += t1 - t0
+                # the buffers go back (a whole tensor's token, a chunk's slot) once the writer is done with them:
+                # at once, or once its digest lane has hashed them (in file order, see StreamingSafetensorsWriter)
                 if sg.kind == "whole":
-                    writer.write(sg.item.name, data)
+                    writer.write(sg.item.name, data, release=whole_tokens.release)
                     del data
-                    whole_tokens.release()
                 else:
-                    writer.write_part(sg.item.name, sg.start, data)
-                    free.put(slot)
+                    writer.write_part(sg.item.name, sg.start, data, release=functools.partial(free.put, slot))
                 stats["write"] += time.perf_counter() - t1
                 left -= 1
                 remaining[sg.index] -= 1
@@ -983,10 +1009,16 @@ def merge_files(recipe: MergeRecipe, output: PathLike, overwrite: bool = False, 
         if suffix == ".safetensors":
             specs = [(i.name, i.dtype, i.shape) for i in plan.items]
             t_open = time.perf_counter()
-            with StreamingSafetensorsWriter(out, specs, meta or None, overwrite=overwrite, early_writeback=True) as w:
+            # the writer hashes the output as it writes it (sha256 + AutoV1, in file order), so the history record
+            # and a later merge that takes the output as an input do not read it again
+            with StreamingSafetensorsWriter(out, specs, meta or None, overwrite=overwrite, early_writeback=True,
+                                            digest=True) as w:
                 stats = _stream_merge(plan, w, dev, nworkers, progress, cancel)
                 size = w.total_size
                 t_pipe = time.perf_counter()
+            if w.digests:
+                plan.report.output_sha256 = w.digests["sha256"]
+                _store_output_hashes(hash_cache, out, w.digests)
             if os.environ.get("SDTOOLKIT_MERGE_STATS"):  # the bench's split of the time (stderr, one JSON line)
                 stats.update(setup=t_open - t0, pipeline=t_pipe - t_open, fsync_rename=time.perf_counter() - t_pipe)
                 print("sdtoolkit-merge-stats " + json.dumps({k: round(v, 3) for k, v in stats.items()}),
