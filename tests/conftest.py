@@ -33,16 +33,30 @@ if not os.environ.get("SDTOOLKIT_CACHE_DIR"):
 
     os.environ["SDTOOLKIT_CACHE_DIR"] = tempfile.mkdtemp(prefix="sdt-test-cache-")
 
-# One intra-op torch thread for the whole suite (and the CLI subprocesses it starts, which inherit the variable):
-# every model here is tiny, so a second OpenMP thread gains little even on an idle machine, and on a 2-core one
-# whose other core is busy (a uvicorn thread, a merge reader, CI neighbours) an OpenMP barrier spins for a whole
-# time slice:
-# factory.write_checkpoint("SD1") took 5.4 s with two threads and 0.7 s with one on the loaded test machine.
+# Intra-op torch threads for the whole suite (and the CLI subprocesses it starts, which inherit the variable).
+# Every model here is tiny. On a busy 2-core machine (CI neighbours, other workers) a second OpenMP thread spins
+# at each barrier for a whole time slice: factory.write_checkpoint("SD1") took 5.4 s with two threads and 0.7 s
+# with one there. On an idle one the second core pays: the whole suite took 629 s with two threads and 748 s with
+# one (same commit, idle 2-core machine, 2026-12-01). So: one thread when the machine is already busy at start
+# (1-minute load average >= cores - 0.5), torch's default otherwise.
 # No assertion depends on it: a thread count can at most change the order of a float reduction, and a test that
-# compares a subprocess's result with its own compares two computations made with the same setting.
+# compares a subprocess's result with its own compares two computations made with the same setting (the
+# subprocesses inherit OMP_NUM_THREADS, or the same default when it is unset).
 # Set before anything imports torch; a value the caller exported wins.
-os.environ.setdefault("OMP_NUM_THREADS", "1")
-if "torch" in sys.modules:  # a plugin imported torch first: the variable came too late for it
+def _busy_machine() -> bool:
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        cores = os.cpu_count() or 1
+    try:
+        return os.getloadavg()[0] >= cores - 0.5
+    except OSError:
+        return False
+
+
+if "OMP_NUM_THREADS" not in os.environ and _busy_machine():
+    os.environ["OMP_NUM_THREADS"] = "1"
+if "torch" in sys.modules and os.environ.get("OMP_NUM_THREADS"):  # a plugin imported torch before this file
     sys.modules["torch"].set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 
 #: fixture name -> write_checkpoint arguments (arch first). Every file uses seed 0 unless said otherwise.
