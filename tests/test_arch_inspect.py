@@ -19,26 +19,27 @@ from lib_sdtoolkit.samples import factory
 ARCHS = ["SD1", "SD2", "SDXL", "SDXL-refiner"]
 
 
-@pytest.fixture(scope="module")
-def files(tmp_path_factory):
-    d = tmp_path_factory.mktemp("arch")
-    out = {}
-    for arch in ARCHS:
-        out[arch] = factory.write_checkpoint(d / f"{arch}.safetensors", arch, dtype=torch.float16)
-    out["SD1-inpainting"] = factory.write_checkpoint(d / "inp.safetensors", "SD1", variant="inpainting")
-    out["SD1-pix2pix"] = factory.write_checkpoint(d / "p2p.safetensors", "SD1", variant="instruct-pix2pix")
-    out["SD1-dirty"] = factory.write_checkpoint(d / "dirty.ckpt", "SD1", ema=True, junk=True, broken_position_ids=True)
-    out["VAE-bare"] = factory.write_checkpoint(d / "vae.safetensors", "VAE")
-    out["VAE-prefixed"] = factory.write_checkpoint(d / "vae.pt", "VAE", vae_prefix=True)
-    return out
+#: this module's names -> the session's fixture files (conftest.FIXTURE_SPECS): the same arguments this module
+#: used to write again into its own folder (seed 0; fp16 checkpoints; the dirty SD1 .ckpt; both VAE forms), so
+#: each file is built once per session and shared with the other modules that read it.
+_SHARED = {"SD1": "sd1_fp16", "SD2": "sd2", "SDXL": "sdxl", "SDXL-refiner": "sdxl_refiner",
+           "SD1-inpainting": "sd1_inpainting", "SD1-pix2pix": "sd1_ip2p", "SD1-dirty": "sd1_ema_junk_ckpt",
+           "VAE-bare": "vae", "VAE-prefixed": "vae_prefixed_pt"}
 
 
 @pytest.fixture(scope="module")
-def module_key_counts():
-    """Key counts straight from the real modules' state_dict()."""
+def files(fixture_files):
+    """Read-only inputs (the session files are chmod 444; every test here only inspects them)."""
+    return {name: fixture_files[spec] for name, spec in _SHARED.items()}
+
+
+@pytest.fixture(scope="module")
+def module_key_counts(tiny_modules):
+    """Key counts straight from the real modules' state_dict() (``tiny_modules(arch)`` is the session's cached
+    ``factory.build_modules(arch)``: same width, seed and classes)."""
     counts = {}
     for arch in ARCHS:
-        mods = factory.build_modules(arch)
+        mods = tiny_modules(arch)
         c = {"unet": len(mods["unet"].state_dict()), "vae": len(mods["vae"].state_dict())}
         for spec in factory.get_config(arch).text_encoders:
             te = spec.component
@@ -76,11 +77,11 @@ def test_variants(files):
     assert inspect_file(files["SD1-inpainting"])["architecture"] == "SD1"
 
 
-def test_ema_junk_and_broken_position_ids(files, module_key_counts):
+def test_ema_junk_and_broken_position_ids(files, module_key_counts, tiny_modules):
     rep = inspect_file(files["SD1-dirty"])
     assert rep["architecture"] == "SD1" and rep["format"] == "ckpt"
     # every UNet parameter has a dot-less EMA copy, plus decay and num_updates
-    unet_params = len([k for k in factory.build_modules("SD1")["unet"].state_dict()])
+    unet_params = len([k for k in tiny_modules("SD1")["unet"].state_dict()])
     assert rep["ema"]["keys"] == unet_params + 2
     assert rep["components"]["unet"]["keys"] == module_key_counts["SD1"]["unet"]
     assert "betas" in rep["junk"] and "alphas_cumprod" in rep["junk"]
@@ -92,11 +93,11 @@ def test_ema_junk_and_broken_position_ids(files, module_key_counts):
     assert "broken" in text and "pruning would leave" in text and "ema" in text
 
 
-def test_vae_files(files):
+def test_vae_files(files, tiny_modules):
     for name in ("VAE-bare", "VAE-prefixed"):
         rep = inspect_file(files[name])
         assert rep["architecture"] == "VAE", name
-        assert rep["components"]["vae"]["keys"] == len(factory.build_modules("SD1")["vae"].state_dict())
+        assert rep["components"]["vae"]["keys"] == len(tiny_modules("SD1")["vae"].state_dict())
         assert rep["junk"] == []
 
 
