@@ -5,7 +5,9 @@
 
 CPU, fp32, random weights (timing does not depend on the values), batch 1, 64x64 latents (512x512 images).
 The four cases (UNet alone, ControlNet forward alone, UNet + 1 unit, UNet + 2 units) run interleaved, one of each
-per round (the order rotating each round), so load drifting on a shared machine hits them alike. Each call is timed twice: process CPU time (all
+per round (the order rotating each round), so load drifting on a shared machine hits them alike; each case's output
+is compared with its warm-up's in every round (the same work each time; max |d| printed, with how far the units move
+the UNet's output), and the load average is printed per round. Each call is timed twice: process CPU time (all
 threads; barely moved by other processes taking cores, the figure the ratios use) and wall time; the printout keeps
 per case the minimum over the rounds, the run_all row the median [min-max] of the per-round ratios. On a loaded machine prefer ``--threads 1``: idle-spinning worker threads of a
 descheduled peer are what inflates CPU time. Hook overhead = (hooked step - UNet alone - k ControlNet
@@ -32,12 +34,19 @@ from lib_sdtoolkit.controlnet.models import ControlModel  # noqa: E402
 from lib_sdtoolkit.samples import factory  # noqa: E402
 
 
+def _first(out):
+    """The tensor to compare of a case's output (the ControlNet forward returns its list of residuals)."""
+    return out[-1] if isinstance(out, (list, tuple)) else out
+
+
 def run_rounds(cases, rounds):
-    """Warm each case up once, then time ``rounds`` rounds of one call per case -> ({name: [cpu s]}, {name: [wall s]})."""
-    for fn in cases.values():
-        fn()
+    """Warm each case up once (its output kept as the reference), then time ``rounds`` rounds of one call per case
+    -> ({name: [cpu s]}, {name: [wall s]}, [load per round], {name: max |output - warm-up output| over the rounds},
+    {name: warm-up output}): every round must do the very same work, so its output must equal the warm-up's."""
+    ref = {name: _first(fn()) for name, fn in cases.items()}
     cpu = {name: [] for name in cases}
     wall = {name: [] for name in cases}
+    drift = {name: 0.0 for name in cases}
     names = list(cases)
     loads = []
     for r in range(rounds):
@@ -45,11 +54,12 @@ def run_rounds(cases, rounds):
         for name in names[r % len(names):] + names[:r % len(names)]:  # the order rotates each round
             fn = cases[name]
             c0, t0 = time.process_time(), time.perf_counter()
-            fn()
+            out = fn()
             wall[name].append(time.perf_counter() - t0)
             cpu[name].append(time.process_time() - c0)
+            drift[name] = max(drift[name], float((_first(out) - ref[name]).abs().max()))
     print(f"load average at each round: {', '.join(f'{x:.2f}' for x in loads)}", flush=True)
-    return cpu, wall
+    return cpu, wall, loads, drift, ref
 
 
 class _CachedOutputs:
@@ -115,6 +125,12 @@ def main() -> int:
     unet = factory.build_ldm_unet("SD1", width)
     kw = {k: v for k, v in cfg.ldm_unet.items() if k not in ("image_size", "out_channels", "use_spatial_transformer")}
     cn = ControlNet(hint_channels=3, **kw).eval()
+    gz = torch.Generator().manual_seed(2)
+    with torch.no_grad():  # trained models have no zero-initialised layers (ldm's zero_module: the UNet's out conv,
+        for mod in (unet, cn):  # the ControlNet's zero convs): give them values, so that the units change the
+            for p in mod.parameters():  # UNet's output and the output check below means something
+                if p.dim() > 1 and not bool(p.any()):
+                    p.copy_(torch.randn(p.shape, generator=gz) * 0.02)
     model = ControlModel(cn, "SD1", "ldm", "bench", kw["context_dim"], kw["model_channels"])
     g = torch.Generator().manual_seed(0)
     n = args.latent
@@ -132,7 +148,7 @@ def main() -> int:
     cases = {"unet": lambda: unet(x, t, ctx), "cn": lambda: model(x, hint, t, ctx),
              1: lambda: hooked(1), 2: lambda: hooked(2)}
     with torch.no_grad():
-        cpu, wall = run_rounds(cases, args.repeats)
+        cpu, wall, loads, drift, ref = run_rounds(cases, args.repeats)
     best = {k: min(v) for k, v in cpu.items()}
     bw = {k: min(v) for k, v in wall.items()}
     t_unet, t_cn = best["unet"], best["cn"]
@@ -151,7 +167,12 @@ def main() -> int:
         print(f"hook's own work, {k} unit(s): {v * 1000:.1f} ms CPU per step = {v / (k * t_cn) * 100:.2f}% of the "
               "ControlNet forwards (measured directly, with free model outputs)")
     rows = []
-    check = "same inputs on every case (overhead: no output comparison)"
+    effect = {k: float((ref[k] - ref["unet"]).abs().max()) for k in (1, 2)}
+    check = ("same inputs on every case; each case's output equal to its warm-up in every round (max |d| "
+             + ", ".join(f"{k}: {v:.2g}" for k, v in drift.items())
+             + f"); the units change the UNet's output (max |d| vs UNet alone: 1 unit {effect[1]:.2g}, "
+             f"2 units {effect[2]:.2g})")
+    print("check:", check)
     cmd = f"python bench/controlnet_bench.py --width {width} --latent {n} --rounds {args.repeats}"
     for k in (1, 2):
         # per round: hooked step / (UNet alone + k ControlNet forwards), process CPU seconds
@@ -161,7 +182,7 @@ def main() -> int:
                           "process CPU", f"{C.fmt_mmm(cpu[k])}", f"{C.fmt_mmm([u + k * c for u, c in zip(cpu['unet'], cpu['cn'])])}",
                           C.fmt_ratio(rs), check, "in RAM", cmd,
                           f"hook overhead <= 5%: {'met' if m[0] <= 1.05 else 'missed'} (median {100 * (m[0] - 1):+.1f}%)",
-                          ""))
+                          ", ".join(f"{x:.1f}" for x in loads)))
     C.emit_rows(rows, args.rows)
     print("raw cpu s per round:", {str(k): [round(v, 2) for v in vs] for k, vs in cpu.items()})
     print("raw wall s per round:", {str(k): [round(v, 2) for v in vs] for k, vs in wall.items()})
