@@ -39,6 +39,7 @@ Rules (each counted in the :class:`MergeReport`):
 from __future__ import annotations
 
 import concurrent.futures as cf
+import contextlib
 import functools
 import json
 import os
@@ -50,7 +51,7 @@ import time
 from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple, Union
 
 import torch
 
@@ -511,12 +512,21 @@ def _hashes_for(recipe: MergeRecipe, sources: Mapping[str, "_Source"], hash_cach
     for the default one (opened and closed here), False/None for none."""
     if not recipe.save_metadata:
         return {}
+    with _opened_cache(hash_cache) as cache:
+        return input_hashes(sources, cache, progress)
+
+
+@contextlib.contextmanager
+def _opened_cache(hash_cache: Union[HashCache, bool, None]) -> Iterator[Optional[HashCache]]:
+    """``hash_cache`` as :func:`merge_files` takes it -> the ``HashCache`` to use or None (True: the default cache,
+    opened here and closed on exit; False/None: no cache)."""
     if isinstance(hash_cache, HashCache):
-        return input_hashes(sources, hash_cache, progress)
-    if hash_cache:
+        yield hash_cache
+    elif hash_cache:
         with HashCache() as cache:
-            return input_hashes(sources, cache, progress)
-    return input_hashes(sources, None, progress)
+            yield cache
+    else:
+        yield None
 
 
 def _store_output_hashes(hash_cache: Union[HashCache, bool, None], out: Path, digests: Mapping[str, str]) -> None:
@@ -531,10 +541,8 @@ def _store_output_hashes(hash_cache: Union[HashCache, bool, None], out: Path, di
         return
     res = FileHashes(path=str(out), size=st.st_size, mtime=st.st_mtime, mtime_ns=st.st_mtime_ns,
                      sha256=digests["sha256"], autov1=digests["autov1"], algos=("sha256", "autov1"))
-    if isinstance(hash_cache, HashCache):
-        hash_cache.put_hashes(res, st)
-    elif hash_cache:
-        with HashCache() as cache:
+    with _opened_cache(hash_cache) as cache:
+        if cache is not None:
             cache.put_hashes(res, st)
 
 
