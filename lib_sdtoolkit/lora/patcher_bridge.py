@@ -135,13 +135,7 @@ def _dora(weight: torch.Tensor, own: torch.Tensor, lw: LayerWeights, patch: Laye
     dw *= lw.effective_scale()
     calc = w + dw
     ds = lw.dora_scale.to(device=weight.device, dtype=dtype)
-    rest = [1] * (calc.dim() - 1)
-    if formats.dora_on_out(ds, w.shape):
-        norm = calc.reshape(calc.shape[0], -1).norm(dim=1, keepdim=True).reshape(calc.shape[0], *rest)
-    else:
-        norm = (calc.transpose(0, 1).reshape(calc.shape[1], -1).norm(dim=1, keepdim=True)
-                .reshape(calc.shape[1], *rest).transpose(0, 1))
-    norm = norm + torch.finfo(dtype).eps
+    norm = formats.dora_norm(calc, formats.dora_on_out(ds, w.shape)) + torch.finfo(dtype).eps
     calc *= ds.reshape(norm.shape) / norm
     if m != 1.0:
         calc -= w

@@ -126,17 +126,19 @@ def dora_on_out(dora_scale: torch.Tensor, shape: Sequence[int]) -> bool:
                      f"shape {list(shape)}")
 
 
+def dora_norm(merged: torch.Tensor, on_out: bool) -> torch.Tensor:
+    """‖W+ΔW‖ per output row (``on_out``) or per input column, shaped to broadcast against ``merged``."""
+    if on_out:
+        return merged.reshape(merged.shape[0], -1).norm(dim=1).reshape(merged.shape[0], *[1] * (merged.dim() - 1))
+    return (merged.transpose(0, 1).reshape(merged.shape[1], -1).norm(dim=1)
+            .reshape(1, merged.shape[1], *[1] * (merged.dim() - 2)))
+
+
 def apply_dora(weight: torch.Tensor, delta: torch.Tensor, dora_scale: torch.Tensor, on_out: bool) -> torch.Tensor:
     """ΔW after weight decomposition: dora_scale · (W+ΔW)/‖W+ΔW‖ − W (fp32)."""
     merged = weight + delta
-    if on_out:
-        norm_ = merged.reshape(merged.shape[0], -1).norm(dim=1).reshape(merged.shape[0], *[1] * (merged.dim() - 1))
-        ds = dora_scale.reshape(merged.shape[0], *[1] * (merged.dim() - 1))
-    else:
-        norm_ = merged.transpose(0, 1).reshape(merged.shape[1], -1).norm(dim=1)
-        norm_ = norm_.reshape(1, merged.shape[1], *[1] * (merged.dim() - 2))
-        ds = dora_scale.reshape(1, merged.shape[1], *[1] * (merged.dim() - 2))
-    return ds.to(merged) * merged / (norm_ + torch.finfo(torch.float32).eps) - weight
+    norm_ = dora_norm(merged, on_out)
+    return dora_scale.reshape(norm_.shape).to(merged) * merged / (norm_ + torch.finfo(torch.float32).eps) - weight
 
 
 def compute_delta(layer: LayerWeights, weight: torch.Tensor, dyn: Optional[int] = None,
