@@ -170,6 +170,55 @@ def test_methods_match_the_formulas(models, tmp_path, arch, method):
     assert order == list(_load(m["A"]))
 
 
+def test_small_tensors_in_batches_equal_the_formula_whatever_breaks_a_batch(models, tmp_path, monkeypatch):
+    """Small tensors next to each other go through the pipeline as one batch: one read per input where they lie
+    together in its file (tensor by tensor where not), flat runs across tensors of one block and dtypes, one write.
+    The file equals the formula tensor by tensor whatever splits a batch or a run: another block's ratio, an fp32
+    tensor among fp16 ones, an input holding them in another order, tensors only A has (copied), an int64 tensor
+    right after an odd number of fp16 bytes."""
+    from lib_sdtoolkit.files import open_model, save_safetensors
+
+    with open_model(models["SD1"]["A"]) as r:
+        a_sd = {k: r.get(k) for k in r.keys()}
+    B = _load(models["SD1"]["B"])
+    # first, tensors only A has: 8 + 6 bytes of fp16, so that the int64 after them would sit 14 bytes into a batch
+    A2: Dict[str, torch.Tensor] = {"extra.e1": torch.arange(4, dtype=torch.float16),
+                                   "extra.e2": torch.arange(3, dtype=torch.float16),
+                                   "extra.int64": torch.arange(5, dtype=torch.int64),
+                                   "extra.e3": torch.arange(2, dtype=torch.float16)}
+    for i, (k, t) in enumerate(a_sd.items()):
+        A2[k] = t.float() if t.is_floating_point() and i % 5 == 0 and t.numel() < 5000 else t
+    a2, b2 = tmp_path / "a2.safetensors", tmp_path / "b2.safetensors"
+    save_safetensors(a2, A2)
+    save_safetensors(b2, dict(reversed(list(B.items()))))  # B's file holds them in the other order
+    seen = []
+    real = merge_engine._batched
+    monkeypatch.setattr(merge_engine, "_batched", lambda segs: seen.append(real(segs)) or seen[-1])
+    vals = [round(0.03 * i + 0.01, 4) for i in range(25)]
+    out = tmp_path / "o.safetensors"
+    merge_files(MergeRecipe(str(a2), str(b2), blocks=[0.9] + vals, save_metadata=False), out, workers=2)
+    ratios = dict(zip(ref_names("SD1"), [0.9] + vals))
+    ref = {}
+    for k, a in A2.items():
+        if k not in B or k.endswith(POS) or not a.is_floating_point():
+            ref[k] = a.to(torch.float16) if k not in B and a.is_floating_point() else a
+        else:
+            ref[k] = ref_formula("weighted_sum", a, B[k], None, ratios[ref_block(k, "SD1")], 0).to(torch.float16)
+    got = load_file(str(out))
+    assert list(got) == list(A2)
+    assert_same(got, ref)
+    # the cases above really happened: batches, read whole from A and tensor by tensor from B, runs over several
+    # tensors, batches of several runs, and a batch that ends before the int64 tensor
+    batches = [sg for sg in seen[0] if sg.kind == "batch"]
+    assert len(batches) >= 3
+    two = [sg for sg in batches if len(sg.members[0].srcs) == 2]
+    assert any(sg.spans[0] for sg in two) and not any(sg.spans[1] for sg in two)
+    assert any(end - first > 1 for sg in batches for first, end, _ in sg.runs)
+    assert any(len(sg.runs) > 1 for sg in batches)
+    assert [m.item.name for m in batches[0].members] == ["extra.e1", "extra.e2"]
+    assert [m.item.name for m in batches[1].members] == ["extra.int64", "extra.e3"]
+
+
 def test_output_dtypes_and_fp32_maths(models, tmp_path):
     m = models["SD1"]
     A, B = _load(m["A"]), _load(m["B"])
@@ -616,15 +665,20 @@ def test_extrapolation_when_allowed(models, tmp_path):
 def test_disk_full_leaves_no_partial_output(models, tmp_path, monkeypatch):
     m = models["SD1"]
     real = os.pwrite
-    calls = {"n": 0}
+    calls = {"n": 0, "fail_at": None}
 
     def pwrite(fd, data, pos):
         calls["n"] += 1
-        if calls["n"] > 40:
+        if calls["fail_at"] is not None and calls["n"] >= calls["fail_at"]:
             raise OSError(errno.ENOSPC, "No space left on device")
         return real(fd, data, pos)
 
     monkeypatch.setattr(os, "pwrite", pwrite)
+    # the disk fills up half-way through: the writes of a whole merge, counted first
+    merge_files(MergeRecipe(str(m["A"]), str(m["B"])), tmp_path / "counted.safetensors")
+    (tmp_path / "counted.safetensors").unlink()
+    assert calls["n"] >= 4
+    calls.update(fail_at=calls["n"] // 2, n=0)
     out = tmp_path / "full.safetensors"
     with pytest.raises(ModelFileError, match="disk full"):
         merge_files(MergeRecipe(str(m["A"]), str(m["B"])), out)

@@ -116,18 +116,22 @@ def _threads() -> set:
 
 def test_a_read_error_in_the_pipeline_stops_it_and_leaves_nothing(fixture_files, tmp_path, monkeypatch):
     """A reader thread's error reaches the caller as itself; no output, no temporary file, no thread left."""
-    calls = {"n": 0}
-    real = SafetensorsReader.read_into
+    calls = {"n": 0, "fail_at": None}
+    real = SafetensorsReader._pread  # under read_into and read_span_into (a batch of small tensors)
 
-    def flaky(self, key, out, start=0):
+    def flaky(self, buf, pos, key):
         calls["n"] += 1
-        if calls["n"] == 40:
+        if calls["n"] == calls["fail_at"]:
             raise ModelFileError("unexpected end of file while reading the tensor (truncated?)", self.path, key)
-        return real(self, key, out, start)
+        return real(self, buf, pos, key)
 
-    monkeypatch.setattr(SafetensorsReader, "read_into", flaky)
+    monkeypatch.setattr(SafetensorsReader, "_pread", flaky)
     a, b = fixture_files["sd1_fp16"], fixture_files["sd1_bf16"]
     out = tmp_path / "o.safetensors"
+    merge_files(MergeRecipe(str(a), str(b), save_metadata=False), tmp_path / "counted.safetensors")
+    (tmp_path / "counted.safetensors").unlink()
+    assert calls["n"] >= 4
+    calls.update(n=0, fail_at=calls["n"] // 2)  # half-way through the reads
     with pytest.raises(ModelFileError, match="unexpected end of file"):
         merge_files(MergeRecipe(str(a), str(b), save_metadata=False), out)
     assert not out.exists() and not list(tmp_path.iterdir())

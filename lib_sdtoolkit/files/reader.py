@@ -38,7 +38,7 @@ import warnings
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Dict, Iterator, List, Mapping, Optional, Tuple, Union
+from typing import Any, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple, Union
 
 import torch
 
@@ -346,7 +346,25 @@ class SafetensorsReader(ModelReader):
         if out.numel() == 0:
             return out
         buf = memoryview(out.view(-1).view(torch.uint8).numpy()).cast("B")
-        pos = info.offset + start * out.element_size()
+        self._pread(buf, info.offset + start * out.element_size(), key)
+        return out
+
+    def read_span_into(self, keys: Sequence[str], out: torch.Tensor) -> None:
+        """Read the bytes of the tensors ``keys``, which lie next to each other in the file in this order, with one
+        read into ``out`` (a uint8 CPU tensor of exactly their size): tensor k's bytes start at
+        ``info(k).offset - info(keys[0]).offset``."""
+        infos = [self.info(k) for k in keys]
+        pos = infos[0].offset
+        for i in infos:
+            if i.offset != pos:
+                raise ValueError(f"{i.name!r} does not follow the tensor before it in {self.path.name}")
+            pos += i.nbytes
+        if out.dtype != torch.uint8 or out.numel() != pos - infos[0].offset or not out.is_contiguous():
+            raise ValueError(f"read_span_into needs a contiguous uint8 tensor of {pos - infos[0].offset} bytes")
+        if out.numel():
+            self._pread(memoryview(out.numpy()).cast("B"), infos[0].offset, keys[0])
+
+    def _pread(self, buf: memoryview, pos: int, key: str) -> None:
         fd = self._fd()
         got = 0
         try:
@@ -363,7 +381,6 @@ class SafetensorsReader(ModelReader):
                 got += n
         except OSError as e:
             raise ModelFileError(f"cannot read: {e.strerror or e}", self.path, key) from None
-        return out
 
     def _open(self):
         if self._handle is None:

@@ -453,6 +453,36 @@ class StreamingSafetensorsWriter:
         elif release is not None:
             release()
 
+    def write_span(self, names: Sequence[str], data: torch.Tensor,
+                   release: Optional[Callable[[], None]] = None) -> None:
+        """Write the whole tensors ``names``, which follow each other in the planned layout, from ``data``: their
+        bytes one after the other, as in the file (a uint8 CPU tensor). One write for many small tensors;
+        ``release`` as for :meth:`write_part`."""
+        if not names:
+            raise ValueError("write_span needs at least one tensor")
+        for n in names:
+            self._planned(n)
+        first, last = self._offsets[names[0]][0], self._offsets[names[-1]][1]
+        pos = first
+        for n in names:
+            start, end = self._offsets[n]
+            if start != pos:
+                raise InvalidInputError(f"{', '.join(names[:3])}...: not next to each other in the planned layout",
+                                        self.path, n)
+            pos = end
+        if data.dtype != torch.uint8 or data.numel() != last - first:
+            raise InvalidInputError(f"span of {len(names)} tensors is {last - first} bytes, got {data.numel()} "
+                                    f"{data.dtype}", self.path, names[0])
+        with self._lock:
+            for n in names:
+                if n in self._written or n in self._parts:
+                    raise InvalidInputError("tensor written twice", self.path, n)
+            self._written.update(names)
+        if last > first:
+            self._pwrite(tensor_bytes_view(data), self._data_start + first, release)
+        elif release is not None:
+            release()
+
     def _pwrite(self, buf, pos: int, release: Optional[Callable[[], None]] = None) -> None:
         mv = memoryview(buf).cast("B") if not isinstance(buf, bytes) else memoryview(buf)
         size = len(mv)

@@ -7,8 +7,11 @@ any error the tmp file is removed). A ``.safetensors`` output is produced by a p
 one reader thread per input reads the next chunks (:data:`CHUNK_ELEMENTS`) with ``os.preadv`` straight into
 reused buffers (no mmap, so file pages never count toward the process's memory), compute threads convert, merge
 and cast each chunk piece by cache-sized piece into a reused output buffer, and a writer thread writes it at its
-offset and starts its write-back to disk; torch and the I/O calls release the GIL. Peak memory is a fixed number
-of chunk buffers, whatever the model's size (methods that need whole tensors, such as TIES and DARE, hold a few
+offset and starts its write-back to disk; torch and the I/O calls release the GIL. Small tensors next to each
+other in the output travel together (a batch: one read per input where they lie together in its file, one flat
+computation per run of one block and dtype, one write), since each hand-over between threads costs about a
+millisecond of wake-ups and GIL switches and a checkpoint has thousands of biases and norms. Peak memory is a fixed
+number of chunk buffers, whatever the model's size (methods that need whole tensors, such as TIES and DARE, hold a few
 tensors). The method's maths and facts come from its declaration in :mod:`lib_sdtoolkit.merge.methods`.
 
 The output is hashed as it is written (sha256 and the legacy hash, in file order, by the writer's digest lane):
@@ -81,6 +84,13 @@ SMALL_ELEMENTS = 1 << 22
 PIECE_ELEMENTS = (1 << 15) - 64
 #: chunks read ahead of the compute workers (each holds one chunk of every input and of the output)
 READ_AHEAD = 4
+#: tensors at most this big that follow each other in the output go through the pipeline together, as one unit of
+#: work (a "batch", up to :data:`CHUNK_ELEMENTS` elements): every hand-over between the pipeline's threads costs
+#: about a millisecond of wake-ups and GIL switches, which a checkpoint's many biases and norms paid one by one
+#: (SD1.5: 1131 tensors, half of them under 10,000 elements)
+BATCH_ITEM_ELEMENTS = 1 << 18
+#: where each tensor of a batch starts in its input buffers (bytes; keeps every view aligned for its dtype)
+_BATCH_ALIGN = 64
 _VAE_KEY_RE = re.compile(r"^(encoder|decoder|quant_conv|post_quant_conv)\.")
 
 
@@ -637,6 +647,30 @@ class _Seg:
     start: int = 0
     count: int = 0
     srcs: Tuple[Tuple[Any, str, torch.dtype], ...] = ()  # (reader, key, stored dtype) per input
+    #: kind "batch": whole small tensors (each a "chunk" or "copy" segment of one part) next to each other in the
+    #: output, computed from one slot and written with one write; ``at`` holds each member's byte offset in the
+    #: input buffers (one per input of the member), ``out_at`` its byte offset in the output buffer (contiguous,
+    #: as in the file)
+    members: Tuple["_Seg", ...] = ()
+    at: Tuple[Tuple[int, ...], ...] = ()
+    out_at: Tuple[int, ...] = ()
+    #: per input of a batch: its members lie next to each other in that file, so it is read with one read
+    #: (``at`` is then each member's place in the file relative to the first), else tensor by tensor
+    spans: Tuple[bool, ...] = ()
+    #: a batch's members in runs ``(first, end, elements)`` computed as one flat range: members of one kind, block
+    #: and dtypes whose elements sit at the same places in every input buffer and in the output buffer (elementwise
+    #: maths do not care where one tensor ends and the next begins, so the bytes are those of member by member)
+    runs: Tuple[Tuple[int, int, int], ...] = ()
+
+    def nbytes(self) -> int:
+        """Bytes this segment needs in each slot buffer (0: computed whole, no slot)."""
+        if self.kind == "whole":
+            return 0
+        if self.kind == "batch":
+            last, at = self.members[-1], self.at[-1]
+            ins = [a + last.count * _esize(d) for a, (_, _, d) in zip(at, last.srcs)]
+            return max(ins + [self.out_at[-1] + last.count * _esize(last.item.dtype)])
+        return self.count * max([_esize(d) for _, _, d in self.srcs] + [_esize(self.item.dtype)])
 
 
 class _Slot:
@@ -688,7 +722,106 @@ def _segments(plan: _Plan, ranged: bool) -> List[_Seg]:
         step = numel if numel <= SMALL_ELEMENTS else CHUNK_ELEMENTS
         for start in range(0, numel, step):
             segs.append(_Seg(idx, it, kind, start, min(step, numel - start), parts))
-    return segs
+    return _batched(segs)
+
+
+def _span_layout(srcs: Sequence[Tuple[Any, str, torch.dtype]]) -> Optional[List[int]]:
+    """Where each of these tensors starts relative to the first, if they are next to each other in one safetensors
+    file in this order and each start is aligned for its dtype (one read then brings them all); else None."""
+    r = srcs[0][0]
+    if not hasattr(r, "read_span_into") or any(x[0] is not r for x in srcs):
+        return None
+    infos = [r.info(k) for _, k, _ in srcs]
+    if infos[0].offset is None:
+        return None
+    base = pos = infos[0].offset
+    rel: List[int] = []
+    for info, (_, _, dt) in zip(infos, srcs):
+        if info.offset != pos or (pos - base) % _esize(dt):
+            return None
+        rel.append(pos - base)
+        pos += info.nbytes
+    return rel
+
+
+def _runs(members: Sequence[_Seg], at: Sequence[Tuple[int, ...]], out_at: Sequence[int]
+          ) -> Tuple[Tuple[int, int, int], ...]:
+    """See :attr:`_Seg.runs`."""
+    runs: List[Tuple[int, int, int]] = []
+    first = 0
+    elems = 0
+
+    def key(m: _Seg) -> tuple:
+        return (m.kind, m.item.block, m.item.dtype, tuple(d for _, _, d in m.srcs))
+
+    for j, m in enumerate(members):
+        if j > first:
+            head = members[first]
+            same = key(m) == key(head)
+            if same:  # element j of the run at the same element offset in every buffer
+                same = (out_at[j] - out_at[first] == elems * _esize(m.item.dtype)
+                        and all(a - a0 == elems * _esize(d) for a, a0, (_, _, d) in zip(at[j], at[first], m.srcs)))
+            if not same:
+                runs.append((first, j, elems))
+                first, elems = j, 0
+        elems += m.count
+    runs.append((first, len(members), elems))
+    return tuple(runs)
+
+
+def _batched(segs: List[_Seg]) -> List[_Seg]:
+    """``segs`` with each run of small whole tensors (:data:`BATCH_ITEM_ELEMENTS`) that follow each other in the
+    output joined into one "batch" segment of at most :data:`CHUNK_ELEMENTS` elements. A batch's output bytes are
+    one contiguous range of the file; a member whose output offset in it would not be aligned for its dtype starts
+    a new batch. A run of one stays as it was."""
+    out: List[_Seg] = []
+    run: List[_Seg] = []
+
+    def flush() -> None:
+        if len(run) == 1:
+            out.append(run[0])
+        elif run:
+            nin = len(run[0].srcs)
+            cols: List[List[int]] = []
+            spans: List[bool] = []
+            for i in range(nin):
+                col = _span_layout([m.srcs[i] for m in run])
+                spans.append(col is not None)
+                if col is None:  # one read per tensor, each at an aligned place of the buffer
+                    col, pos = [], 0
+                    for m in run:
+                        col.append(pos)
+                        pos += -(-m.count * _esize(m.srcs[i][2]) // _BATCH_ALIGN) * _BATCH_ALIGN
+                cols.append(col)
+            out_at: List[int] = []
+            opos = 0
+            for m in run:
+                out_at.append(opos)
+                opos += m.count * _esize(m.item.dtype)
+            at = tuple(tuple(c[j] for c in cols) for j in range(len(run)))
+            out.append(_Seg(run[0].index, run[0].item, "batch", members=tuple(run), at=at, out_at=tuple(out_at),
+                            spans=tuple(spans), runs=_runs(run, at, out_at)))
+        run.clear()
+
+    elements = out_bytes = 0
+    for sg in segs:
+        small = sg.kind in ("chunk", "copy") and sg.start == 0 and 0 < sg.count <= BATCH_ITEM_ELEMENTS
+        if small and run:
+            same_inputs = len(sg.srcs) == len(run[0].srcs)
+            aligned = out_bytes % _esize(sg.item.dtype) == 0
+            if not same_inputs or not aligned or elements + sg.count > CHUNK_ELEMENTS:
+                flush()
+        if not small:
+            flush()
+            out.append(sg)
+            continue
+        if not run:
+            elements = out_bytes = 0
+        run.append(sg)
+        elements += sg.count
+        out_bytes += sg.count * _esize(sg.item.dtype)
+    flush()
+    return out
 
 
 def _stream_merge(plan: _Plan, writer: StreamingSafetensorsWriter, device: torch.device, workers: int,
@@ -710,13 +843,10 @@ def _stream_merge(plan: _Plan, writer: StreamingSafetensorsWriter, device: torch
     total = len(items)
     remaining = [0] * total
     for sg in segs:
-        remaining[sg.index] += 1
+        for m in sg.members or (sg,):
+            remaining[m.index] += 1
     nin = 1 + len(plan.others)
-    cap = 1
-    for sg in segs:
-        if sg.kind != "whole":
-            size = max([_esize(d) for _, _, d in sg.srcs] + [_esize(sg.item.dtype)])
-            cap = max(cap, sg.count * size)
+    cap = max([1] + [sg.nbytes() for sg in segs])
     workers = max(1, workers)
     free: "queue.Queue[_Slot]" = queue.Queue()
     nslots = workers + READ_AHEAD if any(sg.kind != "whole" for sg in segs) else 0
@@ -763,8 +893,17 @@ def _stream_merge(plan: _Plan, writer: StreamingSafetensorsWriter, device: torch
                     return
                 sg, slot = job
                 t0 = time.perf_counter()
-                r, key, dt = sg.srcs[i]
-                r.read_into(key, _view(slot.inp[i], dt, sg.count), sg.start)
+                if sg.kind == "batch" and sg.spans[i]:
+                    last = sg.members[-1]
+                    size = sg.at[-1][i] + last.count * _esize(last.srcs[i][2])
+                    last.srcs[i][0].read_span_into([m.srcs[i][1] for m in sg.members], slot.inp[i][:size])
+                elif sg.kind == "batch":
+                    for m, at in zip(sg.members, sg.at):
+                        r, key, dt = m.srcs[i]
+                        r.read_into(key, _view(slot.inp[i][at[i]:], dt, m.count), 0)
+                else:
+                    r, key, dt = sg.srcs[i]
+                    r.read_into(key, _view(slot.inp[i], dt, sg.count), sg.start)
                 with parts_lock:
                     stats[f"read_{i}"] = stats.get(f"read_{i}", 0.0) + time.perf_counter() - t0
                     parts_left[id(slot)] -= 1
@@ -791,9 +930,10 @@ def _stream_merge(plan: _Plan, writer: StreamingSafetensorsWriter, device: torch
                 t0 = time.perf_counter()
                 slot = get(free)
                 stats["read_wait"] += time.perf_counter() - t0
+                nsrc = len(sg.members[0].srcs if sg.kind == "batch" else sg.srcs)
                 with parts_lock:
-                    parts_left[id(slot)] = len(sg.srcs)
-                for i in range(len(sg.srcs)):
+                    parts_left[id(slot)] = nsrc
+                for i in range(nsrc):
                     lanes[i].put((sg, slot))
             for q in lanes:
                 q.put(None)
@@ -805,6 +945,38 @@ def _stream_merge(plan: _Plan, writer: StreamingSafetensorsWriter, device: torch
             fail(e)
 
     method = plan.method
+
+    def one(sg: _Seg, inp: List[torch.Tensor], obuf: torch.Tensor, scratch: List[torch.Tensor],
+            fill: bool = False) -> torch.Tensor:
+        """The output of a "chunk" or "copy" segment from its input bytes ``inp`` into ``obuf`` (the bytes to
+        write: a view of ``obuf``, or of the input itself when a copy needs no cast, unless ``fill``)."""
+        it = sg.item
+        n = sg.count
+        out = _view(obuf, it.dtype, n)
+        if sg.kind == "copy":
+            src = _view(inp[0], sg.srcs[0][2], n)
+            if src.dtype == it.dtype and not fill:
+                return src
+            out.copy_(src)
+            return out
+        alpha, beta = plan.alpha[it.block], plan.beta[it.block]
+        step = scratch[0].numel()
+        if n <= step:  # one piece (every member of a batch)
+            ts = [f[:n] for f in scratch]
+            for f, (i, (_, _, dt)) in zip(ts, enumerate(sg.srcs)):
+                f.copy_(_view(inp[i], dt, n))
+            out.copy_(method.call(ts, alpha, beta, inplace=True))
+            return out
+        pieces = [_view(inp[i], dt, n).split(step) for i, (_, _, dt) in enumerate(sg.srcs)]
+        for j, o in enumerate(out.split(step)):
+            m = o.numel()
+            ts = []
+            for x, f in zip(pieces, scratch):
+                f = f if m == step else f[:m]
+                f.copy_(x[j])
+                ts.append(f)
+            o.copy_(method.call(ts, alpha, beta, inplace=True))
+        return out
 
     def compute() -> None:
         try:
@@ -827,26 +999,17 @@ def _stream_merge(plan: _Plan, writer: StreamingSafetensorsWriter, device: torch
                     to_write.put((sg, None, plan.compute(it, device)))
                     busy += time.perf_counter() - t1
                     continue
-                n = sg.count
-                out = _view(slot.out, it.dtype, n)
-                if sg.kind == "copy":
-                    src = _view(slot.inp[0], sg.srcs[0][2], n)
-                    if src.dtype == it.dtype:
-                        out = src
-                    else:
-                        out.copy_(src)
+                if sg.kind == "batch":
+                    for first, end, count in sg.runs:
+                        m, at = sg.members[first], sg.at[first]
+                        if end - first > 1:
+                            m = _Seg(m.index, m.item, m.kind, 0, count, m.srcs)
+                        one(m, [slot.inp[i][a:] for i, a in enumerate(at)], slot.out[sg.out_at[first]:], scratch,
+                            fill=True)
+                    last = sg.members[-1]
+                    out = slot.out[: sg.out_at[-1] + last.count * _esize(last.item.dtype)]
                 else:
-                    alpha, beta = plan.alpha[it.block], plan.beta[it.block]
-                    step = scratch[0].numel()
-                    pieces = [_view(slot.inp[i], dt, n).split(step) for i, (_, _, dt) in enumerate(sg.srcs)]
-                    for j, o in enumerate(out.split(step)):
-                        m = o.numel()
-                        ts = []
-                        for x, f in zip(pieces, scratch):
-                            f = f if m == step else f[:m]
-                            f.copy_(x[j])
-                            ts.append(f)
-                        o.copy_(method.call(ts, alpha, beta, inplace=True))
+                    out = one(sg, slot.inp, slot.out, scratch)
                 busy += time.perf_counter() - t1
                 to_write.put((sg, slot, out))
         except BaseException as e:  # noqa: BLE001
@@ -865,13 +1028,17 @@ def _stream_merge(plan: _Plan, writer: StreamingSafetensorsWriter, device: torch
                 if sg.kind == "whole":
                     writer.write(sg.item.name, data, release=whole_tokens.release)
                     del data
+                elif sg.kind == "batch":
+                    writer.write_span([m.item.name for m in sg.members], data,
+                                      release=functools.partial(free.put, slot))
                 else:
                     writer.write_part(sg.item.name, sg.start, data, release=functools.partial(free.put, slot))
                 stats["write"] += time.perf_counter() - t1
                 left -= 1
-                remaining[sg.index] -= 1
-                if not remaining[sg.index]:
-                    finished.put(sg.index)
+                for m in sg.members or (sg,):
+                    remaining[m.index] -= 1
+                    if not remaining[m.index]:
+                        finished.put(m.index)
         except BaseException as e:  # noqa: BLE001
             fail(e)
 
