@@ -94,6 +94,7 @@ def test_pieces_and_chunks_are_bit_identical_to_whole_tensors(fixture_files, tmp
     monkeypatch.setattr(merge_engine, "SMALL_ELEMENTS", 3000)
     monkeypatch.setattr(merge_engine, "CHUNK_ELEMENTS", 4099)
     monkeypatch.setattr(merge_engine, "PIECE_ELEMENTS", 997)
+    monkeypatch.setattr(merge_engine, "PIECE_ELEMENTS_ALONE", 997)
     monkeypatch.setattr(merge_engine, "READ_AHEAD", 1)
     a, b = fixture_files["sd1_fp16"], fixture_files["sd1_bf16"]
     out = tmp_path / "o.safetensors"
