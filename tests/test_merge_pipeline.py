@@ -96,6 +96,7 @@ def test_pieces_and_chunks_are_bit_identical_to_whole_tensors(fixture_files, tmp
     monkeypatch.setattr(merge_engine, "PIECE_ELEMENTS", 997)
     monkeypatch.setattr(merge_engine, "PIECE_ELEMENTS_ALONE", 997)
     monkeypatch.setattr(merge_engine, "READ_AHEAD", 1)
+    monkeypatch.setattr(merge_engine, "READ_LANES", 3)  # parts of one input read out of order
     a, b = fixture_files["sd1_fp16"], fixture_files["sd1_bf16"]
     out = tmp_path / "o.safetensors"
     merge_files(MergeRecipe(str(a), str(b), alpha=0.3, dtype=out_dtype, save_metadata=False), out, workers=2)
@@ -251,3 +252,34 @@ def test_ckpt_output_has_no_writer_digest(fixture_files, tmp_path):
     a, b = fixture_files["sd1_fp16"], fixture_files["sd1_bf16"]
     rep = merge_files(MergeRecipe(str(a), str(b), save_metadata=False), tmp_path / "o.ckpt", hash_cache=False)
     assert rep.output_sha256 is None
+
+
+def test_a_worker_runs_torch_ops_alone_and_no_other_thread_changes():
+    """The merge workers' one-thread setting is their own: the calling thread and a thread started after keep
+    torch's count (the WebUI's threads go on generating with theirs)."""
+    saved = torch.get_num_threads()
+    torch.set_num_threads(2)  # this file runs with one thread; the point is a count other than the worker's
+    try:
+        _check_worker_alone(2)
+    finally:
+        torch.set_num_threads(saved)
+
+
+def _check_worker_alone(before: int) -> None:
+    seen = {}
+
+    def worker():
+        seen["done"] = merge_engine._ops_in_this_thread()
+        seen["worker"] = torch.get_num_threads()
+
+    def other():
+        seen["other"] = torch.get_num_threads()
+
+    for fn in (worker, other):
+        t = threading.Thread(target=fn)
+        t.start()
+        t.join()
+    if not seen["done"]:
+        pytest.skip("no libgomp in this process (torch built with another OpenMP runtime)")
+    assert seen["worker"] == 1
+    assert torch.get_num_threads() == before and seen["other"] == before
