@@ -117,11 +117,20 @@ def write_model(path: str, max_gb: float, seed: int) -> dict:
     kept, nd, ns, total, full, src = pick(max_gb * 1e9)
     g = torch.Generator().manual_seed(seed)
     specs = [(k, torch.bfloat16, s) for k, s in kept]
-    meta = {"sdtoolkit.bench": f"Flux.1-dev cut to {nd} double + {ns} single blocks"}
-    with StreamingSafetensorsWriter(path, specs, meta) as w:
+    meta = {"sdtoolkit.bench": f"Flux.1-dev cut to {nd} double + {ns} single blocks, seed {seed}"}
+    info = {"double": nd, "single": ns, "bytes": total, "full_bytes": full, "keys": len(kept), "source": src}
+    if Path(path).exists():  # kept from an earlier run (--keep): reused if it is the file this run would write
+        from lib_sdtoolkit.files import open_model
+
+        with open_model(path) as r:
+            same = r.metadata == meta and [(i.name, tuple(i.shape), i.dtype) for i in r.infos().values()] == \
+                [(k, tuple(s), torch.bfloat16) for k, s in kept]
+        if same:
+            return dict(info, reused=True)
+    with StreamingSafetensorsWriter(path, specs, meta, overwrite=True) as w:  # the bench's own file, rewritten
         for k, s in kept:
             w.write(k, (torch.randn(s, generator=g) * 0.02).to(torch.bfloat16))
-    return {"double": nd, "single": ns, "bytes": total, "full_bytes": full, "keys": len(kept), "source": src}
+    return info
 
 
 def check(a: str, b: str, out: str) -> dict:
@@ -170,8 +179,9 @@ def main(argv=None) -> int:
         r = C.run_command([C.PY, str(Path(__file__).resolve()), "--child-write", str(p), str(args.max_gb), str(seed)],
                           env=C.torch_free_env(), cwd=C.ROOT)
         info = C.last_json(r["stdout"])
-        log(f"wrote {p.name}: {info['double']} double + {info['single']} single blocks, {info['keys']} keys, "
-            f"{p.stat().st_size / 1e9:.2f} GB in {time.perf_counter() - t:.0f} s (names/shapes: {info['source']})")
+        log(f"{'reused' if info.get('reused') else 'wrote'} {p.name}: {info['double']} double + {info['single']} "
+            f"single blocks, {info['keys']} keys, {p.stat().st_size / 1e9:.2f} GB in {time.perf_counter() - t:.0f} s "
+            f"(names/shapes: {info['source']})")
     size = a.stat().st_size
     outs = {n: d / f"out-{n}.safetensors" for n in ("floor", "ours", "nometa")}
     env = C.torch_free_env()

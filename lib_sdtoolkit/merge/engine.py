@@ -4,7 +4,7 @@ Streaming: the inputs are opened lazily (:func:`lib_sdtoolkit.files.open_model`)
 their headers (A's keys in file order, then keys only the baked VAE has), and each output tensor is computed and
 written at its offset by :class:`~lib_sdtoolkit.files.StreamingSafetensorsWriter` (tmp file + fsync + rename; on
 any error the tmp file is removed). A ``.safetensors`` output is produced by a pipeline (:func:`_stream_merge`):
-one reader thread per input reads the next chunks (:data:`CHUNK_ELEMENTS`) with ``os.preadv`` straight into
+reader threads per input read the next chunks (:data:`CHUNK_ELEMENTS`) with ``os.preadv`` straight into
 reused buffers (no mmap, so file pages never count toward the process's memory), compute threads convert, merge
 and cast each chunk piece by cache-sized piece into a reused output buffer, and a writer thread writes it at its
 offset and starts its write-back to disk; torch and the I/O calls release the GIL. Small tensors next to each
@@ -870,11 +870,13 @@ def _stream_merge(plan: _Plan, writer: StreamingSafetensorsWriter, device: torch
                   progress: Optional[Progress], cancel: Optional[threading.Event]) -> Dict[str, float]:
     """Compute every planned tensor into ``writer`` with reading, computing and writing overlapped.
 
-    One reader thread reads the next chunks of the inputs (``os.preadv`` straight into reused buffers,
-    :data:`READ_AHEAD` chunks ahead); ``workers`` compute threads turn a chunk into output bytes piece by piece
-    (:data:`PIECE_ELEMENTS`): stored dtype -> float32 into a reused buffer, the method in place, cast into the
-    chunk's output buffer (one pass over the data, no allocation per tensor); one writer thread writes finished
-    chunks at their offsets (``os.pwrite``) and starts their write-back to disk. torch and the I/O calls release
+    A reader thread hands out reused buffers (:data:`READ_AHEAD` chunks ahead) to :data:`READ_LANES` lane threads
+    per input, which read the next chunks or batches (``os.preadv`` straight into the buffers); ``workers``
+    compute threads turn a chunk into output bytes piece by piece (:data:`PIECE_ELEMENTS_ALONE` where the worker
+    runs torch's ops alone, :func:`_ops_in_this_thread`, else :data:`PIECE_ELEMENTS`): stored dtype -> float32
+    into a reused buffer, the method in place, cast into the chunk's output buffer (one pass over the data, no
+    allocation per tensor); one writer thread writes finished chunks at their offsets (``os.pwrite``) and starts
+    their write-back to disk. torch and the I/O calls release
     the GIL. The maths per element are the method's own, in the same order, so the output is bit-identical to
     computing each tensor whole. Tensors that cannot be chunked (methods that are not elementwise, a partial
     inpainting input, inputs without ranged reads) are computed whole by a worker with :meth:`_Plan.compute`.
