@@ -283,3 +283,36 @@ def _check_worker_alone(before: int) -> None:
         pytest.skip("no libgomp in this process (torch built with another OpenMP runtime)")
     assert seen["worker"] == 1
     assert torch.get_num_threads() == before and seen["other"] == before
+
+
+def test_write_span_writes_neighbours_in_one_write_and_refuses_the_rest(tmp_path):
+    """A span is the bytes of tensors next to each other in the planned layout, one after the other: read back by
+    the safetensors library they are the tensors; tensors not next to each other, a wrong byte count, a non-uint8
+    buffer and a tensor written twice are refused."""
+    sd = _tensors()
+    names = list(sd)
+    specs = [(k, t.dtype, t.shape) for k, t in sd.items()]
+    out = tmp_path / "span.safetensors"
+
+    def raw(*keys):
+        return torch.cat([sd[k].contiguous().reshape(-1).view(torch.uint8) for k in keys])
+
+    with StreamingSafetensorsWriter(out, specs) as w:
+        w.write_span(names[:3], raw(*names[:3]))
+        w.write_span(names[3:], raw(*names[3:]))
+    got = load_file(str(out))
+    for k, t in sd.items():
+        assert got[k].dtype == t.dtype and torch.equal(got[k].view(torch.uint8), t.view(torch.uint8)), k
+    bad = tmp_path / "bad.safetensors"
+    for span, data, msg in (([names[0], names[2]], raw(names[0], names[2]), "not next to each other"),
+                            (names[:2], raw(*names[:2])[:-1], "bytes"),
+                            (names[:2], raw(*names[:2]).view(torch.float16)
+                             if raw(*names[:2]).numel() % 2 == 0 else raw(*names[:2]).float(), "bytes")):
+        with pytest.raises(InvalidInputError, match=msg):
+            with StreamingSafetensorsWriter(bad, specs) as w:
+                w.write_span(span, data)
+    with pytest.raises(InvalidInputError, match="written twice"):
+        with StreamingSafetensorsWriter(bad, specs) as w:
+            w.write(names[1], sd[names[1]])
+            w.write_span(names[:2], raw(*names[:2]))
+    assert not bad.exists() and not list(tmp_path.glob("*.tmp"))
