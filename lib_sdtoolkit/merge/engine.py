@@ -1009,12 +1009,6 @@ def _stream_merge(plan: _Plan, writer: StreamingSafetensorsWriter, device: torch
             return out
         alpha, beta = plan.alpha[it.block], plan.beta[it.block]
         step = scratch[0].numel()
-        if n <= step:  # one piece (every member of a batch)
-            ts = [f[:n] for f in scratch]
-            for f, (i, (_, _, dt)) in zip(ts, enumerate(sg.srcs)):
-                f.copy_(_view(inp[i], dt, n))
-            out.copy_(method.call(ts, alpha, beta, inplace=True))
-            return out
         pieces = [_view(inp[i], dt, n).split(step) for i, (_, _, dt) in enumerate(sg.srcs)]
         for j, o in enumerate(out.split(step)):
             m = o.numel()
