@@ -52,6 +52,14 @@ _TOP: Tuple[Tuple[str, str, bool], ...] = (
     ("norm_out.linear", "final_layer.adaLN_modulation.1", True), ("proj_out", "final_layer.linear", False),
 )
 
+#: the qk-norms (RMSNorm): (diffusers module, BFL module) under a double / single block; BFL calls the parameter
+#: ``scale``, diffusers ``weight``. A Flux control LoRA (BFL's Canny/Depth LoRAs) replaces them.
+_DOUBLE_NORMS: Tuple[Tuple[str, str], ...] = (
+    ("attn.norm_q", "img_attn.norm.query_norm"), ("attn.norm_k", "img_attn.norm.key_norm"),
+    ("attn.norm_added_q", "txt_attn.norm.query_norm"), ("attn.norm_added_k", "txt_attn.norm.key_norm"),
+)
+_SINGLE_NORMS: Tuple[Tuple[str, str], ...] = (("attn.norm_q", "norm.query_norm"), ("attn.norm_k", "norm.key_norm"))
+
 #: the Linear layers of CLIP-L (transformers names) and of T5-XXL's encoder a Flux LoRA may carry
 CLIP_L_LAYERS = 12
 T5_BLOCKS = 24
@@ -89,6 +97,20 @@ def bfl_to_diffusers(depth: int = DEPTH, depth_single: int = DEPTH_SINGLE
 def bfl_modules(depth: int = DEPTH, depth_single: int = DEPTH_SINGLE) -> List[str]:
     """Every BFL Linear module a LoRA can target (no norms), in checkpoint order."""
     return list(bfl_to_diffusers(depth, depth_single))
+
+
+@functools.lru_cache(maxsize=None)
+def norm_modules(depth: int = DEPTH, depth_single: int = DEPTH_SINGLE) -> Dict[str, str]:
+    """BFL qk-norm module (parameter ``scale``) -> its diffusers module (parameter ``weight``), in checkpoint
+    order."""
+    out: Dict[str, str] = {}
+    for i in range(depth):
+        for d, b in _DOUBLE_NORMS:
+            out[f"double_blocks.{i}.{b}"] = f"transformer_blocks.{i}.{d}"
+    for i in range(depth_single):
+        for d, b in _SINGLE_NORMS:
+            out[f"single_blocks.{i}.{b}"] = f"single_transformer_blocks.{i}.{d}"
+    return out
 
 
 def units(bfl_module: str) -> int:
@@ -140,5 +162,5 @@ def lbw_block(bfl_module: str) -> str:
     return ("D" if m.group(1) == "double_blocks" else "S") + f"{int(m.group(2)):02d}"
 
 
-__all__ = ["DEPTH", "DEPTH_SINGLE", "diffusers_to_bfl", "bfl_to_diffusers", "bfl_modules", "units",
+__all__ = ["DEPTH", "DEPTH_SINGLE", "diffusers_to_bfl", "bfl_to_diffusers", "bfl_modules", "norm_modules", "units",
            "clip_l_modules", "t5_modules", "lbw_block"]

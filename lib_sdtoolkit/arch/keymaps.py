@@ -534,10 +534,12 @@ class LoraTarget:
     rows: Optional[Tuple[int, int]] = None
     #: Flux: the file's ΔW has the two halves of its rows swapped against the target (diffusers ``norm_out``)
     swap: bool = False
+    #: the parameter of ``module`` the layer changes: ``weight``, or ``scale`` for BFL's qk-norms (RMSNorm)
+    param: str = "weight"
 
     @property
     def weight_key(self) -> str:
-        return self.module + ("_weight" if self.qkv_index is not None else ".weight")
+        return self.module + ("_weight" if self.qkv_index is not None else "." + self.param)
 
     def row_slice(self, shape: Tuple[int, ...]) -> Optional[slice]:
         """The rows of a target weight of ``shape`` this module patches (an offset into a fused weight, as

@@ -218,9 +218,14 @@ class BakeReport(Report):
     touched: int
     loras: List[Dict[str, Any]]
     name: str
+    #: a Flux control LoRA widened these keys: {key: {"from": shape, "to": shape}}
+    widened: Optional[Dict[str, Dict[str, List[int]]]] = None
 
     def summary(self) -> str:
         lines = [f"Wrote {self.name}: {self.arch}, {self.touched} tensors changed"]
+        for k, v in (self.widened or {}).items():
+            lines.append(f"  {k}: widened from {v['from']} to {v['to']} (a control LoRA: the checkpoint now takes "
+                         f"the control image's latents beside the noise)")
         for x in self.loras:
             extra = f", {x['unmatched']} unmatched" if x.get("unmatched") else ""
             blocks = f" lbw={x['lbw']}" if x.get("lbw") else ""
@@ -280,6 +285,8 @@ class InspectReport(Report):
     name: str
     naming: str = "unknown"
     unmatched_modules: List[Dict[str, str]] = field(default_factory=list)
+    #: Flux control LoRA (BFL Canny/Depth): {"img_in_channels", "set_layers", "note"}; None for any other
+    control: Optional[Dict[str, Any]] = None
 
     def summary(self) -> str:
         def counts(d: Dict[str, int], sep: str = " x") -> str:
@@ -294,6 +301,8 @@ class InspectReport(Report):
                  f"  targets    : {counts(self.targets, ' ')}"]
         if self.dora_layers:
             lines.append(f"  DoRA layers: {self.dora_layers}")
+        if self.control:
+            lines.append(f"  control    : {self.control['note']}")
         if self.blocks:
             top = max((b["norm"] for b in self.blocks.values()), default=0.0) or 1.0
             lines.append("  blocks     : layers  sum |dW|")

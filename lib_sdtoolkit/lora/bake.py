@@ -72,18 +72,17 @@ def bake(checkpoint: PathLike, loras: Sequence[tuple], out: PathLike, overwrite:
             check_shapes(net, shapes)
             nets.append((net, float(m), bw))
         by_key: Dict[str, List[Tuple[BoundLayer, float]]] = {}
-        # bias deltas (full ``diff_b``, norm ``b_norm``, ``bias``) do not depend on W: computed up front, since a
-        # file may store a bias before its weight
+        # bias deltas (full ``diff_b``, norm ``b_norm``, ``bias``, LoRA ``lora_up.bias``) do not depend on W:
+        # computed up front, since a file may store a bias before its weight
         biases: Dict[str, torch.Tensor] = {}
         for net, m_net, bw in nets:
             for layer in net.layers:
                 m = m_net if bw is None else m_net * block_weight(bw, layer.block)
                 by_key.setdefault(layer.weight_key, []).append((layer, m))
-                t = layer.weights.t
-                db = t.get("diff_b", t.get("b_norm", t.get("bias")))
+                db = formats.bias_delta(layer.weights)
                 if db is None or layer.bias_key not in infos:
                     continue
-                d = db.float().reshape(-1) * m
+                d = db * m
                 if layer.target.qkv_index is not None:
                     full = torch.zeros(infos[layer.bias_key].shape[0])
                     n = full.shape[0] // 3
@@ -108,7 +107,8 @@ def bake(checkpoint: PathLike, loras: Sequence[tuple], out: PathLike, overwrite:
                             rows = slice(layer.target.qkv_index * n, (layer.target.qkv_index + 1) * n)
                         base = t if rows is None else t[rows]
                         dw, _ = formats.compute_delta(layer.weights, base, None)
-                        (acc if rows is None else acc[rows]).add_(dw, alpha=m)
+                        (acc if rows is None else acc[rows]).add_(dw, alpha=formats.effective_multiplier(
+                            layer.weights, m))
                     if k in biases:
                         acc = acc + biases.pop(k)
                     t = acc.to(infos[k].dtype)
@@ -143,12 +143,14 @@ def _bake_flux(r, infos, a, loras, outp, overwrite, progress) -> Dict[str, objec
     nets = [(load_network(it[0], "Flux.1"), float(it[1])) for it in loras]
     layers = [(layer, m if bw is None else m * block_weight(bw, layer.block))
               for (net, m), bw in zip(nets, factors) for layer in net.layers]
-    patches = FluxPatches(layers, a.layout or "bfl", a.prefixes, shapes, r.path)
+    files = [it[0] for it, (net, _) in zip(loras, nets) for _layer in net.layers]
+    patches = FluxPatches(layers, a.layout or "bfl", a.prefixes, shapes, r.path, files)
     meta = dict(r.metadata) if r.format == "safetensors" else {}
     meta["sdtoolkit_lora_bake"] = _record(loras)
     keys = r.keys()
     touched = 0
-    with StreamingSafetensorsWriter(outp, [infos[k] for k in keys], meta, overwrite=overwrite) as w:
+    specs = [(k, infos[k].dtype, patches.widen.get(k, infos[k].shape)) for k in keys]
+    with StreamingSafetensorsWriter(outp, specs, meta, overwrite=overwrite) as w:
         for i, k in enumerate(keys):
             t = r.get(k)
             acc = patches.apply(k, t, r)
@@ -165,7 +167,10 @@ def _bake_flux(r, infos, a, loras, outp, overwrite, progress) -> Dict[str, objec
         i0 += len(n.layers)
         out.append(_entry(it, {"layers": len(n.layers) - absent, "unmatched": len(n.unmatched),
                                "not_in_checkpoint": absent}))
-    return {"output": str(outp), "arch": "Flux.1", "touched": touched, "loras": out}
+    res: Dict[str, object] = {"output": str(outp), "arch": "Flux.1", "touched": touched, "loras": out}
+    if patches.widen:   # a control LoRA: the result takes the control image's latents beside the noise
+        res["widened"] = {k: {"from": list(infos[k].shape), "to": list(s)} for k, s in patches.widen.items()}
+    return res
 
 
 __all__ = ["bake", "MAX_MULTIPLIER"]

@@ -42,7 +42,10 @@ def render_bake(r: Any) -> str:
 
     head = key_value_table([("output", _size(r.output)), ("architecture", r.arch), ("tensors changed", r.touched)])
     rows = [(x["path"], f"{x['multiplier']:g}", x["layers"], x.get("unmatched") or 0) for x in r.loras]
-    return head + "\n\n" + format_table(["LoRA", "multiplier", "layers", "unmatched"], rows, right=(1, 2, 3))
+    widened = "".join(f"\n{k}: widened from {v['from']} to {v['to']} (a control LoRA: the checkpoint now takes the "
+                      f"control image's latents beside the noise)" for k, v in (r.widened or {}).items())
+    return (head + "\n\n" + format_table(["LoRA", "multiplier", "layers", "unmatched"], rows, right=(1, 2, 3))
+            + ("\n" + widened if widened else ""))
 
 
 RENDER: Dict[str, Callable[[Any], str]] = {"extract": render_extract, "bake": render_bake}

@@ -352,6 +352,12 @@ def convert(src: PathLike, out: PathLike, to: str, overwrite: bool = False,
     if outp.suffix.lower() != ".safetensors":
         raise InvalidInputError("the converted LoRA is written as .safetensors", outp)
     arch, naming, mods, meta = read_modules(src)
+    odd = next((m for m in mods if m.parts.keys() & {"set_weight", "lora_up.bias"}), None)
+    if odd is not None:
+        what = "norm value" if "set_weight" in odd.parts else "lora_B bias"
+        raise InvalidInputError(f"{odd.source}: a control LoRA's {what} (BFL Canny/Depth LoRAs carry them); lora "
+                                f"convert does not write those in another naming: use the file as it is (bake and "
+                                f"inspect read it)", src)
     if is_flux(arch):
         named = _flux_out(mods, to)
     else:

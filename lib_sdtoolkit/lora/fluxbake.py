@@ -14,6 +14,13 @@ model_patcher keeps a patch with an offset into a fused weight:
 
 A placement is ``(key, key_rows, layer_rows, flip)``: ΔW[layer_rows] (halves swapped first when ``flip``) is added
 to ``key``'s rows ``key_rows`` (None = all rows).
+
+**Control LoRAs** (BFL's FLUX.1 Canny/Depth dev LoRAs; ComfyUI ``convert_lora_bfl_control``, diffusers'
+``FluxControlPipeline.load_lora_weights``): ``lora_B.bias`` is a Δbias, the qk-norms' ``scale`` is *set* (the
+``set`` type, whatever the multiplier unless 0), and ``img_in``'s LoRA takes more input channels than the checkpoint
+(128 = the packed latent and the packed control image): ``img_in.weight`` is widened with zero columns before the
+ΔW is added (:attr:`FluxPatches.widen`), as both hosts do, and the baked checkpoint is a Canny/Depth-style Flux.
+Only ``img_in`` (diffusers ``x_embedder``) is widened: it is the one layer whose input is the latent's channels.
 """
 from __future__ import annotations
 
@@ -62,8 +69,13 @@ def placements(target: LoraTarget, layout: str, prefixes: Mapping[str, str], sha
             return [], None
         return [Placement(k, None, None, False)], tuple(shapes[k])
     p = prefixes.get("transformer", "")
+    if layout == "diffusers" and target.param != "weight":   # a qk-norm: diffusers' ``norm_q.weight``...
+        d = fluxmaps.norm_modules().get(target.module)
+        if d is None or p + d + ".weight" not in shapes:
+            raise KeyError(p + (d or target.module) + ".weight")
+        return [Placement(p + d + ".weight", None, None, False)], tuple(shapes[p + d + ".weight"])
     if layout != "diffusers":
-        k = p + target.module + ".weight"
+        k = p + target.module + "." + target.param
         if k not in shapes:
             raise KeyError(k)
         shape = tuple(shapes[k])
@@ -104,6 +116,26 @@ def _rows(t: torch.Tensor, r: Optional[Tuple[int, int]]) -> torch.Tensor:
     return t if r is None else t[r[0]:r[1]]
 
 
+#: the BFL modules a control LoRA may widen (input channels); diffusers calls it ``x_embedder``
+WIDENABLE = ("img_in",)
+
+
+def _input_columns(weights: Any) -> Optional[int]:
+    """The input width a LoRA layer's ΔW has (``lora_down``'s columns); None for other types."""
+    d = weights.t.get("lora_down.weight")
+    return int(d.shape[1]) if weights.kind == "lora" and d is not None and d.dim() == 2 else None
+
+
+def widened(t: torch.Tensor, shape: Tuple[int, ...]) -> torch.Tensor:
+    """``t`` (rows, c) with zero columns appended up to ``shape`` (rows, c'), as ComfyUI's ``reshape_weight`` and
+    diffusers' ``_maybe_expand_transformer_param_shape_or_error_`` widen ``img_in``."""
+    if tuple(t.shape) == tuple(shape):
+        return t
+    out = torch.zeros(shape, dtype=t.dtype)
+    out[:, : t.shape[1]] = t
+    return out
+
+
 class FluxPatches:
     """The patches of several networks on one Flux checkpoint, computed lazily key by key.
 
@@ -112,11 +144,15 @@ class FluxPatches:
     ``qkv`` LoRA spread over ``to_q``/``to_k``/``to_v`` is computed once."""
 
     def __init__(self, layers: List[Tuple[Any, float]], layout: str, prefixes: Mapping[str, str],
-                 shapes: Mapping[str, Any], path: Any) -> None:
+                 shapes: Mapping[str, Any], path: Any, files: Optional[List[Any]] = None) -> None:
+        """``path``: the checkpoint; ``files``: the LoRA file of each layer, named by a format error (else
+        ``path``)."""
         self.layers = layers
         self.patches: Dict[str, List[Tuple[int, Placement, float]]] = {}
         self.places: List[List[Placement]] = []
         self.skipped = 0
+        #: checkpoint key -> the wider shape a control LoRA gives it (``img_in.weight``: more input channels)
+        self.widen: Dict[str, Tuple[int, ...]] = {}
         self._left: Dict[int, int] = {}
         self._cache: Dict[int, Tuple[torch.Tensor, Optional[torch.Tensor]]] = {}
         for i, (bound, m) in enumerate(layers):
@@ -129,13 +165,15 @@ class FluxPatches:
             if not pl:
                 self.skipped += 1
                 continue
+            src = files[i] if files else path
+            shape = self._widen(bound, pl, shape, src)
             try:
                 formats.check_layer(bound.weights, shape)
                 if bound.weights.dora_scale is not None:
                     formats.dora_on_out(bound.weights.dora_scale, shape)
             except ValueError as e:
-                raise formats.FormatError(f"{e}; the network is not applied", path, bound.weights.name) from None
-            has_bias = any(b in bound.weights.t for b in ("diff_b", "b_norm", "bias"))
+                raise formats.FormatError(f"{e}; the network is not applied", src, bound.weights.name) from None
+            has_bias = formats.has_bias_delta(bound.weights)
             self._left[i] = len(pl) * (2 if has_bias else 1)
             for p in pl:
                 self.patches.setdefault(p.key, []).append((i, p, m))
@@ -145,10 +183,29 @@ class FluxPatches:
                 elif has_bias:
                     self._left[i] -= 1
 
+    def _widen(self, bound: Any, pl: List[Placement], shape: Tuple[int, ...], path: Any) -> Tuple[int, ...]:
+        """The shape the layer's ΔW gets: ``shape``, or ``img_in``'s widened to the LoRA's input channels."""
+        cols = _input_columns(bound.weights)
+        if (bound.target.component != "transformer" or bound.target.module not in WIDENABLE or cols is None
+                or len(shape) != 2 or cols <= shape[1] or len(pl) != 1 or pl[0].key_rows is not None):
+            return shape
+        new = (shape[0], cols)
+        had = self.widen.get(pl[0].key)
+        if had is not None and had != new:
+            raise formats.FormatError(f"this control LoRA widens {pl[0].key} to {cols} input channels, another one "
+                                      f"given with it to {had[1]}; the network is not applied", path,
+                                      bound.weights.name)
+        self.widen[pl[0].key] = new
+        return new
+
+    def _get(self, key: str, reader: Any) -> torch.Tensor:
+        t = reader.get(key)
+        return widened(t, self.widen[key]) if key in self.widen else t
+
     def _weight(self, i: int, reader: Any) -> torch.Tensor:
         parts = []
         for p in sorted(self.places[i], key=lambda q: q.layer_rows[0] if q.layer_rows else 0):
-            w = _rows(reader.get(p.key), p.key_rows).float()
+            w = _rows(self._get(p.key, reader), p.key_rows).float()
             parts.append(swap_halves(w) if p.flip else w)
         return parts[0] if len(parts) == 1 else torch.cat(parts, 0)
 
@@ -165,11 +222,22 @@ class FluxPatches:
         if not todo:
             return None
         is_bias = key.endswith(".bias")
-        acc = t.float().clone()
-        changed = False
+        acc = (widened(t, self.widen[key]) if key in self.widen else t).float().clone()
+        changed = key in self.widen
         for i, p, m in todo:
-            dw, db = self.delta(i, reader)
-            d = db if is_bias else dw
+            lw = self.layers[i][0].weights
+            m = formats.effective_multiplier(lw, m)
+            if lw.kind == "set" and not is_bias:
+                # a value, not a delta: set over whatever earlier networks did (the hosts' ``set`` patch)
+                if m:
+                    v = lw.t["set_weight"].float().reshape(self.delta(i, reader)[0].shape)
+                    v = _rows(v, p.layer_rows)
+                    _rows(acc, p.key_rows).copy_(swap_halves(v) if p.flip else v)
+                    changed = True
+                d = None
+            else:
+                dw, db = self.delta(i, reader)
+                d = db if is_bias else dw
             if d is not None:
                 d = _rows(d, p.layer_rows)
                 if p.flip:
@@ -182,4 +250,4 @@ class FluxPatches:
         return acc if changed else None
 
 
-__all__ = ["placements", "Placement", "FluxPatches", "swap_halves"]
+__all__ = ["placements", "Placement", "FluxPatches", "swap_halves", "widened", "WIDENABLE"]

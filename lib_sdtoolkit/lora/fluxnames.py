@@ -50,7 +50,9 @@ _PARTS: Tuple[Tuple[str, str], ...] = tuple(sorted({
     "hada_t1": "hada_t1", "hada_t2": "hada_t2",
     "lokr_w1": "lokr_w1", "lokr_w1_a": "lokr_w1_a", "lokr_w1_b": "lokr_w1_b", "lokr_w2": "lokr_w2",
     "lokr_w2_a": "lokr_w2_a", "lokr_w2_b": "lokr_w2_b", "lokr_t2": "lokr_t2",
-    "diff": "diff", "diff_b": "diff_b",
+    "diff": "diff", "diff_b": "diff_b", "w_norm": "w_norm", "b_norm": "b_norm", "set_weight": "set_weight",
+    # PEFT ``lora_bias=True`` and BFL's control LoRAs: a bias on lora_B, the layer's Δbias (scaled as ΔW)
+    "lora_B.bias": "lora_up.bias", "lora_up.bias": "lora_up.bias",
 }.items(), key=lambda kv: -len(kv[0])))
 #: XLabs processor LoRAs: ``.down.weight`` / ``.up.weight``
 _XLABS_PART = re.compile(r"^(?P<mod>(?:diffusion_model\.)?(?:double|single)_blocks\.\d+\.processor\.(?:qkv|proj)_lora\d?)"
@@ -81,6 +83,10 @@ def _tables() -> Tuple[Dict[str, LoraTarget], Dict[str, LoraTarget], Dict[str, L
         us["lora_unet_" + m.replace(".", "_")] = t
         if m.startswith("single_blocks.") and m.endswith(".linear1"):   # ComfyUI / Neo: the q|k|v rows of linear1
             bfl[m + "_qkv"] = LoraTarget(m, "transformer", rows=(0, 3))
+    for b, d in fluxmaps.norm_modules().items():   # the qk-norms a control LoRA sets
+        t = LoraTarget(b, "transformer", param="scale")
+        bfl[b] = t
+        diff[d] = t
     for d, (b, rows, swap) in fluxmaps.diffusers_to_bfl().items():
         t = LoraTarget(b, "transformer", rows=rows, swap=swap)
         diff[d] = t
@@ -99,11 +105,22 @@ def _tables() -> Tuple[Dict[str, LoraTarget], Dict[str, LoraTarget], Dict[str, L
     return bfl, diff, us, te
 
 
+#: a qk-norm's new value in a control LoRA: BFL's ``...query_norm.scale`` / ``key_norm.scale``, diffusers'
+#: ``attn.norm_q.weight`` (``norm_k``, ``norm_added_q``, ``norm_added_k``) as its Flux Control loader takes them
+_NORM_SET = re.compile(r"^(?P<mod>.*(?:\.(?:query|key)_norm|\.attn\.norm_(?:added_)?[qk]))\.(?:scale|weight)$")
+
+
 def split_key(key: str) -> Optional[Tuple[str, str]]:
-    """(module name as the file spells it, part name) of a Flux LoRA file key; None if no part is recognised."""
+    """(module name as the file spells it, part name) of a Flux LoRA file key; None if no part is recognised.
+
+    A qk-norm's parameter itself (BFL ``query_norm.scale``, diffusers ``attn.norm_q.weight``) is the part
+    ``set_weight``: a control LoRA stores the norm's new value (ComfyUI renames it so)."""
     m = _XLABS_PART.match(key)
     if m:
         return m.group("mod"), "lora_" + m.group("part") + ".weight"
+    m = _NORM_SET.match(key)
+    if m:
+        return m.group("mod"), "set_weight"
     head = key.split(".", 1)[0]
     if "." in key and head.startswith(("lora_", "lycoris_")) and not head.startswith(("lora_A", "lora_B")):
         mod, part = key.split(".", 1)

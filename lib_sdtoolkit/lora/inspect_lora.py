@@ -99,6 +99,7 @@ def _inspect(r: Any, p: Path, mr: Any, model_arch: Optional[str], model_infos: A
     targets = {"unet": 0, "text_encoder": 0, "text_encoder_2": 0}
     blocks: Dict[str, Dict[str, Any]] = {}
     unmatched, unknown, conv, dora = [], [], 0, 0
+    control = {"img_in_channels": None, "set_layers": 0}
     not_applied: List[Dict[str, str]] = []
     resolved = 0
     wrong_arch = False
@@ -124,6 +125,8 @@ def _inspect(r: Any, p: Path, mr: Any, model_arch: Optional[str], model_infos: A
             ranks[rk] = ranks.get(rk, 0) + 1
             if len(infos["lora_down.weight"].shape) == 4 and infos["lora_down.weight"].shape[2:] != (1, 1):
                 conv += 1
+        if kind == "set":
+            control["set_layers"] += 1
         if "alpha" in parts:
             a = f"{float(r.get(parts['alpha']).float().reshape(-1)[0]):g}"
             alphas[a] = alphas.get(a, 0) + 1
@@ -136,6 +139,10 @@ def _inspect(r: Any, p: Path, mr: Any, model_arch: Optional[str], model_infos: A
             continue
         resolved += 1
         targets[t.component] = targets.get(t.component, 0) + 1
+        if flux and t.component == "transformer" and t.module == "img_in" and kind == "lora":
+            cin = int(infos["lora_down.weight"].shape[1])
+            if cin > FLUX_LATENT_CHANNELS:
+                control["img_in_channels"] = cin
         layer = formats.make_layer(mod, {part: r.get(k) for part, k in parts.items()}, str(p))
         shape = weight = None
         if model_infos is not None and not wrong_arch:
@@ -193,4 +200,22 @@ def _inspect(r: Any, p: Path, mr: Any, model_arch: Optional[str], model_infos: A
         "blocks": {b: blocks[b] for b in order if b in blocks},
         "model": str(mr.path) if mr is not None else None, "model_arch": model_arch,
         "not_applied": not_applied, "not_applied_counts": counts,
+        "control": _control_summary(control) if flux else None,
     }
+
+
+#: the input channels of Flux.1's ``img_in``: 2x2 patches of the 16-channel latent
+FLUX_LATENT_CHANNELS = 64
+
+
+def _control_summary(c: Dict[str, Any]) -> Optional[Dict[str, Any]]:
+    """What makes a Flux LoRA a control LoRA (BFL Canny/Depth), or None when nothing does."""
+    if c["img_in_channels"] is None and not c["set_layers"]:
+        return None
+    cin = c["img_in_channels"]
+    return dict(c, note=(f"a Flux control LoRA (BFL Canny/Depth style): "
+                         + (f"widens img_in from {FLUX_LATENT_CHANNELS} to {cin} input channels (the packed control "
+                            f"image beside the latent); " if cin else "")
+                         + (f"sets {c['set_layers']} qk-norm scales; " if c["set_layers"] else "")
+                         + "bake it into a Flux dev checkpoint to get a control model; it is not applied at "
+                           "generation"))

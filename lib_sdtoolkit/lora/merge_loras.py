@@ -47,7 +47,7 @@ MERGED_FROM = "sdtoolkit_merged_from"
 #: singular values below this fraction of the largest are dropped by an exact (rank-less) merge
 NUMERICAL_RANK_TOL = 1e-6
 #: types whose ΔW depends on the model weight: not representable as one LoRA delta
-_NEEDS_WEIGHT = {"ia3", "norm", "oft"}
+_NEEDS_WEIGHT = {"ia3", "norm", "oft", "set"}
 
 
 @dataclass
@@ -161,7 +161,7 @@ def merge_loras(inputs: Sequence[Tuple[PathLike, float]], out: PathLike, rank: O
                     what = "DoRA" if "dora_scale" in parts else kind.upper()
                     raise InvalidInputError(f"{what} module: its ΔW depends on the model's weight and is no LoRA "
                                             f"delta; cannot be merged", p, mod)
-                if parts.keys() & {"bias", "diff_b"}:
+                if parts.keys() & {"bias", "diff_b", "lora_up.bias"}:
                     raise InvalidInputError("module with a bias delta: a LoRA file has no place for it; cannot "
                                             "be merged", p, mod)
                 tensors = {part: r.get(k) for part, k in parts.items()}

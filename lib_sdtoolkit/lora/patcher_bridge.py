@@ -71,10 +71,10 @@ def _swap(t: torch.Tensor) -> torch.Tensor:
 
 def apply_patch(weight: torch.Tensor, strength: float, patch: LayerPatch) -> torch.Tensor:
     """Add the patch to ``weight`` (the patcher's fp32 working copy, changed in place and returned)."""
-    m = float(strength) * patch.multiplier
+    lw = patch.weights
+    m = formats.effective_multiplier(lw, float(strength) * patch.multiplier)
     if m == 0.0:
         return weight
-    lw = patch.weights
     if patch.bias_of_shape is not None:
         # the bias delta of every format depends only on the module's own factors; compute_delta shapes ΔW
         # against a weight of the module's shape, so it gets zeros of that shape (one layer's worth, freed here)
@@ -193,7 +193,7 @@ def flux_patcher_key(layer: BoundLayer, param_shape: Callable[[str], Optional[Tu
     prefix = FLUX_PREFIXES.get(t.component)
     if prefix is None:
         return None
-    key = prefix + t.module + ".weight"
+    key = prefix + t.weight_key
     shape = param_shape(key)
     if shape is None:
         return None
@@ -244,6 +244,12 @@ def build_patches(a: ActiveNetwork, arch: str, unet_keys: Mapping[str, str], cli
     unet: Dict[object, tuple] = {}
     clip: Dict[object, tuple] = {}
     unmatched: List[str] = []
+    n = a.network
+    bw = "" if a.block_weights is None else ",".join(f"{k}={v:g}" for k, v in sorted(a.block_weights.items()))
+    ident = (f"sdtoolkit:{n.path}:{n.mtime}:te={a.te:g}:unet={a.unet:g}:dyn={a.dyn}:lbw={bw}")
+    control = flux_control_reason(n.layers, param_shape) if flux else None
+    if control is not None:   # nothing of it: its norms without its img_in would only spoil the image
+        return PatchSet(ident, {}, {}, [f"{layer.weights.name} ({control})" for layer in n.layers])
     for layer in a.network.layers:
         m = a.multiplier(layer)
         is_te = layer.component.startswith("text_encoder")
@@ -269,14 +275,32 @@ def build_patches(a: ActiveNetwork, arch: str, unet_keys: Mapping[str, str], cli
                 if isinstance(key, tuple):
                     wshape = (key[1][2], *tuple(wshape)[1:])
                 dest[bkey] = (PATCH_TYPE, LayerPatch(layer.weights, m, a.dyn, tuple(wshape), swap=swap))
-    n = a.network
-    bw = "" if a.block_weights is None else ",".join(f"{k}={v:g}" for k, v in sorted(a.block_weights.items()))
-    ident = (f"sdtoolkit:{n.path}:{n.mtime}:te={a.te:g}:unet={a.unet:g}:dyn={a.dyn}:lbw={bw}")
     return PatchSet(ident, unet, clip, unmatched)
 
 
+#: why a Flux control LoRA is not applied at generation
+CONTROL_NOT_APPLIED = ("a Flux control LoRA (BFL Canny/Depth: it widens img_in to take a control image and sets the "
+                       "qk-norms): the host's sampler does not feed it a control image, so it is not applied at "
+                       "generation; bake it into a Flux dev checkpoint with `lora bake` and load that as a "
+                       "Canny/Depth model where the host supports one")
+
+
+def flux_control_reason(layers, param_shape: Callable[[str], Optional[Tuple[int, ...]]]) -> Optional[str]:
+    """:data:`CONTROL_NOT_APPLIED` when ``layers`` are a Flux control LoRA (a ``set`` layer, or an ``img_in`` LoRA
+    wider than the model's ``img_in``); None otherwise."""
+    for layer in layers:
+        if layer.weights.kind == "set":
+            return CONTROL_NOT_APPLIED
+        if layer.target.component == "transformer" and layer.target.module == "img_in":
+            down = layer.weights.t.get("lora_down.weight")
+            shape = param_shape(FLUX_PREFIXES["transformer"] + "img_in.weight")
+            if down is not None and shape is not None and down.dim() == 2 and down.shape[1] > tuple(shape)[1]:
+                return CONTROL_NOT_APPLIED
+    return None
+
+
 def _has_bias_delta(lw: LayerWeights) -> bool:
-    return "bias" in lw.t or "diff_b" in lw.t or "b_norm" in lw.t
+    return formats.has_bias_delta(lw)
 
 
 def unavailable_options(a: ActiveNetwork) -> List[str]:
@@ -355,4 +379,4 @@ def add_patch_sets(obj, patcher, sets: Sequence[PatchSet], which: str, wrap: Cal
 
 
 __all__ = ["FLUX_PREFIXES", "PATCH_TYPE", "LayerPatch", "PatchSet", "add_patch_sets", "apply_patch", "build_patches",
-           "carries", "flux_patcher_key", "key_map_of", "patcher_key", "takes_filename", "unavailable_options"]
+           "CONTROL_NOT_APPLIED", "flux_control_reason", "carries", "flux_patcher_key", "key_map_of", "patcher_key", "takes_filename", "unavailable_options"]

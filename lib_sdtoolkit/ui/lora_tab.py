@@ -74,6 +74,8 @@ def inspect_html(rep: Mapping[str, Any]) -> str:
         rows.append(("DoRA layers", str(rep["dora_layers"])))
     if rep.get("bundled_embeddings"):
         rows.append(("Bundled embeddings", _esc(", ".join(rep["bundled_embeddings"]))))
+    if rep.get("control"):
+        rows.append(("Control LoRA", _esc(rep["control"]["note"])))
     if rep.get("model"):
         rows.append(("Checked against", f"{_esc(rep['model'])} ({_esc(rep['model_arch'])})"))
     out = ['<div class="sdtoolkit-lora-inspect"><table class="sdtoolkit-table">']
@@ -101,7 +103,8 @@ def inspect_html(rep: Mapping[str, Any]) -> str:
         out.append("</table>")
     else:
         extra = "" if rep.get("model") else " (names and types; pick a checkpoint to check shapes too)"
-        out.append(f'<div class="sdtoolkit-ok">Every module would be applied{extra}.</div>')
+        how = "baked (a control LoRA is not applied at generation)" if rep.get("control") else "applied"
+        out.append(f'<div class="sdtoolkit-ok">Every module would be {how}{extra}.</div>')
     meta = rep.get("metadata") or {}
     if meta:
         out.append(f"<details><summary>Metadata ({len(meta)} keys)</summary>"

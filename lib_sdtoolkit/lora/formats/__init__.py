@@ -23,10 +23,10 @@ from typing import Dict, List, Optional, Sequence, Set, Tuple
 import torch
 
 from ...errors import ModelFileError
-from . import full, ia3, loha, lokr, lora, norm, oft
+from . import full, ia3, loha, lokr, lora, norm, oft, setw
 
-#: tried in this order (A1111 networks.module_types order)
-TYPES = (lora, loha, ia3, lokr, full, norm, oft)
+#: tried in this order (A1111 networks.module_types order; ``set`` last: no WebUI type has its part)
+TYPES = (lora, loha, ia3, lokr, full, norm, oft, setw)
 #: parts every type may carry besides its own
 COMMON_PARTS = {"alpha", "scale", "dora_scale", "bias"}
 
@@ -98,6 +98,34 @@ def make_layer(name: str, tensors: Dict[str, torch.Tensor], path: Optional[str] 
                         alpha=float(alpha.float().reshape(-1)[0]) if alpha is not None and alpha.numel() else None,
                         scale=float(scale.float().reshape(-1)[0]) if scale is not None and scale.numel() else None,
                         dora_scale=tensors.get("dora_scale"))
+
+
+def effective_multiplier(layer: LayerWeights, m: float) -> float:
+    """The multiplier a layer's ΔW is applied with: ``m``, except for a ``set`` layer, whose value is set whatever
+    the strength (as ComfyUI / Forge Neo and diffusers do), so 1 unless ``m`` is 0."""
+    if layer.kind == "set":
+        return 0.0 if m == 0 else 1.0
+    return m
+
+
+def bias_delta(layer: LayerWeights) -> Optional[torch.Tensor]:
+    """The layer's Δbias in fp32 (flat), scaled as :func:`compute_delta` scales it, not multiplied by the user's
+    weight; None without one. Every format's Δbias is its own tensor (``diff_b``, ``b_norm``, ``bias``,
+    ``lora_up.bias``), independent of W."""
+    t = layer.t
+    for part in ("diff_b", "b_norm", "lora_up.bias", "bias"):
+        if part in t:
+            d = t[part].float().reshape(-1)
+            if part == "lora_up.bias":
+                s = layer.effective_scale()
+                if s != 1.0:
+                    d = d * s
+            return d
+    return None
+
+
+def has_bias_delta(layer: LayerWeights) -> bool:
+    return any(p in layer.t for p in ("diff_b", "b_norm", "lora_up.bias", "bias"))
 
 
 def dora_on_out(dora_scale: torch.Tensor, shape: Sequence[int]) -> bool:
@@ -229,5 +257,6 @@ def nonfinite_parts(layer: LayerWeights) -> List[str]:
 
 
 __all__ = ["TYPES", "LayerWeights", "FormatError", "classify", "make_layer", "compute_delta", "lowrank_factors", "unscaled_delta",
+           "effective_multiplier", "bias_delta", "has_bias_delta",
            "check_layer",
            "apply_dora", "dora_on_out", "nonfinite_parts"]
