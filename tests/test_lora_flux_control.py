@@ -370,3 +370,70 @@ def test_cli_and_lora_tab_say_control(base, tmp_path, capsys):
     html = inspect_html(dict(rep, name=lp.name))
     assert "Control LoRA" in html and f"sets {len(fluxmaps.norm_modules())} qk-norm scales" in html
     assert "Every module would be baked (a control LoRA is not applied at generation)" in html
+
+
+def test_extract_a_control_model_against_its_base_gives_a_bfl_control_lora(base, row_map, control_map, tmp_path):
+    """``lora extract`` of a Canny/Depth-style model (the base with a control LoRA baked in) against the base: a
+    control LoRA in BFL's layout, which bakes back onto the base to the control model, and which diffusers' Flux
+    Control loader applies to the same forward pass."""
+    from lib_sdtoolkit.lora.bake import bake
+    from lib_sdtoolkit.lora.extract import extract_lora
+    from lib_sdtoolkit.lora.inspect_lora import inspect_lora
+
+    lp = tmp_path / "control.safetensors"
+    control_file(lp, seed=24)
+    tuned = tmp_path / "flux1-canny-dev.safetensors"
+    bake(base["bfl"], [(lp, 1.0)], tuned)
+    x = tmp_path / "extracted.safetensors"
+    res = extract_lora(tuned, base["bfl"], x, rank=R, dtype="fp32")
+    n_norms = len(fluxmaps.norm_modules())
+    assert res["control"] == {"widened": {"img_in": {"from": [H, 64], "to": [H, CIN]}}, "set_layers": n_norms}
+    assert res["layers"] == len(fluxmaps.bfl_modules()) and res["min_energy"] > 0.999999
+    got = load_state_dict(x)
+    linears, norms = _modules()
+    want_keys = {m + s for m in linears for s in (".lora_A.weight", ".lora_B.weight", ".lora_B.bias")}
+    want_keys |= {m + ".scale" for m in norms}
+    assert set(got) == want_keys and got["img_in.lora_A.weight"].shape == (R, CIN)
+    rep = inspect_lora(x)
+    assert rep["naming"] == "bfl" and rep["control"]["img_in_channels"] == CIN and rep["unmatched"] == 0
+    back = load_state_dict(bake(base["bfl"], [(x, 1.0)], tmp_path / "back.safetensors")["output"])
+    want = load_state_dict(tuned)
+    for k, v in want.items():
+        assert back[k].shape == v.shape, k
+        torch.testing.assert_close(back[k], v, rtol=1e-4, atol=2e-6, msg=k)
+    # diffusers loads it (its converter pops every key BFL's files have: none may be missing); its swap of the final
+    # modulation's lora_A halves (module docstring) is undone beforehand, as a file with equal halves needs none
+    fixed = dict(got)
+    a = fixed["final_layer.adaLN_modulation.1.lora_A.weight"]
+    fixed["final_layer.adaLN_modulation.1.lora_A.weight"] = torch.cat([a[R // 2:], a[: R // 2]], 0)
+    ref = _reference(base["sd"], fixed, row_map, control_map)
+    ours = _forward(_baked_model(tuned, row_map), CIN)
+    assert torch.allclose(ours, ref, atol=1e-4, rtol=1e-3), float((ours - ref).abs().max())
+
+
+def test_flux_extract_through_the_job_layer(base, tmp_path, capsys):
+    """The CLI (the job layer every face uses) runs a Flux extract, with the energy rank mode, and prints the
+    control line for a control model."""
+    from lib_sdtoolkit import cli
+    from lib_sdtoolkit.lora.bake import bake
+
+    g = torch.Generator().manual_seed(25)
+    tuned_sd = {k: (v + 0.01 * torch.randn(v.shape, generator=g) if v.dim() == 2 else v) for k, v in base["sd"].items()}
+    tuned = tmp_path / "tuned.safetensors"
+    save_safetensors(tuned, tuned_sd)
+    capsys.readouterr()
+    assert cli.main(["lora", "extract", str(tuned), str(base["bfl"]), "-o", str(tmp_path / "x.safetensors"),
+                     "--rank", "8", "--rank-mode", "energy", "--energy", "0.5", "--json"]) == 0
+    rep = json.loads(capsys.readouterr().out)
+    assert rep["arch"] == "Flux.1" and rep["rank_mode"] == "energy" and rep["control"] is None
+    assert rep["layers"] == len(rep["layer_report"]) == len(fluxmaps.bfl_modules())
+    assert all(1 <= x["rank"] <= 8 and 0 < x["energy"] <= 1 for x in rep["layer_report"])
+    assert any(x["rank"] < 8 for x in rep["layer_report"])   # the energy mode chose the ranks
+    lp = tmp_path / "control.safetensors"
+    control_file(lp, seed=26)
+    cm = tmp_path / "canny.safetensors"
+    bake(base["bfl"], [(lp, 1.0)], cm)
+    assert cli.main(["lora", "extract", str(cm), str(base["bfl"]), "-o", str(tmp_path / "c.safetensors"),
+                     "--rank", "4"]) == 0
+    out = capsys.readouterr().out
+    assert "BFL control LoRA (img_in 64 -> 128 channels; 152 qk-norm scales set)" in out, out

@@ -94,6 +94,9 @@ class ExtractReport(Report):
     min_energy: float
     layer_report: List[Dict[str, Any]]
     name: str
+    #: Flux control model against its base: {"widened": {module: {"from", "to"}}, "set_layers": n}; the LoRA is
+    #: written in BFL's control layout
+    control: Optional[Dict[str, Any]] = None
 
     def summary(self) -> str:
         ranks = f"rank {self.rank}" + (f", conv rank {self.conv_rank}" if self.conv_rank else "")
@@ -102,6 +105,11 @@ class ExtractReport(Report):
         text = f"Wrote {self.name}: {self.layers} {self.arch} layers ({ranks})"
         if self.skipped_identical:
             text += f"; {self.skipped_identical} identical layers skipped"
+        if self.control:
+            wide = ", ".join(f"{m} {v['from'][1]} -> {v['to'][1]} input channels"
+                             for m, v in self.control["widened"].items())
+            text += (f"\nA control model against its base: written as a BFL control LoRA ({wide}; "
+                     f"{self.control['set_layers']} qk-norm scales set)")
         return text + f"\n{energy_lines(self.layer_report)}\nOutput: {self.output}"
 
 

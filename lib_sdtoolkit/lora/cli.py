@@ -33,8 +33,13 @@ def render_extract(r: Any) -> str:
     from ..jobs.faces import key_value_table
 
     ranks = f"{r.rank}" + (f" (conv {r.conv_rank})" if r.conv_rank else "")
+    control = None
+    if r.control:
+        wide = ", ".join(f"{m} {v['from'][1]} -> {v['to'][1]} channels" for m, v in r.control["widened"].items())
+        control = f"BFL control LoRA ({wide}; {r.control['set_layers']} qk-norm scales set)"
     return key_value_table([("output", _size(r.output)), ("architecture", r.arch), ("layers", r.layers),
-                            ("rank", ranks), ("identical layers skipped", r.skipped_identical or None)])
+                            ("rank", ranks), ("identical layers skipped", r.skipped_identical or None),
+                            ("control", control)])
 
 
 def render_bake(r: Any) -> str:

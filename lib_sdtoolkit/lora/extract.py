@@ -125,8 +125,12 @@ def extract_lora(tuned: PathLike, base: PathLike, out: PathLike, rank: int = 32,
             at, ab = detect(rt.infos()), detect(rb.infos())
             if ab.architecture == "Flux.1" and ab.layout != "component":  # lora/extract_flux.py: fused layers as one
                 from .extract_flux import extract_flux
-                return extract_flux(rt, rb, at, ab, outp, rank, svd_factors, clamp_quantile, dev, DTYPES[dtype],
-                                    overwrite, progress, min_diff, (Path(tuned).name, Path(base).name))
+                res = extract_flux(rt, rb, at, ab, outp, rank,
+                                   lambda d, r, cq: svd_factors(d, r, cq, rank_mode, energy, svd), clamp_quantile,
+                                   dev, DTYPES[dtype], overwrite, progress, min_diff,
+                                   (Path(tuned).name, Path(base).name))
+                return dict(res, rank_mode=rank_mode, energy=energy if rank_mode == "energy" else None,
+                            clamp_quantile=clamp_quantile)
             if not ab.is_checkpoint:
                 raise ArchitectureError(f"not a Stable Diffusion checkpoint ({ab.architecture})", rb.path)
             if at.family != ab.family:
