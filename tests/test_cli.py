@@ -251,3 +251,33 @@ def test_serve_json_prints_one_json_line(files):
         proc.kill()
         proc.wait(timeout=60)
         proc.stdout.close()
+
+
+def test_a_fresh_process_ends_at_once_with_its_exit_code_and_all_its_output(files, tmp_path):
+    """``python -m lib_sdtoolkit`` skips Python's shutdown once torch is loaded (``__main__._quick_exit_ok``): the
+    exit code, every line of stdout and stderr and the written file must still all be there, as with the full
+    shutdown (SDTOOLKIT_FULL_EXIT=1)."""
+    from lib_sdtoolkit.files import load_state_dict
+
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    env.pop("SDTOOLKIT_FULL_EXIT", None)
+    env.pop("PYTHONUNBUFFERED", None)   # stdout block-buffered into the pipe, as for most users
+    bad = tmp_path / "bad.safetensors"
+    bad.write_bytes(b"\xff" * 64)
+    results = []
+    for extra in ({}, {"SDTOOLKIT_FULL_EXIT": "1"}):
+        out = tmp_path / f"lat{len(results)}.safetensors"
+        ok = subprocess.run([sys.executable, "-m", "lib_sdtoolkit", "inspect", str(files["vae"]), "--json"],
+                            cwd=ROOT, env=dict(env, **extra), capture_output=True, text=True, timeout=600)
+        enc = subprocess.run([sys.executable, "-m", "lib_sdtoolkit", "vae", "encode", str(files["img"]), "--vae",
+                              str(files["vae"]), "-o", str(out), "--json"], cwd=ROOT, env=dict(env, **extra),
+                             capture_output=True, text=True, timeout=600)
+        err = subprocess.run([sys.executable, "-m", "lib_sdtoolkit", "merge", str(bad), str(files["vae"]), "-o",
+                              str(tmp_path / "m.safetensors")], cwd=ROOT, env=dict(env, **extra),
+                             capture_output=True, text=True, timeout=600)
+        assert ok.returncode == 0 and enc.returncode == 0, (ok.stderr, enc.stderr)
+        assert err.returncode == 2 and "bad.safetensors" in err.stderr and err.stderr.startswith("error: ")
+        assert set(load_state_dict(out)) and json.loads(enc.stdout)["output"] == str(out)
+        results.append((ok.stdout, err.stderr))
+    assert results[0] == results[1]
+    assert json.loads(results[0][0])["architecture"] == "VAE"
