@@ -547,17 +547,23 @@ def webui_host_from(paths: Any, cmd_opts: Any, opts: Any = None, extension_dir: 
     """Build a ``WebUIHost`` from the WebUI's ``modules.paths``, ``shared.cmd_opts`` and ``shared.opts``.
 
     Reads ``paths.models_path``, ``cmd_opts.ckpt_dir``, ``vae_dir``, ``lora_dir``, ``lyco_dir_backcompat``,
-    ``controlnet_dir`` and our ``--sdtoolkit-models-dir`` / ``--sdtoolkit-output-dir`` / ``--sdtoolkit-device``
-    flags (preload.py).
+    ``controlnet_dir`` (A1111, Forge 2.0.x), Forge Neo's lists ``ckpt_dirs``, ``vae_dirs``, ``lora_dirs``,
+    ``controlnet_dirs`` (``--ckpt-dirs DIR`` given any number of times; ``--forge-ref-a1111-home`` /
+    ``--forge-ref-comfy-home`` append to them) and our ``--sdtoolkit-models-dir`` / ``--sdtoolkit-output-dir`` /
+    ``--sdtoolkit-device`` flags (preload.py).
     """
     def opt(name: str) -> Any:
         return getattr(cmd_opts, name, None)
 
+    def many(name: str) -> List[Any]:
+        v = opt(name)
+        return list(v) if isinstance(v, (list, tuple)) else ([v] if v else [])
+
     models_path = opt("sdtoolkit_models_dir") or getattr(paths, "models_path")
-    ckpt = [opt("ckpt_dir")]
-    vae = [opt("vae_dir")]
-    lora = [opt("lora_dir") or os.path.join(models_path, "Lora"), opt("lyco_dir_backcompat")]
-    cn = [opt("controlnet_dir")]
+    ckpt = [opt("ckpt_dir"), *many("ckpt_dirs")]
+    vae = [opt("vae_dir"), *many("vae_dirs")]
+    lora = [opt("lora_dir") or os.path.join(models_path, "Lora"), *many("lora_dirs"), opt("lyco_dir_backcompat")]
+    cn = [opt("controlnet_dir"), *many("controlnet_dirs")]
     ext_root = getattr(paths, "data_path", None) or getattr(paths, "script_path", None)
     if ext_root:
         cn.append(os.path.join(ext_root, "extensions", "sd-webui-controlnet", "models"))

@@ -386,6 +386,35 @@ def test_webui_host_reads_the_webui_dirs(webui, tmp_path):
     assert h.settings is shared.opts.data
 
 
+def test_webui_host_reads_forge_neos_folder_lists(tmp_path):
+    """Forge Neo replaced ``--ckpt-dir`` & co. by lists (``modules/cmd_args.py``: ``--ckpt-dirs``, ``--lora-dirs``,
+    ``--vae-dirs`` with ``action="append"``, ``--forge-ref-a1111-home`` appends to them; ``lora_dir`` stays, from its
+    built-in LoRA's preload). Seen in the real Neo: models given by ``--ckpt-dirs`` were missing from our lists."""
+    from types import SimpleNamespace
+
+    import torch
+
+    from lib_sdtoolkit.files import save_safetensors
+    from lib_sdtoolkit.host import webui_host_from
+
+    models = tmp_path / "models"
+    (models / "Lora").mkdir(parents=True)
+    ck1, ck2, lo = tmp_path / "ck1", tmp_path / "ck2", tmp_path / "loras"
+    for d in (ck1, ck2, lo):
+        d.mkdir()
+    save_safetensors(ck2 / "elsewhere.safetensors", {"x": torch.zeros(2)})
+    opts = SimpleNamespace(ckpt_dirs=[str(ck1), str(ck2)], lora_dirs=[str(lo)], vae_dirs=[str(tmp_path / "vae")],
+                           text_encoder_dirs=[], lora_dir=str(models / "Lora"))
+    h = webui_host_from(SimpleNamespace(models_path=str(models)), opts)
+    assert h.model_dirs("checkpoint") == [models / "Stable-diffusion", ck1, ck2]
+    assert h.model_dirs("lora") == [models / "Lora", lo]
+    assert h.model_dirs("vae") == [models / "VAE", tmp_path / "vae"]
+    assert [Path(p).name for p in h.list_models("checkpoint")] == ["elsewhere.safetensors"]
+    # A1111's singular flags still read as before
+    h = webui_host_from(SimpleNamespace(models_path=str(models)), SimpleNamespace(ckpt_dir=str(ck1)))
+    assert h.model_dirs("checkpoint") == [models / "Stable-diffusion", ck1]
+
+
 def test_install_py_installs_only_what_is_missing(webui, tmp_path):
     log = tmp_path / "pip.log"
     for _ in range(2):                                          # every WebUI start runs it: idempotent
