@@ -437,3 +437,21 @@ def test_flux_extract_through_the_job_layer(base, tmp_path, capsys):
                      "--rank", "4"]) == 0
     out = capsys.readouterr().out
     assert "BFL control LoRA (img_in 64 -> 128 channels; 152 qk-norm scales set)" in out, out
+
+
+def test_a_cli_bake_is_recorded_in_the_history_with_absolute_lora_paths(base, tmp_path, monkeypatch):
+    """Seen in the real Forge Neo: every CLI ``lora bake`` warned "could not record the lora-bake run in the
+    history" (its ``loras`` are a list of objects, which the absolute-path step took for paths)."""
+    from lib_sdtoolkit import cli, history
+
+    lp = tmp_path / "control.safetensors"
+    control_file(lp, seed=27)
+    out_dir = tmp_path / "out"
+    out_dir.mkdir()
+    monkeypatch.chdir(tmp_path)
+    assert cli.main(["lora", "bake", str(base["bfl"]), "control.safetensors:0.5", "-o", str(out_dir / "c.safetensors"),
+                     "-q"]) == 0
+    entries, bad = history.read(out_dir)
+    assert bad == 0 and [e["job"] for e in entries] == ["lora-bake"]
+    assert entries[0]["request"]["loras"][0]["lora"] == str(lp.resolve())
+    assert entries[0]["request"]["loras"][0]["multiplier"] == 0.5

@@ -43,15 +43,19 @@ def output_sha256(host: Any, path: Path, progress: Any) -> Optional[str]:
 
 def _absolute_models(req: Any) -> Dict[str, Any]:
     """The CLI's request with its model paths made absolute (a re-run may start in another folder)."""
+    def absolute(x: Any) -> Any:
+        if isinstance(x, dict):   # lora bake's ``loras``: [{"lora": NAME, "multiplier": M, "lbw": ...}]
+            return {k: (absolute(v) if k == "lora" else v) for k, v in x.items()}
+        if isinstance(x, str) and x and Path(x).expanduser().exists():
+            return str(Path(x).expanduser().resolve())
+        return x
+
     d = req.to_dict()
     for s in req.fields():
         v = d.get(s.name)
         if not s.model or v in (None, "", []):
             continue
-        if isinstance(v, list):
-            d[s.name] = [str(Path(x).expanduser().resolve()) if Path(x).expanduser().exists() else x for x in v]
-        elif isinstance(v, str) and Path(v).expanduser().exists():
-            d[s.name] = str(Path(v).expanduser().resolve())
+        d[s.name] = [absolute(x) for x in v] if isinstance(v, list) else absolute(v)
     return d
 
 
