@@ -155,7 +155,7 @@ def _baked_model(out_path, row_map):
     return m.float().eval()
 
 
-@pytest.mark.parametrize("multiplier", [1.0, 0.6])
+@pytest.mark.parametrize("multiplier", [0.6])   # not 1: the strength must scale ΔW and Δbias, and not the set norms
 def test_control_lora_bake_equals_diffusers_flux_control_loader(base, row_map, control_map, tmp_path, multiplier):
     from lib_sdtoolkit.lora.bake import bake
 
