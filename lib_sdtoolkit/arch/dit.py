@@ -32,6 +32,8 @@ from __future__ import annotations
 import re
 from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
 
+from . import fluxmaps
+
 #: top-level names of each transformer layout (the bare-key roots of its component)
 FLUX_BFL_ROOTS = ("double_blocks.", "single_blocks.", "img_in.", "txt_in.", "time_in.", "vector_in.",
                   "guidance_in.", "final_layer.")
@@ -131,7 +133,7 @@ def detect_dit(shapes: Mapping[str, Any]) -> Optional[Dict[str, Any]]:
             notes.append(f"{n_double} double and {n_single} single blocks (Flux.1 releases have "
                          f"{FLUX_DEPTHS[0]} and {FLUX_DEPTHS[1]}): a pruned or distilled Flux")
         cin = _shape(shapes[p + "img_in.weight"])[-1]
-        if cin != 64:  # packed 2x2 patches of the 16-channel latent; Fill/Canny/Depth concatenate conditioning
+        if cin != fluxmaps.LATENT_CHANNELS:  # Fill/Canny/Depth concatenate conditioning to the packed latent
             notes.append(f"img_in takes {cin} input channels, not 64: a Fill/Canny/Depth-style Flux with extra "
                          f"conditioning channels")
         others = _other_components(shapes, keys, "Flux.1", p)

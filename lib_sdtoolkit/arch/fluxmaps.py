@@ -24,6 +24,8 @@ from typing import Dict, List, Optional, Tuple
 
 #: Flux.1's depths
 DEPTH, DEPTH_SINGLE = 19, 38
+#: the input channels of ``img_in``: packed 2x2 patches of the 16-channel latent (Fill/Canny/Depth models take more)
+LATENT_CHANNELS = 64
 
 #: (diffusers module under a double block, BFL module under the double block, (first row unit, units) or None)
 _DOUBLE: Tuple[Tuple[str, str, Optional[Tuple[int, int]]], ...] = (
@@ -162,5 +164,5 @@ def lbw_block(bfl_module: str) -> str:
     return ("D" if m.group(1) == "double_blocks" else "S") + f"{int(m.group(2)):02d}"
 
 
-__all__ = ["DEPTH", "DEPTH_SINGLE", "diffusers_to_bfl", "bfl_to_diffusers", "bfl_modules", "norm_modules", "units",
+__all__ = ["DEPTH", "DEPTH_SINGLE", "LATENT_CHANNELS", "diffusers_to_bfl", "bfl_to_diffusers", "bfl_modules", "norm_modules", "units",
            "clip_l_modules", "t5_modules", "lbw_block"]

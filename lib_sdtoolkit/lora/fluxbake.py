@@ -229,10 +229,9 @@ class FluxPatches:
             m = formats.effective_multiplier(lw, m)
             if lw.kind == "set" and not is_bias:
                 # a value, not a delta: set over whatever earlier networks did (the hosts' ``set`` patch)
-                if m:
-                    v = lw.t["set_weight"].float().reshape(self.delta(i, reader)[0].shape)
-                    v = _rows(v, p.layer_rows)
-                    _rows(acc, p.key_rows).copy_(swap_halves(v) if p.flip else v)
+                if m:   # a qk-norm: one key, all of it (no rows, no swap)
+                    dst = _rows(acc, p.key_rows)
+                    dst.copy_(lw.t["set_weight"].float().reshape(dst.shape))
                     changed = True
                 d = None
             else:

@@ -23,7 +23,7 @@ from typing import Any, Dict, List, Optional, Tuple, Union
 
 import torch
 
-from ..arch import detect
+from ..arch import detect, fluxmaps
 from ..arch.blocks import LBW, convention
 from ..arch.families import base_arch
 from ..errors import ArchitectureError, SdToolkitError
@@ -141,7 +141,7 @@ def _inspect(r: Any, p: Path, mr: Any, model_arch: Optional[str], model_infos: A
         targets[t.component] = targets.get(t.component, 0) + 1
         if flux and t.component == "transformer" and t.module == "img_in" and kind == "lora":
             cin = int(infos["lora_down.weight"].shape[1])
-            if cin > FLUX_LATENT_CHANNELS:
+            if cin > fluxmaps.LATENT_CHANNELS:
                 control["img_in_channels"] = cin
         layer = formats.make_layer(mod, {part: r.get(k) for part, k in parts.items()}, str(p))
         shape = weight = None
@@ -204,17 +204,13 @@ def _inspect(r: Any, p: Path, mr: Any, model_arch: Optional[str], model_infos: A
     }
 
 
-#: the input channels of Flux.1's ``img_in``: 2x2 patches of the 16-channel latent
-FLUX_LATENT_CHANNELS = 64
-
-
 def _control_summary(c: Dict[str, Any]) -> Optional[Dict[str, Any]]:
     """What makes a Flux LoRA a control LoRA (BFL Canny/Depth), or None when nothing does."""
     if c["img_in_channels"] is None and not c["set_layers"]:
         return None
     cin = c["img_in_channels"]
     return dict(c, note=(f"a Flux control LoRA (BFL Canny/Depth style): "
-                         + (f"widens img_in from {FLUX_LATENT_CHANNELS} to {cin} input channels (the packed control "
+                         + (f"widens img_in from {fluxmaps.LATENT_CHANNELS} to {cin} input channels (the packed control "
                             f"image beside the latent); " if cin else "")
                          + (f"sets {c['set_layers']} qk-norm scales; " if c["set_layers"] else "")
                          + "bake it into a Flux dev checkpoint to get a control model; it is not applied at "

@@ -108,12 +108,16 @@ def effective_multiplier(layer: LayerWeights, m: float) -> float:
     return m
 
 
+#: the parts that hold a layer's Δbias (one per format), in the order they are looked for
+BIAS_PARTS = ("diff_b", "b_norm", "lora_up.bias", "bias")
+
+
 def bias_delta(layer: LayerWeights) -> Optional[torch.Tensor]:
     """The layer's Δbias in fp32 (flat), scaled as :func:`compute_delta` scales it, not multiplied by the user's
     weight; None without one. Every format's Δbias is its own tensor (``diff_b``, ``b_norm``, ``bias``,
     ``lora_up.bias``), independent of W."""
     t = layer.t
-    for part in ("diff_b", "b_norm", "lora_up.bias", "bias"):
+    for part in BIAS_PARTS:
         if part in t:
             d = t[part].float().reshape(-1)
             if part == "lora_up.bias":
@@ -125,7 +129,7 @@ def bias_delta(layer: LayerWeights) -> Optional[torch.Tensor]:
 
 
 def has_bias_delta(layer: LayerWeights) -> bool:
-    return any(p in layer.t for p in ("diff_b", "b_norm", "lora_up.bias", "bias"))
+    return any(p in layer.t for p in BIAS_PARTS)
 
 
 def dora_on_out(dora_scale: torch.Tensor, shape: Sequence[int]) -> bool:
