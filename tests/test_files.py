@@ -334,3 +334,35 @@ def test_ranged_read_of_a_file_cut_short(tmp_path):
         assert torch.equal(r.read_elements("a"), sd["a"])
         with pytest.raises(ModelFileError, match="truncated"):
             r.read_elements("b")
+
+
+def test_header_cache_follows_the_bytes_not_the_file(tmp_path):
+    """Headers are cached by their bytes: a file changed in place to the same size (a lying header, then another
+    dtype) is parsed again at once, whatever its timestamps say, and what a reader hands out is its own."""
+    from lib_sdtoolkit.files import reader as R
+
+    p = tmp_path / "m.safetensors"
+    save_file({"a": torch.zeros(4, dtype=torch.float16), "b": torch.ones(2, dtype=torch.float16)}, str(p),
+              {"k": "v"})
+    st = os.stat(p)
+    with open_model(p) as r:
+        assert r.info("a").dtype == torch.float16
+        r.metadata["k"] = "changed by a caller"
+        r._infos.pop("b")
+    raw = p.read_bytes()
+    with open_model(p) as r:  # from the cache, untouched by the first reader's changes
+        assert r.metadata == {"k": "v"} and set(r.keys()) == {"a", "b"}
+    assert any(k[0] == st.st_size for k in R._HEADERS)
+    # same size, same timestamps, another header: the shape of "a" now claims more bytes than it has
+    lying = raw.replace(b'"shape":[4]', b'"shape":[5]', 1)
+    assert len(lying) == len(raw) and lying != raw
+    p.write_bytes(lying)
+    os.utime(p, ns=(st.st_atime_ns, st.st_mtime_ns))
+    with pytest.raises(ModelFileError, match="header lies"):
+        open_model(p)
+    # and a valid change of dtype of the same size is seen
+    retyped = raw.replace(b'{"dtype":"F16","shape":[4]', b'{"dtype":"I16","shape":[4]', 1)
+    assert len(retyped) == len(raw) and retyped != raw
+    p.write_bytes(retyped)
+    with open_model(p) as r:
+        assert r.info("a").dtype == torch.int16 and r.info("b").dtype == torch.float16
