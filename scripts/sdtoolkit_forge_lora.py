@@ -198,7 +198,8 @@ if IS_FORGE:
                     _comment(p, UNAVAILABLE_OPTIONS_NOTE.format(opts=", ".join(missing), tag=req.tag))
                 ps = build_patches(a, arch, unet_keys, clip_keys, shapes.get)
                 if not ps.unet and not ps.clip:
-                    _comment(p, f"{req.tag}: no layer of this LoRA matches the loaded model; nothing applied")
+                    _comment(p, f"{req.tag}: {ps.refused}; nothing applied" if ps.refused else
+                             f"{req.tag}: no layer of this LoRA matches the loaded model; nothing applied")
                     continue
                 skipped = net.not_applied() + [(m, UNKNOWN_TARGET) for m in ps.unmatched]
                 if skipped:  # applies partly: which modules are left out and why, under the image as on A1111

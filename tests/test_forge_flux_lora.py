@@ -118,6 +118,11 @@ def files(tmp_path_factory):
         # a LoKr on diffusers' to_k: the k rows of the fused img_attn.qkv
         "transformer.transformer_blocks.6.attn.to_k.lokr_w1": ly["kw1"],
         "transformer.transformer_blocks.6.attn.to_k.lokr_w2": ly["kw2"]})
+    g = torch.Generator().manual_seed(12)   # a BFL control LoRA (Canny/Depth): img_in wider, a qk-norm set
+    save_safetensors(d / "control.safetensors", {
+        "img_in.lora_A.weight": torch.randn(2, 2 * flux.IN_CHANNELS, generator=g),
+        "img_in.lora_B.weight": torch.randn(H, 2, generator=g),
+        "double_blocks.0.img_attn.norm.query_norm.scale": torch.rand(H // 2, generator=g) + 0.5})
     save_safetensors(d / "sd1.safetensors", {
         "lora_unet_down_blocks_0_attentions_0_proj_in.lora_down.weight": torch.zeros(2, 8),
         "lora_unet_down_blocks_0_attentions_0_proj_in.lora_up.weight": torch.zeros(8, 2)})
@@ -266,6 +271,17 @@ def test_twin_namings_and_lycoris_on_fused_rows(forge, files):
     assert "SD Toolkit Lora" not in p.extra_generation_params
     assert all(torch.equal(v, f.base[k]) for k, v in _live(f).items())
     _assert_restored(f)
+
+
+def test_a_control_lora_at_generation_says_why_and_changes_nothing(forge):
+    """Found in the real Forge Neo: a control LoRA was reported as "no layer matches the loaded model". The comment
+    under the image says what it is and what to do instead, and no weight moves."""
+    from lib_sdtoolkit.lora.patcher_bridge import CONTROL_NOT_APPLIED
+
+    p = _generate(forge, [["control", "1"]])
+    assert p.comments == [f"<sdtlora:control:1>: {CONTROL_NOT_APPLIED}; nothing applied"], p.comments
+    assert "SD Toolkit Lora" not in p.extra_generation_params
+    assert all(torch.equal(v, forge.base[k]) for k, v in _live(forge).items())
 
 
 def test_flux_patch_keys_are_forges_own(forge, files):

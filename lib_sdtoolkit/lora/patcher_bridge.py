@@ -230,6 +230,8 @@ class PatchSet:
     unet: Dict[str, tuple]
     clip: Dict[str, tuple]
     unmatched: List[str]
+    #: why none of the network is applied, when that is known (a Flux control LoRA: :data:`CONTROL_NOT_APPLIED`)
+    refused: Optional[str] = None
 
 
 def build_patches(a: ActiveNetwork, arch: str, unet_keys: Mapping[str, str], clip_keys: Mapping[str, str],
@@ -249,7 +251,7 @@ def build_patches(a: ActiveNetwork, arch: str, unet_keys: Mapping[str, str], cli
     ident = (f"sdtoolkit:{n.path}:{n.mtime}:te={a.te:g}:unet={a.unet:g}:dyn={a.dyn}:lbw={bw}")
     control = flux_control_reason(n.layers, param_shape) if flux else None
     if control is not None:   # nothing of it: its norms without its img_in would only spoil the image
-        return PatchSet(ident, {}, {}, [f"{layer.weights.name} ({control})" for layer in n.layers])
+        return PatchSet(ident, {}, {}, [f"{layer.weights.name} ({control})" for layer in n.layers], control)
     for layer in a.network.layers:
         m = a.multiplier(layer)
         is_te = layer.component.startswith("text_encoder")
