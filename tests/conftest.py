@@ -38,7 +38,8 @@ if not os.environ.get("SDTOOLKIT_CACHE_DIR"):
 # at each barrier for a whole time slice: factory.write_checkpoint("SD1") took 5.4 s with two threads and 0.7 s
 # with one there. On an idle one the second core pays: the whole suite took 629 s with two threads and 748 s with
 # one (same commit, idle 2-core machine, 2026-12-01). So: one thread when the machine is already busy at start
-# (1-minute load average >= cores - 0.5), torch's default otherwise.
+# (other processes keep >= cores - 0.5 cores busy at start, :func:`_others_busy_cores`; the 1-minute load average
+# where /proc/stat is not there), torch's default otherwise.
 # No assertion depends on it: a thread count can at most change the order of a float reduction, and a test that
 # compares a subprocess's result with its own compares two computations made with the same setting (the
 # subprocesses inherit OMP_NUM_THREADS, or the same default when it is unset).
@@ -48,10 +49,36 @@ def _busy_machine() -> bool:
         cores = len(os.sched_getaffinity(0))
     except (AttributeError, OSError):
         cores = os.cpu_count() or 1
+    busy = _others_busy_cores()
+    if busy is not None:
+        return busy >= cores - 0.5
     try:
         return os.getloadavg()[0] >= cores - 0.5
     except OSError:
         return False
+
+
+def _others_busy_cores():
+    """Cores busy with other processes right now: /proc/stat sampled over 0.3 s while this one sleeps. The 1-minute
+    load average also counts what ran just before (CI's `setup.sh --test`, pip's checks), which made an idle
+    machine look busy (load 1.85 at the start of a fresh-clone run here, right after other work: one thread)."""
+    import time
+
+    def sample():
+        with open("/proc/stat") as fh:
+            v = [int(x) for x in fh.readline().split()[1:]]
+        return v[3] + v[4], sum(v)   # idle + iowait, all
+
+    try:
+        i0, t0 = sample()
+        time.sleep(0.3)
+        i1, t1 = sample()
+        cores = os.cpu_count() or 1
+    except (OSError, ValueError, IndexError):
+        return None
+    if t1 <= t0:
+        return None
+    return (1.0 - (i1 - i0) / (t1 - t0)) * cores
 
 
 if "OMP_NUM_THREADS" not in os.environ and _busy_machine():
