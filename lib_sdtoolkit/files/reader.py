@@ -288,7 +288,6 @@ def _parse_header_bytes(path: Path, file_size: int, raw: bytes
     infos: List[TensorInfo] = []
     # only a \uD800-\uDFFF escape in the raw header can give a name that is not valid Unicode
     surrogates = b"\\ud" in raw or b"\\uD" in raw
-    sizes: Dict[Any, int] = {}
     # the checks below run once per tensor (thousands per file, every time a file is opened): plain loops and
     # type() tests, no generator per entry
     for name, spec in header.items():
@@ -314,10 +313,7 @@ def _parse_header_bytes(path: Path, file_size: int, raw: bytes
         if (type(offs) is not list or len(offs) != 2 or type(offs[0]) is not int or type(offs[1]) is not int
                 or not 0 <= offs[0] <= offs[1]):
             raise ModelFileError(f"bad data_offsets {one_line(json.dumps(offs), 80)} in header", path, name)
-        esize = sizes.get(dt)
-        if esize is None:
-            esize = sizes[dt] = dtype_size(dt)
-        nbytes = count * esize
+        nbytes = count * dtype_size(dt)   # dtype_size keeps its own table
         if offs[1] - offs[0] != nbytes:
             shown = one_line(str(shape), 80)
             raise ModelFileError(
