@@ -222,7 +222,10 @@ class CommandFailed(RuntimeError):
 def run_command(argv: Sequence[str], env: Optional[Dict[str, str]] = None, cwd: Optional[os.PathLike] = None,
                 shell: bool = False, timeout: Optional[float] = None) -> Dict[str, object]:
     """Run a whole command; return its wall seconds (this process's clock around the child: start-up included),
-    its peak RSS in MB (GNU time's %M: the child's own, not polluted by this process) and its stdout."""
+    its peak RSS in MB (GNU time's %M: the child's own, not polluted by this process), its CPU seconds (GNU time's
+    %U user and %S system: the child's and its children's), the machine's CPU seconds over the run by state
+    (:func:`machine_cpu`: where the cores were idle, waiting for the disk or taken by the hypervisor) and its
+    stdout."""
     full_env = dict(os.environ)
     full_env.update(env or {})
     with tempfile.NamedTemporaryFile(prefix="sdt-bench-time-", suffix=".txt", delete=False) as tf:
@@ -233,17 +236,20 @@ def run_command(argv: Sequence[str], env: Optional[Dict[str, str]] = None, cwd: 
     else:
         cmd = [str(a) for a in argv]
     if TIME_BIN:
-        cmd = [TIME_BIN, "-f", "%M", "-o", tpath] + cmd
+        cmd = [TIME_BIN, "-f", "%M %U %S", "-o", tpath] + cmd
+    m0 = machine_cpu()
     t0 = time.perf_counter()
     proc = subprocess.run(cmd, env=full_env, cwd=cwd, capture_output=True, text=True, timeout=timeout)
     wall = time.perf_counter() - t0
-    rss = float("nan")
+    m1 = machine_cpu()
+    rss = user = system = float("nan")
     try:
         with open(tpath) as fh:
-            lines = [ln for ln in fh.read().split() if ln.strip().isdigit()]
-        if lines:
-            rss = int(lines[-1]) / 1024
-    except OSError:
+            last = fh.read().strip().splitlines()[-1:]  # GNU time puts "Command exited with ..." before it
+        fields = last[0].split() if last else []
+        if len(fields) == 3:
+            rss, user, system = int(fields[0]) / 1024, float(fields[1]), float(fields[2])
+    except (OSError, ValueError):
         pass
     finally:
         try:
@@ -253,7 +259,39 @@ def run_command(argv: Sequence[str], env: Optional[Dict[str, str]] = None, cwd: 
     if proc.returncode != 0:
         tail = (proc.stderr or proc.stdout or "").strip().splitlines()[-5:]
         raise CommandFailed(f"{cmd_str(argv)} exited {proc.returncode}: " + " | ".join(tail))
-    return {"wall": wall, "rss_mb": rss, "stdout": proc.stdout, "stderr": proc.stderr}
+    machine = {k: m1[k] - m0[k] for k in m0} if m0 and m1 else {}
+    return {"wall": wall, "rss_mb": rss, "cpu_user": user, "cpu_sys": system, "machine": machine,
+            "stdout": proc.stdout, "stderr": proc.stderr}
+
+
+def cpu_fields(r: Dict[str, object]) -> Dict[str, float]:
+    """From :func:`run_command`'s result: ``cpu_s`` (the command's user + system CPU seconds) and the machine's
+    ``m_busy`` / ``m_wait`` (idle + iowait) / ``m_steal`` CPU seconds over the run, summed over the cores."""
+    out: Dict[str, float] = {"cpu_s": float(r.get("cpu_user", float("nan"))) + float(r.get("cpu_sys", float("nan")))}
+    m = r.get("machine") or {}
+    if m:
+        out["m_busy"] = sum(m[k] for k in ("user", "nice", "system", "irq", "softirq"))
+        out["m_wait"] = m["idle"] + m["iowait"]
+        out["m_steal"] = m["steal"]
+    return out
+
+
+_CPU_STATES = ("user", "nice", "system", "idle", "iowait", "irq", "softirq", "steal")
+
+
+def machine_cpu() -> Dict[str, float]:
+    """CPU seconds the whole machine has spent in each state since boot, summed over its cores (Linux
+    ``/proc/stat``; empty elsewhere). Differences over a run say whether the cores were busy (user, system), idle,
+    waiting for the disk (iowait) or taken by the hypervisor for other guests (steal)."""
+    try:
+        with open("/proc/stat") as fh:
+            first = fh.readline().split()
+        hz = os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, AttributeError):
+        return {}
+    if not first or first[0] != "cpu":
+        return {}
+    return {k: int(v) / hz for k, v in zip(_CPU_STATES, first[1:])}
 
 
 def merge_stats(stderr: str) -> Dict[str, float]:

@@ -24,7 +24,9 @@ fsynced before the command returns:
 
 Cold cache: before each run the inputs are fsynced and dropped from the page cache (``posix_fadvise(DONTNEED)``);
 the residency just before the start is printed. Sides alternate over ``--rounds`` rounds; the summary gives
-median / min / max per side and per-round ratios, peak RSS from ``/usr/bin/time``. Each output is deleted right
+median / min / max per side and per-round ratios, peak RSS and the command's CPU seconds from ``/usr/bin/time``,
+and the machine's CPU seconds over each run from ``/proc/stat`` (busy, waiting = idle + iowait, steal): a side
+whose cores mostly wait is held up by the disk, not by its own work. Each output is deleted right
 after its run; ours's last output is first checked on a sample of keys against ``(A*0.7 + B*0.3)`` in fp32 rounded
 to bf16. The bench's hash cache and history file are deleted at the end.
 
@@ -36,6 +38,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -201,7 +204,7 @@ def main(argv=None) -> int:
     def floor(out):
         def f():
             r = C.run_command(floor_cmd.format(out=out), shell=True)
-            return {"seconds": r["wall"], "rss_mb": r["rss_mb"]}
+            return {"seconds": r["wall"], "rss_mb": r["rss_mb"], **C.cpu_fields(r)}
         return f
 
     def ours_argv(out, meta=True):
@@ -232,7 +235,7 @@ def main(argv=None) -> int:
             rep = json.loads(r["stdout"])
             split = C.merge_stats(r["stderr"])
             assert rep["architecture"] == "Flux.1", rep["architecture"]
-            return {"seconds": r["wall"], "inproc": rep["seconds"], "rss_mb": r["rss_mb"], **split}
+            return {"seconds": r["wall"], "inproc": rep["seconds"], "rss_mb": r["rss_mb"], **C.cpu_fields(r), **split}
         return f
 
     sides = [C.Side("I/O floor", floor(outs["floor"]), cold(outs["floor"]), done("I/O floor", outs["floor"]),
@@ -253,6 +256,17 @@ def main(argv=None) -> int:
             r.setdefault("inproc", r["seconds"])  # the floor has no start-up
         C.print_summary(rc, "inproc", title=f"merge {label} cold, in-process (after imports)", ref="I/O floor", log=log)
         C.print_summary(rc, "rss_mb", unit="MB", digits=0, title=f"merge {label} cold, peak RSS", log=log)
+        ncpu = os.cpu_count() or 1
+        log(f"merge {label} cold, where the CPU time went (the command's own, and the machine's {ncpu} cores over "
+            f"the run: waiting = idle + iowait, steal = taken by the hypervisor)")
+        for s in rc.sides:
+            parts = []
+            for key, what in (("cpu_s", "command CPU"), ("m_busy", "machine busy"), ("m_wait", "waiting"),
+                              ("m_steal", "steal")):
+                vals = rc.values(s.name, key)
+                if vals and all(v == v for v in vals):
+                    parts.append(f"{what} {C.med_min_max(vals)[0]:.1f} s")
+            log(f"  {s.name:34s} " + ", ".join(parts) + " (medians)")
         chk = chk_box["chk"]
         log(f"  check: {chk['out_keys']}/{chk['keys']} keys, {chk['dtype']}; on {chk['sample_keys']} sampled keys max "
             f"|out - bf16(A*0.7+B*0.3)| {chk['max_abs_vs_expected']:.3g} (swapped A*0.3+B*0.7: "

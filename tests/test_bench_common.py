@@ -78,6 +78,28 @@ def test_run_command_reports_wall_rss_and_failures(tmp_path):
         C.run_command([sys.executable, "-c", "import sys; sys.exit(3)"])
 
 
+def test_run_command_reports_cpu_seconds_of_the_command_and_the_machine():
+    # a child that spins ~0.4 s of CPU (by its own clock) and one that sleeps 0.4 s
+    spin = C.run_command([sys.executable, "-c", "import time\nt = time.process_time()\n"
+                          "while time.process_time() - t < 0.4: pass"])
+    nap = C.run_command([sys.executable, "-c", "import time; time.sleep(0.4)"])
+    if C.TIME_BIN:
+        assert spin["cpu_user"] + spin["cpu_sys"] >= 0.35
+        assert nap["cpu_user"] + nap["cpu_sys"] < spin["cpu_user"] + spin["cpu_sys"] - 0.2
+        f = C.cpu_fields(spin)
+        assert abs(f["cpu_s"] - (spin["cpu_user"] + spin["cpu_sys"])) < 1e-9
+    m = C.machine_cpu()
+    if not m:
+        pytest.skip("no /proc/stat here: the machine's CPU states are not available")
+    assert set(m) == set(C._CPU_STATES) and all(v >= 0 for v in m.values())
+    # over the spinning run the machine was busy for at least the child's own CPU time (less a clock tick)
+    f = C.cpu_fields(spin)
+    assert f["m_busy"] >= 0.35 - 2 / os.sysconf("SC_CLK_TCK") - 0.05
+    # and all states together cover the wall time on every core (within the clock's ticks)
+    total = sum(spin["machine"].values())
+    assert total >= spin["wall"] * 0.5 * (os.cpu_count() or 1) - 0.1
+
+
 def test_table_has_every_row_and_the_command(tmp_path):
     rows = [C.Row("merge x", "ours vs floor", "ours: 1 s", "floor: 1 s", "1.00x [1.00-1.00]", "equal", "cold", "cmd a"),
             C.Row("hash y", "a | b", "o", "b", "2.00x", "eq", "warm", "cmd b", loads="1.0, 2.0")]
