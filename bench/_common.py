@@ -269,10 +269,10 @@ def cpu_fields(r: Dict[str, object]) -> Dict[str, float]:
     ``m_busy`` / ``m_wait`` (idle + iowait) / ``m_steal`` CPU seconds over the run, summed over the cores."""
     out: Dict[str, float] = {"cpu_s": float(r.get("cpu_user", float("nan"))) + float(r.get("cpu_sys", float("nan")))}
     m = r.get("machine") or {}
-    if m:
-        out["m_busy"] = sum(m[k] for k in ("user", "nice", "system", "irq", "softirq"))
-        out["m_wait"] = m["idle"] + m["iowait"]
-        out["m_steal"] = m["steal"]
+    if m:  # a kernel that lists fewer states (no steal before Linux 2.6.11) counts them as 0
+        out["m_busy"] = sum(m.get(k, 0.0) for k in ("user", "nice", "system", "irq", "softirq"))
+        out["m_wait"] = m.get("idle", 0.0) + m.get("iowait", 0.0)
+        out["m_steal"] = m.get("steal", 0.0)
     return out
 
 
